@@ -1,0 +1,29 @@
+//! Every map the kernel programs use. Capacities here are defaults; the
+//! agent may resize them before loading. Names match
+//! `headway_common::map_names`.
+use aya_ebpf::{btf_maps::HashMap, macros::btf_map};
+use headway_common::{
+    AddrKey, EndpointState, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta, capacity,
+};
+
+#[btf_map(name = "pod_addrs")]
+pub static POD_ADDRS: HashMap<AddrKey, PodRef, { capacity::POD_ADDRS as usize }> = HashMap::new();
+
+#[btf_map(name = "pod_stats")]
+pub static POD_STATS: HashMap<u32, PodCounters, { capacity::PODS as usize }> = HashMap::new();
+
+// The maps below are written by the agent and read by `headway status`; the
+// kernel does not read them yet, but they are declared here so the one BPF
+// object defines the whole pinned layout with BTF.
+#[btf_map(name = "pods")]
+pub static PODS: HashMap<u32, PodMeta, { capacity::PODS as usize }> = HashMap::new();
+
+#[btf_map(name = "services")]
+pub static SERVICES: HashMap<u32, ServiceMeta, { capacity::SERVICES as usize }> = HashMap::new();
+
+#[btf_map(name = "svc_endpoints")]
+pub static SVC_ENDPOINTS: HashMap<
+    ServiceEndpointKey,
+    EndpointState,
+    { capacity::SVC_ENDPOINTS as usize },
+> = HashMap::new();

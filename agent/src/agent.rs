@@ -1,0 +1,158 @@
+//! The node agent's run loop: start the datapath, then keep the maps equal
+//! to what the source says, until SIGTERM/SIGINT. Stopping leaves the
+//! datapath pinned and working.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    datapath::Datapath,
+    map_plan::{self, Ids},
+    map_writer::MapWriter,
+    model::{self, Policy},
+    source::{
+        Objects,
+        dir::{self, DirWatcher},
+    },
+};
+
+/// Quiet time after a manifest change before the directory is read.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Where the agent learns about services and endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// Plain manifests in a directory, followed for changes.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for SourceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some(("dir", path)) if !path.is_empty() => Ok(SourceSpec::Dir(PathBuf::from(path))),
+            _ if s == "kube" => {
+                Err("the `kube` source is not available in this build yet; use `dir:PATH`".into())
+            }
+            _ => Err(format!(
+                "unknown source {s:?}: expected `kube` or `dir:PATH`"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub source: SourceSpec,
+    pub cgroup_path: PathBuf,
+    pub bpffs: PathBuf,
+    pub default_policy: Policy,
+    /// Only services in these namespaces (all when empty).
+    pub namespaces: Vec<String>,
+}
+
+/// Runs until a termination signal arrives.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+
+    let mut datapath = Datapath::start(&cfg.bpffs, &cfg.cgroup_path)?;
+    for (program, how) in &datapath.attachments {
+        info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
+    }
+    let mut syncer = Syncer::new(datapath.take_maps()?, &cfg)?;
+
+    let SourceSpec::Dir(dir) = &cfg.source;
+    // Watch before the first read, so no change between the two is missed.
+    let (_watcher, mut changes) =
+        DirWatcher::new(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
+    syncer.sync_dir(dir);
+    info!(source = %dir.display(), "agent running");
+
+    loop {
+        tokio::select! {
+            Some(()) = changes.recv() => {
+                // Let a burst of writes (truncate, write, close) settle, so
+                // a file is not read half-written.
+                tokio::time::sleep(SETTLE).await;
+                while changes.try_recv().is_ok() {}
+                syncer.sync_dir(dir);
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    info!("stopping; programs stay attached and maps stay pinned");
+    Ok(())
+}
+
+/// Turns source snapshots into map writes.
+struct Syncer {
+    writer: MapWriter,
+    ids: Ids,
+    default_policy: Policy,
+    namespaces: Vec<String>,
+    /// What each manifest file last parsed to without error, so a file
+    /// broken by an edit keeps contributing its previous objects.
+    last_good: dir::FileObjects,
+}
+
+impl Syncer {
+    fn new(maps: crate::pinned::Maps, cfg: &AgentConfig) -> anyhow::Result<Syncer> {
+        let writer = MapWriter::new(maps).context("cannot read the pinned maps")?;
+        let ids = Ids::from_contents(writer.current());
+        Ok(Syncer {
+            writer,
+            ids,
+            default_policy: cfg.default_policy,
+            namespaces: cfg.namespaces.clone(),
+            last_good: Default::default(),
+        })
+    }
+
+    fn sync_dir(&mut self, dir: &Path) {
+        let snapshot = match dir::load_dir(dir) {
+            Ok(s) => s,
+            Err(e) => {
+                // Keep the maps as they are: losing the directory must not
+                // wipe the datapath.
+                error!(source = %dir.display(), error = %e, "cannot read manifests; keeping the last state");
+                return;
+            }
+        };
+        for e in &snapshot.errors {
+            warn!(file = %e.path.display(), document = e.document, error = %e.message, "bad manifest; keeping what it held before");
+        }
+        let objects = self.last_good.merge(snapshot);
+        self.sync(&objects);
+    }
+
+    fn sync(&mut self, objects: &Objects) {
+        let (mut desired, warnings) =
+            model::desired_state(&objects.services, &objects.slices, &objects.pods);
+        for w in &warnings {
+            warn!(object = %w.object, "{}", w.message);
+        }
+        if !self.namespaces.is_empty() {
+            desired
+                .services
+                .retain(|key, _| self.namespaces.contains(&key.namespace));
+        }
+        let wanted = map_plan::plan(&desired, self.default_policy, &mut self.ids);
+        let (summary, errors) = self.writer.apply(&wanted);
+        for e in &errors {
+            error!(error = %e, "map write failed; the rest of the sync was applied");
+        }
+        info!(
+            services = wanted.services.len(),
+            pods = wanted.pods.len(),
+            upserted = summary.upserted,
+            removed = summary.removed,
+            failed = summary.failed,
+            "maps synced"
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! The datapath's lifecycle: mount bpffs, load the kernel object with its
+//! maps pinned, attach each program to the cgroup through a pinned link, and
+//! take over (or remove) what a previous agent left pinned.
+//!
+//! Links are pinned so the programs stay attached while the agent is
+//! stopped. A restarted agent swaps its freshly loaded program into the
+//! existing link (BPF_LINK_UPDATE): there is no moment with no program and
+//! none with two, so nothing is missed or counted twice.
+use std::{
+    fs, io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+};
+use headway_common::{map_names, program_names};
+
+use crate::{
+    bpf_sys, cgroup,
+    pinned::{self, Maps, PinnedError},
+};
+
+/// The kernel object, embedded at build time (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/headway.bpf.o"));
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this headway binary was built without its kernel object: run \
+         `cargo xtask build-ebpf --release`, then build headway again"
+    )]
+    NoObject,
+    #[error("cannot mount bpffs at {path}: {source}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("cannot load the kernel object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {name} is attached without a BPF link (kernel < 5.7?): {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin the link of {name} at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot take over the pinned link {path}: {source}")]
+    TakeOver {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How each program got attached, for the agent's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attachment {
+    /// A new link was created and pinned.
+    New,
+    /// The program was swapped into the link a previous agent pinned.
+    Replaced,
+    /// A pinned link on another cgroup was replaced by a new one here.
+    Moved,
+}
+
+/// The loaded datapath. Dropping it leaves the programs attached (their
+/// links are pinned) and the maps pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pub attachments: Vec<(&'static str, Attachment)>,
+}
+
+/// Mounts bpffs at `path` unless one is already there.
+pub fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {
+    fs::create_dir_all(path).map_err(io_err(path))?;
+    let stat = nix::sys::statfs::statfs(path).map_err(|e| DatapathError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| DatapathError::MountBpffs {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps pinned under `bpffs`, and attaches
+    /// them to the cgroup at `cgroup_path`.
+    pub fn start(bpffs: &Path, cgroup_path: &Path) -> Result<Datapath, DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        ensure_bpffs(bpffs)?;
+        let dir = pinned::pin_dir(bpffs);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        pinned::check_existing_layout(bpffs)?;
+
+        let pin_paths: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pinned::map_pin(bpffs, name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+
+        let cgroup_dir = fs::File::open(cgroup_path).map_err(|source| {
+            DatapathError::Cgroup(cgroup::CgroupError::Open {
+                path: cgroup_path.to_path_buf(),
+                source,
+            })
+        })?;
+        let cgroup_id = cgroup::cgroup_id(cgroup_path)?;
+        let mut attachments = Vec::new();
+        for name in program_names::ALL {
+            let how = attach(&mut ebpf, name, &cgroup_dir, cgroup_id, bpffs)?;
+            attachments.push((name, how));
+        }
+        Ok(Datapath { ebpf, attachments })
+    }
+
+    /// Hands the maps to a writer. Can be called once.
+    pub fn take_maps(&mut self) -> Result<Maps, PinnedError> {
+        Maps::from_maps(|name| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| PinnedError::NotPinned(PathBuf::from(name)))
+        })
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup_dir: &fs::File,
+    cgroup_id: u64,
+    bpffs: &Path,
+) -> Result<Attachment, DatapathError> {
+    let prog_err = |source| DatapathError::Program { name, source };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(ProgramError::NotLoaded)
+        .map_err(prog_err)?
+        .try_into()
+        .map_err(prog_err)?;
+    program.load().map_err(prog_err)?;
+
+    let link_path = pinned::link_pin(bpffs, name);
+    let mut how = Attachment::New;
+    let mut old_pin_elsewhere = false;
+    if link_path.exists() {
+        let take_over = |source| DatapathError::TakeOver {
+            path: link_path.clone(),
+            source,
+        };
+        let link = bpf_sys::obj_get(&link_path).map_err(take_over)?;
+        let info = bpf_sys::cgroup_link_info(link.as_fd()).map_err(take_over)?;
+        if info.cgroup_id == cgroup_id {
+            let prog_fd = program.fd().map_err(prog_err)?;
+            bpf_sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(take_over)?;
+            return Ok(Attachment::Replaced);
+        }
+        // The old link hooks another cgroup: attach here first, then let the
+        // old one go (removing its last reference detaches it).
+        how = Attachment::Moved;
+        old_pin_elsewhere = true;
+    }
+    // A BPF link never excludes other programs on the cgroup (the kernel
+    // rejects BPF_F_ALLOW_MULTI on link_create: links are multi by nature),
+    // so headway coexists with other cgroup hooks such as Cilium's.
+    let link_id = program
+        .attach(cgroup_dir, CgroupAttachMode::Single)
+        .map_err(prog_err)?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .map_err(prog_err)?
+        .try_into()
+        .map_err(|source| DatapathError::Link { name, source })?;
+    if old_pin_elsewhere {
+        fs::remove_file(&link_path).map_err(io_err(&link_path))?;
+    }
+    link.pin(&link_path)
+        .map_err(|source| DatapathError::PinLink {
+            name,
+            path: link_path.clone(),
+            source,
+        })?;
+    Ok(how)
+}
+
+/// Detaches the programs and removes every pin under `<bpffs>/headway`.
+/// Returns the paths removed. Idempotent.
+pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let dir = pinned::pin_dir(bpffs);
+    let mut removed = Vec::new();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    // Links first, so no program runs against half-removed maps.
+    let mut entries: Vec<PathBuf> = fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io_err(&dir))?;
+    entries.sort_by_key(|p| {
+        let is_link = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"));
+        (!is_link, p.clone())
+    });
+    for path in entries {
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        removed.push(path);
+    }
+    fs::remove_dir(&dir).map_err(io_err(&dir))?;
+    Ok(removed)
+}

@@ -1,0 +1,15 @@
+//! headway's node agent as a library: the Kubernetes → desired-state model,
+//! the sources that feed it, the datapath lifecycle (load, pin, attach), the
+//! writer that puts the desired state into the pinned maps, and `status`.
+//! The `headway` binary is a thin CLI over these modules.
+
+pub mod agent;
+pub mod bpf_sys;
+pub mod cgroup;
+pub mod datapath;
+pub mod map_plan;
+pub mod map_writer;
+pub mod model;
+pub mod pinned;
+pub mod source;
+pub mod status;

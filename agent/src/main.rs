@@ -1,0 +1,136 @@
+//! `headway`: the node agent and its command-line tools.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use headway::{
+    agent::{self, AgentConfig, SourceSpec},
+    cgroup, datapath,
+    model::Policy,
+    status,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "headway",
+    version,
+    about = "Per-pod steering and accounting for Kubernetes headless services"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "HEADWAY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: attach the programs and keep the maps in sync.
+    Agent(AgentArgs),
+    /// Show services, pods, their state and counters from the pinned maps
+    /// (works while the agent is down).
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Where bpffs is mounted.
+        #[arg(long, env = "HEADWAY_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+    /// Detach the programs and remove every pinned map and link.
+    Reset {
+        /// Where bpffs is mounted.
+        #[arg(long, env = "HEADWAY_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Where services and endpoints come from: `dir:PATH` reads Service,
+    /// EndpointSlice and Pod manifests from a directory and follows changes.
+    #[arg(long, env = "HEADWAY_SOURCE")]
+    source: SourceSpec,
+    /// The cgroup v2 directory to attach to (default: the cgroup v2 root,
+    /// found from /proc/mounts).
+    #[arg(long, env = "HEADWAY_CGROUP_PATH")]
+    cgroup_path: Option<PathBuf>,
+    /// Where bpffs is mounted (mounted there if it is not).
+    #[arg(long, env = "HEADWAY_BPFFS", default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// Policy for services without a `headway.dev/policy` annotation.
+    #[arg(long, env = "HEADWAY_DEFAULT_POLICY", default_value = "failover")]
+    default_policy: Policy,
+    /// Only handle services in this namespace (repeatable; default: all).
+    #[arg(long = "namespace", env = "HEADWAY_NAMESPACE", value_delimiter = ',')]
+    namespaces: Vec<String>,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Agent(args) => {
+            let cgroup_path = match args.cgroup_path {
+                Some(path) => path,
+                None => cgroup::cgroup2_root()?,
+            };
+            let cfg = AgentConfig {
+                source: args.source,
+                cgroup_path,
+                bpffs: args.bpffs,
+                default_policy: args.default_policy,
+                namespaces: args.namespaces,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(agent::run(cfg))
+        }
+        Command::Status { json, bpffs } => {
+            let status = status::read(&bpffs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render_table(&status));
+            }
+            Ok(())
+        }
+        Command::Reset { bpffs } => {
+            let removed = datapath::reset(&bpffs)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", bpffs.join("headway").display());
+            }
+            for path in removed {
+                println!("removed {}", path.display());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Desired state → the exact contents the pinned maps must hold. Pure: no
+//! I/O, so the translation is unit-tested on its own and the writer only
+//! has to apply a diff.
+//!
+//! Services and pods are known to the kernel by small numeric ids. Ids are
+//! stable: they are recovered from the pinned maps when the agent starts, so
+//! a restarted agent keeps writing counters under the same keys.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use headway_common::{
+    AddrKey, EndpointState, NAMESPACE_LEN, POD_NAME_LEN, PodMeta, PodRef, SERVICE_NAME_LEN,
+    ServiceEndpointKey, ServiceMeta, endpoint_flags, policy, topology,
+};
+
+use crate::model::{DesiredState, Endpoint, PodKey, Policy, ServiceKey, Topology};
+
+/// Everything the agent owns in the maps (the kernel owns `pod_stats`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: BTreeMap<u32, ServiceMeta>,
+    pub pods: BTreeMap<u32, PodMeta>,
+    pub pod_addrs: BTreeMap<AddrKey, PodRef>,
+    pub svc_endpoints: BTreeMap<ServiceEndpointKey, EndpointState>,
+}
+
+/// Id assignment for services and pods.
+#[derive(Debug, Default, Clone)]
+pub struct Ids {
+    services: BTreeMap<ServiceKey, u32>,
+    pods: BTreeMap<PodKey, u32>,
+}
+
+impl Ids {
+    /// Recovers the ids already in use from what the maps hold.
+    pub fn from_contents(contents: &MapContents) -> Ids {
+        let services = contents
+            .services
+            .iter()
+            .map(|(id, meta)| {
+                let key = ServiceKey {
+                    namespace: decode_name(&meta.namespace),
+                    name: decode_name(&meta.name),
+                };
+                (key, *id)
+            })
+            .collect();
+        let pods = contents
+            .pods
+            .iter()
+            .map(|(id, meta)| {
+                let key = PodKey {
+                    namespace: decode_name(&meta.namespace),
+                    name: decode_name(&meta.name),
+                };
+                (key, *id)
+            })
+            .collect();
+        Ids { services, pods }
+    }
+
+    /// Forgets ids of objects that no longer exist, so they can be reused.
+    fn retain(&mut self, services: &BTreeSet<&ServiceKey>, pods: &BTreeSet<PodKey>) {
+        self.services.retain(|k, _| services.contains(k));
+        self.pods.retain(|k, _| pods.contains(k));
+    }
+
+    fn service(&mut self, key: &ServiceKey) -> u32 {
+        if let Some(id) = self.services.get(key) {
+            return *id;
+        }
+        let id = lowest_free(self.services.values());
+        self.services.insert(key.clone(), id);
+        id
+    }
+
+    fn pod(&mut self, key: &PodKey) -> u32 {
+        if let Some(id) = self.pods.get(key) {
+            return *id;
+        }
+        let id = lowest_free(self.pods.values());
+        self.pods.insert(key.clone(), id);
+        id
+    }
+}
+
+/// The smallest id ≥ 1 not in `used` (0 is never handed out, so a zeroed
+/// value can never be mistaken for a real reference).
+fn lowest_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
+    let used: BTreeSet<u32> = used.copied().collect();
+    (1..).find(|id| !used.contains(id)).unwrap_or(u32::MAX)
+}
+
+/// Computes the map contents for `desired`, assigning ids through `ids`.
+pub fn plan(desired: &DesiredState, default_policy: Policy, ids: &mut Ids) -> MapContents {
+    let live_services: BTreeSet<&ServiceKey> = desired.services.keys().collect();
+    let live_pods: BTreeSet<PodKey> = desired
+        .services
+        .values()
+        .flat_map(|svc| svc.endpoints.values().map(|ep| pod_key(&svc.key, ep)))
+        .collect();
+    ids.retain(&live_services, &live_pods);
+
+    let mut out = MapContents::default();
+    for svc in desired.services.values() {
+        let service_id = ids.service(&svc.key);
+        out.services.insert(
+            service_id,
+            ServiceMeta {
+                namespace: encode_name::<NAMESPACE_LEN>(&svc.key.namespace),
+                name: encode_name::<SERVICE_NAME_LEN>(&svc.key.name),
+                policy: policy_value(svc.policy.unwrap_or(default_policy)),
+                topology: topology_value(svc.topology),
+            },
+        );
+        for ep in svc.endpoints.values() {
+            let pod = pod_key(&svc.key, ep);
+            let pod_id = ids.pod(&pod);
+            out.pods.insert(
+                pod_id,
+                PodMeta {
+                    namespace: encode_name::<NAMESPACE_LEN>(&pod.namespace),
+                    name: encode_name::<POD_NAME_LEN>(&pod.name),
+                },
+            );
+            let addr = addr_key(ep.addr);
+            // An address belongs to one pod at a time; if two services
+            // disagree (a stale slice), the first service in order wins.
+            out.pod_addrs
+                .entry(addr)
+                .or_insert(PodRef { pod_id, _pad: 0 });
+            out.svc_endpoints.insert(
+                ServiceEndpointKey {
+                    service_id,
+                    _pad: 0,
+                    addr,
+                },
+                EndpointState {
+                    pod_id,
+                    flags: endpoint_state_flags(ep),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The pod an endpoint stands for: its targetRef, or its address when the
+/// slice names no pod (hand-made slices).
+fn pod_key(service: &ServiceKey, ep: &Endpoint) -> PodKey {
+    ep.pod.clone().unwrap_or_else(|| PodKey {
+        namespace: service.namespace.clone(),
+        name: ep.addr.to_string(),
+    })
+}
+
+pub fn addr_key(addr: IpAddr) -> AddrKey {
+    match addr {
+        IpAddr::V4(v4) => AddrKey::from_octets(v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => AddrKey::from_octets(v6.octets()),
+    }
+}
+
+/// The address a key stands for (IPv4-mapped keys come back as IPv4).
+pub fn key_addr(key: &AddrKey) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(key.octets());
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn endpoint_state_flags(ep: &Endpoint) -> u32 {
+    let mut flags = 0;
+    if ep.ready {
+        flags |= endpoint_flags::READY;
+    }
+    if ep.serving {
+        flags |= endpoint_flags::SERVING;
+    }
+    if ep.terminating {
+        flags |= endpoint_flags::TERMINATING;
+    }
+    if ep.drained {
+        flags |= endpoint_flags::DRAINED;
+    }
+    flags
+}
+
+pub fn policy_value(p: Policy) -> u32 {
+    match p {
+        Policy::Observe => policy::OBSERVE,
+        Policy::Failover => policy::FAILOVER,
+        Policy::Random => policy::RANDOM,
+        Policy::LeastConnections => policy::LEAST_CONNECTIONS,
+        Policy::Weighted => policy::WEIGHTED,
+    }
+}
+
+pub fn policy_from_value(v: u32) -> Option<Policy> {
+    Some(match v {
+        policy::OBSERVE => Policy::Observe,
+        policy::FAILOVER => Policy::Failover,
+        policy::RANDOM => Policy::Random,
+        policy::LEAST_CONNECTIONS => Policy::LeastConnections,
+        policy::WEIGHTED => Policy::Weighted,
+        _ => return None,
+    })
+}
+
+pub fn topology_value(t: Topology) -> u32 {
+    match t {
+        Topology::None => topology::NONE,
+        Topology::PreferNode => topology::PREFER_NODE,
+        Topology::PreferZone => topology::PREFER_ZONE,
+    }
+}
+
+pub fn topology_from_value(v: u32) -> Option<Topology> {
+    Some(match v {
+        topology::NONE => Topology::None,
+        topology::PREFER_NODE => Topology::PreferNode,
+        topology::PREFER_ZONE => Topology::PreferZone,
+        _ => return None,
+    })
+}
+
+/// NUL-padded, truncated at a character boundary when too long.
+pub fn encode_name<const N: usize>(name: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut end = name.len().min(N);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&name.as_bytes()[..end]);
+    out
+}
+
+pub fn decode_name(raw: &[u8]) -> String {
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServiceSpec;
+
+    fn endpoint(addr: &str, pod: Option<&str>, ready: bool) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().unwrap(),
+            pod: pod.map(|name| PodKey {
+                namespace: "db".into(),
+                name: name.into(),
+            }),
+            hostname: None,
+            node_name: None,
+            zone: None,
+            ready,
+            serving: ready,
+            terminating: false,
+            drained: false,
+            weight: 100,
+        }
+    }
+
+    fn service(name: &str, endpoints: Vec<Endpoint>) -> ServiceSpec {
+        ServiceSpec {
+            key: ServiceKey {
+                namespace: "db".into(),
+                name: name.into(),
+            },
+            policy: None,
+            topology: Topology::None,
+            ports: vec![],
+            publish_not_ready: false,
+            endpoints: endpoints.into_iter().map(|e| (e.addr, e)).collect(),
+        }
+    }
+
+    fn state(services: Vec<ServiceSpec>) -> DesiredState {
+        DesiredState {
+            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+        }
+    }
+
+    #[test]
+    fn dual_stack_pod_gets_one_id_and_two_addresses() {
+        let desired = state(vec![service(
+            "pg",
+            vec![
+                endpoint("10.0.0.1", Some("pg-0"), true),
+                endpoint("fd00::1", Some("pg-0"), true),
+                endpoint("10.0.0.2", Some("pg-1"), false),
+            ],
+        )]);
+        let plan = plan(&desired, Policy::Failover, &mut Ids::default());
+        assert_eq!(plan.services.len(), 1);
+        assert_eq!(plan.pods.len(), 2);
+        assert_eq!(plan.pod_addrs.len(), 3);
+        let id_of = |a: &str| plan.pod_addrs[&addr_key(a.parse().unwrap())].pod_id;
+        assert_eq!(id_of("10.0.0.1"), id_of("fd00::1"));
+        assert_ne!(id_of("10.0.0.1"), id_of("10.0.0.2"));
+        let not_ready = plan
+            .svc_endpoints
+            .iter()
+            .find(|(k, _)| k.addr == addr_key("10.0.0.2".parse().unwrap()))
+            .unwrap()
+            .1;
+        assert_eq!(not_ready.flags & endpoint_flags::READY, 0);
+        assert_eq!(
+            plan.services.values().next().unwrap().policy,
+            policy::FAILOVER
+        );
+    }
+
+    #[test]
+    fn ids_survive_a_restart_and_freed_ids_are_reused() {
+        let first = state(vec![service(
+            "pg",
+            vec![
+                endpoint("10.0.0.1", Some("pg-0"), true),
+                endpoint("10.0.0.2", Some("pg-1"), true),
+            ],
+        )]);
+        let contents = plan(&first, Policy::Failover, &mut Ids::default());
+
+        // A new agent recovers the ids from the maps and plans the same.
+        let mut recovered = Ids::from_contents(&contents);
+        assert_eq!(plan(&first, Policy::Failover, &mut recovered), contents);
+
+        // pg-0 goes away, pg-2 arrives: pg-1 keeps its id, pg-2 takes pg-0's.
+        let second = state(vec![service(
+            "pg",
+            vec![
+                endpoint("10.0.0.2", Some("pg-1"), true),
+                endpoint("10.0.0.3", Some("pg-2"), true),
+            ],
+        )]);
+        let after = plan(&second, Policy::Failover, &mut recovered);
+        let id = |c: &MapContents, a: &str| c.pod_addrs[&addr_key(a.parse().unwrap())].pod_id;
+        assert_eq!(id(&after, "10.0.0.2"), id(&contents, "10.0.0.2"));
+        assert_eq!(id(&after, "10.0.0.3"), id(&contents, "10.0.0.1"));
+    }
+
+    #[test]
+    fn endpoint_without_pod_is_its_own_pod() {
+        let desired = state(vec![service("raw", vec![endpoint("10.0.0.9", None, true)])]);
+        let plan = plan(&desired, Policy::Observe, &mut Ids::default());
+        let meta = plan.pods.values().next().unwrap();
+        assert_eq!(decode_name(&meta.name), "10.0.0.9");
+        assert_eq!(
+            plan.services.values().next().unwrap().policy,
+            policy::OBSERVE
+        );
+    }
+
+    #[test]
+    fn names_round_trip_and_truncate_on_char_boundary() {
+        assert_eq!(decode_name(&encode_name::<8>("web")), "web");
+        let long = "é".repeat(10); // 20 bytes
+        assert_eq!(decode_name(&encode_name::<7>(&long)), "ééé");
+    }
+
+    #[test]
+    fn addresses_round_trip_both_families() {
+        for a in ["10.1.2.3", "fd00::7", "::ffff:10.1.2.3"] {
+            let ip: IpAddr = a.parse().unwrap();
+            let back = key_addr(&addr_key(ip));
+            // A v4-mapped IPv6 address is the same key as the IPv4 one.
+            assert_eq!(addr_key(back), addr_key(ip));
+        }
+        assert_eq!(
+            key_addr(&addr_key("10.1.2.3".parse().unwrap())),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! The pinned layout under `<bpffs>/headway/`: where each map and link
+//! lives, what shape each map must have, and typed handles to the maps.
+//! Used by the datapath (which creates them), the writer and `status`
+//! (which open them while the agent may be down).
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use headway_common::{
+    AddrKey, EndpointState, PIN_DIR, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta,
+    capacity, map_names,
+};
+
+use crate::map_plan::MapContents;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinnedError {
+    #[error("nothing is pinned at {0}: is the agent installed on this node (has it ever run)?")]
+    NotPinned(PathBuf),
+    #[error("permission denied opening {0}: reading BPF maps needs root (or CAP_BPF)")]
+    PermissionDenied(PathBuf),
+    #[error("cannot open pinned map {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "pinned map {path} has an incompatible layout ({found}; this agent expects {expected}); \
+         it was made by another headway version: run `headway reset` to start over"
+    )]
+    Incompatible {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("cannot read map {name}: {source}")]
+    Read {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// `<bpffs>/headway`
+pub fn pin_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(PIN_DIR)
+}
+
+pub fn map_pin(bpffs: &Path, map: &str) -> PathBuf {
+    pin_dir(bpffs).join(map)
+}
+
+pub fn link_pin(bpffs: &Path, program: &str) -> PathBuf {
+    pin_dir(bpffs).join(format!("link_{program}"))
+}
+
+/// Key size, value size and capacity every pinned map must have.
+pub struct MapShape {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+pub const MAP_SHAPES: [MapShape; 5] = {
+    const fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
+        MapShape {
+            name,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+        }
+    }
+    [
+        shape::<AddrKey, PodRef>(map_names::POD_ADDRS, capacity::POD_ADDRS),
+        shape::<u32, PodCounters>(map_names::POD_STATS, capacity::PODS),
+        shape::<u32, PodMeta>(map_names::PODS, capacity::PODS),
+        shape::<u32, ServiceMeta>(map_names::SERVICES, capacity::SERVICES),
+        shape::<ServiceEndpointKey, EndpointState>(
+            map_names::SVC_ENDPOINTS,
+            capacity::SVC_ENDPOINTS,
+        ),
+    ]
+};
+
+fn open_map(path: &Path) -> Result<MapData, PinnedError> {
+    MapData::from_pin(path).map_err(|source| {
+        let io_kind = match &source {
+            MapError::SyscallError(e) => Some(e.io_error.kind()),
+            _ => None,
+        };
+        match io_kind {
+            Some(io::ErrorKind::NotFound) => PinnedError::NotPinned(path.to_path_buf()),
+            Some(io::ErrorKind::PermissionDenied) => {
+                PinnedError::PermissionDenied(path.to_path_buf())
+            }
+            _ => PinnedError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    })
+}
+
+/// Checks every map already pinned under `bpffs` against the shapes this
+/// build expects, so new programs are never paired with stale maps.
+pub fn check_existing_layout(bpffs: &Path) -> Result<(), PinnedError> {
+    for shape in &MAP_SHAPES {
+        let path = map_pin(bpffs, shape.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = open_map(&path)?
+            .info()
+            .map_err(|source| PinnedError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let expected = (shape.key_size, shape.value_size, shape.max_entries);
+        if found != expected {
+            let show = |(k, v, n): (u32, u32, u32)| format!("key {k} B, value {v} B, {n} entries");
+            return Err(PinnedError::Incompatible {
+                path,
+                found: show(found),
+                expected: show(expected),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Typed handles to every headway map.
+pub struct Maps {
+    pub pod_addrs: HashMap<MapData, AddrKey, PodRef>,
+    pub pod_stats: HashMap<MapData, u32, PodCounters>,
+    pub pods: HashMap<MapData, u32, PodMeta>,
+    pub services: HashMap<MapData, u32, ServiceMeta>,
+    pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
+}
+
+impl Maps {
+    /// Opens the maps pinned under `bpffs` (the agent need not be running).
+    pub fn open_pinned(bpffs: &Path) -> Result<Maps, PinnedError> {
+        check_existing_layout(bpffs)?;
+        let dir = pin_dir(bpffs);
+        if !dir.exists() {
+            return Err(PinnedError::NotPinned(dir));
+        }
+        let open = |name: &'static str| -> Result<Map, PinnedError> {
+            let path = map_pin(bpffs, name);
+            let data = open_map(&path)?;
+            Map::from_map_data(data).map_err(|source| PinnedError::Open { path, source })
+        };
+        Maps::from_maps(|name| open(name))
+    }
+
+    /// Builds the handles from a source of untyped maps by name.
+    pub fn from_maps(
+        mut take: impl FnMut(&'static str) -> Result<Map, PinnedError>,
+    ) -> Result<Maps, PinnedError> {
+        fn typed<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            map: Map,
+        ) -> Result<HashMap<MapData, K, V>, PinnedError> {
+            HashMap::try_from(map).map_err(|source| PinnedError::Open {
+                path: PathBuf::from(name),
+                source,
+            })
+        }
+        Ok(Maps {
+            pod_addrs: typed(map_names::POD_ADDRS, take(map_names::POD_ADDRS)?)?,
+            pod_stats: typed(map_names::POD_STATS, take(map_names::POD_STATS)?)?,
+            pods: typed(map_names::PODS, take(map_names::PODS)?)?,
+            services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
+            svc_endpoints: typed(map_names::SVC_ENDPOINTS, take(map_names::SVC_ENDPOINTS)?)?,
+        })
+    }
+
+    /// What the agent-owned maps hold right now.
+    pub fn read_contents(&self) -> Result<MapContents, PinnedError> {
+        Ok(MapContents {
+            services: collect(map_names::SERVICES, self.services.iter())?,
+            pods: collect(map_names::PODS, self.pods.iter())?,
+            pod_addrs: collect(map_names::POD_ADDRS, self.pod_addrs.iter())?,
+            svc_endpoints: collect(map_names::SVC_ENDPOINTS, self.svc_endpoints.iter())?,
+        })
+    }
+
+    pub fn read_stats(&self) -> Result<std::collections::BTreeMap<u32, PodCounters>, PinnedError> {
+        collect(map_names::POD_STATS, self.pod_stats.iter())
+    }
+}
+
+fn collect<K: Ord, V>(
+    name: &'static str,
+    iter: impl Iterator<Item = Result<(K, V), MapError>>,
+) -> Result<std::collections::BTreeMap<K, V>, PinnedError> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in iter {
+        match entry {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            // Deleted between the key walk and the lookup: it is gone anyway.
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(PinnedError::Read { name, source }),
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,36 @@
+//! Where the agent's view of the cluster comes from. Every source produces
+//! the same [`Objects`] snapshot, which [`crate::model::desired_state`]
+//! turns into the desired state.
+
+pub mod dir;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{self, DesiredState, Warning};
+
+/// The Kubernetes objects headway reads, as one consistent snapshot.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+}
+
+impl Objects {
+    /// Appends clones of all of `other`'s objects.
+    pub fn extend_from(&mut self, other: &Objects) {
+        self.services.extend_from_slice(&other.services);
+        self.slices.extend_from_slice(&other.slices);
+        self.pods.extend_from_slice(&other.pods);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty() && self.pods.is_empty()
+    }
+
+    /// Shorthand for [`model::desired_state`] over this snapshot.
+    pub fn desired_state(&self) -> (DesiredState, Vec<Warning>) {
+        model::desired_state(&self.services, &self.slices, &self.pods)
+    }
+}

@@ -1,0 +1,209 @@
+//! `headway status`: what the pinned maps say, per service and pod. Reads
+//! only the pins, so it works while the agent is down.
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
+
+use headway_common::{PodCounters, endpoint_flags};
+use serde::Serialize;
+
+use crate::{
+    map_plan::{decode_name, key_addr, policy_from_value, topology_from_value},
+    pinned::{Maps, PinnedError},
+};
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Status {
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    pub policy: String,
+    pub topology: String,
+    pub pods: Vec<PodStatus>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    /// ready, serving, terminating, drained — those that hold.
+    pub state: Vec<&'static str>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
+pub struct Counters {
+    pub tcp_connects: u64,
+    pub udp_connects: u64,
+    pub active_tcp: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub steered_in: u64,
+    pub steered_away: u64,
+    pub dns_answers: u64,
+}
+
+impl From<PodCounters> for Counters {
+    fn from(c: PodCounters) -> Self {
+        Counters {
+            tcp_connects: c.tcp_connects,
+            udp_connects: c.udp_connects,
+            active_tcp: c.active_tcp,
+            bytes_sent: c.bytes_sent,
+            bytes_received: c.bytes_received,
+            steered_in: c.steered_in,
+            steered_away: c.steered_away,
+            dns_answers: c.dns_answers,
+        }
+    }
+}
+
+fn state_names(flags: u32) -> Vec<&'static str> {
+    [
+        (endpoint_flags::READY, "ready"),
+        (endpoint_flags::SERVING, "serving"),
+        (endpoint_flags::TERMINATING, "terminating"),
+        (endpoint_flags::DRAINED, "drained"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// Reads the pinned maps under `bpffs`.
+pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
+    let maps = Maps::open_pinned(bpffs)?;
+    let contents = maps.read_contents()?;
+    let stats = maps.read_stats()?;
+
+    // service id → pod id → (addresses, state flags)
+    let mut members: BTreeMap<u32, BTreeMap<u32, (Vec<IpAddr>, u32)>> = BTreeMap::new();
+    for (key, ep) in &contents.svc_endpoints {
+        let entry = members
+            .entry(key.service_id)
+            .or_default()
+            .entry(ep.pod_id)
+            .or_default();
+        entry.0.push(key_addr(&key.addr));
+        entry.1 |= ep.flags;
+    }
+
+    let mut services: Vec<ServiceStatus> = contents
+        .services
+        .iter()
+        .map(|(id, meta)| {
+            let mut pods: Vec<PodStatus> = members
+                .remove(id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(pod_id, (addresses, flags))| {
+                    let meta = contents.pods.get(&pod_id);
+                    PodStatus {
+                        namespace: meta.map(|m| decode_name(&m.namespace)).unwrap_or_default(),
+                        name: meta
+                            .map(|m| decode_name(&m.name))
+                            .unwrap_or_else(|| format!("#{pod_id}")),
+                        addresses,
+                        state: state_names(flags),
+                        counters: stats
+                            .get(&pod_id)
+                            .copied()
+                            .map(Counters::from)
+                            .unwrap_or_default(),
+                    }
+                })
+                .collect();
+            pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            ServiceStatus {
+                namespace: decode_name(&meta.namespace),
+                name: decode_name(&meta.name),
+                policy: policy_from_value(meta.policy)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| format!("unknown({})", meta.policy)),
+                topology: topology_from_value(meta.topology)
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| format!("unknown({})", meta.topology)),
+                pods,
+            }
+        })
+        .collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(Status { services })
+}
+
+/// The human-readable table.
+pub fn render_table(status: &Status) -> String {
+    let header = [
+        "SERVICE",
+        "POLICY",
+        "TOPOLOGY",
+        "POD",
+        "ADDRESSES",
+        "STATE",
+        "TCP",
+        "UDP",
+        "ACTIVE",
+    ];
+    let mut rows: Vec<[String; 9]> = Vec::new();
+    for svc in &status.services {
+        let service = format!("{}/{}", svc.namespace, svc.name);
+        if svc.pods.is_empty() {
+            rows.push([
+                service.clone(),
+                svc.policy.clone(),
+                svc.topology.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for pod in &svc.pods {
+            let addrs: Vec<String> = pod.addresses.iter().map(|a| a.to_string()).collect();
+            rows.push([
+                service.clone(),
+                svc.policy.clone(),
+                svc.topology.clone(),
+                pod.name.clone(),
+                addrs.join(","),
+                if pod.state.is_empty() {
+                    "not-ready".into()
+                } else {
+                    pod.state.join(",")
+                },
+                pod.counters.tcp_connects.to_string(),
+                pod.counters.udp_connects.to_string(),
+                pod.counters.active_tcp.to_string(),
+            ]);
+        }
+    }
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    if status.services.is_empty() {
+        let _ = writeln!(out, "(no headless services known)");
+    }
+    out
+}

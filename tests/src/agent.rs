@@ -1,0 +1,234 @@
+//! Driving the `headway` binary from tests and the demo: a private bpffs
+//! instance for its pins, the agent as a child process, and readers for
+//! what it pinned (`headway status --json`, `bpftool map dump pinned`).
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{Child, unique_suffix};
+
+const HEADWAY: &str = "headway";
+/// Overrides where [`headway_bin`] looks.
+const HEADWAY_ENV: &str = "HEADWAY_BIN";
+
+/// The `headway` binary next to the running executable (see `peer_bin`).
+pub fn headway_bin() -> Result<PathBuf> {
+    crate::peer::sibling_bin(HEADWAY, HEADWAY_ENV, "cargo build -p headway")
+}
+
+/// A bpffs instance of its own, mounted on a fresh directory, so a test's
+/// pins never meet another run's (or a real agent's). Drop runs
+/// `headway reset` on it, unmounts it and removes the directory.
+pub struct Bpffs {
+    dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Result<Bpffs> {
+        let dir = std::env::temp_dir().join(format!("headway-bpffs-{}", unique_suffix()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .context("running mount")?;
+        if !status.success() {
+            let _ = std::fs::remove_dir(&dir);
+            bail!("mount -t bpf on {} failed: {status}", dir.display());
+        }
+        Ok(Bpffs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `<bpffs>/headway/<name>`
+    pub fn pin(&self, name: &str) -> PathBuf {
+        self.dir.join("headway").join(name)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Ok(bin) = headway_bin() {
+            let _ = Command::new(bin)
+                .arg("reset")
+                .arg("--bpffs")
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .status();
+        }
+        match Command::new("umount").arg(&self.dir).status() {
+            Ok(s) if s.success() => {
+                let _ = std::fs::remove_dir(&self.dir);
+            }
+            other => eprintln!(
+                "headway-testbed: umount {} failed: {other:?}",
+                self.dir.display()
+            ),
+        }
+    }
+}
+
+/// A running `headway agent`. Drop kills it (SIGKILL); [`Agent::stop`] ends
+/// it the way an operator would (SIGTERM) and checks it exited cleanly.
+pub struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    /// Starts `headway agent` with `--source dir:<manifests>`, attached to
+    /// `cgroup`, pinning under `bpffs`; extra flags are appended.
+    pub fn start(manifests: &Path, cgroup: &Path, bpffs: &Bpffs, extra: &[&str]) -> Result<Agent> {
+        let mut cmd = Command::new(headway_bin()?);
+        cmd.arg("agent")
+            .arg(format!("--source=dir:{}", manifests.display()))
+            .arg("--cgroup-path")
+            .arg(cgroup)
+            .arg("--bpffs")
+            .arg(bpffs.path())
+            .args(extra)
+            .stdin(Stdio::null())
+            // Piped so `Child::wait_output` can collect it; the agent logs
+            // to stderr, which the test shows.
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().context("starting headway agent")?;
+        Ok(Agent {
+            child: Child::new(child, "headway agent".into()),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    pub fn stop(mut self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("SIGTERM")?;
+        let (status, _) = self.child.wait_output(Duration::from_secs(10))?;
+        if !status.success() {
+            bail!("headway agent exited with {status} after SIGTERM");
+        }
+        Ok(())
+    }
+
+    /// Fails if the agent has exited (e.g. it could not attach).
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("headway agent exited early: {status}");
+        }
+        Ok(())
+    }
+}
+
+/// `headway status --json --bpffs <bpffs>`, parsed.
+pub fn status_json(bpffs: &Bpffs) -> Result<Value> {
+    let out = Command::new(headway_bin()?)
+        .args(["status", "--json", "--bpffs"])
+        .arg(bpffs.path())
+        .output()
+        .context("running headway status")?;
+    if !out.status.success() {
+        bail!(
+            "headway status failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parsing headway status --json")
+}
+
+/// Polls `headway status --json` until `ready` holds for it (the agent
+/// syncs asynchronously), or fails after `timeout` with the last status.
+pub fn wait_for_status(
+    bpffs: &Bpffs,
+    agent: &mut Agent,
+    timeout: Duration,
+    ready: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        agent.check_running()?;
+        if let Ok(status) = status_json(bpffs) {
+            if ready(&status) {
+                return Ok(status);
+            }
+            last = Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("status never became ready within {timeout:?}; last: {last:#?}")
+}
+
+/// The counters of pod `pod` under service `ns/service` in a status JSON.
+pub fn pod_counters(status: &Value, ns: &str, service: &str, pod: &str) -> Option<Value> {
+    status["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["namespace"] == ns && s["name"] == service)?["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == pod)
+        .map(|p| p["counters"].clone())
+}
+
+/// `bpftool -j map dump pinned <path>`: one `{"key", "value"}` object per
+/// entry, with the named fields BTF gives (bpftool's "formatted" view).
+pub fn bpftool_dump(path: &Path) -> Result<Vec<Value>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .context("running bpftool (apt-get install bpftool)")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map dump pinned {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let entries: Vec<Value> =
+        serde_json::from_slice(&out.stdout).context("parsing bpftool JSON")?;
+    entries
+        .into_iter()
+        .map(|e| {
+            e.get("formatted").cloned().with_context(|| {
+                format!("bpftool printed no named fields (is the map BTF-typed?): {e}")
+            })
+        })
+        .collect()
+}
+
+/// Program names attached to `cgroup` (`bpftool cgroup show`), one entry
+/// per attachment.
+pub fn cgroup_programs(cgroup: &Path) -> Result<Vec<String>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .context("running bpftool cgroup show")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool cgroup show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<Value> =
+        serde_json::from_slice(&out.stdout).context("parsing bpftool JSON")?;
+    Ok(entries
+        .iter()
+        .filter_map(|e| e["name"].as_str().map(str::to_string))
+        .collect())
+}

@@ -1,0 +1,285 @@
+//! The agent on the real kernel: it loads, attaches to a cgroup, pins maps
+//! and links, and counts per pod exactly what real clients did — while it
+//! runs, while it is stopped, and across a restart — until `headway reset`.
+//!
+//! Privileged: needs root (CI runs it as root). Every address lives in
+//! namespaces the test creates; the client runs inside one of them.
+use std::{fs, net::IpAddr, path::Path, time::Duration};
+
+use headway_testbed::{
+    Cgroup, Cluster, ConnectReport,
+    agent::{
+        Agent, Bpffs, bpftool_dump, cgroup_programs, pod_counters, status_json, wait_for_status,
+    },
+    require_root, run_client, start_pod_servers,
+};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Manifests for the cluster: a headless `web` service (three pods, IPv4
+/// and IPv6 slices) and a ClusterIP `api` service that must be ignored.
+fn write_manifests(dir: &Path, cluster: &Cluster) {
+    let web = ["web-0", "web-1", "web-2"];
+    let mut v4 = String::new();
+    let mut v6 = String::new();
+    for name in web {
+        let pod = cluster.pod(name);
+        let endpoint = |addr: IpAddr| {
+            format!(
+                "  - addresses: [\"{addr}\"]\n    hostname: {name}\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, namespace: demo, name: {name}}}\n"
+            )
+        };
+        v4.push_str(&endpoint(pod.addr(false).unwrap()));
+        v6.push_str(&endpoint(pod.addr(true).unwrap()));
+    }
+    let web_yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+         spec:\n  clusterIP: None\n  ports: [{{name: http, port: {PORT}}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web-v4\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v4}\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web-v6\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
+         addressType: IPv6\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v6}"
+    );
+    fs::write(dir.join("web.yaml"), web_yaml).unwrap();
+    let api = cluster.pod("api-0").addr(false).unwrap();
+    let api_yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: demo}}\n\
+         spec:\n  clusterIP: 10.96.0.10\n  ports: [{{port: {PORT}}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: api-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: api}}\n\
+         addressType: IPv4\nendpoints:\n  - addresses: [\"{api}\"]\n"
+    );
+    fs::write(dir.join("api.yaml"), api_yaml).unwrap();
+}
+
+fn build_cluster() -> Cluster {
+    Cluster::builder()
+        .pod(
+            "web-0",
+            "10.77.0.10".parse().unwrap(),
+            Some("fd77::10".parse().unwrap()),
+        )
+        .pod(
+            "web-1",
+            "10.77.0.11".parse().unwrap(),
+            Some("fd77::11".parse().unwrap()),
+        )
+        .pod(
+            "web-2",
+            "10.77.0.12".parse().unwrap(),
+            Some("fd77::12".parse().unwrap()),
+        )
+        .pod("api-0", "10.77.0.20".parse().unwrap(), None)
+        .client("client")
+        .build()
+        .expect("build the test cluster")
+}
+
+/// Connects `count` times to `pod` and checks that pod itself answered
+/// each time (nothing is steered yet).
+fn connect(cluster: &Cluster, cg: &Cgroup, pod: &str, ipv6: bool, udp: bool, count: u32) {
+    let addr = cluster.pod(pod).addr(ipv6).unwrap();
+    let report: ConnectReport =
+        run_client(cluster, "client", Some(cg), addr, PORT, count, udp).expect("run the client");
+    assert_eq!(
+        report.failures, 0,
+        "client to {pod} ({addr}) failed: {report:?}"
+    );
+    assert_eq!(
+        report.answers.get(pod).copied(),
+        Some(u64::from(count)),
+        "answers from {addr}: {report:?}"
+    );
+}
+
+fn counts(status: &Value, pod: &str) -> (u64, u64) {
+    let c = pod_counters(status, "demo", "web", pod)
+        .unwrap_or_else(|| panic!("pod {pod} missing from status: {status:#}"));
+    (
+        c["tcp_connects"].as_u64().unwrap(),
+        c["udp_connects"].as_u64().unwrap(),
+    )
+}
+
+fn web_pod_count(status: &Value) -> usize {
+    status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .and_then(|s| s["pods"].as_array())
+        .map_or(0, Vec::len)
+}
+
+#[test]
+fn counts_connections_per_pod_exactly_across_agent_restart() {
+    if !require_root("counts_connections_per_pod_exactly_across_agent_restart") {
+        return;
+    }
+    let cluster = build_cluster();
+    let _servers = start_pod_servers(&cluster, PORT).expect("start pod servers");
+    let cg = Cgroup::new("agent-datapath").expect("create the client cgroup");
+    let bpffs = Bpffs::new().expect("mount a private bpffs");
+    let manifests = tempfile::tempdir().unwrap();
+    write_manifests(manifests.path(), &cluster);
+
+    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("start agent");
+    let status = wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 3)
+        .expect("agent syncs the manifests");
+    // Only the headless service is known.
+    let names: Vec<&str> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web"], "{status:#}");
+    // One link per hook on our cgroup.
+    let mut progs = cgroup_programs(cg.path()).unwrap();
+    progs.sort();
+    assert_eq!(progs, ["hw_connect4", "hw_connect6"]);
+
+    connect(&cluster, &cg, "web-0", false, false, 5);
+    connect(&cluster, &cg, "web-1", true, false, 3);
+    connect(&cluster, &cg, "web-1", false, true, 2);
+    connect(&cluster, &cg, "api-0", false, false, 4); // not headless: not counted
+
+    let status = status_json(&bpffs).unwrap();
+    assert_eq!(counts(&status, "web-0"), (5, 0), "{status:#}");
+    assert_eq!(counts(&status, "web-1"), (3, 2), "{status:#}");
+    assert_eq!(counts(&status, "web-2"), (0, 0), "{status:#}");
+
+    // bpftool sees the same numbers, with named fields (BTF).
+    let pods = bpftool_dump(&bpffs.pin("pods")).unwrap();
+    let stats = bpftool_dump(&bpffs.pin("pod_stats")).unwrap();
+    let pod_id = |name: &str| -> u64 {
+        pods.iter()
+            .find(|e| {
+                let raw: Vec<u8> = e["value"]["name"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .take_while(|b| *b != 0)
+                    .collect();
+                raw == name.as_bytes()
+            })
+            .unwrap_or_else(|| panic!("{name} not in bpftool dump of pods: {pods:#?}"))["key"]
+            .as_u64()
+            .unwrap()
+    };
+    let stat = |name: &str| -> Value {
+        let id = pod_id(name);
+        stats
+            .iter()
+            .find(|e| e["key"].as_u64() == Some(id))
+            .unwrap_or_else(|| panic!("no pod_stats entry for {name}: {stats:#?}"))["value"]
+            .clone()
+    };
+    assert_eq!(stat("web-0")["tcp_connects"], 5);
+    assert_eq!(stat("web-1")["tcp_connects"], 3);
+    assert_eq!(stat("web-1")["udp_connects"], 2);
+
+    // A manifest broken by an edit keeps what it held.
+    fs::write(
+        manifests.path().join("web.yaml"),
+        "kind: Service\nspec: [oops\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    agent.check_running().unwrap();
+    assert_eq!(web_pod_count(&status_json(&bpffs).unwrap()), 3);
+    write_manifests(manifests.path(), &cluster);
+
+    // The agent stops; the datapath keeps counting.
+    agent.stop().expect("agent stops cleanly on SIGTERM");
+    assert_eq!(
+        cgroup_programs(cg.path()).unwrap().len(),
+        2,
+        "links stay pinned"
+    );
+    connect(&cluster, &cg, "web-2", false, false, 2);
+    connect(&cluster, &cg, "web-2", true, false, 1);
+    let status = status_json(&bpffs).expect("status works while the agent is down");
+    assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
+
+    // A new agent takes over: nothing reset, nothing attached twice.
+    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("restart agent");
+    std::thread::sleep(Duration::from_millis(500));
+    let status =
+        wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 3).unwrap();
+    assert_eq!(counts(&status, "web-0"), (5, 0), "{status:#}");
+    assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
+    assert_eq!(
+        cgroup_programs(cg.path()).unwrap().len(),
+        2,
+        "no second attachment"
+    );
+    connect(&cluster, &cg, "web-0", false, false, 1);
+    assert_eq!(counts(&status_json(&bpffs).unwrap(), "web-0"), (6, 0));
+
+    // Reset detaches and unpins everything.
+    agent.stop().unwrap();
+    let out = std::process::Command::new(headway_testbed::agent::headway_bin().unwrap())
+        .arg("reset")
+        .arg("--bpffs")
+        .arg(bpffs.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "reset: {out:?}");
+    assert!(cgroup_programs(cg.path()).unwrap().is_empty());
+    assert!(!bpffs.pin("pod_stats").exists());
+    let err = status_json(&bpffs).unwrap_err().to_string();
+    assert!(err.contains("nothing is pinned"), "{err}");
+}
+
+#[test]
+fn pod_removed_from_manifests_disappears_from_maps() {
+    if !require_root("pod_removed_from_manifests_disappears_from_maps") {
+        return;
+    }
+    let cluster = build_cluster();
+    let cg = Cgroup::new("agent-remove").expect("create cgroup");
+    let bpffs = Bpffs::new().expect("mount a private bpffs");
+    let manifests = tempfile::tempdir().unwrap();
+    write_manifests(manifests.path(), &cluster);
+    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("start agent");
+    wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 3).unwrap();
+
+    // Drop web-2 from both slices.
+    let yaml = fs::read_to_string(manifests.path().join("web.yaml")).unwrap();
+    let without_web2 = remove_endpoint(&yaml, "web-2");
+    fs::write(manifests.path().join("web.yaml"), without_web2).unwrap();
+    wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 2).unwrap();
+    let addrs = bpftool_dump(&bpffs.pin("pod_addrs")).unwrap();
+    assert_eq!(addrs.len(), 4, "two pods x two families: {addrs:#?}");
+    let stats = bpftool_dump(&bpffs.pin("pod_stats")).unwrap();
+    assert_eq!(
+        stats.len(),
+        2,
+        "counters of the removed pod are freed: {stats:#?}"
+    );
+    agent.stop().unwrap();
+}
+
+/// Removes the endpoint block (4 lines) that names `pod` from every slice.
+fn remove_endpoint(yaml: &str, pod: &str) -> String {
+    let lines: Vec<&str> = yaml.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let block_names_pod = lines[i].starts_with("  - addresses:")
+            && lines
+                .get(i + 1)
+                .is_some_and(|l| l.trim() == format!("hostname: {pod}"));
+        if block_names_pod {
+            i += 4;
+        } else {
+            out.push(lines[i]);
+            i += 1;
+        }
+    }
+    out.join("\n") + "\n"
+}

@@ -1,0 +1,38 @@
+//! headway's development tasks: `cargo xtask <task>`.
+mod build_ebpf;
+mod demo;
+mod test;
+mod toolchain;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "headway development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the kernel object (with BTF), setting up the nightly's
+    /// rust-src and a matching bpf-linker first when they are missing.
+    BuildEbpf(build_ebpf::Options),
+    /// Set up the toolchain, build everything and run the whole test suite
+    /// (the privileged tests need root).
+    Test(test::Options),
+    /// Run the agent on a demo cluster of network namespaces built from the
+    /// manifests in `examples/demo/`, connect a client, print the status.
+    Demo(demo::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::BuildEbpf(opts) => build_ebpf::run(&opts).map(|object| {
+            println!("{}", object.display());
+        }),
+        Task::Test(opts) => test::run(&opts),
+        Task::Demo(opts) => demo::run(&opts),
+    }
+}
