@@ -155,7 +155,7 @@ impl Maps {
             let data = open_map(&path)?;
             Map::from_map_data(data).map_err(|source| PinnedError::Open { path, source })
         };
-        Maps::from_maps(|name| open(name))
+        Maps::from_maps(open)
     }
 
     /// Builds the handles from a source of untyped maps by name.

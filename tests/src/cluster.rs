@@ -71,8 +71,8 @@ impl ClusterBuilder {
     }
 
     /// A client whose addresses are picked in the pods' subnets (those of
-    /// the first pod): the n-th client gets x.y.255.n and, if the first
-    /// pod has IPv6, <its /64>::ff:n.
+    /// the first pod): the n-th client gets x.y.255.n and, if any pod has
+    /// IPv6, <the first such pod's /64>::ff:n.
     pub fn client(mut self, name: &str) -> Self {
         self.clients.push(Spec {
             name: name.into(),
@@ -134,8 +134,15 @@ impl ClusterBuilder {
 
     fn client_addrs(&self, n: usize) -> (Ipv4Addr, Option<Ipv6Addr>) {
         let n = u8::try_from(n).expect("at most 255 auto-addressed clients");
-        let (v4, v6) = match self.pods.first().and_then(|p| p.addrs) {
-            Some((v4, v6)) => (v4, v6),
+        let first = self.pods.first().and_then(|p| p.addrs);
+        // IPv6 from the first pod that has one, so a v4-only pod listed
+        // first does not leave the client without IPv6.
+        let first_v6 = self
+            .pods
+            .iter()
+            .find_map(|p| p.addrs.and_then(|(_, v6)| v6));
+        let (v4, v6) = match first {
+            Some((v4, _)) => (v4, first_v6),
             None => (DEFAULT_V4, Some(DEFAULT_V6)),
         };
         let [a, b, _, _] = v4.octets();

@@ -83,7 +83,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     })?;
 
     println!("\n== The client connects to every pod address (TCP, and UDP over IPv4)");
-    for (name, pod) in &pods {
+    for pod in pods.values() {
         let addrs = pod
             .v4
             .map(IpAddr::V4)
@@ -119,7 +119,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 report.answers, report.failures
             );
         }
-        let _ = name;
     }
 
     println!("\n== headway status");

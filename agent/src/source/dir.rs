@@ -266,10 +266,16 @@ fn add_value(value: Value, objects: &mut Objects, problems: &mut Vec<String>) {
     }
     let header = match Header::of(&value) {
         Ok(header) => header,
-        Err(problem) => return problems.push(problem),
+        Err(problem) => {
+            problems.push(problem);
+            return;
+        }
     };
     let result = match (header.api_version.as_str(), header.kind.as_str()) {
-        ("v1", "List") => return add_list_items(value, objects, problems),
+        ("v1", "List") => {
+            add_list_items(value, objects, problems);
+            return;
+        }
         ("v1", "Service") => push_object(value, &mut objects.services),
         ("discovery.k8s.io/v1", "EndpointSlice") => push_object(value, &mut objects.slices),
         ("v1", "Pod") => push_object(value, &mut objects.pods),
@@ -298,7 +304,10 @@ fn add_list_items(value: Value, objects: &mut Objects, problems: &mut Vec<String
     let items = match items {
         Value::Array(items) => items,
         Value::Null => return,
-        _ => return problems.push("List: items is not a sequence".to_owned()),
+        _ => {
+            problems.push("List: items is not a sequence".to_owned());
+            return;
+        }
     };
     for (index, item) in items.into_iter().enumerate() {
         let mut item_problems = Vec::new();
