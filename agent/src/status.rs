@@ -2,17 +2,36 @@
 //! only the pins, so it works while the agent is down.
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 
-use headway_common::{PodCounters, endpoint_flags};
+use std::os::fd::AsFd;
+
+use headway_common::{PodCounters, endpoint_flags, program_names};
 use serde::Serialize;
 
 use crate::{
+    bpf_sys,
     map_plan::{decode_name, key_addr, policy_from_value, topology_from_value},
-    pinned::{Maps, PinnedError},
+    pinned::{self, Maps, PinnedError},
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Status {
+    /// The kernel programs behind the pinned links.
+    pub programs: Vec<ProgramStatus>,
     pub services: Vec<ServiceStatus>,
+}
+
+/// One hook as the kernel reports it. Run statistics count only while
+/// `kernel.bpf_stats_enabled=1`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ProgramStatus {
+    pub name: &'static str,
+    /// Whether its link is pinned (the hook is attached).
+    pub attached: bool,
+    pub program_id: Option<u32>,
+    pub cgroup_id: Option<u64>,
+    pub verified_instructions: Option<u32>,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -74,7 +93,32 @@ fn state_names(flags: u32) -> Vec<&'static str> {
     .collect()
 }
 
-/// Reads the pinned maps under `bpffs`.
+/// What the kernel says about each program whose link is pinned.
+fn read_programs(bpffs: &Path) -> Vec<ProgramStatus> {
+    let loaded: Vec<aya::programs::ProgramInfo> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .collect();
+    program_names::ALL
+        .iter()
+        .map(|name| {
+            let link = bpf_sys::obj_get(&pinned::link_pin(bpffs, name))
+                .and_then(|fd| bpf_sys::cgroup_link_info(fd.as_fd()))
+                .ok();
+            let info = link.and_then(|l| loaded.iter().find(|p| p.id() == l.prog_id));
+            ProgramStatus {
+                name,
+                attached: link.is_some(),
+                program_id: link.map(|l| l.prog_id),
+                cgroup_id: link.map(|l| l.cgroup_id),
+                verified_instructions: info.and_then(|i| i.verified_instruction_count()),
+                run_count: info.map_or(0, |i| i.run_count()),
+                run_time_ns: info.map_or(0, |i| i.run_time().as_nanos() as u64),
+            }
+        })
+        .collect()
+}
+
+/// Reads the pinned maps and links under `bpffs`.
 pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
     let maps = Maps::open_pinned(bpffs)?;
     let contents = maps.read_contents()?;
@@ -132,7 +176,10 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
         })
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    Ok(Status { services })
+    Ok(Status {
+        programs: read_programs(bpffs),
+        services,
+    })
 }
 
 /// The human-readable table.
@@ -205,5 +252,17 @@ pub fn render_table(status: &Status) -> String {
     if status.services.is_empty() {
         let _ = writeln!(out, "(no headless services known)");
     }
+    let hooks: Vec<String> = status
+        .programs
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p.name,
+                if p.attached { "attached" } else { "DETACHED" }
+            )
+        })
+        .collect();
+    let _ = writeln!(out, "\nhooks: {}", hooks.join(", "));
     out
 }

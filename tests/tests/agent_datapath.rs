@@ -136,6 +136,14 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["web"], "{status:#}");
+    // status reports both hooks attached, as the kernel verified them.
+    for prog in status["programs"].as_array().unwrap() {
+        assert_eq!(prog["attached"], true, "{prog}");
+        assert!(
+            prog["verified_instructions"].as_u64().unwrap() > 0,
+            "{prog}"
+        );
+    }
     // One link per hook on our cgroup.
     let mut progs = cgroup_programs(cg.path()).unwrap();
     progs.sort();
@@ -203,6 +211,14 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     connect(&cluster, &cg, "web-2", false, false, 2);
     connect(&cluster, &cg, "web-2", true, false, 1);
     let status = status_json(&bpffs).expect("status works while the agent is down");
+    assert!(
+        status["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["attached"] == true),
+        "{status:#}"
+    );
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
 
     // A new agent takes over: nothing reset, nothing attached twice.

@@ -150,3 +150,33 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<PathBuf> {
     }
     Ok(linker)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_linker_that_names_another_llvm_is_rejected() {
+        let dir = std::env::temp_dir().join(format!("xtask-linker-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("bpf-linker");
+        // Runs fine, but was built against LLVM 23.
+        fs::write(
+            &fake,
+            "#!/bin/sh\n# needs libLLVM.so.23.1-rust-1.99.0-nightly\necho ok\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!linker_matches(
+            &fake,
+            "libLLVM.so.22.1-rust-1.97.0-nightly"
+        ));
+        assert!(linker_matches(&fake, "libLLVM.so.23.1-rust-1.99.0-nightly"));
+        assert!(!linker_matches(
+            &dir.join("missing"),
+            "libLLVM.so.23.1-rust-1.99.0-nightly"
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
