@@ -27,3 +27,22 @@ pub static SVC_ENDPOINTS: HashMap<
     EndpointState,
     { capacity::SVC_ENDPOINTS as usize },
 > = HashMap::new();
+
+// DNS: the names of headless services (agent-written), queries in flight and
+// what each client network namespace learned (kernel-written).
+#[btf_map(name = "dns_names")]
+pub static DNS_NAMES: HashMap<u64, NameEntry, { capacity::DNS_NAMES as usize }> = HashMap::new();
+
+#[btf_map(name = "dns_pending")]
+pub static DNS_PENDING: LruHashMap<
+    PendingQueryKey,
+    PendingQuery,
+    { capacity::DNS_PENDING as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "dns_obs")]
+pub static DNS_OBS: LruHashMap<ObservationKey, Observation, { capacity::DNS_OBS as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "dns_counters")]
+pub static DNS_COUNTERS: PerCpuArray<u64, { dns_counter::COUNT as usize }> = PerCpuArray::new();

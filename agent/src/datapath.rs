@@ -14,7 +14,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program, ProgramError, ProgramFd,
+        links::{FdLink, LinkError},
+    },
 };
 use headway_common::{map_names, program_names};
 
@@ -60,11 +63,11 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("program {name} is attached without a BPF link (kernel < 5.7?): {source}")]
-    Link {
+    #[error("cannot attach {name} with a BPF link (kernel < 5.7?): {source}")]
+    Attach {
         name: &'static str,
         #[source]
-        source: aya::programs::links::LinkError,
+        source: LinkAttachError,
     },
     #[error("cannot pin the link of {name} at {path}: {source}")]
     PinLink {
@@ -176,6 +179,69 @@ impl Datapath {
     }
 }
 
+/// The cgroup program kinds headway uses. Both attach through BPF links,
+/// which is all `attach` needs to know.
+enum CgroupProgram<'a> {
+    SockAddr(&'a mut CgroupSockAddr),
+    Skb(&'a mut CgroupSkb),
+}
+
+impl CgroupProgram<'_> {
+    fn load(&mut self) -> Result<(), ProgramError> {
+        match self {
+            CgroupProgram::SockAddr(p) => p.load(),
+            CgroupProgram::Skb(p) => p.load(),
+        }
+    }
+
+    fn fd(&self) -> Result<&ProgramFd, ProgramError> {
+        match self {
+            CgroupProgram::SockAddr(p) => p.fd(),
+            CgroupProgram::Skb(p) => p.fd(),
+        }
+    }
+
+    /// Attaches to `cgroup` with a new link. A BPF link never excludes other
+    /// programs on the cgroup (the kernel rejects BPF_F_ALLOW_MULTI on
+    /// link_create: links are multi by nature), so headway coexists with
+    /// other cgroup hooks such as Cilium's.
+    fn attach_link(&mut self, cgroup: &fs::File) -> Result<FdLink, LinkAttachError> {
+        let mode = CgroupAttachMode::Single;
+        Ok(match self {
+            CgroupProgram::SockAddr(p) => {
+                let id = p.attach(cgroup, mode)?;
+                p.take_link(id)?.try_into()?
+            }
+            CgroupProgram::Skb(p) => {
+                let attach_type = p
+                    .expected_attach_type()
+                    .ok_or(ProgramError::UnexpectedProgramType)?;
+                let id = p.attach(cgroup, attach_type, mode)?;
+                p.take_link(id)?.try_into()?
+            }
+        })
+    }
+}
+
+/// Attaching through a link fails in the program or in the link layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkAttachError {
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<CgroupProgram<'a>, DatapathError> {
+    let prog_err = |source| DatapathError::Program { name, source };
+    match ebpf.program_mut(name) {
+        Some(Program::CgroupSockAddr(p)) => Ok(CgroupProgram::SockAddr(p)),
+        Some(Program::CgroupSkb(p)) => Ok(CgroupProgram::Skb(p)),
+        Some(_) => Err(prog_err(ProgramError::UnexpectedProgramType)),
+        None => Err(prog_err(ProgramError::NotLoaded)),
+    }
+}
+
 fn attach(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -184,17 +250,11 @@ fn attach(
     bpffs: &Path,
 ) -> Result<Attachment, DatapathError> {
     let prog_err = |source| DatapathError::Program { name, source };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(ProgramError::NotLoaded)
-        .map_err(prog_err)?
-        .try_into()
-        .map_err(prog_err)?;
+    let mut program = program(ebpf, name)?;
     program.load().map_err(prog_err)?;
 
     let link_path = pinned::link_pin(bpffs, name);
     let mut how = Attachment::New;
-    let mut old_pin_elsewhere = false;
     if link_path.exists() {
         let take_over = |source| DatapathError::TakeOver {
             path: link_path.clone(),
@@ -210,20 +270,11 @@ fn attach(
         // The old link hooks another cgroup: attach here first, then let the
         // old one go (removing its last reference detaches it).
         how = Attachment::Moved;
-        old_pin_elsewhere = true;
     }
-    // A BPF link never excludes other programs on the cgroup (the kernel
-    // rejects BPF_F_ALLOW_MULTI on link_create: links are multi by nature),
-    // so headway coexists with other cgroup hooks such as Cilium's.
-    let link_id = program
-        .attach(cgroup_dir, CgroupAttachMode::Single)
-        .map_err(prog_err)?;
-    let link: FdLink = program
-        .take_link(link_id)
-        .map_err(prog_err)?
-        .try_into()
-        .map_err(|source| DatapathError::Link { name, source })?;
-    if old_pin_elsewhere {
+    let link = program
+        .attach_link(cgroup_dir)
+        .map_err(|source| DatapathError::Attach { name, source })?;
+    if how == Attachment::Moved {
         fs::remove_file(&link_path).map_err(io_err(&link_path))?;
     }
     link.pin(&link_path)

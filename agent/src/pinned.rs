@@ -9,8 +9,9 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use headway_common::{
-    AddrKey, EndpointState, PIN_DIR, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta,
-    capacity, map_names,
+    AddrKey, EndpointState, NameEntry, Observation, ObservationKey, PIN_DIR, PendingQuery,
+    PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta, capacity,
+    dns_counter, map_names,
 };
 
 use crate::map_plan::MapContents;
@@ -65,7 +66,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 5] = {
+pub const MAP_SHAPES: [MapShape; 9] = {
     const fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -83,6 +84,10 @@ pub const MAP_SHAPES: [MapShape; 5] = {
             map_names::SVC_ENDPOINTS,
             capacity::SVC_ENDPOINTS,
         ),
+        shape::<u64, NameEntry>(map_names::DNS_NAMES, capacity::DNS_NAMES),
+        shape::<PendingQueryKey, PendingQuery>(map_names::DNS_PENDING, capacity::DNS_PENDING),
+        shape::<ObservationKey, Observation>(map_names::DNS_OBS, capacity::DNS_OBS),
+        shape::<u32, u64>(map_names::DNS_COUNTERS, dns_counter::COUNT),
     ]
 };
 

@@ -26,8 +26,30 @@ pub mod map_names {
     /// addresses belong to which service, and in what state.
     pub const SVC_ENDPOINTS: &str = "svc_endpoints";
 
+    /// name hash ([`crate::dns_name_hash`]) → [`crate::NameEntry`]: every DNS
+    /// name that can hand out an address of a headless service.
+    pub const DNS_NAMES: &str = "dns_names";
+    /// [`crate::PendingQueryKey`] → [`crate::PendingQuery`]: DNS queries sent
+    /// and not yet answered (LRU), so only real answers teach anything.
+    pub const DNS_PENDING: &str = "dns_pending";
+    /// [`crate::ObservationKey`] → [`crate::Observation`]: which client
+    /// network namespace got which address from which name (LRU).
+    pub const DNS_OBS: &str = "dns_obs";
+    /// index ([`crate::dns_counter`]) → u64, per CPU: DNS interceptor outcomes.
+    pub const DNS_COUNTERS: &str = "dns_counters";
+
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 5] = [POD_ADDRS, POD_STATS, PODS, SERVICES, SVC_ENDPOINTS];
+    pub const ALL: [&str; 9] = [
+        POD_ADDRS,
+        POD_STATS,
+        PODS,
+        SERVICES,
+        SVC_ENDPOINTS,
+        DNS_NAMES,
+        DNS_PENDING,
+        DNS_OBS,
+        DNS_COUNTERS,
+    ];
 }
 
 /// Names of the kernel programs; links are pinned as `link_<program>`.
@@ -44,6 +66,10 @@ pub mod capacity {
     pub const PODS: u32 = 65_536;
     pub const SERVICES: u32 = 16_384;
     pub const SVC_ENDPOINTS: u32 = 131_072;
+    /// Service-wide names, pod names and dashed-IP names.
+    pub const DNS_NAMES: u32 = 262_144;
+    pub const DNS_PENDING: u32 = 16_384;
+    pub const DNS_OBS: u32 = 262_144;
 }
 
 pub const NAMESPACE_LEN: usize = 64;
@@ -193,6 +219,127 @@ pub struct PodMeta {
     pub name: [u8; POD_NAME_LEN],
 }
 
+/// Kind of DNS name (`NameEntry::kind`, `Observation::kind`).
+pub mod name_kind {
+    /// `<svc>.<ns>.svc.<domain>`: the service's policy may steer.
+    pub const SERVICE: u32 = 1;
+    /// `<hostname>.<svc>.<ns>.svc.<domain>` or the dashed-IP form: never
+    /// steered.
+    pub const POD: u32 = 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NameEntry {
+    pub service_id: u32,
+    /// [`name_kind`] value.
+    pub kind: u32,
+}
+
+/// A DNS query in flight, as the client's socket sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingQueryKey {
+    /// `bpf_get_netns_cookie` of the client's network namespace.
+    pub netns_cookie: u64,
+    /// The DNS server's address.
+    pub server: AddrKey,
+    /// Client UDP port, network byte order.
+    pub client_port: u16,
+    /// Query ID, network byte order (as on the wire).
+    pub query_id: u16,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingQuery {
+    /// [`dns_name_hash`] of the question name.
+    pub name_hash: u64,
+    /// QTYPE of the question (1 = A, 28 = AAAA), host byte order.
+    pub qtype: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ObservationKey {
+    pub netns_cookie: u64,
+    pub addr: AddrKey,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observation {
+    /// The service whose name handed the address out.
+    pub service_id: u32,
+    /// [`name_kind`] value.
+    pub kind: u32,
+    /// `bpf_ktime_get_ns` of the last answer carrying this address.
+    pub learned_ns: u64,
+}
+
+/// Indexes of `dns_counters`.
+pub mod dns_counter {
+    /// Responses from port 53 looked at.
+    pub const RESPONSES: u32 = 0;
+    /// Responses that matched no query this socket sent (spoofed, late).
+    pub const UNSOLICITED: u32 = 1;
+    /// Answers about names that are not of a headless service.
+    pub const NAME_UNKNOWN: u32 = 2;
+    /// Addresses learned (or refreshed).
+    pub const ADDRS_LEARNED: u32 = 3;
+    /// Responses with the TC bit, or cut short of what they claim.
+    pub const ERR_TRUNCATED: u32 = 4;
+    /// Compression pointer loops or pointers out of the packet.
+    pub const ERR_BAD_POINTER: u32 = 5;
+    /// A label longer than 63 bytes, or a name over 255 bytes.
+    pub const ERR_BAD_LABEL: u32 = 6;
+    /// Header flags or counts that make no sense (not a response, QDCOUNT
+    /// != 1, more answers than the parser walks).
+    pub const ERR_BAD_HEADER: u32 = 7;
+    /// The question differs from the one the query asked.
+    pub const ERR_QUESTION_MISMATCH: u32 = 8;
+    /// Queries recorded on egress.
+    pub const QUERIES: u32 = 9;
+    /// A full map refused an observation.
+    pub const ERR_MAP_FULL: u32 = 10;
+
+    pub const COUNT: u32 = 16;
+}
+
+/// FNV-1a 64 of a DNS name in wire form (each label's length byte, then
+/// its bytes with ASCII A-Z folded to a-z; no root byte), computed one
+/// byte at a time so the kernel parser and the agent agree exactly.
+pub const DNS_HASH_INIT: u64 = 0xcbf2_9ce4_8422_2325;
+
+#[inline(always)]
+pub const fn dns_hash_byte(hash: u64, byte: u8) -> u64 {
+    let folded = if byte >= b'A' && byte <= b'Z' {
+        byte + 32
+    } else {
+        byte
+    };
+    (hash ^ folded as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+/// [`dns_hash_byte`] over a dotted name (`web.demo.svc.cluster.local`,
+/// trailing dot optional). `None` for an empty label or one over 63 bytes.
+pub fn dns_name_hash(name: &str) -> Option<u64> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let mut hash = DNS_HASH_INIT;
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return None;
+        }
+        hash = dns_hash_byte(hash, label.len() as u8);
+        for b in label.bytes() {
+            hash = dns_hash_byte(hash, b);
+        }
+    }
+    Some(hash)
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are #[repr(C)], Copy, made of integers only and
@@ -204,6 +351,11 @@ mod user {
     unsafe impl aya::Pod for super::EndpointState {}
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::PodMeta {}
+    unsafe impl aya::Pod for super::NameEntry {}
+    unsafe impl aya::Pod for super::PendingQueryKey {}
+    unsafe impl aya::Pod for super::PendingQuery {}
+    unsafe impl aya::Pod for super::ObservationKey {}
+    unsafe impl aya::Pod for super::Observation {}
 }
 
 #[cfg(test)]
@@ -232,5 +384,22 @@ mod tests {
         assert_eq!(size_of::<EndpointState>(), 8);
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 8);
         assert_eq!(size_of::<PodMeta>(), 64 + 128);
+        assert_eq!(size_of::<NameEntry>(), 8);
+        assert_eq!(size_of::<PendingQueryKey>(), 8 + 16 + 8);
+        assert_eq!(size_of::<PendingQuery>(), 16);
+        assert_eq!(size_of::<ObservationKey>(), 24);
+        assert_eq!(size_of::<Observation>(), 16);
+    }
+
+    #[test]
+    fn name_hash_folds_case_and_ignores_the_trailing_dot() {
+        let a = dns_name_hash("Web.Demo.svc.cluster.local.").unwrap();
+        let b = dns_name_hash("web.demo.svc.cluster.local").unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, dns_name_hash("web.demo.svc.cluster.locak").unwrap());
+        // Label boundaries count: "ab.c" is not "a.bc".
+        assert_ne!(dns_name_hash("ab.c"), dns_name_hash("a.bc"));
+        assert_eq!(dns_name_hash("a..b"), None);
+        assert_eq!(dns_name_hash(&"x".repeat(64)), None);
     }
 }
