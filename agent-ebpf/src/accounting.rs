@@ -5,7 +5,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::bindings::BPF_NOEXIST;
 use headway_common::{AddrKey, PodCounters};
 
-use crate::maps::{POD_ADDRS, POD_STATS};
+use crate::maps::{POD_ADDRS, POD_STATS, STEER_COUNTERS};
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -29,15 +29,17 @@ fn counters(pod_id: u32) -> Option<*mut PodCounters> {
     POD_STATS.get_ptr_mut(pod_id)
 }
 
-/// Counts a connect() towards `dst` if it is the address of a known pod.
-/// Anything else costs one hash lookup.
+/// The pod an address belongs to, if any.
 #[inline(always)]
-pub fn count_connect(dst: &AddrKey, protocol: u32) {
-    // SAFETY: the value is only read, and copied before the next map call.
-    let Some(pod) = (unsafe { POD_ADDRS.get(dst) }).copied() else {
-        return;
-    };
-    let Some(stats) = counters(pod.pod_id) else {
+pub fn pod_of(addr: &AddrKey) -> Option<u32> {
+    // SAFETY: the value is copied out before any other map call.
+    unsafe { POD_ADDRS.get(addr) }.map(|p| p.pod_id)
+}
+
+/// Counts a connect() to pod `pod_id`.
+#[inline(always)]
+pub fn count_connect(pod_id: u32, protocol: u32) {
+    let Some(stats) = counters(pod_id) else {
         return;
     };
     // SAFETY: raw field pointers into the map value; no reference is made.
@@ -47,5 +49,28 @@ pub fn count_connect(dst: &AddrKey, protocol: u32) {
             IPPROTO_UDP => add(&raw mut (*stats).udp_connects, 1),
             _ => {}
         }
+    }
+}
+
+/// Counts a connection steered from pod `from` (if the address still was
+/// one) to pod `to`.
+#[inline(always)]
+pub fn count_steer(from: Option<u32>, to: u32) {
+    if let Some(stats) = from.and_then(counters) {
+        // SAFETY: as above.
+        unsafe { add(&raw mut (*stats).steered_away, 1) };
+    }
+    if let Some(stats) = counters(to) {
+        // SAFETY: as above.
+        unsafe { add(&raw mut (*stats).steered_in, 1) };
+    }
+}
+
+/// Adds one to `steer_counters[index]` (per CPU: no atomics needed).
+#[inline(always)]
+pub fn bump_steer_counter(index: u32) {
+    if let Some(slot) = STEER_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot; BPF programs do not migrate mid-run.
+        unsafe { *slot += 1 };
     }
 }

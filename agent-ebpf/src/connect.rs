@@ -1,35 +1,48 @@
-//! connect4/connect6: the per-connection hooks on the attached cgroup.
-//! For now they only account; they always let the connection proceed to
-//! the address the client asked for.
+//! connect4/connect6: the per-connection hooks on the attached cgroup
+//! (TCP, and UDP sockets that connect). They account the connection and,
+//! when `steer` says so, rewrite its destination; the port is never
+//! touched. They always let the call proceed.
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
-use crate::accounting::count_connect;
+use crate::steer::on_connect;
 
 /// Return value of a sock_addr hook that lets the call proceed.
 const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
-    let sa = unsafe { &*ctx.sock_addr };
-    count_connect(&AddrKey::from_v4_be(sa.user_ip4), sa.protocol);
+    unsafe {
+        let dst = AddrKey::from_v4_be((*sa).user_ip4);
+        if let Some(new) = on_connect(&ctx, &dst, (*sa).protocol) {
+            (*sa).user_ip4 = new.addr[3];
+        }
+    }
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn hw_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // The verifier wants each word of user_ip6 read on its own, at a fixed
-    // offset (a whole-array copy is rejected).
-    let mut words = [0u32; 4];
-    // SAFETY: in-bounds reads of the context the kernel handed us.
+    // The verifier wants each word of user_ip6 read and written on its
+    // own, at a fixed offset (a whole-array copy is rejected).
+    // SAFETY: in-bounds accesses to the context the kernel handed us.
     unsafe {
-        words[0] = core::ptr::read_volatile(&raw const (*sa).user_ip6[0]);
-        words[1] = core::ptr::read_volatile(&raw const (*sa).user_ip6[1]);
-        words[2] = core::ptr::read_volatile(&raw const (*sa).user_ip6[2]);
-        words[3] = core::ptr::read_volatile(&raw const (*sa).user_ip6[3]);
-        count_connect(&AddrKey::from_v6_words(words), (*sa).protocol);
+        let words = [
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+        ];
+        let dst = AddrKey::from_v6_words(words);
+        if let Some(new) = on_connect(&ctx, &dst, (*sa).protocol) {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], new.addr[0]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], new.addr[1]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], new.addr[2]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], new.addr[3]);
+        }
     }
     ALLOW
 }

@@ -8,6 +8,7 @@
 mod accounting;
 mod connect;
 mod maps;
+mod steer;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,9 +1,14 @@
 //! Every map the kernel programs use. Capacities here are defaults; the
 //! agent may resize them before loading. Names match
 //! `headway_common::map_names`.
-use aya_ebpf::{btf_maps::HashMap, macros::btf_map};
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
 use headway_common::{
-    AddrKey, EndpointState, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta, capacity,
+    AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
+    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta,
+    capacity, dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -46,3 +51,15 @@ pub static DNS_OBS: LruHashMap<ObservationKey, Observation, { capacity::DNS_OBS 
 
 #[btf_map(name = "dns_counters")]
 pub static DNS_COUNTERS: PerCpuArray<u64, { dns_counter::COUNT as usize }> = PerCpuArray::new();
+
+// Steering: eligible pods per service and family, the agent's settings, and
+// what the connect hooks decided.
+#[btf_map(name = "svc_backends")]
+pub static SVC_BACKENDS: HashMap<BackendKey, AddrKey, { capacity::SVC_BACKENDS as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "config")]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map(name = "steer_counters")]
+pub static STEER_COUNTERS: PerCpuArray<u64, { steer_counter::COUNT as usize }> = PerCpuArray::new();

@@ -4,14 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use headway_common::{Config, config_flags};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
     datapath::Datapath,
-    map_plan::{self, Ids},
+    map_plan::{self, Ids, PlanSettings},
     map_writer::MapWriter,
     model::{self, Policy},
+    netns,
     source::{
         Objects,
         dir::{self, DirWatcher},
@@ -52,6 +54,9 @@ pub struct AgentConfig {
     pub default_policy: Policy,
     /// Only services in these namespaces (all when empty).
     pub namespaces: Vec<String>,
+    pub cluster_domain: String,
+    /// Steer sockets of the host network namespace too.
+    pub steer_host_netns: bool,
 }
 
 /// Runs until a termination signal arrives.
@@ -64,6 +69,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
     }
     let mut syncer = Syncer::new(datapath.take_maps()?, &cfg)?;
+    let host_netns_cookie =
+        netns::current_netns_cookie().context("cannot read this network namespace's cookie")?;
+    syncer
+        .writer
+        .write_config(Config {
+            host_netns_cookie,
+            flags: if cfg.steer_host_netns {
+                config_flags::STEER_HOST_NETNS
+            } else {
+                0
+            },
+            _pad: 0,
+        })
+        .context("cannot write the datapath settings")?;
 
     let SourceSpec::Dir(dir) = &cfg.source;
     // Watch before the first read, so no change between the two is missed.
@@ -93,7 +112,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 struct Syncer {
     writer: MapWriter,
     ids: Ids,
-    default_policy: Policy,
+    settings: PlanSettings,
     namespaces: Vec<String>,
     /// What each manifest file last parsed to without error, so a file
     /// broken by an edit keeps contributing its previous objects.
@@ -107,7 +126,10 @@ impl Syncer {
         Ok(Syncer {
             writer,
             ids,
-            default_policy: cfg.default_policy,
+            settings: PlanSettings {
+                default_policy: cfg.default_policy,
+                cluster_domain: cfg.cluster_domain.clone(),
+            },
             namespaces: cfg.namespaces.clone(),
             last_good: Default::default(),
         })
@@ -141,7 +163,7 @@ impl Syncer {
                 .services
                 .retain(|key, _| self.namespaces.contains(&key.namespace));
         }
-        let wanted = map_plan::plan(&desired, self.default_policy, &mut self.ids);
+        let wanted = map_plan::plan(&desired, &self.settings, &mut self.ids);
         let (summary, errors) = self.writer.apply(&wanted);
         for e in &errors {
             error!(error = %e, "map write failed; the rest of the sync was applied");
@@ -149,6 +171,7 @@ impl Syncer {
         info!(
             services = wanted.services.len(),
             pods = wanted.pods.len(),
+            names = wanted.dns_names.len(),
             upserted = summary.upserted,
             removed = summary.removed,
             failed = summary.failed,

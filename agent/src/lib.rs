@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod map_plan;
 pub mod map_writer;
 pub mod model;
+pub mod netns;
 pub mod pinned;
 pub mod source;
 pub mod status;

@@ -76,6 +76,13 @@ struct AgentArgs {
     /// Only handle services in this namespace (repeatable; default: all).
     #[arg(long = "namespace", env = "HEADWAY_NAMESPACE", value_delimiter = ',')]
     namespaces: Vec<String>,
+    /// The cluster's DNS domain (service names end in `svc.<domain>`).
+    #[arg(long, env = "HEADWAY_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Steer sockets in the host network namespace too (by default they
+    /// are only accounted: kubelet probes must reach the pod they name).
+    #[arg(long, env = "HEADWAY_STEER_HOST_NETNS")]
+    steer_host_netns: bool,
 }
 
 fn init_logging(format: LogFormat) {
@@ -105,6 +112,8 @@ fn main() -> anyhow::Result<()> {
                 bpffs: args.bpffs,
                 default_policy: args.default_policy,
                 namespaces: args.namespaces,
+                cluster_domain: args.cluster_domain,
+                steer_host_netns: args.steer_host_netns,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

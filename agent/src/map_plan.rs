@@ -11,11 +11,12 @@ use std::{
 };
 
 use headway_common::{
-    AddrKey, EndpointState, NAMESPACE_LEN, POD_NAME_LEN, PodMeta, PodRef, SERVICE_NAME_LEN,
-    ServiceEndpointKey, ServiceMeta, endpoint_flags, policy, topology,
+    AddrKey, BackendKey, EndpointState, NAMESPACE_LEN, NameEntry, POD_NAME_LEN, PodMeta, PodRef,
+    SERVICE_NAME_LEN, ServiceEndpointKey, ServiceMeta, dns_name_hash, endpoint_flags, name_kind,
+    policy, topology,
 };
 
-use crate::model::{DesiredState, Endpoint, PodKey, Policy, ServiceKey, Topology};
+use crate::model::{DesiredState, Endpoint, PodKey, Policy, ServiceKey, ServiceSpec, Topology};
 
 /// Everything the agent owns in the maps (the kernel owns `pod_stats`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -24,6 +25,17 @@ pub struct MapContents {
     pub pods: BTreeMap<u32, PodMeta>,
     pub pod_addrs: BTreeMap<AddrKey, PodRef>,
     pub svc_endpoints: BTreeMap<ServiceEndpointKey, EndpointState>,
+    pub svc_backends: BTreeMap<BackendKey, AddrKey>,
+    /// name hash → service and kind of name.
+    pub dns_names: BTreeMap<u64, NameEntry>,
+}
+
+/// What the plan needs besides the desired state.
+#[derive(Debug, Clone)]
+pub struct PlanSettings {
+    pub default_policy: Policy,
+    /// `cluster.local` unless the cluster says otherwise.
+    pub cluster_domain: String,
 }
 
 /// Id assignment for services and pods.
@@ -94,7 +106,7 @@ fn lowest_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
 }
 
 /// Computes the map contents for `desired`, assigning ids through `ids`.
-pub fn plan(desired: &DesiredState, default_policy: Policy, ids: &mut Ids) -> MapContents {
+pub fn plan(desired: &DesiredState, settings: &PlanSettings, ids: &mut Ids) -> MapContents {
     let live_services: BTreeSet<&ServiceKey> = desired.services.keys().collect();
     let live_pods: BTreeSet<PodKey> = desired
         .services
@@ -106,14 +118,23 @@ pub fn plan(desired: &DesiredState, default_policy: Policy, ids: &mut Ids) -> Ma
     let mut out = MapContents::default();
     for svc in desired.services.values() {
         let service_id = ids.service(&svc.key);
+        let (backends_v4, backends_v6) = plan_backends(svc, service_id, &mut out.svc_backends);
         out.services.insert(
             service_id,
             ServiceMeta {
                 namespace: encode_name::<NAMESPACE_LEN>(&svc.key.namespace),
                 name: encode_name::<SERVICE_NAME_LEN>(&svc.key.name),
-                policy: policy_value(svc.policy.unwrap_or(default_policy)),
+                policy: policy_value(svc.policy.unwrap_or(settings.default_policy)),
                 topology: topology_value(svc.topology),
+                backends_v4,
+                backends_v6,
             },
+        );
+        plan_names(
+            svc,
+            service_id,
+            &settings.cluster_domain,
+            &mut out.dns_names,
         );
         for ep in svc.endpoints.values() {
             let pod = pod_key(&svc.key, ep);
@@ -139,7 +160,7 @@ pub fn plan(desired: &DesiredState, default_policy: Policy, ids: &mut Ids) -> Ma
                 },
                 EndpointState {
                     pod_id,
-                    flags: endpoint_state_flags(ep),
+                    flags: endpoint_state_flags(ep, svc.publish_not_ready),
                 },
             );
         }
@@ -172,8 +193,67 @@ pub fn key_addr(key: &AddrKey) -> IpAddr {
     }
 }
 
-fn endpoint_state_flags(ep: &Endpoint) -> u32 {
+/// Fills `svc_backends` with the service's eligible addresses, per family,
+/// in address order (stable slots, so an unrelated change moves nothing).
+/// Returns the IPv4 and IPv6 counts.
+fn plan_backends(
+    svc: &ServiceSpec,
+    service_id: u32,
+    out: &mut BTreeMap<BackendKey, AddrKey>,
+) -> (u32, u32) {
+    let mut counts = (0u32, 0u32);
+    for ep in svc.eligible_endpoints() {
+        let (family, slot) = match ep.addr {
+            IpAddr::V4(_) => (4, &mut counts.0),
+            IpAddr::V6(_) => (6, &mut counts.1),
+        };
+        let key = BackendKey {
+            service_id,
+            family,
+            slot: *slot,
+        };
+        out.insert(key, addr_key(ep.addr));
+        *slot += 1;
+    }
+    counts
+}
+
+/// The names CoreDNS serves for a headless service: the service-wide name,
+/// and per endpoint its hostname or, without one, its dashed address.
+fn plan_names(
+    svc: &ServiceSpec,
+    service_id: u32,
+    domain: &str,
+    out: &mut BTreeMap<u64, NameEntry>,
+) {
+    let service_name = format!("{}.{}.svc.{}", svc.key.name, svc.key.namespace, domain);
+    let mut add = |name: &str, kind: u32| {
+        if let Some(hash) = dns_name_hash(name) {
+            // On a (64-bit) collision the first name keeps the slot.
+            out.entry(hash).or_insert(NameEntry { service_id, kind });
+        }
+    };
+    add(&service_name, name_kind::SERVICE);
+    for ep in svc.endpoints.values() {
+        let label = match &ep.hostname {
+            Some(hostname) => hostname.clone(),
+            None => dashed_addr(ep.addr),
+        };
+        add(&format!("{label}.{service_name}"), name_kind::POD);
+    }
+}
+
+/// `10.0.0.1` → `10-0-0-1`, `fd00::1` → `fd00--1`, as CoreDNS names
+/// endpoints without a hostname.
+pub fn dashed_addr(addr: IpAddr) -> String {
+    addr.to_string().replace(['.', ':'], "-")
+}
+
+fn endpoint_state_flags(ep: &Endpoint, publish_not_ready: bool) -> u32 {
     let mut flags = 0;
+    if ep.is_eligible(publish_not_ready) {
+        flags |= endpoint_flags::ELIGIBLE;
+    }
     if ep.ready {
         flags |= endpoint_flags::READY;
     }
@@ -246,7 +326,13 @@ pub fn decode_name(raw: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ServiceSpec;
+
+    fn settings(policy: Policy) -> PlanSettings {
+        PlanSettings {
+            default_policy: policy,
+            cluster_domain: "cluster.local".into(),
+        }
+    }
 
     fn endpoint(addr: &str, pod: Option<&str>, ready: bool) -> Endpoint {
         Endpoint {
@@ -296,7 +382,7 @@ mod tests {
                 endpoint("10.0.0.2", Some("pg-1"), false),
             ],
         )]);
-        let plan = plan(&desired, Policy::Failover, &mut Ids::default());
+        let plan = plan(&desired, &settings(Policy::Failover), &mut Ids::default());
         assert_eq!(plan.services.len(), 1);
         assert_eq!(plan.pods.len(), 2);
         assert_eq!(plan.pod_addrs.len(), 3);
@@ -325,11 +411,14 @@ mod tests {
                 endpoint("10.0.0.2", Some("pg-1"), true),
             ],
         )]);
-        let contents = plan(&first, Policy::Failover, &mut Ids::default());
+        let contents = plan(&first, &settings(Policy::Failover), &mut Ids::default());
 
         // A new agent recovers the ids from the maps and plans the same.
         let mut recovered = Ids::from_contents(&contents);
-        assert_eq!(plan(&first, Policy::Failover, &mut recovered), contents);
+        assert_eq!(
+            plan(&first, &settings(Policy::Failover), &mut recovered),
+            contents
+        );
 
         // pg-0 goes away, pg-2 arrives: pg-1 keeps its id, pg-2 takes pg-0's.
         let second = state(vec![service(
@@ -339,7 +428,7 @@ mod tests {
                 endpoint("10.0.0.3", Some("pg-2"), true),
             ],
         )]);
-        let after = plan(&second, Policy::Failover, &mut recovered);
+        let after = plan(&second, &settings(Policy::Failover), &mut recovered);
         let id = |c: &MapContents, a: &str| c.pod_addrs[&addr_key(a.parse().unwrap())].pod_id;
         assert_eq!(id(&after, "10.0.0.2"), id(&contents, "10.0.0.2"));
         assert_eq!(id(&after, "10.0.0.3"), id(&contents, "10.0.0.1"));
@@ -348,13 +437,70 @@ mod tests {
     #[test]
     fn endpoint_without_pod_is_its_own_pod() {
         let desired = state(vec![service("raw", vec![endpoint("10.0.0.9", None, true)])]);
-        let plan = plan(&desired, Policy::Observe, &mut Ids::default());
+        let plan = plan(&desired, &settings(Policy::Observe), &mut Ids::default());
         let meta = plan.pods.values().next().unwrap();
         assert_eq!(decode_name(&meta.name), "10.0.0.9");
         assert_eq!(
             plan.services.values().next().unwrap().policy,
             policy::OBSERVE
         );
+    }
+
+    #[test]
+    fn eligible_pods_fill_backend_slots_per_family_and_names_match_coredns() {
+        let mut with_host = endpoint("10.0.0.1", Some("pg-0"), true);
+        with_host.hostname = Some("pg-0".into());
+        let desired = state(vec![service(
+            "pg",
+            vec![
+                with_host,
+                endpoint("10.0.0.2", Some("pg-1"), false), // not ready: no slot
+                endpoint("10.0.0.3", Some("pg-2"), true),
+                endpoint("fd00::1", Some("pg-0"), true),
+            ],
+        )]);
+        let plan = plan(&desired, &settings(Policy::Failover), &mut Ids::default());
+        let meta = plan.services.values().next().unwrap();
+        assert_eq!((meta.backends_v4, meta.backends_v6), (2, 1));
+        let slots: Vec<(u32, u32, IpAddr)> = plan
+            .svc_backends
+            .iter()
+            .map(|(k, a)| (k.family, k.slot, key_addr(a)))
+            .collect();
+        assert_eq!(
+            slots,
+            [
+                (4, 0, "10.0.0.1".parse().unwrap()),
+                (4, 1, "10.0.0.3".parse().unwrap()),
+                (6, 0, "fd00::1".parse().unwrap()),
+            ]
+        );
+        let kind = |name: &str| {
+            plan.dns_names
+                .get(&dns_name_hash(name).unwrap())
+                .map(|e| e.kind)
+        };
+        assert_eq!(kind("pg.db.svc.cluster.local"), Some(name_kind::SERVICE));
+        assert_eq!(kind("PG-0.pg.db.svc.cluster.local"), Some(name_kind::POD));
+        assert_eq!(
+            kind("10-0-0-2.pg.db.svc.cluster.local"),
+            Some(name_kind::POD)
+        );
+        assert_eq!(
+            kind("fd00--1.pg.db.svc.cluster.local"),
+            Some(name_kind::POD)
+        );
+        assert_eq!(kind("pg.db.svc.cluster.example"), None);
+        let flags = |a: &str| {
+            plan.svc_endpoints
+                .iter()
+                .find(|(k, _)| k.addr == addr_key(a.parse().unwrap()))
+                .unwrap()
+                .1
+                .flags
+        };
+        assert_ne!(flags("10.0.0.1") & endpoint_flags::ELIGIBLE, 0);
+        assert_eq!(flags("10.0.0.2") & endpoint_flags::ELIGIBLE, 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{HashMap, MapData, MapError};
-use headway_common::{PodCounters, map_names};
+use headway_common::{Config, PodCounters, map_names};
 
 use crate::{map_plan::MapContents, pinned::Maps};
 
@@ -55,6 +55,18 @@ impl MapWriter {
         &self.current
     }
 
+    /// Tells the kernel programs the agent's settings.
+    pub fn write_config(&mut self, config: Config) -> Result<(), WriteError> {
+        self.maps
+            .config
+            .set(0, config, 0)
+            .map_err(|source| WriteError {
+                op: "write",
+                map: map_names::CONFIG,
+                source,
+            })
+    }
+
     /// Makes the maps hold exactly `wanted`. Entries that fail are skipped
     /// (and returned), the rest is applied.
     pub fn apply(&mut self, wanted: &MapContents) -> (WriteSummary, Vec<WriteError>) {
@@ -63,14 +75,21 @@ impl MapWriter {
         let m = &mut self.maps;
         let cur = &mut self.current;
 
-        upsert(
-            &mut m.pods,
-            map_names::PODS,
-            &mut cur.pods,
-            &wanted.pods,
-            &mut sum,
-            &mut errors,
-        );
+        // Both steps below apply one map's part of `wanted`; `$field` names
+        // the map in `Maps`, in `MapContents` and (upper-cased) its pin name.
+        macro_rules! step {
+            ($op:ident, $field:ident, $name:expr) => {
+                $op(
+                    &mut m.$field,
+                    $name,
+                    &mut cur.$field,
+                    &wanted.$field,
+                    &mut sum,
+                    &mut errors,
+                )
+            };
+        }
+        step!(upsert, pods, map_names::PODS);
         for pod_id in wanted.pods.keys() {
             if self.stats_known.contains(pod_id) {
                 continue;
@@ -91,64 +110,23 @@ impl MapWriter {
             }
             self.stats_known.insert(*pod_id);
         }
-        upsert(
-            &mut m.services,
-            map_names::SERVICES,
-            &mut cur.services,
-            &wanted.services,
-            &mut sum,
-            &mut errors,
-        );
-        upsert(
-            &mut m.svc_endpoints,
-            map_names::SVC_ENDPOINTS,
-            &mut cur.svc_endpoints,
-            &wanted.svc_endpoints,
-            &mut sum,
-            &mut errors,
-        );
-        upsert(
-            &mut m.pod_addrs,
-            map_names::POD_ADDRS,
-            &mut cur.pod_addrs,
-            &wanted.pod_addrs,
-            &mut sum,
-            &mut errors,
-        );
+        // Backend slots before the counts (in `services`) that reach them;
+        // what the kernel looks up last, once everything it points to exists.
+        step!(upsert, svc_backends, map_names::SVC_BACKENDS);
+        step!(upsert, services, map_names::SERVICES);
+        step!(upsert, svc_endpoints, map_names::SVC_ENDPOINTS);
+        step!(upsert, pod_addrs, map_names::POD_ADDRS);
+        step!(upsert, dns_names, map_names::DNS_NAMES);
 
-        remove_stale(
-            &mut m.pod_addrs,
-            map_names::POD_ADDRS,
-            &mut cur.pod_addrs,
-            &wanted.pod_addrs,
-            &mut sum,
-            &mut errors,
-        );
-        remove_stale(
-            &mut m.svc_endpoints,
-            map_names::SVC_ENDPOINTS,
-            &mut cur.svc_endpoints,
-            &wanted.svc_endpoints,
-            &mut sum,
-            &mut errors,
-        );
-        remove_stale(
-            &mut m.services,
-            map_names::SERVICES,
-            &mut cur.services,
-            &wanted.services,
-            &mut sum,
-            &mut errors,
-        );
+        // Removal in the opposite order: names stop teaching first, and
+        // counts shrink before the slots beyond them go.
+        step!(remove_stale, dns_names, map_names::DNS_NAMES);
+        step!(remove_stale, pod_addrs, map_names::POD_ADDRS);
+        step!(remove_stale, svc_endpoints, map_names::SVC_ENDPOINTS);
+        step!(remove_stale, services, map_names::SERVICES);
+        step!(remove_stale, svc_backends, map_names::SVC_BACKENDS);
         let pods_before = cur.pods.len();
-        remove_stale(
-            &mut m.pods,
-            map_names::PODS,
-            &mut cur.pods,
-            &wanted.pods,
-            &mut sum,
-            &mut errors,
-        );
+        step!(remove_stale, pods, map_names::PODS);
         if cur.pods.len() < pods_before {
             self.collect_orphan_stats(&mut sum, &mut errors);
         }

@@ -7,11 +7,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use headway_common::{
-    AddrKey, EndpointState, NameEntry, Observation, ObservationKey, PIN_DIR, PendingQuery,
-    PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta, capacity,
-    dns_counter, map_names,
+    AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey, PIN_DIR,
+    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta,
+    capacity, dns_counter, map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -66,7 +66,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 9] = {
+pub const MAP_SHAPES: [MapShape; 12] = {
     const fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -88,6 +88,9 @@ pub const MAP_SHAPES: [MapShape; 9] = {
         shape::<PendingQueryKey, PendingQuery>(map_names::DNS_PENDING, capacity::DNS_PENDING),
         shape::<ObservationKey, Observation>(map_names::DNS_OBS, capacity::DNS_OBS),
         shape::<u32, u64>(map_names::DNS_COUNTERS, dns_counter::COUNT),
+        shape::<BackendKey, AddrKey>(map_names::SVC_BACKENDS, capacity::SVC_BACKENDS),
+        shape::<u32, Config>(map_names::CONFIG, 1),
+        shape::<u32, u64>(map_names::STEER_COUNTERS, steer_counter::COUNT),
     ]
 };
 
@@ -145,6 +148,11 @@ pub struct Maps {
     pub pods: HashMap<MapData, u32, PodMeta>,
     pub services: HashMap<MapData, u32, ServiceMeta>,
     pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
+    pub svc_backends: HashMap<MapData, BackendKey, AddrKey>,
+    pub dns_names: HashMap<MapData, u64, NameEntry>,
+    pub config: Array<MapData, Config>,
+    pub dns_counters: PerCpuArray<MapData, u64>,
+    pub steer_counters: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -167,11 +175,12 @@ impl Maps {
     pub fn from_maps(
         mut take: impl FnMut(&'static str) -> Result<Map, PinnedError>,
     ) -> Result<Maps, PinnedError> {
-        fn typed<K: aya::Pod, V: aya::Pod>(
+        /// Converts an untyped map into the typed handle `T`.
+        fn typed<T: TryFrom<Map, Error = MapError>>(
             name: &'static str,
             map: Map,
-        ) -> Result<HashMap<MapData, K, V>, PinnedError> {
-            HashMap::try_from(map).map_err(|source| PinnedError::Open {
+        ) -> Result<T, PinnedError> {
+            T::try_from(map).map_err(|source| PinnedError::Open {
                 path: PathBuf::from(name),
                 source,
             })
@@ -182,6 +191,11 @@ impl Maps {
             pods: typed(map_names::PODS, take(map_names::PODS)?)?,
             services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
             svc_endpoints: typed(map_names::SVC_ENDPOINTS, take(map_names::SVC_ENDPOINTS)?)?,
+            svc_backends: typed(map_names::SVC_BACKENDS, take(map_names::SVC_BACKENDS)?)?,
+            dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
+            config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
+            dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
+            steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,
         })
     }
 
@@ -192,7 +206,24 @@ impl Maps {
             pods: collect(map_names::PODS, self.pods.iter())?,
             pod_addrs: collect(map_names::POD_ADDRS, self.pod_addrs.iter())?,
             svc_endpoints: collect(map_names::SVC_ENDPOINTS, self.svc_endpoints.iter())?,
+            svc_backends: collect(map_names::SVC_BACKENDS, self.svc_backends.iter())?,
+            dns_names: collect(map_names::DNS_NAMES, self.dns_names.iter())?,
         })
+    }
+
+    /// A per-CPU counter array summed over CPUs.
+    pub fn sum_counters(
+        name: &'static str,
+        map: &PerCpuArray<MapData, u64>,
+        count: u32,
+    ) -> Result<Vec<u64>, PinnedError> {
+        (0..count)
+            .map(|i| {
+                map.get(&i, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .map_err(|source| PinnedError::Read { name, source })
+            })
+            .collect()
     }
 
     pub fn read_stats(&self) -> Result<std::collections::BTreeMap<u32, PodCounters>, PinnedError> {

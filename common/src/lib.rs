@@ -37,9 +37,16 @@ pub mod map_names {
     pub const DNS_OBS: &str = "dns_obs";
     /// index ([`crate::dns_counter`]) → u64, per CPU: DNS interceptor outcomes.
     pub const DNS_COUNTERS: &str = "dns_counters";
+    /// [`crate::BackendKey`] → [`crate::AddrKey`]: the eligible pods of each
+    /// service, per family, in slots `0..ServiceMeta::backends_v4/v6`.
+    pub const SVC_BACKENDS: &str = "svc_backends";
+    /// index 0 → [`crate::Config`]: settings the agent hands the kernel.
+    pub const CONFIG: &str = "config";
+    /// index ([`crate::steer_counter`]) → u64, per CPU: connect decisions.
+    pub const STEER_COUNTERS: &str = "steer_counters";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 12] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -49,6 +56,9 @@ pub mod map_names {
         DNS_PENDING,
         DNS_OBS,
         DNS_COUNTERS,
+        SVC_BACKENDS,
+        CONFIG,
+        STEER_COUNTERS,
     ];
 }
 
@@ -70,6 +80,7 @@ pub mod capacity {
     pub const DNS_NAMES: u32 = 262_144;
     pub const DNS_PENDING: u32 = 16_384;
     pub const DNS_OBS: u32 = 262_144;
+    pub const SVC_BACKENDS: u32 = 131_072;
 }
 
 pub const NAMESPACE_LEN: usize = 64;
@@ -162,6 +173,9 @@ pub mod endpoint_flags {
     pub const SERVING: u32 = 1 << 1;
     pub const TERMINATING: u32 = 1 << 2;
     pub const DRAINED: u32 = 1 << 3;
+    /// The agent's verdict: a steered connection may go here (ready, or not
+    /// terminating under publishNotReadyAddresses; not drained).
+    pub const ELIGIBLE: u32 = 1 << 4;
 }
 
 /// Key of `svc_endpoints`: one pod address as an endpoint of one service.
@@ -207,6 +221,57 @@ pub struct ServiceMeta {
     pub policy: u32,
     /// [`topology`] value.
     pub topology: u32,
+    /// Eligible IPv4 / IPv6 pods, in `svc_backends` slots `0..n`.
+    pub backends_v4: u32,
+    pub backends_v6: u32,
+}
+
+/// Key of `svc_backends`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    /// 4 or 6.
+    pub family: u32,
+    pub slot: u32,
+}
+
+/// What the agent tells the kernel programs (`config[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Netns cookie of the host network namespace: its sockets are not
+    /// steered unless [`config_flags::STEER_HOST_NETNS`] is set.
+    pub host_netns_cookie: u64,
+    /// [`config_flags`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+pub mod config_flags {
+    pub const STEER_HOST_NETNS: u32 = 1 << 0;
+}
+
+/// Indexes of `steer_counters`: what the connect hooks decided.
+pub mod steer_counter {
+    /// Steered: the address is gone from the service it was resolved for.
+    pub const STEERED_GONE: u32 = 0;
+    /// Steered: the address now belongs to another service's pod.
+    pub const STEERED_REUSED: u32 = 1;
+    /// Steered: the pod is still there but not eligible.
+    pub const STEERED_NOT_ELIGIBLE: u32 = 2;
+    /// Would steer, but no eligible pod: left as the client asked.
+    pub const NO_ELIGIBLE_POD: u32 = 3;
+    /// Resolved through a pod-specific name: never steered.
+    pub const KEPT_POD_NAME: u32 = 4;
+    /// From the host network namespace: not steered.
+    pub const KEPT_HOST_NETNS: u32 = 5;
+    /// The service's policy is `observe`.
+    pub const KEPT_OBSERVE: u32 = 6;
+    /// Known pod address, but this client never resolved it.
+    pub const KEPT_NO_DNS: u32 = 7;
+
+    pub const COUNT: u32 = 8;
 }
 
 /// A pod as `status` shows it. Names are NUL-padded UTF-8 (truncated when
@@ -356,6 +421,8 @@ mod user {
     unsafe impl aya::Pod for super::PendingQuery {}
     unsafe impl aya::Pod for super::ObservationKey {}
     unsafe impl aya::Pod for super::Observation {}
+    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::Config {}
 }
 
 #[cfg(test)]
@@ -382,7 +449,9 @@ mod tests {
         assert_eq!(size_of::<PodCounters>(), 64);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
-        assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 8);
+        assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 16);
+        assert_eq!(size_of::<BackendKey>(), 12);
+        assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<PodMeta>(), 64 + 128);
         assert_eq!(size_of::<NameEntry>(), 8);
         assert_eq!(size_of::<PendingQueryKey>(), 8 + 16 + 8);
