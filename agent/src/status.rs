@@ -4,7 +4,9 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 
 use std::os::fd::AsFd;
 
-use headway_common::{PodCounters, endpoint_flags, program_names};
+use headway_common::{
+    PodCounters, dns_counter, endpoint_flags, map_names, program_names, steer_counter,
+};
 use serde::Serialize;
 
 use crate::{
@@ -17,6 +19,10 @@ use crate::{
 pub struct Status {
     /// The kernel programs behind the pinned links.
     pub programs: Vec<ProgramStatus>,
+    /// Connect decisions by reason, summed over CPUs.
+    pub steering: BTreeMap<&'static str, u64>,
+    /// DNS interceptor outcomes, summed over CPUs.
+    pub dns: BTreeMap<&'static str, u64>,
     pub services: Vec<ServiceStatus>,
 }
 
@@ -176,8 +182,26 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
         })
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let steer = Maps::sum_counters(
+        map_names::STEER_COUNTERS,
+        &maps.steer_counters,
+        steer_counter::COUNT,
+    )?;
+    let dns = Maps::sum_counters(
+        map_names::DNS_COUNTERS,
+        &maps.dns_counters,
+        dns_counter::COUNT,
+    )?;
+    let named = |values: &[u64], names: &[(u32, &'static str)]| {
+        names
+            .iter()
+            .map(|(i, name)| (*name, values.get(*i as usize).copied().unwrap_or(0)))
+            .collect()
+    };
     Ok(Status {
         programs: read_programs(bpffs),
+        steering: named(&steer, &steer_counter::NAMES),
+        dns: named(&dns, &dns_counter::NAMES),
         services,
     })
 }
@@ -195,7 +219,7 @@ pub fn render_table(status: &Status) -> String {
         "UDP",
         "ACTIVE",
     ];
-    let mut rows: Vec<[String; 9]> = Vec::new();
+    let mut rows: Vec<[String; 11]> = Vec::new();
     for svc in &status.services {
         let service = format!("{}/{}", svc.namespace, svc.name);
         if svc.pods.is_empty() {
@@ -203,6 +227,8 @@ pub fn render_table(status: &Status) -> String {
                 service.clone(),
                 svc.policy.clone(),
                 svc.topology.clone(),
+                "-".into(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -227,6 +253,8 @@ pub fn render_table(status: &Status) -> String {
                 pod.counters.tcp_connects.to_string(),
                 pod.counters.udp_connects.to_string(),
                 pod.counters.active_tcp.to_string(),
+                pod.counters.steered_in.to_string(),
+                pod.counters.dns_answers.to_string(),
             ]);
         }
     }
@@ -264,5 +292,19 @@ pub fn render_table(status: &Status) -> String {
         })
         .collect();
     let _ = writeln!(out, "\nhooks: {}", hooks.join(", "));
+    let nonzero = |counters: &BTreeMap<&str, u64>| {
+        let parts: Vec<String> = counters
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if parts.is_empty() {
+            "-".to_string()
+        } else {
+            parts.join(" ")
+        }
+    };
+    let _ = writeln!(out, "steering: {}", nonzero(&status.steering));
+    let _ = writeln!(out, "dns: {}", nonzero(&status.dns));
     out
 }

@@ -272,6 +272,18 @@ pub mod steer_counter {
     pub const KEPT_NO_DNS: u32 = 7;
 
     pub const COUNT: u32 = 8;
+
+    /// Name of each index, for status and metrics.
+    pub const NAMES: [(u32, &str); 8] = [
+        (STEERED_GONE, "steered_gone"),
+        (STEERED_REUSED, "steered_reused"),
+        (STEERED_NOT_ELIGIBLE, "steered_not_eligible"),
+        (NO_ELIGIBLE_POD, "no_eligible_pod"),
+        (KEPT_POD_NAME, "kept_pod_name"),
+        (KEPT_HOST_NETNS, "kept_host_netns"),
+        (KEPT_OBSERVE, "kept_observe"),
+        (KEPT_NO_DNS, "kept_no_dns"),
+    ];
 }
 
 /// A pod as `status` shows it. Names are NUL-padded UTF-8 (truncated when
@@ -371,6 +383,21 @@ pub mod dns_counter {
     pub const ERR_MAP_FULL: u32 = 10;
 
     pub const COUNT: u32 = 16;
+
+    /// Name of each index in use, for status and metrics.
+    pub const NAMES: [(u32, &str); 11] = [
+        (RESPONSES, "responses"),
+        (UNSOLICITED, "unsolicited"),
+        (NAME_UNKNOWN, "name_unknown"),
+        (ADDRS_LEARNED, "addrs_learned"),
+        (ERR_TRUNCATED, "truncated"),
+        (ERR_BAD_POINTER, "bad_pointer"),
+        (ERR_BAD_LABEL, "bad_label"),
+        (ERR_BAD_HEADER, "bad_header"),
+        (ERR_QUESTION_MISMATCH, "question_mismatch"),
+        (QUERIES, "queries"),
+        (ERR_MAP_FULL, "map_full"),
+    ];
 }
 
 /// FNV-1a 64 of a DNS name in wire form (each label's length byte, then
