@@ -150,6 +150,8 @@ pub struct Maps {
     pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
     pub svc_backends: HashMap<MapData, BackendKey, AddrKey>,
     pub dns_names: HashMap<MapData, u64, NameEntry>,
+    /// Kernel-written (LRU): what each client netns learned from DNS.
+    pub dns_obs: HashMap<MapData, ObservationKey, Observation>,
     pub config: Array<MapData, Config>,
     pub dns_counters: PerCpuArray<MapData, u64>,
     pub steer_counters: PerCpuArray<MapData, u64>,
@@ -193,6 +195,7 @@ impl Maps {
             svc_endpoints: typed(map_names::SVC_ENDPOINTS, take(map_names::SVC_ENDPOINTS)?)?,
             svc_backends: typed(map_names::SVC_BACKENDS, take(map_names::SVC_BACKENDS)?)?,
             dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
+            dns_obs: typed(map_names::DNS_OBS, take(map_names::DNS_OBS)?)?,
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
             dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,

@@ -2,6 +2,7 @@
 //! instance for its pins, the agent as a child process, and readers for
 //! what it pinned (`headway status --json`, `bpftool map dump pinned`).
 use std::{
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -10,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::{Child, unique_suffix};
+use crate::{Child, NetNs, unique_suffix};
 
 const HEADWAY: &str = "headway";
 /// Overrides where [`headway_bin`] looks.
@@ -76,6 +77,28 @@ impl Drop for Bpffs {
     }
 }
 
+fn agent_command(
+    manifests: &Path,
+    cgroup: &Path,
+    bpffs: &Bpffs,
+    extra: &[&str],
+) -> Result<Command> {
+    let mut cmd = Command::new(headway_bin()?);
+    cmd.arg("agent")
+        .arg(format!("--source=dir:{}", manifests.display()))
+        .arg("--cgroup-path")
+        .arg(cgroup)
+        .arg("--bpffs")
+        .arg(bpffs.path())
+        .args(extra)
+        .stdin(Stdio::null())
+        // Piped so `Child::wait_output` can collect it; the agent logs to
+        // stderr, which the test shows.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    Ok(cmd)
+}
+
 /// A running `headway agent`. Drop kills it (SIGKILL); [`Agent::stop`] ends
 /// it the way an operator would (SIGTERM) and checks it exited cleanly.
 pub struct Agent {
@@ -86,22 +109,41 @@ impl Agent {
     /// Starts `headway agent` with `--source dir:<manifests>`, attached to
     /// `cgroup`, pinning under `bpffs`; extra flags are appended.
     pub fn start(manifests: &Path, cgroup: &Path, bpffs: &Bpffs, extra: &[&str]) -> Result<Agent> {
-        let mut cmd = Command::new(headway_bin()?);
-        cmd.arg("agent")
-            .arg(format!("--source=dir:{}", manifests.display()))
-            .arg("--cgroup-path")
-            .arg(cgroup)
-            .arg("--bpffs")
-            .arg(bpffs.path())
-            .args(extra)
-            .stdin(Stdio::null())
-            // Piped so `Child::wait_output` can collect it; the agent logs
-            // to stderr, which the test shows.
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        let mut cmd = agent_command(manifests, cgroup, bpffs, extra)?;
         let child = cmd.spawn().context("starting headway agent")?;
         Ok(Agent {
             child: Child::new(child, "headway agent".into()),
+        })
+    }
+
+    /// Like [`Agent::start`], but the agent runs in network namespace `ns`,
+    /// which it then treats as the host's. Only the network namespace
+    /// changes (`ip netns exec` would also remount /sys and hide the
+    /// cgroup hierarchy from the agent).
+    pub fn start_in(
+        ns: &NetNs,
+        manifests: &Path,
+        cgroup: &Path,
+        bpffs: &Bpffs,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let netns = std::fs::File::open(Path::new("/run/netns").join(ns.name()))
+            .with_context(|| format!("opening netns {}", ns.name()))?;
+        let mut cmd = agent_command(manifests, cgroup, bpffs, extra)?;
+        let fd = netns.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; `netns` outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("starting headway agent")?;
+        drop(netns);
+        Ok(Agent {
+            child: Child::new(child, format!("headway agent in {}", ns.name())),
         })
     }
 
@@ -231,4 +273,35 @@ pub fn cgroup_programs(cgroup: &Path) -> Result<Vec<String>> {
         .iter()
         .filter_map(|e| e["name"].as_str().map(str::to_string))
         .collect())
+}
+
+/// The cookie of network namespace `ns` (what `bpf_get_netns_cookie`
+/// returns for its sockets), read from a socket made inside it by a
+/// thread that joins it.
+pub fn netns_cookie(ns: &NetNs) -> Result<u64> {
+    let path = Path::new("/run/netns").join(ns.name());
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::spawn(move || -> Result<u64> {
+        // Only this thread moves; it ends right after.
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("socket in netns")?;
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SO_NETNS_COOKIE (71). SAFETY: valid fd and a buffer of that size.
+        let ret = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                71,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        if ret != 0 {
+            bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+        }
+        Ok(cookie)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns cookie thread panicked"))?
 }

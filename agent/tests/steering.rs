@@ -1,0 +1,273 @@
+//! The connect-time decision on the real kernel, rule by rule (product.md,
+//! "Semantics"). What a client learned from DNS is planted straight into
+//! `dns_obs` here, so these cases test the decision alone; the DNS
+//! interceptor that learns it has tests of its own.
+//!
+//! Privileged. Every address lives in namespaces the test creates and every
+//! client runs in one of them. The agent runs in the "node" namespace, which
+//! it therefore treats as the host's.
+use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
+
+use headway::{map_plan::addr_key, pinned::Maps};
+use headway_common::{Observation, ObservationKey, name_kind};
+use headway_testbed::{
+    Cgroup, Cluster, ConnectReport,
+    agent::{Agent, Bpffs, netns_cookie, status_json, wait_for_status},
+    require_root, run_client, start_pod_servers,
+};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+
+fn endpoint(cluster: &Cluster, pod: &str, ipv6: bool, ready: bool) -> String {
+    let addr = cluster.pod(pod).addr(ipv6).unwrap();
+    format!(
+        "  - addresses: [\"{addr}\"]\n    hostname: {pod}\n    conditions: {{ready: {ready}}}\n    targetRef: {{kind: Pod, namespace: demo, name: {pod}}}\n"
+    )
+}
+
+fn service(name: &str, policy: &str, v4: &str, v6: &str) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations: {{headway.dev/policy: {policy}}}\n\
+         spec: {{clusterIP: None}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: {name}-v4\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+         addressType: IPv4\nendpoints:\n{v4}"
+    );
+    if !v6.is_empty() {
+        yaml.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata:\n  name: {name}-v6\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv6\nendpoints:\n{v6}"
+        ));
+    }
+    yaml
+}
+
+fn write_manifests(dir: &Path, c: &Cluster) {
+    let web_v4 = endpoint(c, "web-0", false, true)
+        + &endpoint(c, "web-1", false, true)
+        + &endpoint(c, "web-2", false, false);
+    let web_v6 = endpoint(c, "web-0", true, true)
+        + &endpoint(c, "web-1", true, true)
+        + &endpoint(c, "web-2", true, false);
+    fs::write(
+        dir.join("web.yaml"),
+        service("web", "failover", &web_v4, &web_v6),
+    )
+    .unwrap();
+    fs::write(
+        dir.join("other.yaml"),
+        service(
+            "other",
+            "failover",
+            &endpoint(c, "other-0", false, true),
+            "",
+        ),
+    )
+    .unwrap();
+    fs::write(
+        dir.join("watch.yaml"),
+        service(
+            "watch",
+            "observe",
+            &endpoint(c, "watch-0", false, false),
+            "",
+        ),
+    )
+    .unwrap();
+}
+
+fn build_cluster() -> Cluster {
+    let v6 = |s: &str| Some(s.parse().unwrap());
+    Cluster::builder()
+        .pod("web-0", "10.77.0.10".parse().unwrap(), v6("fd77::10"))
+        .pod("web-1", "10.77.0.11".parse().unwrap(), v6("fd77::11"))
+        .pod("web-2", "10.77.0.12".parse().unwrap(), v6("fd77::12"))
+        .pod("other-0", "10.77.0.20".parse().unwrap(), None)
+        .pod("watch-0", "10.77.0.30".parse().unwrap(), None)
+        .client("client")
+        .client("node")
+        .build()
+        .expect("build the test cluster")
+}
+
+/// Plants "netns `cookie` got `addr` from a name of `service`".
+fn plant(maps: &mut Maps, cookie: u64, addr: &str, service: &str, kind: u32) {
+    let contents = maps.read_contents().unwrap();
+    let service_id = contents
+        .services
+        .iter()
+        .find(|(_, m)| headway::map_plan::decode_name(&m.name) == service)
+        .map(|(id, _)| *id)
+        .unwrap_or_else(|| panic!("service {service} not in the maps"));
+    let key = ObservationKey {
+        netns_cookie: cookie,
+        addr: addr_key(addr.parse().unwrap()),
+    };
+    let value = Observation {
+        service_id,
+        kind,
+        learned_ns: 1,
+    };
+    maps.dns_obs.insert(key, value, 0).unwrap();
+}
+
+fn connect(c: &Cluster, client: &str, cg: &Cgroup, addr: &str, count: u32) -> ConnectReport {
+    let addr: IpAddr = addr.parse().unwrap();
+    let report = run_client(c, client, Some(cg), addr, PORT, count, false).expect("client runs");
+    assert_eq!(report.failures, 0, "connects to {addr} failed: {report:?}");
+    report
+}
+
+fn answered_only_by(report: &ConnectReport, pods: &[&str]) -> bool {
+    report.answers.keys().all(|p| pods.contains(&p.as_str()))
+}
+
+fn steering(status: &Value) -> BTreeMap<String, u64> {
+    serde_json::from_value(status["steering"].clone()).unwrap()
+}
+
+#[test]
+fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
+    if !require_root("failover_steers_only_service_name_lookups_of_ineligible_addresses") {
+        return;
+    }
+    let cluster = build_cluster();
+    let _servers = start_pod_servers(&cluster, PORT).expect("start pod servers");
+    let cg = Cgroup::new("steering").unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let manifests = tempfile::tempdir().unwrap();
+    write_manifests(manifests.path(), &cluster);
+    let node = cluster.client_ns("node");
+    let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+    wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
+        s["services"].as_array().is_some_and(|v| v.len() == 3)
+    })
+    .unwrap();
+
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let host = netns_cookie(node).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    let svc = name_kind::SERVICE;
+    // A pod that is gone (10.77.0.99 is nobody now), one not ready, one
+    // whose address another service's pod has taken, and an eligible one.
+    plant(&mut maps, client, "10.77.0.99", "web", svc);
+    plant(&mut maps, client, "10.77.0.12", "web", svc);
+    plant(&mut maps, client, "10.77.0.20", "web", svc);
+    plant(&mut maps, client, "10.77.0.11", "web", svc);
+    plant(&mut maps, client, "fd77::99", "web", svc);
+    // The pod-specific name of a not-ready pod: never moved.
+    plant(&mut maps, client, "fd77::12", "web", name_kind::POD);
+    // An `observe` service: never moved, even when not ready.
+    plant(&mut maps, client, "10.77.0.30", "watch", svc);
+    // The host (the agent's netns) resolved web-2 by the service name.
+    plant(&mut maps, host, "10.77.0.12", "web", svc);
+
+    let live = ["web-0", "web-1"];
+    let gone = connect(&cluster, "client", &cg, "10.77.0.99", 20);
+    assert!(answered_only_by(&gone, &live), "{gone:?}");
+    let not_ready = connect(&cluster, "client", &cg, "10.77.0.12", 20);
+    assert!(answered_only_by(&not_ready, &live), "{not_ready:?}");
+    let reused = connect(&cluster, "client", &cg, "10.77.0.20", 20);
+    assert!(answered_only_by(&reused, &live), "{reused:?}");
+    let gone_v6 = connect(&cluster, "client", &cg, "fd77::99", 10);
+    assert!(answered_only_by(&gone_v6, &live), "{gone_v6:?}");
+    // Random choice over two pods: 20 tries all on one has p = 2^-19.
+    assert_eq!(
+        not_ready.answers.len(),
+        2,
+        "both live pods get some: {not_ready:?}"
+    );
+
+    let eligible = connect(&cluster, "client", &cg, "10.77.0.11", 5);
+    assert_eq!(eligible.answers.get("web-1"), Some(&5));
+    let pod_name = connect(&cluster, "client", &cg, "fd77::12", 5);
+    assert_eq!(pod_name.answers.get("web-2"), Some(&5));
+    let observed = connect(&cluster, "client", &cg, "10.77.0.30", 5);
+    assert_eq!(observed.answers.get("watch-0"), Some(&5));
+    let from_host = connect(&cluster, "node", &cg, "10.77.0.12", 5);
+    assert_eq!(from_host.answers.get("web-2"), Some(&5));
+    // No DNS observation at all: never moved.
+    let other = connect(&cluster, "node", &cg, "10.77.0.20", 3);
+    assert_eq!(other.answers.get("other-0"), Some(&3));
+
+    let status = status_json(&bpffs).unwrap();
+    let s = steering(&status);
+    assert_eq!(s["steered_gone"], 30, "{s:?}");
+    assert_eq!(s["steered_not_eligible"], 20, "{s:?}");
+    assert_eq!(s["steered_reused"], 20, "{s:?}");
+    assert_eq!(s["kept_pod_name"], 5, "{s:?}");
+    assert_eq!(s["kept_observe"], 5, "{s:?}");
+    assert_eq!(s["kept_host_netns"], 5, "{s:?}");
+    assert_eq!(s["kept_no_dns"], 3, "{s:?}");
+    assert_eq!(s["no_eligible_pod"], 0, "{s:?}");
+
+    // Per pod: what was steered in adds up, and the connects counted are
+    // where the connections really went.
+    let pods = &status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()["pods"];
+    let counter = |pod: &str, field: &str| -> u64 {
+        pods.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == pod)
+            .unwrap()["counters"][field]
+            .as_u64()
+            .unwrap()
+    };
+    let steered_in = counter("web-0", "steered_in") + counter("web-1", "steered_in");
+    assert_eq!(steered_in, 70);
+    let answers = |pod: &str| -> u64 {
+        [&gone, &not_ready, &reused, &gone_v6, &eligible]
+            .iter()
+            .map(|r| r.answers.get(pod).copied().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(counter("web-0", "tcp_connects"), answers("web-0"));
+    assert_eq!(counter("web-1", "tcp_connects"), answers("web-1"));
+    assert_eq!(counter("web-2", "tcp_connects"), 10, "pod name + host");
+    assert_eq!(counter("web-2", "steered_away"), 20);
+    agent.stop().unwrap();
+}
+
+#[test]
+fn no_eligible_pod_fails_open() {
+    if !require_root("no_eligible_pod_fails_open") {
+        return;
+    }
+    let cluster = build_cluster();
+    let _servers = start_pod_servers(&cluster, PORT).expect("start pod servers");
+    let cg = Cgroup::new("failopen").unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let manifests = tempfile::tempdir().unwrap();
+    // web has only its not-ready pod.
+    fs::write(
+        manifests.path().join("web.yaml"),
+        service(
+            "web",
+            "failover",
+            &endpoint(&cluster, "web-2", false, false),
+            "",
+        ),
+    )
+    .unwrap();
+    let node = cluster.client_ns("node");
+    let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+    wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
+        s["services"].as_array().is_some_and(|v| v.len() == 1)
+    })
+    .unwrap();
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    plant(&mut maps, client, "10.77.0.12", "web", name_kind::SERVICE);
+
+    let report = connect(&cluster, "client", &cg, "10.77.0.12", 4);
+    assert_eq!(report.answers.get("web-2"), Some(&4), "goes where asked");
+    let s = steering(&status_json(&bpffs).unwrap());
+    assert_eq!(s["no_eligible_pod"], 4, "{s:?}");
+    agent.stop().unwrap();
+}
