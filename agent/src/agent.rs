@@ -1,7 +1,12 @@
 //! The node agent's run loop: start the datapath, then keep the maps equal
 //! to what the source says, until SIGTERM/SIGINT. Stopping leaves the
 //! datapath pinned and working.
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicBool},
+    time::Instant,
+};
 
 use anyhow::Context;
 use headway_common::{Config, config_flags};
@@ -10,8 +15,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::Datapath,
+    http::{self, HttpState},
     map_plan::{self, Ids, PlanSettings},
     map_writer::MapWriter,
+    metrics::AgentMetrics,
     model::{self, Policy},
     netns,
     source::{
@@ -57,6 +64,8 @@ pub struct AgentConfig {
     pub cluster_domain: String,
     /// Steer sockets of the host network namespace too.
     pub steer_host_netns: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
 }
 
 /// Runs until a termination signal arrives.
@@ -64,11 +73,26 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
 
+    let http_state = Arc::new(HttpState {
+        bpffs: cfg.bpffs.clone(),
+        metrics: AgentMetrics::default(),
+        synced: AtomicBool::new(false),
+    });
+    // Bind first: a taken port is a configuration error worth failing on.
+    let server = http::serve(cfg.metrics_addr, http_state.clone())
+        .await
+        .with_context(|| format!("cannot serve metrics on {}", cfg.metrics_addr))?;
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            error!(error = %e, "metrics server stopped");
+        }
+    });
+
     let mut datapath = Datapath::start(&cfg.bpffs, &cfg.cgroup_path)?;
     for (program, how) in &datapath.attachments {
         info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
     }
-    let mut syncer = Syncer::new(datapath.take_maps()?, &cfg)?;
+    let mut syncer = Syncer::new(datapath.take_maps()?, &cfg, http_state.clone())?;
     let host_netns_cookie =
         netns::current_netns_cookie().context("cannot read this network namespace's cookie")?;
     syncer
@@ -89,7 +113,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (_watcher, mut changes) =
         DirWatcher::new(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
     syncer.sync_dir(dir);
-    info!(source = %dir.display(), "agent running");
+    http_state.mark_synced();
+    info!(source = %dir.display(), metrics = %cfg.metrics_addr, "agent running");
 
     loop {
         tokio::select! {
@@ -117,10 +142,15 @@ struct Syncer {
     /// What each manifest file last parsed to without error, so a file
     /// broken by an edit keeps contributing its previous objects.
     last_good: dir::FileObjects,
+    http: Arc<HttpState>,
 }
 
 impl Syncer {
-    fn new(maps: crate::pinned::Maps, cfg: &AgentConfig) -> anyhow::Result<Syncer> {
+    fn new(
+        maps: crate::pinned::Maps,
+        cfg: &AgentConfig,
+        http: Arc<HttpState>,
+    ) -> anyhow::Result<Syncer> {
         let writer = MapWriter::new(maps).context("cannot read the pinned maps")?;
         let ids = Ids::from_contents(writer.current());
         Ok(Syncer {
@@ -132,6 +162,7 @@ impl Syncer {
             },
             namespaces: cfg.namespaces.clone(),
             last_good: Default::default(),
+            http,
         })
     }
 
@@ -145,6 +176,8 @@ impl Syncer {
                 return;
             }
         };
+        let metrics = &self.http.metrics;
+        metrics.manifest_errors.inc_by(snapshot.errors.len() as u64);
         for e in &snapshot.errors {
             warn!(file = %e.path.display(), document = e.document, error = %e.message, "bad manifest; keeping what it held before");
         }
@@ -153,6 +186,7 @@ impl Syncer {
     }
 
     fn sync(&mut self, objects: &Objects) {
+        let started = Instant::now();
         let (mut desired, warnings) =
             model::desired_state(&objects.services, &objects.slices, &objects.pods);
         for w in &warnings {
@@ -168,6 +202,12 @@ impl Syncer {
         for e in &errors {
             error!(error = %e, "map write failed; the rest of the sync was applied");
         }
+        let metrics = &self.http.metrics;
+        metrics.map_write_errors.inc_by(errors.len() as u64);
+        metrics.syncs.inc();
+        metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
         info!(
             services = wanted.services.len(),
             pods = wanted.pods.len(),

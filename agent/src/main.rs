@@ -83,6 +83,9 @@ struct AgentArgs {
     /// are only accounted: kubelet probes must reach the pod they name).
     #[arg(long, env = "HEADWAY_STEER_HOST_NETNS")]
     steer_host_netns: bool,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "HEADWAY_METRICS_ADDR", default_value = "0.0.0.0:9970")]
+    metrics_addr: std::net::SocketAddr,
 }
 
 fn init_logging(format: LogFormat) {
@@ -114,6 +117,7 @@ fn main() -> anyhow::Result<()> {
                 namespaces: args.namespaces,
                 cluster_domain: args.cluster_domain,
                 steer_host_netns: args.steer_host_netns,
+                metrics_addr: args.metrics_addr,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -214,6 +214,27 @@ impl Maps {
         })
     }
 
+    /// Entries in each hash map, by map name (arrays are always full).
+    pub fn entry_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<&'static str, usize>, PinnedError> {
+        fn count<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> usize {
+            map.keys().filter(Result::is_ok).count()
+        }
+        Ok([
+            (map_names::POD_ADDRS, count(&self.pod_addrs)),
+            (map_names::POD_STATS, count(&self.pod_stats)),
+            (map_names::PODS, count(&self.pods)),
+            (map_names::SERVICES, count(&self.services)),
+            (map_names::SVC_ENDPOINTS, count(&self.svc_endpoints)),
+            (map_names::SVC_BACKENDS, count(&self.svc_backends)),
+            (map_names::DNS_NAMES, count(&self.dns_names)),
+            (map_names::DNS_OBS, count(&self.dns_obs)),
+        ]
+        .into_iter()
+        .collect())
+    }
+
     /// A per-CPU counter array summed over CPUs.
     pub fn sum_counters(
         name: &'static str,

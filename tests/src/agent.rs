@@ -2,6 +2,7 @@
 //! instance for its pins, the agent as a child process, and readers for
 //! what it pinned (`headway status --json`, `bpftool map dump pinned`).
 use std::{
+    collections::BTreeMap,
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -90,8 +91,12 @@ fn agent_command(
         .arg(cgroup)
         .arg("--bpffs")
         .arg(bpffs.path())
-        .args(extra)
-        .stdin(Stdio::null())
+        .args(extra);
+    if !extra.iter().any(|a| a.starts_with("--metrics-addr")) {
+        // Any free loopback port, so agents of different tests never clash.
+        cmd.arg("--metrics-addr=127.0.0.1:0");
+    }
+    cmd.stdin(Stdio::null())
         // Piped so `Child::wait_output` can collect it; the agent logs to
         // stderr, which the test shows.
         .stdout(Stdio::piped())
@@ -304,4 +309,65 @@ pub fn netns_cookie(ns: &NetNs) -> Result<u64> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("netns cookie thread panicked"))?
+}
+
+/// `GET path` from the agent's HTTP endpoint on loopback; (status, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status: u16 = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no HTTP status in {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A free TCP port on loopback (bound and released: good enough for tests).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Parses an OpenMetrics exposition with the reference parser (the
+/// `prometheus_client` Python package) into (name, labels, value) samples.
+pub fn parse_openmetrics(text: &str) -> Result<Vec<(String, BTreeMap<String, String>, f64)>> {
+    use std::io::Write;
+    const SCRIPT: &str = "import json, sys\n\
+from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+out = [[s.name, s.labels, s.value] for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]\n\
+print(json.dumps(out))\n";
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running python3 (pip install prometheus_client)")?;
+    child
+        .stdin
+        .take()
+        .context("python stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "the OpenMetrics parser rejected the exposition: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parsing the parser's JSON")
 }

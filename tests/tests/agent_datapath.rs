@@ -9,7 +9,8 @@ use std::{fs, net::IpAddr, path::Path, time::Duration};
 use headway_testbed::{
     Cgroup, Cluster, ConnectReport,
     agent::{
-        Agent, Bpffs, bpftool_dump, cgroup_programs, pod_counters, status_json, wait_for_status,
+        Agent, Bpffs, bpftool_dump, cgroup_programs, free_port, http_get, parse_openmetrics,
+        pod_counters, status_json, wait_for_status,
     },
     require_root, run_client, start_pod_servers,
 };
@@ -125,7 +126,10 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     let manifests = tempfile::tempdir().unwrap();
     write_manifests(manifests.path(), &cluster);
 
-    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("start agent");
+    let port = free_port().unwrap();
+    let metrics_flag = format!("--metrics-addr=127.0.0.1:{port}");
+    let mut agent =
+        Agent::start(manifests.path(), cg.path(), &bpffs, &[&metrics_flag]).expect("start agent");
     let status = wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 3)
         .expect("agent syncs the manifests");
     // Only the headless service is known.
@@ -189,6 +193,48 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(stat("web-0")["tcp_connects"], 5);
     assert_eq!(stat("web-1")["tcp_connects"], 3);
     assert_eq!(stat("web-1")["udp_connects"], 2);
+
+    // /metrics says the same, through a real OpenMetrics parser.
+    assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
+    let (code, body) = http_get(port, "/metrics").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let samples = parse_openmetrics(&body).unwrap();
+    let sample = |name: &str, pod: &str, protocol: Option<&str>| -> f64 {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && l.get("pod").map(String::as_str) == Some(pod)
+                    && l.get("service").map(String::as_str) == Some("web")
+                    && l.get("protocol").map(String::as_str) == protocol
+            })
+            .unwrap_or_else(|| panic!("no {name} for {pod} in {body}"))
+            .2
+    };
+    assert_eq!(
+        sample("headway_connections_total", "web-0", Some("tcp")),
+        5.0
+    );
+    assert_eq!(
+        sample("headway_connections_total", "web-1", Some("tcp")),
+        3.0
+    );
+    assert_eq!(
+        sample("headway_connections_total", "web-1", Some("udp")),
+        2.0
+    );
+    assert_eq!(
+        sample("headway_connections_total", "web-2", Some("tcp")),
+        0.0
+    );
+    assert_eq!(sample("headway_active_connections", "web-0", None), 0.0);
+    assert!(
+        samples.iter().any(|(n, l, v)| n == "headway_map_capacity"
+            && l.get("map").map(String::as_str) == Some("pod_addrs")
+            && *v > 0.0),
+        "{body}"
+    );
 
     // A manifest broken by an edit keeps what it held.
     fs::write(
