@@ -342,9 +342,12 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// One sample of a scrape: metric name, labels, value.
+pub type Sample = (String, BTreeMap<String, String>, f64);
+
 /// Parses an OpenMetrics exposition with the reference parser (the
 /// `prometheus_client` Python package) into (name, labels, value) samples.
-pub fn parse_openmetrics(text: &str) -> Result<Vec<(String, BTreeMap<String, String>, f64)>> {
+pub fn parse_openmetrics(text: &str) -> Result<Vec<Sample>> {
     use std::io::Write;
     const SCRIPT: &str = "import json, sys\n\
 from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
