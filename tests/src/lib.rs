@@ -11,6 +11,9 @@ pub mod agent;
 mod cgroup;
 mod child;
 mod cluster;
+/// A real DNS server (`headway-dns`) answering like CoreDNS, and resolver
+/// setup per namespace.
+pub mod dns;
 mod netns;
 mod peer;
 
@@ -21,6 +24,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use cgroup::{Cgroup, cgroup2_mount};
 pub use child::Child;
 pub use cluster::{Cluster, ClusterBuilder, Endpoint};
+pub use dns::{
+    MalformedKind, NamedConnectReport, ResolvConf, ResolveReport, Zone, dns_query_in, resolve_in,
+    run_client_by_name, start_dns_server,
+};
 pub use netns::NetNs;
 pub use peer::{ConnectReport, peer_bin, run_client, run_client_in, start_pod_servers, wait_ready};
 

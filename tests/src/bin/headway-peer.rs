@@ -1,16 +1,20 @@
 //! Test peer: a server that answers with its pod name, and a client that
-//! counts who answered. Meant to run inside test network namespaces only.
+//! counts who answered (connecting to an address, or to a name resolved by
+//! glibc before every attempt). Meant to run inside test network
+//! namespaces only.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::fs::MetadataExt;
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
+};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
-use headway_testbed::ConnectReport;
+use clap::{ArgGroup, Parser, Subcommand};
+use headway_testbed::dns::in_named_netns;
+use headway_testbed::{ConnectReport, NamedConnectReport, ResolveReport};
 use socket2::{Domain, Socket, Type};
 
 /// Per-step timeout of a connect attempt (connect, then the answer).
@@ -36,9 +40,18 @@ enum Cmd {
         bind: IpAddr,
     },
     /// Connect COUNT times, one after the other, and report who answered.
+    #[command(group = ArgGroup::new("target").required(true).args(["addr", "name"]))]
     Connect {
         #[arg(long)]
-        addr: IpAddr,
+        addr: Option<IpAddr>,
+        /// Resolve HOST with the system resolver (glibc getaddrinfo, so
+        /// /etc/resolv.conf, search list and ndots apply) before every
+        /// attempt, and connect to the first address it returns.
+        #[arg(long, value_name = "HOST")]
+        name: Option<String>,
+        /// With --name: take the first address of this family (4 or 6).
+        #[arg(long, requires = "name", value_parser = parse_family)]
+        family: Option<u8>,
         #[arg(long)]
         port: u16,
         #[arg(long, default_value_t = 1)]
@@ -49,6 +62,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print, as JSON, the addresses getaddrinfo returns for NAME (in its
+    /// order), or its error (then the exit status is 1).
+    Resolve {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn parse_family(text: &str) -> Result<u8, String> {
+    match text {
+        "4" => Ok(4),
+        "6" => Ok(6),
+        _ => Err("must be 4 or 6".to_owned()),
+    }
+}
+
+/// Where the attempts go.
+enum Target {
+    Addr(SocketAddr),
+    /// Resolved anew before every attempt.
+    Name {
+        name: String,
+        port: u16,
+        family: Option<u8>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -56,14 +94,46 @@ fn main() -> Result<()> {
         Cmd::Serve { name, port, bind } => serve(&name, SocketAddr::new(bind, port)),
         Cmd::Connect {
             addr,
+            name,
+            family,
             port,
             count,
             udp,
             json,
         } => {
-            refuse_host_namespace(addr)?;
-            let report = connect(SocketAddr::new(addr, port), count, udp);
-            print_report(&report, json)
+            let target = match (addr, name) {
+                (Some(addr), _) => {
+                    refuse_host_namespace(addr)?;
+                    Target::Addr(SocketAddr::new(addr, port))
+                }
+                (None, Some(name)) => {
+                    refuse_resolving_outside(&name)?;
+                    Target::Name { name, port, family }
+                }
+                (None, None) => bail!("--addr or --name is required"),
+            };
+            let report = connect(&target, count, udp)?;
+            print_report(&report, matches!(target, Target::Name { .. }), json)
+        }
+        Cmd::Resolve { name } => {
+            refuse_resolving_outside(&name)?;
+            let report = match lookup(&name, 0) {
+                Ok(addrs) => ResolveReport {
+                    name,
+                    addrs: addrs.iter().map(SocketAddr::ip).collect(),
+                    error: None,
+                },
+                Err(e) => ResolveReport {
+                    name,
+                    addrs: Vec::new(),
+                    error: Some(e.to_string()),
+                },
+            };
+            println!("{}", serde_json::to_string(&report)?);
+            if report.error.is_some() {
+                std::process::exit(1);
+            }
+            Ok(())
         }
     }
 }
@@ -136,18 +206,40 @@ fn refuse_host_namespace(addr: IpAddr) -> Result<()> {
     Ok(())
 }
 
-/// Whether our network namespace is one of those under /run/netns. (Comparing
-/// with pid 1's namespace would be simpler, but sandboxes often hide it.)
-fn in_named_netns() -> bool {
-    let Ok(ours) = std::fs::metadata("/proc/self/ns/net") else {
-        return false;
+/// A lookup asks the nameserver of /etc/resolv.conf: in the host
+/// namespace that is a real one, and the query (a test name) would leave
+/// the machine.
+fn refuse_resolving_outside(name: &str) -> Result<()> {
+    if !in_named_netns() {
+        bail!(
+            "refusing to resolve {name}: not inside a namespace made with `ip netns add` \
+             (run me via `ip netns exec`)"
+        );
+    }
+    Ok(())
+}
+
+/// glibc's getaddrinfo (std calls it with AI_SOCKTYPE=SOCK_STREAM), in the
+/// order it returns: a fresh lookup on every call (nothing caches it in
+/// process; nscd does not run in the test namespaces).
+fn lookup(name: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    Ok((name, port).to_socket_addrs()?.collect())
+}
+
+/// The first address `lookup` returns, of `family` if given.
+fn resolve_first(name: &str, port: u16, family: Option<u8>) -> io::Result<SocketAddr> {
+    let wanted = |a: &SocketAddr| match family {
+        Some(4) => a.is_ipv4(),
+        Some(6) => a.is_ipv6(),
+        _ => true,
     };
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return false;
-    };
-    entries
-        .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
-        .any(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino()))
+    lookup(name, port)?.into_iter().find(wanted).ok_or_else(|| {
+        let family = family.map_or(String::new(), |f| format!("IPv{f} "));
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no {family}address for {name}"),
+        )
+    })
 }
 
 /// The outcome of one attempt: getpeername() if connected, and the answer.
@@ -156,17 +248,32 @@ struct Attempt {
     answer: io::Result<String>,
 }
 
-fn connect(target: SocketAddr, count: u32, udp: bool) -> ConnectReport {
-    let mut report = ConnectReport::default();
+fn connect(target: &Target, count: u32, udp: bool) -> Result<NamedConnectReport> {
+    let mut report = NamedConnectReport::default();
     for _ in 0..count {
-        let attempt = if udp {
-            udp_attempt(target)
-        } else {
-            tcp_attempt(target)
+        let addr = match target {
+            Target::Addr(addr) => *addr,
+            Target::Name { name, port, family } => match resolve_first(name, *port, *family) {
+                Ok(addr) => {
+                    refuse_host_namespace(addr.ip())?;
+                    *report.resolved.entry(addr.ip().to_string()).or_default() += 1;
+                    addr
+                }
+                Err(e) => {
+                    let answer = Err(io::Error::new(e.kind(), format!("resolving {name}: {e}")));
+                    record(&mut report.report, Attempt { peer: None, answer });
+                    continue;
+                }
+            },
         };
-        record(&mut report, attempt);
+        let attempt = if udp {
+            udp_attempt(addr)
+        } else {
+            tcp_attempt(addr)
+        };
+        record(&mut report.report, attempt);
     }
-    report
+    Ok(report)
 }
 
 fn record(report: &mut ConnectReport, attempt: Attempt) {
@@ -244,20 +351,29 @@ fn parse_answer(bytes: &[u8]) -> io::Result<String> {
     Ok(name)
 }
 
-fn print_report(report: &ConnectReport, json: bool) -> Result<()> {
+/// With `named`, the report has `resolved` next to the fields of
+/// [`ConnectReport`]; without, it is exactly a `ConnectReport`.
+fn print_report(report: &NamedConnectReport, named: bool, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(report)?);
+        let text = if named {
+            serde_json::to_string(report)?
+        } else {
+            serde_json::to_string(&report.report)?
+        };
+        println!("{text}");
         return Ok(());
     }
+    let inner: &ConnectReport = &report.report;
     let lines = [
-        ("answer", &report.answers),
-        ("peer", &report.peer_addrs),
-        ("error", &report.errors),
+        ("resolved", &report.resolved),
+        ("answer", &inner.answers),
+        ("peer", &inner.peer_addrs),
+        ("error", &inner.errors),
     ];
     for (what, counts) in lines {
         print_counts(what, counts);
     }
-    println!("failures: {}", report.failures);
+    println!("failures: {}", inner.failures);
     Ok(())
 }
 
