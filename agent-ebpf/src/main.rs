@@ -7,6 +7,7 @@
 
 mod accounting;
 mod connect;
+mod dns;
 mod maps;
 mod steer;
 

@@ -29,6 +29,12 @@ use crate::{
 /// The kernel object, embedded at build time (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/headway.bpf.o"));
 
+/// The embedded kernel object (empty when it was not built), for tests that
+/// load programs without attaching them.
+pub fn kernel_object() -> &'static [u8] {
+    OBJECT
+}
+
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -66,8 +66,12 @@ pub mod map_names {
 pub mod program_names {
     pub const CONNECT4: &str = "hw_connect4";
     pub const CONNECT6: &str = "hw_connect6";
+    /// cgroup_skb egress: records DNS queries in flight (`dns_pending`).
+    pub const DNS_EGRESS: &str = "hw_dns_egress";
+    /// cgroup_skb ingress: learns from the answers to them (`dns_obs`).
+    pub const DNS_INGRESS: &str = "hw_dns_ingress";
 
-    pub const ALL: [&str; 2] = [CONNECT4, CONNECT6];
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, DNS_EGRESS, DNS_INGRESS];
 }
 
 /// Default capacities, sized for 65,536 endpoints cluster-wide.

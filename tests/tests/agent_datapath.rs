@@ -151,7 +151,15 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     // One link per hook on our cgroup.
     let mut progs = cgroup_programs(cg.path()).unwrap();
     progs.sort();
-    assert_eq!(progs, ["hw_connect4", "hw_connect6"]);
+    assert_eq!(
+        progs,
+        [
+            "hw_connect4",
+            "hw_connect6",
+            "hw_dns_egress",
+            "hw_dns_ingress"
+        ]
+    );
 
     connect(&cluster, &cg, "web-0", false, false, 5);
     connect(&cluster, &cg, "web-1", true, false, 3);
@@ -251,7 +259,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     agent.stop().expect("agent stops cleanly on SIGTERM");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        2,
+        4,
         "links stay pinned"
     );
     connect(&cluster, &cg, "web-2", false, false, 2);
@@ -276,7 +284,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        2,
+        4,
         "no second attachment"
     );
     connect(&cluster, &cg, "web-0", false, false, 1);

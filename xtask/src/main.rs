@@ -1,4 +1,5 @@
 //! headway's development tasks: `cargo xtask <task>`.
+mod bench_dns;
 mod build_ebpf;
 mod demo;
 mod test;
@@ -25,6 +26,9 @@ enum Task {
     /// Run the agent on a demo cluster of network namespaces built from the
     /// manifests in `examples/demo/`, connect a client, print the status.
     Demo(demo::Options),
+    /// Measure the DNS interceptor per packet with BPF_PROG_TEST_RUN and
+    /// print its programs' verified instruction counts (needs root).
+    BenchDns(bench_dns::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         }),
         Task::Test(opts) => test::run(&opts),
         Task::Demo(opts) => demo::run(&opts),
+        Task::BenchDns(opts) => bench_dns::run(&opts),
     }
 }

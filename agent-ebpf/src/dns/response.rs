@@ -1,0 +1,295 @@
+//! Ingress: learns from the answer to a query `query` recorded, and from
+//! nothing else (product.md, "What the DNS interceptor may believe").
+//!
+//! In order: the response must match a pending query (same network
+//! namespace, server, client port and ID; the entry is consumed), have a
+//! sane header, repeat the question that was asked, be about a name of a
+//! headless service, and parse to the end of its answer section. Only then
+//! are its addresses written to `dns_obs`, so a malformed packet teaches
+//! nothing, not even its first answers.
+use core::intrinsics::{AtomicOrdering, atomic_xchg};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_ANY,
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use headway_common::{
+    AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, dns_counter,
+};
+
+use super::{
+    ALLOW, ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN,
+    MAX_NAME_LEN, MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, bump, copy_payload,
+    dns_datagram, query_id, question,
+};
+use crate::{
+    accounting::{count_dns_answer, pod_of},
+    maps::{DNS_NAMES, DNS_OBS, DNS_PENDING},
+};
+
+/// Labels walked in one owner name before giving up (ERR_BAD_LABEL). Owner
+/// names are usually a single compression pointer; 32 labels is far more
+/// than any Kubernetes name has (`a.b.c.svc.cluster.local` is 6).
+const MAX_LABELS: usize = 32;
+/// An observation that already says the same thing is rewritten only to
+/// move `learned_ns` on, and not more often than this: most answers repeat
+/// what the client learned a moment ago, and a lookup is cheaper than an
+/// update.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+const FLAG_QR: u16 = 0x8000;
+const FLAG_TC: u16 = 0x0200;
+const OPCODE_MASK: u16 = 0x7800;
+const RCODE_MASK: u16 = 0x000F;
+/// Fixed part of a resource record after its name: TYPE, CLASS, TTL,
+/// RDLENGTH.
+const RR_FIXED_LEN: usize = 10;
+
+#[cgroup_skb(ingress)]
+pub fn hw_dns_ingress(ctx: SkBuffContext) -> i32 {
+    on_response(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn on_response(ctx: &SkBuffContext) -> Option<()> {
+    let d = dns_datagram(ctx, Direction::Ingress)?;
+    bump(dns_counter::RESPONSES);
+    let s = Scratch::get()?;
+    copy_payload(ctx, &d, s, MAX_PAYLOAD)?;
+    // SAFETY: the helper only reads the skb's socket or device.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = PendingQueryKey {
+        netns_cookie,
+        server: d.server,
+        client_port: d.client_port,
+        query_id: query_id(s),
+        _pad: 0,
+    };
+    let Some(pending) = consume(&key) else {
+        // Not an answer to anything this socket asked: spoofed, late or
+        // a duplicate. It must teach nothing.
+        bump(dns_counter::UNSOLICITED);
+        return None;
+    };
+    match check(s, d.len, &pending) {
+        Ok(entry) => learn(s, netns_cookie, entry),
+        Err(fault) => {
+            if let Some(counter) = fault.counter() {
+                bump(counter);
+            }
+        }
+    }
+    Some(())
+}
+
+/// Takes the pending query `key` names, if there is one: one query, one
+/// answer, so a second response to it is unsolicited.
+///
+/// The entry is marked answered (name hash 0) rather than deleted: an
+/// atomic exchange settles a race between two responses on two CPUs just
+/// as well, without the LRU map's delete path (a bucket lock, then the
+/// LRU's global free-list lock: ~130 ns here, a third of the whole fixed
+/// cost). The answered entry is among the oldest in the map and the first
+/// to be evicted; a new query with the same key overwrites it. (A name
+/// hashing to exactly 0 is never recorded: a 2^-64 chance.)
+#[inline(always)]
+fn consume(key: &PendingQueryKey) -> Option<PendingQuery> {
+    let entry = DNS_PENDING.get_ptr_mut(key)?;
+    // SAFETY: a live map value; name_hash is an aligned u64 (the BPF
+    // target has no 32-bit exchange).
+    let name_hash = unsafe {
+        atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).name_hash, ANSWERED)
+    };
+    if name_hash == ANSWERED {
+        return None;
+    }
+    Some(PendingQuery {
+        name_hash,
+        // SAFETY: as above; written only together with the whole entry.
+        qtype: unsafe { (*entry).qtype },
+        _pad: 0,
+    })
+}
+
+/// Checks the whole response; on success the addresses of its answers are
+/// in the scratch space and the name they answer is returned.
+#[inline(always)]
+fn check(s: &mut Scratch, udp_len: usize, pending: &PendingQuery) -> Result<NameEntry, Fault> {
+    let ancount = header(s, udp_len)?;
+    let q = question(s)?;
+    if q.hash != pending.name_hash || u32::from(q.qtype) != pending.qtype || q.qclass != CLASS_IN {
+        return Err(Fault::QuestionMismatch);
+    }
+    // SAFETY: copied out at once.
+    let entry = (unsafe { DNS_NAMES.get(q.hash) })
+        .copied()
+        .ok_or(Fault::NameUnknown)?;
+    walk_answers(s, q.end, ancount, q.qtype)?;
+    Ok(entry)
+}
+
+/// Checks the header of a response and returns its ANCOUNT.
+#[inline(always)]
+fn header(s: &Scratch, udp_len: usize) -> Result<usize, Fault> {
+    let flags = s.be16(2)?;
+    let qdcount = s.be16(4)?;
+    let ancount = usize::from(s.be16(6)?);
+    if flags & FLAG_QR == 0 || flags & OPCODE_MASK != 0 || qdcount != 1 {
+        return Err(Fault::BadHeader);
+    }
+    if flags & FLAG_TC != 0 {
+        // The client will ask again over TCP; the UDP part is incomplete.
+        return Err(Fault::Truncated);
+    }
+    // More than the parser copies or walks: refuse rather than trust part.
+    if udp_len > MAX_PAYLOAD || ancount > MAX_ANSWERS {
+        return Err(Fault::BadHeader);
+    }
+    if flags & RCODE_MASK != 0 {
+        return Err(Fault::NoAnswer);
+    }
+    Ok(ancount)
+}
+
+/// Walks `ancount` answers from `pos`, checking every name and record
+/// length, and collects the addresses of the records of the asked type
+/// (class IN, A with 4 or AAAA with 16 bytes of data). CNAME records, and
+/// anything else, are skipped: their targets own the addresses that follow,
+/// and the question matched our own query, so any owner is accepted.
+#[inline(always)]
+fn walk_answers(s: &mut Scratch, start: usize, ancount: usize, qtype: u16) -> Result<(), Fault> {
+    s.clear_addrs();
+    let mut pos = start;
+    for i in 0..MAX_ANSWERS {
+        if i >= ancount {
+            return Ok(());
+        }
+        let name = s.launder(pos)?;
+        let fixed = skip_name(s, name)?;
+        let fixed = s.launder(fixed)?;
+        let rtype = s.be16(fixed)?;
+        let rclass = s.be16(fixed + 2)?;
+        let rdlen = usize::from(s.be16(fixed + 8)?);
+        let rdata = fixed + RR_FIXED_LEN;
+        if rdata + rdlen > s.len() {
+            return Err(Fault::Truncated);
+        }
+        if rtype == qtype && rclass == CLASS_IN {
+            collect(s, rdata, rdlen, qtype)?;
+        }
+        pos = rdata + rdlen;
+    }
+    Ok(())
+}
+
+/// Skips the name at `start`; returns the offset after it. A compression
+/// pointer ends a name and must point back before the name's own start
+/// (and after the header): that rules out loops and pointers out of the
+/// packet without following them, which skipping does not need.
+#[inline(always)]
+fn skip_name(s: &Scratch, start: usize) -> Result<usize, Fault> {
+    let mut pos = start;
+    for _ in 0..MAX_LABELS {
+        let b = s.byte(pos)?;
+        if b == 0 {
+            return Ok(pos + 1);
+        }
+        if b & POINTER_BITS == POINTER_BITS {
+            let low = s.byte(pos + 1)?;
+            let target = usize::from(u16::from_be_bytes([b & !POINTER_BITS, low]));
+            if target < HEADER_LEN || target >= start {
+                return Err(Fault::BadPointer);
+            }
+            return Ok(pos + 2);
+        }
+        if b > MAX_LABEL_LEN {
+            return Err(Fault::BadLabel);
+        }
+        pos += 1 + usize::from(b);
+        if pos - start >= MAX_NAME_LEN {
+            return Err(Fault::BadLabel);
+        }
+    }
+    Err(Fault::BadLabel)
+}
+
+/// Collects the address in an A/AAAA record's data.
+#[inline(always)]
+fn collect(s: &mut Scratch, rdata: usize, rdlen: usize, qtype: u16) -> Result<(), Fault> {
+    let addr = if qtype == TYPE_A && rdlen == 4 {
+        AddrKey::from_v4_be(u32::from_ne_bytes(s.bytes::<4>(rdata)?))
+    } else if qtype == TYPE_AAAA && rdlen == 16 {
+        AddrKey::from_octets(s.bytes::<16>(rdata)?)
+    } else {
+        // An address record of the wrong size teaches nothing by itself.
+        return Ok(());
+    };
+    s.push_addr(addr);
+    Ok(())
+}
+
+/// Records every collected address as handed out to this client network
+/// namespace by `entry`'s name, then counts each for the pod it belongs to.
+/// Two loops rather than one: the verifier then meets the pod accounting
+/// (with its map insert) once per iteration rather than once per outcome
+/// of `observe`.
+#[inline(always)]
+fn learn(s: &Scratch, netns_cookie: u64, entry: NameEntry) {
+    // SAFETY: no arguments, no side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut learned = 0;
+    for i in 0..MAX_ANSWERS {
+        if i >= s.n_addrs() {
+            break;
+        }
+        let Some(addr) = s.addr(i) else {
+            break;
+        };
+        if observe(netns_cookie, addr, entry, now) {
+            learned += 1;
+        } else {
+            bump(dns_counter::ERR_MAP_FULL);
+        }
+    }
+    add(dns_counter::ADDRS_LEARNED, learned);
+    for i in 0..MAX_ANSWERS {
+        if i >= s.n_addrs() {
+            break;
+        }
+        if let Some(pod_id) = s.addr(i).and_then(|addr| pod_of(&addr)) {
+            count_dns_answer(pod_id);
+        }
+    }
+}
+
+/// Writes one observation, unless the map already says the same thing
+/// (the lookup alone refreshes the entry's LRU position). False if the map
+/// refused it.
+#[inline(always)]
+fn observe(netns_cookie: u64, addr: AddrKey, entry: NameEntry, now: u64) -> bool {
+    let key = ObservationKey { netns_cookie, addr };
+    if let Some(obs) = DNS_OBS.get_ptr_mut(&key) {
+        // SAFETY: a live map value; the fields are read and written one
+        // by one (the u64 store is atomic for a concurrent reader).
+        unsafe {
+            if (*obs).service_id == entry.service_id && (*obs).kind == entry.kind {
+                if now.wrapping_sub((*obs).learned_ns) > REFRESH_NS {
+                    (*obs).learned_ns = now;
+                }
+                return true;
+            }
+        }
+    }
+    // New, or learned from another name: replace the whole value at once
+    // so a concurrent connect() never sees half of each.
+    let obs = Observation {
+        service_id: entry.service_id,
+        kind: entry.kind,
+        learned_ns: now,
+    };
+    DNS_OBS.insert(key, obs, u64::from(BPF_ANY)).is_ok()
+}
