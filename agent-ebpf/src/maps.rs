@@ -15,7 +15,7 @@ use headway_common::{
 pub static POD_ADDRS: HashMap<AddrKey, PodRef, { capacity::POD_ADDRS as usize }> = HashMap::new();
 
 #[btf_map(name = "pod_stats")]
-pub static POD_STATS: HashMap<u32, PodCounters, { capacity::PODS as usize }> = HashMap::new();
+pub static POD_STATS: Array<PodCounters, { capacity::PODS as usize }> = Array::new();
 
 // The maps below are written by the agent and read by `headway status`; the
 // kernel does not read them yet, but they are declared here so the one BPF

@@ -2,15 +2,12 @@
 //! from what they hold. Order keeps the datapath consistent at every step:
 //! metadata and counters first, then the entries the kernel looks up;
 //! removals go the other way round.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, MapData, MapError};
 use headway_common::{Config, PodCounters, map_names};
 
 use crate::{map_plan::MapContents, pinned::Maps};
-
-/// `BPF_NOEXIST`: create only, never reset an existing entry.
-const NOEXIST: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {op} an entry of map {map}: {source}")]
@@ -35,20 +32,13 @@ pub struct MapWriter {
     maps: Maps,
     /// Mirror of what the agent-owned maps hold.
     current: MapContents,
-    /// Pod ids that have an entry in `pod_stats`.
-    stats_known: BTreeSet<u32>,
 }
 
 impl MapWriter {
     /// Takes over the maps, reading what a previous agent left in them.
     pub fn new(maps: Maps) -> Result<MapWriter, crate::pinned::PinnedError> {
         let current = maps.read_contents()?;
-        let stats_known = maps.pod_stats.keys().filter_map(Result::ok).collect();
-        Ok(MapWriter {
-            maps,
-            current,
-            stats_known,
-        })
+        Ok(MapWriter { maps, current })
     }
 
     pub fn current(&self) -> &MapContents {
@@ -89,27 +79,19 @@ impl MapWriter {
                 )
             };
         }
-        step!(upsert, pods, map_names::PODS);
-        for pod_id in wanted.pods.keys() {
-            if self.stats_known.contains(pod_id) {
-                continue;
+        // A pod id handed to a new pod starts its counters at zero (the
+        // slot may hold a deleted pod's). Ids the maps already had keep
+        // theirs: that is what makes counters survive agent restarts.
+        for pod_id in wanted.pods.keys().filter(|id| !cur.pods.contains_key(id)) {
+            if let Err(source) = m.pod_stats.set(*pod_id, PodCounters::default(), 0) {
+                errors.push(WriteError {
+                    op: "zero",
+                    map: map_names::POD_STATS,
+                    source,
+                });
             }
-            // Counters start at zero for a new pod; NOEXIST keeps any the
-            // kernel created in the meantime.
-            match m.pod_stats.insert(pod_id, PodCounters::default(), NOEXIST) {
-                Ok(()) => {}
-                Err(_) if m.pod_stats.get(pod_id, 0).is_ok() => {}
-                Err(source) => {
-                    errors.push(WriteError {
-                        op: "create",
-                        map: map_names::POD_STATS,
-                        source,
-                    });
-                    continue;
-                }
-            }
-            self.stats_known.insert(*pod_id);
         }
+        step!(upsert, pods, map_names::PODS);
         // Backend slots before the counts (in `services`) that reach them;
         // what the kernel looks up last, once everything it points to exists.
         step!(upsert, svc_backends, map_names::SVC_BACKENDS);
@@ -125,38 +107,9 @@ impl MapWriter {
         step!(remove_stale, svc_endpoints, map_names::SVC_ENDPOINTS);
         step!(remove_stale, services, map_names::SERVICES);
         step!(remove_stale, svc_backends, map_names::SVC_BACKENDS);
-        let pods_before = cur.pods.len();
         step!(remove_stale, pods, map_names::PODS);
-        if cur.pods.len() < pods_before {
-            self.collect_orphan_stats(&mut sum, &mut errors);
-        }
         sum.failed = errors.len();
         (sum, errors)
-    }
-
-    /// Drops counters of pods no longer known (deleted pods, or an entry the
-    /// kernel created in a race with a delete).
-    fn collect_orphan_stats(&mut self, sum: &mut WriteSummary, errors: &mut Vec<WriteError>) {
-        let orphans: Vec<u32> = self
-            .maps
-            .pod_stats
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !self.current.pods.contains_key(id))
-            .collect();
-        for id in orphans {
-            match self.maps.pod_stats.remove(&id) {
-                Ok(()) | Err(MapError::KeyNotFound) => {
-                    self.stats_known.remove(&id);
-                    sum.removed += 1;
-                }
-                Err(source) => errors.push(WriteError {
-                    op: "remove",
-                    map: map_names::POD_STATS,
-                    source,
-                }),
-            }
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey, PIN_DIR,
     PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta,
@@ -61,36 +61,59 @@ pub fn link_pin(bpffs: &Path, program: &str) -> PathBuf {
 /// Key size, value size and capacity every pinned map must have.
 pub struct MapShape {
     pub name: &'static str,
+    pub map_type: MapType,
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
 }
 
 pub const MAP_SHAPES: [MapShape; 12] = {
-    const fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
+    const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
+            map_type,
             key_size: size_of::<K>() as u32,
             value_size: size_of::<V>() as u32,
             max_entries,
         }
     }
     [
-        shape::<AddrKey, PodRef>(map_names::POD_ADDRS, capacity::POD_ADDRS),
-        shape::<u32, PodCounters>(map_names::POD_STATS, capacity::PODS),
-        shape::<u32, PodMeta>(map_names::PODS, capacity::PODS),
-        shape::<u32, ServiceMeta>(map_names::SERVICES, capacity::SERVICES),
+        shape::<AddrKey, PodRef>(map_names::POD_ADDRS, MapType::Hash, capacity::POD_ADDRS),
+        shape::<u32, PodCounters>(map_names::POD_STATS, MapType::Array, capacity::PODS),
+        shape::<u32, PodMeta>(map_names::PODS, MapType::Hash, capacity::PODS),
+        shape::<u32, ServiceMeta>(map_names::SERVICES, MapType::Hash, capacity::SERVICES),
         shape::<ServiceEndpointKey, EndpointState>(
             map_names::SVC_ENDPOINTS,
+            MapType::Hash,
             capacity::SVC_ENDPOINTS,
         ),
-        shape::<u64, NameEntry>(map_names::DNS_NAMES, capacity::DNS_NAMES),
-        shape::<PendingQueryKey, PendingQuery>(map_names::DNS_PENDING, capacity::DNS_PENDING),
-        shape::<ObservationKey, Observation>(map_names::DNS_OBS, capacity::DNS_OBS),
-        shape::<u32, u64>(map_names::DNS_COUNTERS, dns_counter::COUNT),
-        shape::<BackendKey, AddrKey>(map_names::SVC_BACKENDS, capacity::SVC_BACKENDS),
-        shape::<u32, Config>(map_names::CONFIG, 1),
-        shape::<u32, u64>(map_names::STEER_COUNTERS, steer_counter::COUNT),
+        shape::<u64, NameEntry>(map_names::DNS_NAMES, MapType::Hash, capacity::DNS_NAMES),
+        shape::<PendingQueryKey, PendingQuery>(
+            map_names::DNS_PENDING,
+            MapType::LruHash,
+            capacity::DNS_PENDING,
+        ),
+        shape::<ObservationKey, Observation>(
+            map_names::DNS_OBS,
+            MapType::LruHash,
+            capacity::DNS_OBS,
+        ),
+        shape::<u32, u64>(
+            map_names::DNS_COUNTERS,
+            MapType::PerCpuArray,
+            dns_counter::COUNT,
+        ),
+        shape::<BackendKey, AddrKey>(
+            map_names::SVC_BACKENDS,
+            MapType::Hash,
+            capacity::SVC_BACKENDS,
+        ),
+        shape::<u32, Config>(map_names::CONFIG, MapType::Array, 1),
+        shape::<u32, u64>(
+            map_names::STEER_COUNTERS,
+            MapType::PerCpuArray,
+            steer_counter::COUNT,
+        ),
     ]
 };
 
@@ -127,10 +150,26 @@ pub fn check_existing_layout(bpffs: &Path) -> Result<(), PinnedError> {
                 path: path.clone(),
                 source,
             })?;
-        let found = (info.key_size(), info.value_size(), info.max_entries());
-        let expected = (shape.key_size, shape.value_size, shape.max_entries);
+        let map_type = info.map_type().map_err(|source| PinnedError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let found = (
+            map_type,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let expected = (
+            shape.map_type,
+            shape.key_size,
+            shape.value_size,
+            shape.max_entries,
+        );
         if found != expected {
-            let show = |(k, v, n): (u32, u32, u32)| format!("key {k} B, value {v} B, {n} entries");
+            let show = |(t, k, v, n): (MapType, u32, u32, u32)| {
+                format!("{t:?}, key {k} B, value {v} B, {n} entries")
+            };
             return Err(PinnedError::Incompatible {
                 path,
                 found: show(found),
@@ -144,7 +183,7 @@ pub fn check_existing_layout(bpffs: &Path) -> Result<(), PinnedError> {
 /// Typed handles to every headway map.
 pub struct Maps {
     pub pod_addrs: HashMap<MapData, AddrKey, PodRef>,
-    pub pod_stats: HashMap<MapData, u32, PodCounters>,
+    pub pod_stats: Array<MapData, PodCounters>,
     pub pods: HashMap<MapData, u32, PodMeta>,
     pub services: HashMap<MapData, u32, ServiceMeta>,
     pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
@@ -223,7 +262,6 @@ impl Maps {
         }
         Ok([
             (map_names::POD_ADDRS, count(&self.pod_addrs)),
-            (map_names::POD_STATS, count(&self.pod_stats)),
             (map_names::PODS, count(&self.pods)),
             (map_names::SERVICES, count(&self.services)),
             (map_names::SVC_ENDPOINTS, count(&self.svc_endpoints)),
@@ -250,8 +288,22 @@ impl Maps {
             .collect()
     }
 
-    pub fn read_stats(&self) -> Result<std::collections::BTreeMap<u32, PodCounters>, PinnedError> {
-        collect(map_names::POD_STATS, self.pod_stats.iter())
+    /// The counters of each of `pod_ids`.
+    pub fn read_stats(
+        &self,
+        pod_ids: impl Iterator<Item = u32>,
+    ) -> Result<std::collections::BTreeMap<u32, PodCounters>, PinnedError> {
+        pod_ids
+            .map(|id| {
+                self.pod_stats
+                    .get(&id, 0)
+                    .map(|c| (id, c))
+                    .map_err(|source| PinnedError::Read {
+                        name: map_names::POD_STATS,
+                        source,
+                    })
+            })
+            .collect()
     }
 }
 

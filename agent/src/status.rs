@@ -128,7 +128,7 @@ fn read_programs(bpffs: &Path) -> Vec<ProgramStatus> {
 pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
     let maps = Maps::open_pinned(bpffs)?;
     let contents = maps.read_contents()?;
-    let stats = maps.read_stats()?;
+    let stats = maps.read_stats(contents.pods.keys().copied())?;
 
     // service id → pod id → (addresses, state flags)
     let mut members: BTreeMap<u32, BTreeMap<u32, (Vec<IpAddr>, u32)>> = BTreeMap::new();

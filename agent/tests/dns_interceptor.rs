@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use headway_common::{
@@ -142,9 +142,9 @@ impl Interceptor {
     }
 
     fn pod_counters(&self, pod_id: u32) -> Option<PodCounters> {
-        self.hash_map::<u32, PodCounters>(map_names::POD_STATS)
-            .get(&pod_id, 0)
-            .ok()
+        let map = self.ebpf.map(map_names::POD_STATS).expect("no pod_stats");
+        let stats: Array<&MapData, PodCounters> = Array::try_from(map).expect("pod_stats array");
+        stats.get(&pod_id, 0).ok()
     }
 
     /// Records a query in flight the way the egress program would.

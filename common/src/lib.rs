@@ -16,7 +16,7 @@ pub mod map_names {
     /// [`crate::AddrKey`] → [`crate::PodRef`]: every address of a pod behind
     /// a headless service. The connect hooks' fast path is one lookup here.
     pub const POD_ADDRS: &str = "pod_addrs";
-    /// pod id → [`crate::PodCounters`], updated by the kernel.
+    /// pod id (array index) → [`crate::PodCounters`], updated by the kernel.
     pub const POD_STATS: &str = "pod_stats";
     /// pod id → [`crate::PodMeta`], written by the agent for `status`.
     pub const PODS: &str = "pods";
@@ -149,9 +149,9 @@ pub struct PodRef {
     pub _pad: u32,
 }
 
-/// Per-pod counters. The kernel adds to them atomically; the agent only
-/// creates the entry (zeroed) and deletes it when the pod is long gone, so
-/// the counts survive agent restarts.
+/// Per-pod counters, a slot per pod id in an array. The kernel adds to them
+/// atomically; the agent only zeroes a slot when it hands its id to a new
+/// pod, so the counts survive agent restarts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodCounters {

@@ -325,12 +325,10 @@ fn pod_removed_from_manifests_disappears_from_maps() {
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 2).unwrap();
     let addrs = bpftool_dump(&bpffs.pin("pod_addrs")).unwrap();
     assert_eq!(addrs.len(), 4, "two pods x two families: {addrs:#?}");
-    let stats = bpftool_dump(&bpffs.pin("pod_stats")).unwrap();
-    assert_eq!(
-        stats.len(),
-        2,
-        "counters of the removed pod are freed: {stats:#?}"
-    );
+    let pods = bpftool_dump(&bpffs.pin("pods")).unwrap();
+    assert_eq!(pods.len(), 2, "the removed pod is forgotten: {pods:#?}");
+    let endpoints = bpftool_dump(&bpffs.pin("svc_endpoints")).unwrap();
+    assert_eq!(endpoints.len(), 4, "{endpoints:#?}");
     agent.stop().unwrap();
 }
 

@@ -24,8 +24,8 @@ use aya::{
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use headway_common::{
-    AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, PodCounters,
-    PodRef, dns_name_hash, map_names, name_kind, program_names,
+    AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, PodRef,
+    dns_name_hash, map_names, name_kind, program_names,
 };
 use hickory_proto::{
     op::{Message, OpCode, Query},
@@ -209,11 +209,6 @@ impl Bench {
             self.map::<AddrKey, PodRef>(map_names::POD_ADDRS)?.insert(
                 addr_key(pod_ip(i)),
                 pod,
-                0,
-            )?;
-            self.map::<u32, PodCounters>(map_names::POD_STATS)?.insert(
-                i as u32,
-                PodCounters::default(),
                 0,
             )?;
         }
