@@ -62,6 +62,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: &'static str,
 }
@@ -185,9 +190,18 @@ fn register_datapath(registry: &mut Registry, status: &Status) {
         decisions,
     );
     let dns = Family::<ReasonLabels, Counter>::default();
+    let lookups = Family::<KindLabels, Counter>::default();
     for (reason, n) in &status.dns {
-        dns.get_or_create(&ReasonLabels { reason }).inc_by(*n);
+        match reason.strip_prefix("lookups_") {
+            Some(kind) => lookups.get_or_create(&KindLabels { kind }).inc_by(*n),
+            None => dns.get_or_create(&ReasonLabels { reason }).inc_by(*n),
+        };
     }
+    registry.register(
+        "dns_lookups",
+        "Answered DNS lookups of headless names, by kind (service-wide or pod-specific)",
+        lookups,
+    );
     registry.register(
         "dns_events",
         "DNS interceptor outcomes by reason (queries, responses, learned addresses, parse errors)",

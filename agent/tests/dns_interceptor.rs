@@ -217,7 +217,7 @@ impl Interceptor {
     }
 }
 
-const COUNTER_NAMES: [(&str, u32); 11] = [
+const COUNTER_NAMES: [(&str, u32); 13] = [
     ("RESPONSES", dns_counter::RESPONSES),
     ("UNSOLICITED", dns_counter::UNSOLICITED),
     ("NAME_UNKNOWN", dns_counter::NAME_UNKNOWN),
@@ -229,6 +229,8 @@ const COUNTER_NAMES: [(&str, u32); 11] = [
     ("ERR_QUESTION_MISMATCH", dns_counter::ERR_QUESTION_MISMATCH),
     ("QUERIES", dns_counter::QUERIES),
     ("ERR_MAP_FULL", dns_counter::ERR_MAP_FULL),
+    ("LOOKUPS_SERVICE", dns_counter::LOOKUPS_SERVICE),
+    ("LOOKUPS_POD", dns_counter::LOOKUPS_POD),
 ];
 
 /// The network namespace cookie of this process, as the kernel reports it
@@ -632,7 +634,12 @@ fn cname_then_three_a_records_are_learned() {
     assert_eq!(ix.learned(), service_obs((0..3).map(pod_v4)));
     assert_eq!(
         ix.counters(),
-        vec![("RESPONSES", 1), ("ADDRS_LEARNED", 3), ("QUERIES", 1)]
+        vec![
+            ("RESPONSES", 1),
+            ("ADDRS_LEARNED", 3),
+            ("QUERIES", 1),
+            ("LOOKUPS_SERVICE", 1)
+        ]
     );
     assert!(
         ix.pending().is_empty(),
@@ -700,6 +707,8 @@ fn pod_name_is_recorded_as_pod_kind() {
     };
     let response = response_msg(POD_NAME, RecordType::A, vec![a(POD_NAME, pod_v4(0))]);
     exchange(&ix, &Flow::v4(), POD_NAME, RecordType::A, &response);
+    assert_eq!(ix.counter(dns_counter::LOOKUPS_POD), 1);
+    assert_eq!(ix.counter(dns_counter::LOOKUPS_SERVICE), 0);
     assert_eq!(
         ix.learned(),
         vec![(IpAddr::V4(pod_v4(0)), SERVICE_ID, name_kind::POD)]

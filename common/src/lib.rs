@@ -385,11 +385,15 @@ pub mod dns_counter {
     pub const QUERIES: u32 = 9;
     /// A full map refused an observation.
     pub const ERR_MAP_FULL: u32 = 10;
+    /// Answered lookups of a service-wide name.
+    pub const LOOKUPS_SERVICE: u32 = 11;
+    /// Answered lookups of a pod-specific name.
+    pub const LOOKUPS_POD: u32 = 12;
 
     pub const COUNT: u32 = 16;
 
     /// Name of each index in use, for status and metrics.
-    pub const NAMES: [(u32, &str); 11] = [
+    pub const NAMES: [(u32, &str); 13] = [
         (RESPONSES, "responses"),
         (UNSOLICITED, "unsolicited"),
         (NAME_UNKNOWN, "name_unknown"),
@@ -401,6 +405,8 @@ pub mod dns_counter {
         (ERR_QUESTION_MISMATCH, "question_mismatch"),
         (QUERIES, "queries"),
         (ERR_MAP_FULL, "map_full"),
+        (LOOKUPS_SERVICE, "lookups_service"),
+        (LOOKUPS_POD, "lookups_pod"),
     ];
 }
 

@@ -229,6 +229,8 @@ fn stale_cache_fails_over_to_a_live_pod_of_the_resolved_service() {
     assert_eq!(cached.len(), 8, "4 pods x 2 families: {cached:?}");
     let status = s.status();
     assert!(counters(&status, "dns")["addrs_learned"] >= 8, "{status:#}");
+    // glibc asks A and AAAA: two answered lookups of the service-wide name.
+    assert_eq!(counters(&status, "dns")["lookups_service"], 2, "{status:#}");
     let dns_answers: u64 = status["services"][0]["pods"]
         .as_array()
         .unwrap()
@@ -313,6 +315,11 @@ fn pod_names_and_addresses_without_dns_are_never_moved() {
     )
     .unwrap();
     assert_eq!(r.report.answers.get("web-2"), Some(&5), "{r:?}");
+    assert_eq!(
+        counters(&s.status(), "dns")["lookups_pod"],
+        10,
+        "5 lookups x A, AAAA"
+    );
     // dig (run in the cgroup, so the interceptor sees its answer) asks for
     // web-2's own name, and client2 connects to what it said.
     let mut dig = Command::new("dig");

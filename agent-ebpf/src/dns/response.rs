@@ -18,6 +18,7 @@ use aya_ebpf::{
 };
 use headway_common::{
     AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, dns_counter,
+    name_kind,
 };
 
 use super::{
@@ -239,6 +240,12 @@ fn collect(s: &mut Scratch, rdata: usize, rdlen: usize, qtype: u16) -> Result<()
 /// of `observe`.
 #[inline(always)]
 fn learn(s: &Scratch, netns_cookie: u64, entry: NameEntry) {
+    // One lookup of a headless name answered, by kind of name.
+    bump(if entry.kind == name_kind::SERVICE {
+        dns_counter::LOOKUPS_SERVICE
+    } else {
+        dns_counter::LOOKUPS_POD
+    });
     // SAFETY: no arguments, no side effects.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut learned = 0;
