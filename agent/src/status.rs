@@ -218,6 +218,8 @@ pub fn render_table(status: &Status) -> String {
         "TCP",
         "UDP",
         "ACTIVE",
+        "STEERED-IN",
+        "DNS-ANSWERS",
     ];
     let mut rows: Vec<[String; 11]> = Vec::new();
     for svc in &status.services {
@@ -307,4 +309,47 @@ pub fn render_table(status: &Status) -> String {
     let _ = writeln!(out, "steering: {}", nonzero(&status.steering));
     let _ = writeln!(out, "dns: {}", nonzero(&status.dns));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_a_column_per_field_and_a_row_per_pod() {
+        let status = Status {
+            programs: vec![],
+            steering: BTreeMap::from([("steered_gone", 3)]),
+            dns: BTreeMap::new(),
+            services: vec![ServiceStatus {
+                namespace: "db".into(),
+                name: "pg".into(),
+                policy: "failover".into(),
+                topology: "none".into(),
+                pods: vec![PodStatus {
+                    namespace: "db".into(),
+                    name: "pg-0".into(),
+                    addresses: vec!["10.0.0.1".parse().unwrap()],
+                    state: vec!["ready"],
+                    counters: Counters {
+                        tcp_connects: 5,
+                        steered_in: 3,
+                        dns_answers: 7,
+                        ..Counters::default()
+                    },
+                }],
+            }],
+        };
+        let table = render_table(&status);
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .take(2)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0].len(), 11, "{table}");
+        assert_eq!(lines[1].len(), 11, "{table}");
+        assert_eq!(lines[1][3], "pg-0");
+        assert_eq!(&lines[1][6..], ["5", "0", "0", "3", "7"]);
+        assert!(table.contains("steering: steered_gone=3"), "{table}");
+    }
 }
