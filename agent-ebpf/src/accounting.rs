@@ -2,9 +2,9 @@
 //! are bumped with atomic adds so no increment is lost or doubled.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use headway_common::{AddrKey, PodCounters};
+use headway_common::{AddrKey, PodCounters, steer_counter};
 
-use crate::maps::{POD_ADDRS, POD_STATS, STEER_COUNTERS};
+use crate::maps::{POD_ADDRS, POD_STATS, STEER_COUNTERS, SVC_STATS};
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -76,5 +76,34 @@ pub fn count_dns_answer(pod_id: u32) {
     if let Some(stats) = counters(pod_id) {
         // SAFETY: as above.
         unsafe { add(&raw mut (*stats).dns_answers, 1) };
+    }
+}
+
+/// Counts a connect decision: globally per CPU, and for the service whose
+/// name the client resolved, when there is one.
+#[inline(always)]
+pub fn count_decision(service_id: Option<u32>, reason: u32) {
+    bump_steer_counter(reason);
+    let Some(stats) = service_id.and_then(|id| SVC_STATS.get_ptr_mut(id)) else {
+        return;
+    };
+    if reason < steer_counter::COUNT {
+        // SAFETY: `reason` is in bounds (checked); raw pointer into the map value.
+        unsafe { add(&raw mut (*stats).decisions[reason as usize], 1) };
+    }
+}
+
+/// Counts an answered lookup of one of `service_id`'s names.
+#[inline(always)]
+pub fn count_lookup(service_id: u32, service_wide: bool) {
+    if let Some(stats) = SVC_STATS.get_ptr_mut(service_id) {
+        // SAFETY: raw field pointers into the map value.
+        unsafe {
+            if service_wide {
+                add(&raw mut (*stats).lookups_service, 1);
+            } else {
+                add(&raw mut (*stats).lookups_pod, 1);
+            }
+        }
     }
 }

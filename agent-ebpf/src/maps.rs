@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use headway_common::{
     AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
-    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta,
-    capacity, dns_counter, steer_counter,
+    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
+    ServiceEndpointKey, ServiceMeta, capacity, dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -63,3 +63,6 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 
 #[btf_map(name = "steer_counters")]
 pub static STEER_COUNTERS: PerCpuArray<u64, { steer_counter::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "svc_stats")]
+pub static SVC_STATS: Array<ServiceCounters, { capacity::SERVICES as usize }> = Array::new();

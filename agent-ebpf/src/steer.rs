@@ -14,7 +14,7 @@ use headway_common::{
 };
 
 use crate::{
-    accounting::{bump_steer_counter, count_connect, count_steer, pod_of},
+    accounting::{count_connect, count_decision, count_steer, pod_of},
     maps::{CONFIG, DNS_OBS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS},
 };
 
@@ -52,22 +52,22 @@ fn decide<C: EbpfContext>(ctx: &C, dst: &AddrKey, pod: Option<u32>) -> Option<(A
         // Never resolved by this client (a hard-coded IP, a scraper using
         // API addresses, a cache older than the agent): never steered.
         if pod.is_some() {
-            bump_steer_counter(steer_counter::KEPT_NO_DNS);
+            count_decision(None, steer_counter::KEPT_NO_DNS);
         }
         return None;
     };
     if obs.kind != name_kind::SERVICE {
-        bump_steer_counter(steer_counter::KEPT_POD_NAME);
+        count_decision(Some(obs.service_id), steer_counter::KEPT_POD_NAME);
         return None;
     }
     if is_host_netns(netns_cookie) {
-        bump_steer_counter(steer_counter::KEPT_HOST_NETNS);
+        count_decision(Some(obs.service_id), steer_counter::KEPT_HOST_NETNS);
         return None;
     }
     // SAFETY: copied out at once.
     let service = (unsafe { SERVICES.get(obs.service_id) }).copied()?;
     if service.policy == policy::OBSERVE {
-        bump_steer_counter(steer_counter::KEPT_OBSERVE);
+        count_decision(Some(obs.service_id), steer_counter::KEPT_OBSERVE);
         return None;
     }
 
@@ -92,7 +92,7 @@ fn decide<C: EbpfContext>(ctx: &C, dst: &AddrKey, pod: Option<u32>) -> Option<(A
         (6, service.backends_v6)
     };
     if count == 0 {
-        bump_steer_counter(steer_counter::NO_ELIGIBLE_POD);
+        count_decision(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
         return None;
     }
     // SAFETY: plain helper call.
@@ -106,14 +106,14 @@ fn decide<C: EbpfContext>(ctx: &C, dst: &AddrKey, pod: Option<u32>) -> Option<(A
     // fail open.
     // SAFETY: copied out at once.
     let Some(new_addr) = (unsafe { SVC_BACKENDS.get(&backend) }).copied() else {
-        bump_steer_counter(steer_counter::NO_ELIGIBLE_POD);
+        count_decision(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
         return None;
     };
     let Some(new_pod) = pod_of(&new_addr) else {
-        bump_steer_counter(steer_counter::NO_ELIGIBLE_POD);
+        count_decision(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
         return None;
     };
-    bump_steer_counter(reason);
+    count_decision(Some(obs.service_id), reason);
     Some((new_addr, new_pod))
 }
 

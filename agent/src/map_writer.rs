@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, MapData, MapError};
-use headway_common::{Config, PodCounters, map_names};
+use headway_common::{Config, PodCounters, ServiceCounters, map_names};
 
 use crate::{map_plan::MapContents, pinned::Maps};
 
@@ -92,6 +92,20 @@ impl MapWriter {
             }
         }
         step!(upsert, pods, map_names::PODS);
+        // Likewise for a service id handed to a new service.
+        for service_id in wanted
+            .services
+            .keys()
+            .filter(|id| !cur.services.contains_key(id))
+        {
+            if let Err(source) = m.svc_stats.set(*service_id, ServiceCounters::default(), 0) {
+                errors.push(WriteError {
+                    op: "zero",
+                    map: map_names::SVC_STATS,
+                    source,
+                });
+            }
+        }
         // Backend slots before the counts (in `services`) that reach them;
         // what the kernel looks up last, once everything it points to exists.
         step!(upsert, svc_backends, map_names::SVC_BACKENDS);

@@ -62,8 +62,17 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
+struct ServiceKindLabels {
+    namespace: String,
+    service: String,
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceReasonLabels {
+    namespace: String,
+    service: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,17 +199,39 @@ fn register_datapath(registry: &mut Registry, status: &Status) {
         decisions,
     );
     let dns = Family::<ReasonLabels, Counter>::default();
-    let lookups = Family::<KindLabels, Counter>::default();
     for (reason, n) in &status.dns {
-        match reason.strip_prefix("lookups_") {
-            Some(kind) => lookups.get_or_create(&KindLabels { kind }).inc_by(*n),
-            None => dns.get_or_create(&ReasonLabels { reason }).inc_by(*n),
-        };
+        dns.get_or_create(&ReasonLabels { reason }).inc_by(*n);
+    }
+    let lookups = Family::<ServiceKindLabels, Counter>::default();
+    let steered = Family::<ServiceReasonLabels, Counter>::default();
+    for svc in &status.services {
+        let c = &svc.counters;
+        for (kind, n) in [("service", c.lookups_service), ("pod", c.lookups_pod)] {
+            let labels = ServiceKindLabels {
+                namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+                kind,
+            };
+            lookups.get_or_create(&labels).inc_by(n);
+        }
+        for (reason, n) in &c.decisions {
+            let labels = ServiceReasonLabels {
+                namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+                reason,
+            };
+            steered.get_or_create(&labels).inc_by(*n);
+        }
     }
     registry.register(
         "dns_lookups",
-        "Answered DNS lookups of headless names, by kind (service-wide or pod-specific)",
+        "Answered DNS lookups of the service's names, by kind (service-wide or pod-specific)",
         lookups,
+    );
+    registry.register(
+        "service_connect_decisions",
+        "Connect decisions about addresses resolved through the service's names, by reason",
+        steered,
     );
     registry.register(
         "dns_events",

@@ -10,8 +10,8 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey, PIN_DIR,
-    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceEndpointKey, ServiceMeta,
-    capacity, dns_counter, map_names, steer_counter,
+    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
+    ServiceEndpointKey, ServiceMeta, capacity, dns_counter, map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -67,7 +67,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 12] = {
+pub const MAP_SHAPES: [MapShape; 13] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -114,6 +114,7 @@ pub const MAP_SHAPES: [MapShape; 12] = {
             MapType::PerCpuArray,
             steer_counter::COUNT,
         ),
+        shape::<u32, ServiceCounters>(map_names::SVC_STATS, MapType::Array, capacity::SERVICES),
     ]
 };
 
@@ -194,6 +195,8 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     pub dns_counters: PerCpuArray<MapData, u64>,
     pub steer_counters: PerCpuArray<MapData, u64>,
+    /// Kernel-written: per-service decisions and lookups, by service id.
+    pub svc_stats: Array<MapData, ServiceCounters>,
 }
 
 impl Maps {
@@ -238,6 +241,7 @@ impl Maps {
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
             dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,
+            svc_stats: typed(map_names::SVC_STATS, take(map_names::SVC_STATS)?)?,
         })
     }
 

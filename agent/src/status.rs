@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 use std::os::fd::AsFd;
 
 use headway_common::{
-    PodCounters, dns_counter, endpoint_flags, map_names, program_names, steer_counter,
+    PodCounters, ServiceCounters, dns_counter, endpoint_flags, map_names, program_names,
+    steer_counter,
 };
 use serde::Serialize;
 
@@ -46,7 +47,31 @@ pub struct ServiceStatus {
     pub name: String,
     pub policy: String,
     pub topology: String,
+    /// Answered lookups of its names and connect decisions about the
+    /// addresses they handed out.
+    pub counters: ServiceCountersStatus,
     pub pods: Vec<PodStatus>,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ServiceCountersStatus {
+    pub lookups_service: u64,
+    pub lookups_pod: u64,
+    /// By reason, like the global `steering` counters.
+    pub decisions: BTreeMap<&'static str, u64>,
+}
+
+impl From<ServiceCounters> for ServiceCountersStatus {
+    fn from(c: ServiceCounters) -> Self {
+        ServiceCountersStatus {
+            lookups_service: c.lookups_service,
+            lookups_pod: c.lookups_pod,
+            decisions: steer_counter::NAMES
+                .iter()
+                .map(|(i, name)| (*name, c.decisions.get(*i as usize).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -177,6 +202,11 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
                 topology: topology_from_value(meta.topology)
                     .map(|t| t.to_string())
                     .unwrap_or_else(|| format!("unknown({})", meta.topology)),
+                counters: maps
+                    .svc_stats
+                    .get(id, 0)
+                    .map(ServiceCountersStatus::from)
+                    .unwrap_or_default(),
                 pods,
             }
         })
@@ -326,6 +356,7 @@ mod tests {
                 name: "pg".into(),
                 policy: "failover".into(),
                 topology: "none".into(),
+                counters: ServiceCountersStatus::default(),
                 pods: vec![PodStatus {
                     namespace: "db".into(),
                     name: "pg-0".into(),

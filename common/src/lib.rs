@@ -44,9 +44,11 @@ pub mod map_names {
     pub const CONFIG: &str = "config";
     /// index ([`crate::steer_counter`]) → u64, per CPU: connect decisions.
     pub const STEER_COUNTERS: &str = "steer_counters";
+    /// service id (array index) → [`crate::ServiceCounters`].
+    pub const SVC_STATS: &str = "svc_stats";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -59,6 +61,7 @@ pub mod map_names {
         SVC_BACKENDS,
         CONFIG,
         STEER_COUNTERS,
+        SVC_STATS,
     ];
 }
 
@@ -228,6 +231,20 @@ pub struct ServiceMeta {
     /// Eligible IPv4 / IPv6 pods, in `svc_backends` slots `0..n`.
     pub backends_v4: u32,
     pub backends_v6: u32,
+}
+
+/// Per-service counters, a slot per service id (zeroed when an id goes to
+/// a new service). The kernel adds to them atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// Connect decisions about addresses resolved through this service's
+    /// names, indexed like [`steer_counter`].
+    pub decisions: [u64; steer_counter::COUNT as usize],
+    /// Answered lookups of the service-wide name.
+    pub lookups_service: u64,
+    /// Answered lookups of its pods' own names.
+    pub lookups_pod: u64,
 }
 
 /// Key of `svc_backends`.
@@ -460,6 +477,7 @@ mod user {
     unsafe impl aya::Pod for super::Observation {}
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::ServiceCounters {}
 }
 
 #[cfg(test)]
@@ -489,6 +507,7 @@ mod tests {
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 16);
         assert_eq!(size_of::<BackendKey>(), 12);
         assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<ServiceCounters>(), 80);
         assert_eq!(size_of::<PodMeta>(), 64 + 128);
         assert_eq!(size_of::<NameEntry>(), 8);
         assert_eq!(size_of::<PendingQueryKey>(), 8 + 16 + 8);

@@ -270,9 +270,23 @@ fn stale_cache_fails_over_to_a_live_pod_of_the_resolved_service() {
     let r = s.connect("client", v4("web-3").into(), 10);
     assert!(only(&r, &["web-0", "web-1"]), "reused address: {r:?}");
 
-    let steering = counters(&s.status(), "steering");
+    let status = s.status();
+    let steering = counters(&status, "steering");
     assert_eq!(steering["steered_gone"], 18, "{steering:?}");
     assert_eq!(steering["steered_reused"], 10, "{steering:?}");
+    // The same, for the service whose name was resolved.
+    let web = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "web")
+        .unwrap();
+    assert_eq!(web["counters"]["decisions"]["steered_gone"], 18, "{web:#}");
+    assert_eq!(
+        web["counters"]["decisions"]["steered_reused"], 10,
+        "{web:#}"
+    );
+    assert_eq!(web["counters"]["lookups_service"], 2, "{web:#}");
     s.agent.check_running().unwrap();
 }
 

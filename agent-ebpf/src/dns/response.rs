@@ -241,11 +241,13 @@ fn collect(s: &mut Scratch, rdata: usize, rdlen: usize, qtype: u16) -> Result<()
 #[inline(always)]
 fn learn(s: &Scratch, netns_cookie: u64, entry: NameEntry) {
     // One lookup of a headless name answered, by kind of name.
-    bump(if entry.kind == name_kind::SERVICE {
+    let service_wide = entry.kind == name_kind::SERVICE;
+    bump(if service_wide {
         dns_counter::LOOKUPS_SERVICE
     } else {
         dns_counter::LOOKUPS_POD
     });
+    crate::accounting::count_lookup(entry.service_id, service_wide);
     // SAFETY: no arguments, no side effects.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut learned = 0;
