@@ -5,7 +5,10 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
-use crate::steer::on_connect;
+use crate::{
+    steer::on_connect,
+    transparency::{forget, remember},
+};
 
 /// Return value of a sock_addr hook that lets the call proceed.
 const ALLOW: i32 = 1;
@@ -16,8 +19,12 @@ pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
     unsafe {
         let dst = AddrKey::from_v4_be((*sa).user_ip4);
-        if let Some(new) = on_connect(&ctx, &dst, (*sa).protocol) {
-            (*sa).user_ip4 = new.addr[3];
+        match on_connect(&ctx, &dst, (*sa).protocol) {
+            Some(new) => {
+                remember(&ctx, &dst, &new);
+                (*sa).user_ip4 = new.addr[3];
+            }
+            None => forget(&ctx),
         }
     }
     ALLOW
@@ -37,7 +44,12 @@ pub fn hw_connect6(ctx: SockAddrContext) -> i32 {
             core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
         ];
         let dst = AddrKey::from_v6_words(words);
-        if let Some(new) = on_connect(&ctx, &dst, (*sa).protocol) {
+        let Some(new) = on_connect(&ctx, &dst, (*sa).protocol) else {
+            forget(&ctx);
+            return ALLOW;
+        };
+        remember(&ctx, &dst, &new);
+        {
             core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], new.addr[0]);
             core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], new.addr[1]);
             core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], new.addr[2]);

@@ -10,6 +10,7 @@ mod connect;
 mod dns;
 mod maps;
 mod steer;
+mod transparency;
 
 #[cfg(not(test))]
 #[panic_handler]

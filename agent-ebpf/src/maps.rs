@@ -2,13 +2,13 @@
 //! agent may resize them before loading. Names match
 //! `headway_common::map_names`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use headway_common::{
     AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
     PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, capacity, dns_counter, steer_counter,
+    ServiceEndpointKey, ServiceMeta, SteeredSocket, capacity, dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -66,3 +66,6 @@ pub static STEER_COUNTERS: PerCpuArray<u64, { steer_counter::COUNT as usize }> =
 
 #[btf_map(name = "svc_stats")]
 pub static SVC_STATS: Array<ServiceCounters, { capacity::SERVICES as usize }> = Array::new();
+
+#[btf_map(name = "steered_socks")]
+pub static STEERED_SOCKS: SkStorage<SteeredSocket> = SkStorage::new();

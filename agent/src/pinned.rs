@@ -11,7 +11,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey, PIN_DIR,
     PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, capacity, dns_counter, map_names, steer_counter,
+    ServiceEndpointKey, ServiceMeta, SteeredSocket, capacity, dns_counter, map_names,
+    steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -67,7 +68,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 13] = {
+pub const MAP_SHAPES: [MapShape; 14] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -115,6 +116,8 @@ pub const MAP_SHAPES: [MapShape; 13] = {
             steer_counter::COUNT,
         ),
         shape::<u32, ServiceCounters>(map_names::SVC_STATS, MapType::Array, capacity::SERVICES),
+        // Socket storage: keyed by socket fd from userspace, no capacity.
+        shape::<i32, SteeredSocket>(map_names::STEERED_SOCKS, MapType::SkStorage, 0),
     ]
 };
 

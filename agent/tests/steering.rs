@@ -119,6 +119,43 @@ fn connect(c: &Cluster, client: &str, cg: &Cgroup, addr: &str, count: u32) -> Co
     report
 }
 
+/// One request/response over a connected UDP socket from the client, in
+/// Python (a real client that is not ours): returns the reply's source
+/// address and port, the answering pod, and getpeername's address.
+fn udp_exchange(
+    c: &Cluster,
+    cg: &Cgroup,
+    addr: &str,
+    family: &str,
+) -> (String, u16, String, String) {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.connect(('{addr}', {PORT}))\n\
+         s.send(b'hi')\n\
+         data, src = s.recvfrom(100)\n\
+         print(src[0], src[1], data.decode().strip(), s.getpeername()[0])\n"
+    );
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", &script]);
+    let (status, out) = c
+        .client_ns("client")
+        .spawn(Some(cg), &cmd)
+        .unwrap()
+        .wait_output(Duration::from_secs(10))
+        .unwrap();
+    assert!(status.success(), "python UDP client failed: {out}");
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(f.len(), 4, "{out}");
+    (
+        f[0].to_string(),
+        f[1].parse().unwrap(),
+        f[2].to_string(),
+        f[3].to_string(),
+    )
+}
+
 fn answered_only_by(report: &ConnectReport, pods: &[&str]) -> bool {
     report.answers.keys().all(|p| pods.contains(&p.as_str()))
 }
@@ -166,12 +203,30 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
     let live = ["web-0", "web-1"];
     let gone = connect(&cluster, "client", &cg, "10.77.0.99", 20);
     assert!(answered_only_by(&gone, &live), "{gone:?}");
+    // Transparent: getpeername reports the address the client asked for.
+    assert_eq!(
+        gone.peer_addrs,
+        BTreeMap::from([("10.77.0.99:8080".to_string(), 20)]),
+        "{gone:?}"
+    );
     let not_ready = connect(&cluster, "client", &cg, "10.77.0.12", 20);
     assert!(answered_only_by(&not_ready, &live), "{not_ready:?}");
     let reused = connect(&cluster, "client", &cg, "10.77.0.20", 20);
     assert!(answered_only_by(&reused, &live), "{reused:?}");
     let gone_v6 = connect(&cluster, "client", &cg, "fd77::99", 10);
     assert!(answered_only_by(&gone_v6, &live), "{gone_v6:?}");
+    assert_eq!(
+        gone_v6.peer_addrs,
+        BTreeMap::from([("[fd77::99]:8080".to_string(), 10)]),
+        "{gone_v6:?}"
+    );
+    // Connected UDP: the reply is answered by a live pod but comes from
+    // the address asked for (recvmsg), and getpeername agrees.
+    for (addr, family) in [("10.77.0.99", "AF_INET"), ("fd77::99", "AF_INET6")] {
+        let (src, port, pod, peer) = udp_exchange(&cluster, &cg, addr, family);
+        assert_eq!((src.as_str(), port, peer.as_str()), (addr, PORT, addr));
+        assert!(live.contains(&pod.as_str()), "answered by {pod}");
+    }
     // Random choice over two pods: 20 tries all on one has p = 2^-19.
     assert_eq!(
         not_ready.answers.len(),
@@ -193,7 +248,8 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
 
     let status = status_json(&bpffs).unwrap();
     let s = steering(&status);
-    assert_eq!(s["steered_gone"], 30, "{s:?}");
+    // 20 + 10 TCP, and the 2 UDP exchanges.
+    assert_eq!(s["steered_gone"], 32, "{s:?}");
     assert_eq!(s["steered_not_eligible"], 20, "{s:?}");
     assert_eq!(s["steered_reused"], 20, "{s:?}");
     assert_eq!(s["kept_pod_name"], 5, "{s:?}");
@@ -220,7 +276,7 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
             .unwrap()
     };
     let steered_in = counter("web-0", "steered_in") + counter("web-1", "steered_in");
-    assert_eq!(steered_in, 70);
+    assert_eq!(steered_in, 72);
     let answers = |pod: &str| -> u64 {
         [&gone, &not_ready, &reused, &gone_v6, &eligible]
             .iter()

@@ -46,9 +46,13 @@ pub mod map_names {
     pub const STEER_COUNTERS: &str = "steer_counters";
     /// service id (array index) → [`crate::ServiceCounters`].
     pub const SVC_STATS: &str = "svc_stats";
+    /// socket storage → [`crate::SteeredSocket`]: where a steered socket
+    /// really goes, so getpeername/recvmsg can report the address the client
+    /// asked for. Freed with the socket.
+    pub const STEERED_SOCKS: &str = "steered_socks";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -62,6 +66,7 @@ pub mod map_names {
         CONFIG,
         STEER_COUNTERS,
         SVC_STATS,
+        STEERED_SOCKS,
     ];
 }
 
@@ -73,8 +78,23 @@ pub mod program_names {
     pub const DNS_EGRESS: &str = "hw_dns_egress";
     /// cgroup_skb ingress: learns from the answers to them (`dns_obs`).
     pub const DNS_INGRESS: &str = "hw_dns_ingress";
+    /// getpeername4/6: a steered socket reports the address asked for.
+    pub const GETPEERNAME4: &str = "hw_getpeer4";
+    pub const GETPEERNAME6: &str = "hw_getpeer6";
+    /// recvmsg4/6: replies to a steered UDP socket come from that address.
+    pub const RECVMSG4: &str = "hw_recvmsg4";
+    pub const RECVMSG6: &str = "hw_recvmsg6";
 
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, DNS_EGRESS, DNS_INGRESS];
+    pub const ALL: [&str; 8] = [
+        CONNECT4,
+        CONNECT6,
+        DNS_EGRESS,
+        DNS_INGRESS,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        RECVMSG4,
+        RECVMSG6,
+    ];
 }
 
 /// Default capacities, sized for 65,536 endpoints cluster-wide.
@@ -245,6 +265,17 @@ pub struct ServiceCounters {
     pub lookups_service: u64,
     /// Answered lookups of its pods' own names.
     pub lookups_pod: u64,
+}
+
+/// What a steered socket asked for and where it goes instead (per-socket
+/// storage in `steered_socks`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteeredSocket {
+    /// The address the client connected to.
+    pub asked: AddrKey,
+    /// The pod it was steered to.
+    pub chosen: AddrKey,
 }
 
 /// Key of `svc_backends`.
@@ -478,6 +509,7 @@ mod user {
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ServiceCounters {}
+    unsafe impl aya::Pod for super::SteeredSocket {}
 }
 
 #[cfg(test)]

@@ -157,7 +157,11 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
             "hw_connect4",
             "hw_connect6",
             "hw_dns_egress",
-            "hw_dns_ingress"
+            "hw_dns_ingress",
+            "hw_getpeer4",
+            "hw_getpeer6",
+            "hw_recvmsg4",
+            "hw_recvmsg6",
         ]
     );
 
@@ -259,7 +263,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     agent.stop().expect("agent stops cleanly on SIGTERM");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        4,
+        8,
         "links stay pinned"
     );
     connect(&cluster, &cg, "web-2", false, false, 2);
@@ -284,7 +288,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        4,
+        8,
         "no second attachment"
     );
     connect(&cluster, &cg, "web-0", false, false, 1);
