@@ -9,6 +9,7 @@ mod accounting;
 mod connect;
 mod dns;
 mod maps;
+mod sendmsg;
 mod steer;
 mod transparency;
 

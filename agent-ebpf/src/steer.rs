@@ -23,8 +23,7 @@ use crate::{
 #[inline(always)]
 pub fn on_connect<C: EbpfContext>(ctx: &C, dst: &AddrKey, protocol: u32) -> Option<AddrKey> {
     let pod = pod_of(dst);
-    let choice = decide(ctx, dst, pod);
-    match choice {
+    match decide(ctx, dst, pod, true) {
         Some((new_addr, new_pod)) => {
             count_connect(new_pod, protocol);
             count_steer(pod, new_pod);
@@ -40,7 +39,19 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, dst: &AddrKey, protocol: u32) -> Opti
 }
 
 #[inline(always)]
-fn decide<C: EbpfContext>(ctx: &C, dst: &AddrKey, pod: Option<u32>) -> Option<(AddrKey, u32)> {
+fn decide<C: EbpfContext>(
+    ctx: &C,
+    dst: &AddrKey,
+    pod: Option<u32>,
+    count_kept: bool,
+) -> Option<(AddrKey, u32)> {
+    // Decisions that leave the destination alone are counted per connect,
+    // not per datagram (`count_kept` is false for sendmsg).
+    let kept = |service: Option<u32>, reason: u32| {
+        if count_kept {
+            count_decision(service, reason);
+        }
+    };
     // SAFETY: the helper only reads the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = ObservationKey {
@@ -52,22 +63,22 @@ fn decide<C: EbpfContext>(ctx: &C, dst: &AddrKey, pod: Option<u32>) -> Option<(A
         // Never resolved by this client (a hard-coded IP, a scraper using
         // API addresses, a cache older than the agent): never steered.
         if pod.is_some() {
-            count_decision(None, steer_counter::KEPT_NO_DNS);
+            kept(None, steer_counter::KEPT_NO_DNS);
         }
         return None;
     };
     if obs.kind != name_kind::SERVICE {
-        count_decision(Some(obs.service_id), steer_counter::KEPT_POD_NAME);
+        kept(Some(obs.service_id), steer_counter::KEPT_POD_NAME);
         return None;
     }
     if is_host_netns(netns_cookie) {
-        count_decision(Some(obs.service_id), steer_counter::KEPT_HOST_NETNS);
+        kept(Some(obs.service_id), steer_counter::KEPT_HOST_NETNS);
         return None;
     }
     // SAFETY: copied out at once.
     let service = (unsafe { SERVICES.get(obs.service_id) }).copied()?;
     if service.policy == policy::OBSERVE {
-        count_decision(Some(obs.service_id), steer_counter::KEPT_OBSERVE);
+        kept(Some(obs.service_id), steer_counter::KEPT_OBSERVE);
         return None;
     }
 
@@ -92,7 +103,7 @@ fn decide<C: EbpfContext>(ctx: &C, dst: &AddrKey, pod: Option<u32>) -> Option<(A
         (6, service.backends_v6)
     };
     if count == 0 {
-        count_decision(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
+        kept(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
         return None;
     }
     // SAFETY: plain helper call.
@@ -106,16 +117,30 @@ fn decide<C: EbpfContext>(ctx: &C, dst: &AddrKey, pod: Option<u32>) -> Option<(A
     // fail open.
     // SAFETY: copied out at once.
     let Some(new_addr) = (unsafe { SVC_BACKENDS.get(&backend) }).copied() else {
-        count_decision(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
+        kept(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
         return None;
     };
     let Some(new_pod) = pod_of(&new_addr) else {
-        count_decision(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
+        kept(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
         return None;
     };
     count_decision(Some(obs.service_id), reason);
     Some((new_addr, new_pod))
 }
+
+/// sendmsg on an unconnected UDP socket: a datagram to `dst`. Returns the
+/// address to send to instead, if steered; only a steering is counted (as
+/// one UDP connection to the chosen pod), not every datagram.
+#[inline(always)]
+pub fn on_sendmsg<C: EbpfContext>(ctx: &C, dst: &AddrKey) -> Option<AddrKey> {
+    let pod = pod_of(dst);
+    let (new_addr, new_pod) = decide(ctx, dst, pod, false)?;
+    count_connect(new_pod, IPPROTO_UDP);
+    count_steer(pod, new_pod);
+    Some(new_addr)
+}
+
+const IPPROTO_UDP: u32 = 17;
 
 #[inline(always)]
 fn is_host_netns(netns_cookie: u64) -> bool {

@@ -44,7 +44,7 @@ pub fn forget(ctx: &SockAddrContext) {
 
 /// The steering of this socket, if it was steered.
 #[inline(always)]
-fn steered(ctx: &SockAddrContext) -> Option<SteeredSocket> {
+pub fn steered(ctx: &SockAddrContext) -> Option<SteeredSocket> {
     // SAFETY: as above.
     let slot = unsafe { STEERED_SOCKS.get_ptr_mut(ctx) };
     if slot.is_null() {

@@ -156,6 +156,35 @@ fn udp_exchange(
     )
 }
 
+/// `count` datagrams from one unconnected UDP socket (Python `sendto`),
+/// each answered: (reply source "ip:port", answering pod) per datagram.
+fn udp_sendto(c: &Cluster, cg: &Cgroup, addr: &str, count: u32) -> Vec<(String, String)> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         for _ in range({count}):\n\
+         \x20   s.sendto(b'hi', ('{addr}', {PORT}))\n\
+         \x20   data, src = s.recvfrom(100)\n\
+         \x20   print(f'{{src[0]}}:{{src[1]}}', data.decode().strip())\n"
+    );
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", &script]);
+    let (status, out) = c
+        .client_ns("client")
+        .spawn(Some(cg), &cmd)
+        .unwrap()
+        .wait_output(Duration::from_secs(15))
+        .unwrap();
+    assert!(status.success(), "python sendto client failed: {out}");
+    out.lines()
+        .map(|l| {
+            let (src, pod) = l.split_once(' ').unwrap();
+            (src.to_string(), pod.to_string())
+        })
+        .collect()
+}
+
 fn answered_only_by(report: &ConnectReport, pods: &[&str]) -> bool {
     report.answers.keys().all(|p| pods.contains(&p.as_str()))
 }
@@ -227,6 +256,19 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
         assert_eq!((src.as_str(), port, peer.as_str()), (addr, PORT, addr));
         assert!(live.contains(&pod.as_str()), "answered by {pod}");
     }
+    // Unconnected UDP (sendto): one pod is chosen for the socket and kept;
+    // every reply comes from the address asked for.
+    let replies = udp_sendto(&cluster, &cg, "10.77.0.99", 3);
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(
+        replies.iter().all(|(src, _)| src == "10.77.0.99:8080"),
+        "{replies:?}"
+    );
+    assert!(
+        replies.iter().all(|(_, pod)| *pod == replies[0].1),
+        "{replies:?}"
+    );
+    assert!(live.contains(&replies[0].1.as_str()), "{replies:?}");
     // Random choice over two pods: 20 tries all on one has p = 2^-19.
     assert_eq!(
         not_ready.answers.len(),
@@ -248,8 +290,9 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
 
     let status = status_json(&bpffs).unwrap();
     let s = steering(&status);
-    // 20 + 10 TCP, and the 2 UDP exchanges.
-    assert_eq!(s["steered_gone"], 32, "{s:?}");
+    // 20 + 10 TCP, the 2 connected UDP exchanges, and 1 unconnected UDP
+    // socket (its choice is made once, not per datagram).
+    assert_eq!(s["steered_gone"], 33, "{s:?}");
     assert_eq!(s["steered_not_eligible"], 20, "{s:?}");
     assert_eq!(s["steered_reused"], 20, "{s:?}");
     assert_eq!(s["kept_pod_name"], 5, "{s:?}");
@@ -276,7 +319,7 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
             .unwrap()
     };
     let steered_in = counter("web-0", "steered_in") + counter("web-1", "steered_in");
-    assert_eq!(steered_in, 72);
+    assert_eq!(steered_in, 73);
     let answers = |pod: &str| -> u64 {
         [&gone, &not_ready, &reused, &gone_v6, &eligible]
             .iter()

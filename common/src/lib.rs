@@ -84,8 +84,11 @@ pub mod program_names {
     /// recvmsg4/6: replies to a steered UDP socket come from that address.
     pub const RECVMSG4: &str = "hw_recvmsg4";
     pub const RECVMSG6: &str = "hw_recvmsg6";
+    /// sendmsg4/6: unconnected UDP datagrams are steered per socket.
+    pub const SENDMSG4: &str = "hw_sendmsg4";
+    pub const SENDMSG6: &str = "hw_sendmsg6";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         DNS_EGRESS,
@@ -94,6 +97,8 @@ pub mod program_names {
         GETPEERNAME6,
         RECVMSG4,
         RECVMSG6,
+        SENDMSG4,
+        SENDMSG6,
     ];
 }
 

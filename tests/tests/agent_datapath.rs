@@ -162,6 +162,8 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
             "hw_getpeer6",
             "hw_recvmsg4",
             "hw_recvmsg6",
+            "hw_sendmsg4",
+            "hw_sendmsg6",
         ]
     );
 
@@ -263,7 +265,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     agent.stop().expect("agent stops cleanly on SIGTERM");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        8,
+        10,
         "links stay pinned"
     );
     connect(&cluster, &cg, "web-2", false, false, 2);
@@ -288,7 +290,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        8,
+        10,
         "no second attachment"
     );
     connect(&cluster, &cg, "web-0", false, false, 1);

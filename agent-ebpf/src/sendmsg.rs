@@ -1,0 +1,62 @@
+//! sendmsg4/sendmsg6: datagrams of unconnected UDP sockets (sendto without
+//! connect). The first datagram to a steered address picks a pod; the
+//! socket keeps that choice for the address afterwards, and recvmsg makes
+//! the replies come from the address asked for (see `transparency`).
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use headway_common::AddrKey;
+
+use crate::{
+    steer::on_sendmsg,
+    transparency::{remember, steered},
+};
+
+/// Return value of a sock_addr hook that lets the call proceed.
+const ALLOW: i32 = 1;
+
+/// Where a datagram to `dst` goes: the socket's earlier choice for it, or
+/// a new decision.
+#[inline(always)]
+fn destination(ctx: &SockAddrContext, dst: &AddrKey) -> Option<AddrKey> {
+    if let Some(s) = steered(ctx)
+        && s.asked == *dst
+    {
+        return Some(s.chosen);
+    }
+    let chosen = on_sendmsg(ctx, dst)?;
+    remember(ctx, dst, &chosen);
+    Some(chosen)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn hw_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: fields of the context the kernel handed us.
+    unsafe {
+        let dst = AddrKey::from_v4_be((*sa).user_ip4);
+        if let Some(new) = destination(&ctx, &dst) {
+            (*sa).user_ip4 = new.addr[3];
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn hw_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: in-bounds accesses, word by word (see connect6).
+    unsafe {
+        let dst = AddrKey::from_v6_words([
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+        ]);
+        if let Some(new) = destination(&ctx, &dst) {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], new.addr[0]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], new.addr[1]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], new.addr[2]);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], new.addr[3]);
+        }
+    }
+    ALLOW
+}
