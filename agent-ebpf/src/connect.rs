@@ -13,6 +13,17 @@ use crate::{
 /// Return value of a sock_addr hook that lets the call proceed.
 const ALLOW: i32 = 1;
 
+const IPPROTO_UDP: u32 = 17;
+
+/// A UDP socket can connect again, elsewhere: drop what an earlier
+/// steering left. A TCP socket connects once, so it skips the lookup.
+#[inline(always)]
+fn forget_if_udp(ctx: &SockAddrContext, protocol: u32) {
+    if protocol == IPPROTO_UDP {
+        forget(ctx);
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
@@ -24,7 +35,7 @@ pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
                 remember(&ctx, &dst, &new);
                 (*sa).user_ip4 = new.addr[3];
             }
-            None => forget(&ctx),
+            None => forget_if_udp(&ctx, (*sa).protocol),
         }
     }
     ALLOW
@@ -45,7 +56,7 @@ pub fn hw_connect6(ctx: SockAddrContext) -> i32 {
         ];
         let dst = AddrKey::from_v6_words(words);
         let Some(new) = on_connect(&ctx, &dst, (*sa).protocol) else {
-            forget(&ctx);
+            forget_if_udp(&ctx, (*sa).protocol);
             return ALLOW;
         };
         remember(&ctx, &dst, &new);
