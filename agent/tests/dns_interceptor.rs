@@ -11,8 +11,7 @@
 //! Addresses in the frames (10.77.x, fd77::) are bytes handed to the
 //! program in memory; BPF_PROG_TEST_RUN sends nothing anywhere.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -38,8 +37,6 @@ const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x53);
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-/// `SO_NETNS_COOKIE` from asm-generic/socket.h (not in every libc crate).
-const SO_NETNS_COOKIE: libc::c_int = 71;
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 
@@ -238,26 +235,7 @@ const COUNTER_NAMES: [(&str, u32); 13] = [
 /// owned by a socket in the caller's namespace, so this is the cookie the
 /// programs see (checked by `egress_records_the_query_in_flight`).
 fn netns_cookie() -> u64 {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a loopback socket");
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket and an out buffer of the size given.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    assert_eq!(
-        ret,
-        0,
-        "SO_NETNS_COOKIE: {}",
-        std::io::Error::last_os_error()
-    );
-    cookie
+    headway::netns::current_netns_cookie().expect("SO_NETNS_COOKIE")
 }
 
 fn addr_key(addr: IpAddr) -> AddrKey {

@@ -15,7 +15,7 @@
 //!   per-call cost (reading the clock around the run); that cost is
 //!   estimated as single-run median minus repeat mean of the non-DNS
 //!   packet and is subtracted in the "net" column.
-use std::{net::Ipv4Addr, os::fd::AsRawFd, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, bail};
 use aya::{
@@ -43,8 +43,6 @@ const QUERY_ID: u16 = 0x4242;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 53);
 const CLIENT_PORT: u16 = 40_000;
-/// `SO_NETNS_COOKIE` from asm-generic/socket.h.
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -281,23 +279,7 @@ impl Bench {
 }
 
 fn netns_cookie() -> anyhow::Result<u64> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket and an out buffer of the size given.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error()).context("SO_NETNS_COOKIE");
-    }
-    Ok(cookie)
+    headway::netns::current_netns_cookie().context("SO_NETNS_COOKIE")
 }
 
 fn addr_key(ip: Ipv4Addr) -> AddrKey {
