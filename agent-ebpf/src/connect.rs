@@ -6,6 +6,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
 use crate::{
+    sock_addr::{set_user_ip6, user_ip6},
     steer::on_connect,
     transparency::{forget, remember},
 };
@@ -44,27 +45,15 @@ pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn hw_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // The verifier wants each word of user_ip6 read and written on its
-    // own, at a fixed offset (a whole-array copy is rejected).
-    // SAFETY: in-bounds accesses to the context the kernel handed us.
+    // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
     unsafe {
-        let words = [
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
-        ];
-        let dst = AddrKey::from_v6_words(words);
-        let Some(new) = on_connect(&ctx, &dst, (*sa).protocol) else {
-            forget_if_udp(&ctx, (*sa).protocol);
-            return ALLOW;
-        };
-        remember(&ctx, &dst, &new);
-        {
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], new.addr[0]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], new.addr[1]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], new.addr[2]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], new.addr[3]);
+        let dst = user_ip6(sa);
+        match on_connect(&ctx, &dst, (*sa).protocol) {
+            Some(new) => {
+                remember(&ctx, &dst, &new);
+                set_user_ip6(sa, &new);
+            }
+            None => forget_if_udp(&ctx, (*sa).protocol),
         }
     }
     ALLOW

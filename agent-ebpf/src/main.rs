@@ -10,6 +10,7 @@ mod connect;
 mod dns;
 mod maps;
 mod sendmsg;
+mod sock_addr;
 mod steer;
 mod transparency;
 

@@ -6,6 +6,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
 use crate::{
+    sock_addr::{set_user_ip6, user_ip6},
     steer::on_sendmsg,
     transparency::{remember, steered},
 };
@@ -43,19 +44,10 @@ pub fn hw_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn hw_sendmsg6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: in-bounds accesses, word by word (see connect6).
+    // SAFETY: the context the kernel handed us.
     unsafe {
-        let dst = AddrKey::from_v6_words([
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
-        ]);
-        if let Some(new) = destination(&ctx, &dst) {
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], new.addr[0]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], new.addr[1]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], new.addr[2]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], new.addr[3]);
+        if let Some(new) = destination(&ctx, &user_ip6(sa)) {
+            set_user_ip6(sa, &new);
         }
     }
     ALLOW

@@ -5,7 +5,10 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::{AddrKey, SteeredSocket};
 
-use crate::maps::STEERED_SOCKS;
+use crate::{
+    maps::STEERED_SOCKS,
+    sock_addr::{set_user_ip6, user_ip6},
+};
 
 /// Return value of a sock_addr hook that lets the call proceed.
 const ALLOW: i32 = 1;
@@ -70,28 +73,18 @@ fn rewrite_v4(ctx: &SockAddrContext) {
     }
 }
 
-/// IPv6: word by word (a whole-array access is rejected by the verifier).
+/// IPv6: the same, through `sock_addr`'s word-by-word accessors.
 #[inline(always)]
 fn rewrite_v6(ctx: &SockAddrContext) {
     let Some(s) = steered(ctx) else {
         return;
     };
     let sa = ctx.sock_addr;
-    // SAFETY: in-bounds accesses to the context the kernel handed us.
+    // SAFETY: the context the kernel handed us.
     unsafe {
-        let current = [
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
-        ];
-        if current != s.chosen.addr {
-            return;
+        if user_ip6(sa) == s.chosen {
+            set_user_ip6(sa, &s.asked);
         }
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], s.asked.addr[0]);
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], s.asked.addr[1]);
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], s.asked.addr[2]);
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], s.asked.addr[3]);
     }
 }
 

@@ -119,6 +119,21 @@ fn connect(c: &Cluster, client: &str, cg: &Cgroup, addr: &str, count: u32) -> Co
     report
 }
 
+/// Runs a Python script as a client (its namespace and the test cgroup)
+/// and returns what it printed; panics if it fails.
+fn python_in_client(c: &Cluster, cg: &Cgroup, script: &str) -> String {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script]);
+    let (status, out) = c
+        .client_ns("client")
+        .spawn(Some(cg), &cmd)
+        .unwrap()
+        .wait_output(Duration::from_secs(15))
+        .unwrap();
+    assert!(status.success(), "python client failed: {out}");
+    out
+}
+
 /// One request/response over a connected UDP socket from the client, in
 /// Python (a real client that is not ours): returns the reply's source
 /// address and port, the answering pod, and getpeername's address.
@@ -137,15 +152,7 @@ fn udp_exchange(
          data, src = s.recvfrom(100)\n\
          print(src[0], src[1], data.decode().strip(), s.getpeername()[0])\n"
     );
-    let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", &script]);
-    let (status, out) = c
-        .client_ns("client")
-        .spawn(Some(cg), &cmd)
-        .unwrap()
-        .wait_output(Duration::from_secs(10))
-        .unwrap();
-    assert!(status.success(), "python UDP client failed: {out}");
+    let out = python_in_client(c, cg, &script);
     let f: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(f.len(), 4, "{out}");
     (
@@ -168,15 +175,7 @@ fn udp_sendto(c: &Cluster, cg: &Cgroup, addr: &str, count: u32) -> Vec<(String, 
          \x20   data, src = s.recvfrom(100)\n\
          \x20   print(f'{{src[0]}}:{{src[1]}}', data.decode().strip())\n"
     );
-    let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", &script]);
-    let (status, out) = c
-        .client_ns("client")
-        .spawn(Some(cg), &cmd)
-        .unwrap()
-        .wait_output(Duration::from_secs(15))
-        .unwrap();
-    assert!(status.success(), "python sendto client failed: {out}");
+    let out = python_in_client(c, cg, &script);
     out.lines()
         .map(|l| {
             let (src, pod) = l.split_once(' ').unwrap();

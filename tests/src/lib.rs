@@ -99,6 +99,25 @@ pub(crate) fn sanitize(name: &str, max: usize) -> String {
     name.chars().map(clean).take(max).collect()
 }
 
+/// A server socket on `addr` (TCP or UDP by `ty`), with SO_REUSEADDR and,
+/// for `::`, dual-stack whatever net.ipv6.bindv6only says. Shared by the
+/// `headway-peer` and `headway-dns` servers.
+pub fn bind_server(
+    addr: std::net::SocketAddr,
+    ty: socket2::Type,
+) -> anyhow::Result<socket2::Socket> {
+    use anyhow::Context;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    Ok(socket)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use headway_testbed::dns::{RawExchange, ZoneFile, in_named_netns, to_hex};
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::{Name, RecordType};
-use socket2::{Domain, Socket, Type};
+use socket2::Type;
 
 /// A TCP client gets this long for each message before we hang up.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -109,8 +109,8 @@ type Shared = Arc<Mutex<ZoneFile>>;
 
 fn serve(zone: &Path, listen: SocketAddr) -> Result<()> {
     let zone: Shared = Arc::new(Mutex::new(ZoneFile::open(zone)?));
-    let udp: UdpSocket = bind(listen, Type::DGRAM)?.into();
-    let tcp = bind(listen, Type::STREAM)?;
+    let udp: UdpSocket = headway_testbed::bind_server(listen, Type::DGRAM)?.into();
+    let tcp = headway_testbed::bind_server(listen, Type::STREAM)?;
     tcp.listen(64)?;
     let tcp: TcpListener = tcp.into();
     let tcp_zone = Arc::clone(&zone);
@@ -119,19 +119,6 @@ fn serve(zone: &Path, listen: SocketAddr) -> Result<()> {
     io::stdout().flush()?;
     serve_udp(&udp, &zone);
     Ok(())
-}
-
-fn bind(addr: SocketAddr, ty: Type) -> Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // Dual-stack regardless of net.ipv6.bindv6only.
-        socket.set_only_v6(false)?;
-    }
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding {addr}"))?;
-    Ok(socket)
 }
 
 /// The reply to one message, logging the query and any reload error.

@@ -11,11 +11,11 @@ use std::net::{
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{ArgGroup, Parser, Subcommand};
 use headway_testbed::dns::in_named_netns;
 use headway_testbed::{ConnectReport, NamedConnectReport, ResolveReport};
-use socket2::{Domain, Socket, Type};
+use socket2::Type;
 
 /// Per-step timeout of a connect attempt (connect, then the answer).
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -141,7 +141,7 @@ fn main() -> Result<()> {
 fn serve(name: &str, addr: SocketAddr) -> Result<()> {
     let reply = format!("{name}\n").into_bytes();
     let tcp = listen_tcp(addr)?;
-    let udp: UdpSocket = bind(addr, Type::DGRAM)?.into();
+    let udp: UdpSocket = headway_testbed::bind_server(addr, Type::DGRAM)?.into();
     let udp_reply = reply.clone();
     thread::spawn(move || serve_udp(&udp, &udp_reply));
     // Both sockets are bound: tell the test bed it may start clients.
@@ -152,22 +152,9 @@ fn serve(name: &str, addr: SocketAddr) -> Result<()> {
 }
 
 fn listen_tcp(addr: SocketAddr) -> Result<TcpListener> {
-    let socket = bind(addr, Type::STREAM)?;
+    let socket = headway_testbed::bind_server(addr, Type::STREAM)?;
     socket.listen(128)?;
     Ok(socket.into())
-}
-
-fn bind(addr: SocketAddr, ty: Type) -> Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // Dual-stack regardless of net.ipv6.bindv6only.
-        socket.set_only_v6(false)?;
-    }
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("binding {addr}"))?;
-    Ok(socket)
 }
 
 fn serve_tcp(listener: &TcpListener, reply: &[u8]) {
