@@ -6,8 +6,8 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
 use crate::{
-    sock_addr::{set_user_ip6, user_ip6},
-    steer::on_connect,
+    sock_addr::{set_user_ip6, user_ip6, user_port},
+    steer::{Request, on_connect},
     transparency::{forget, remember},
 };
 
@@ -30,13 +30,17 @@ pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
     unsafe {
-        let dst = AddrKey::from_v4_be((*sa).user_ip4);
-        match on_connect(&ctx, &dst, (*sa).protocol) {
+        let req = Request {
+            dst: AddrKey::from_v4_be((*sa).user_ip4),
+            port: user_port(sa),
+            protocol: (*sa).protocol,
+        };
+        match on_connect(&ctx, &req) {
             Some(new) => {
-                remember(&ctx, &dst, &new);
+                remember(&ctx, &req.dst, &new);
                 (*sa).user_ip4 = new.addr[3];
             }
-            None => forget_if_udp(&ctx, (*sa).protocol),
+            None => forget_if_udp(&ctx, req.protocol),
         }
     }
     ALLOW
@@ -47,13 +51,17 @@ pub fn hw_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
     unsafe {
-        let dst = user_ip6(sa);
-        match on_connect(&ctx, &dst, (*sa).protocol) {
+        let req = Request {
+            dst: user_ip6(sa),
+            port: user_port(sa),
+            protocol: (*sa).protocol,
+        };
+        match on_connect(&ctx, &req) {
             Some(new) => {
-                remember(&ctx, &dst, &new);
+                remember(&ctx, &req.dst, &new);
                 set_user_ip6(sa, &new);
             }
-            None => forget_if_udp(&ctx, (*sa).protocol),
+            None => forget_if_udp(&ctx, req.protocol),
         }
     }
     ALLOW

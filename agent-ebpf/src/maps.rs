@@ -6,9 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use headway_common::{
-    AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
+    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
     PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, SteeredSocket, capacity, dns_counter, steer_counter,
+    ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket, capacity, dns_counter,
+    steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -55,7 +56,11 @@ pub static DNS_COUNTERS: PerCpuArray<u64, { dns_counter::COUNT as usize }> = Per
 // Steering: eligible pods per service and family, the agent's settings, and
 // what the connect hooks decided.
 #[btf_map(name = "svc_backends")]
-pub static SVC_BACKENDS: HashMap<BackendKey, AddrKey, { capacity::SVC_BACKENDS as usize }> =
+pub static SVC_BACKENDS: HashMap<BackendKey, Backend, { capacity::SVC_BACKENDS as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "svc_ports")]
+pub static SVC_PORTS: HashMap<ServicePortKey, u32, { capacity::SVC_PORTS as usize }> =
     HashMap::new();
 
 #[btf_map(name = "config")]

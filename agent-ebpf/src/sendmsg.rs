@@ -6,10 +6,12 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
 use crate::{
-    sock_addr::{set_user_ip6, user_ip6},
-    steer::on_sendmsg,
+    sock_addr::{set_user_ip6, user_ip6, user_port},
+    steer::{Request, on_sendmsg},
     transparency::{remember, steered},
 };
+
+const IPPROTO_UDP: u32 = 17;
 
 /// Return value of a sock_addr hook that lets the call proceed.
 const ALLOW: i32 = 1;
@@ -17,14 +19,19 @@ const ALLOW: i32 = 1;
 /// Where a datagram to `dst` goes: the socket's earlier choice for it, or
 /// a new decision.
 #[inline(always)]
-fn destination(ctx: &SockAddrContext, dst: &AddrKey) -> Option<AddrKey> {
+fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey> {
     if let Some(s) = steered(ctx)
-        && s.asked == *dst
+        && s.asked == dst
     {
         return Some(s.chosen);
     }
-    let chosen = on_sendmsg(ctx, dst)?;
-    remember(ctx, dst, &chosen);
+    let req = Request {
+        dst,
+        port,
+        protocol: IPPROTO_UDP,
+    };
+    let chosen = on_sendmsg(ctx, &req)?;
+    remember(ctx, &dst, &chosen);
     Some(chosen)
 }
 
@@ -34,7 +41,7 @@ pub fn hw_sendmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: fields of the context the kernel handed us.
     unsafe {
         let dst = AddrKey::from_v4_be((*sa).user_ip4);
-        if let Some(new) = destination(&ctx, &dst) {
+        if let Some(new) = destination(&ctx, dst, user_port(sa)) {
             (*sa).user_ip4 = new.addr[3];
         }
     }
@@ -46,7 +53,7 @@ pub fn hw_sendmsg6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context the kernel handed us.
     unsafe {
-        if let Some(new) = destination(&ctx, &user_ip6(sa)) {
+        if let Some(new) = destination(&ctx, user_ip6(sa), user_port(sa)) {
             set_user_ip6(sa, &new);
         }
     }

@@ -1,52 +1,90 @@
 //! The connect-time decision (product.md, "Semantics"): leave the
 //! connection alone, account it, or steer it to an eligible pod of the
-//! service whose name the client resolved. Four small steps: what did this
-//! client learn about the address, may it be steered, is the address still
-//! eligible for that service, and which pod instead. Anything unexpected
-//! leaves the destination as the client asked (fail open).
+//! service whose name the client resolved. The steps: what did this client
+//! learn about the address, may it be steered at all (name kind, host
+//! netns, policy, port), is the address still eligible for that service,
+//! does the policy want a choice, and which pod. Anything unexpected leaves
+//! the destination as the client asked (fail open).
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32},
 };
 use headway_common::{
-    AddrKey, BackendKey, ObservationKey, ServiceEndpointKey, config_flags, endpoint_flags,
-    name_kind, policy, steer_counter,
+    AddrKey, Backend, BackendKey, ObservationKey, ServiceEndpointKey, ServiceMeta, ServicePortKey,
+    config_flags, endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
 };
 
 use crate::{
     accounting::{count_connect, count_decision, count_steer, pod_of},
-    maps::{CONFIG, DNS_OBS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS},
+    maps::{CONFIG, DNS_OBS, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
 };
 
-/// Accounts a connect() to `dst` and returns the address to use instead,
-/// if the connection is steered.
+const IPPROTO_UDP: u32 = 17;
+
+/// A connect() or datagram as the hook saw it.
+pub struct Request {
+    pub dst: AddrKey,
+    /// Destination port, host byte order.
+    pub port: u16,
+    pub protocol: u32,
+}
+
+/// A pod the policy chose for a request (possibly the one asked for).
+struct Choice {
+    backend: Backend,
+    /// The chosen address differs from the one asked for.
+    moved: bool,
+}
+
+/// Accounts a connect() and returns the address to use instead, if the
+/// connection is steered elsewhere.
 #[inline(always)]
-pub fn on_connect<C: EbpfContext>(ctx: &C, dst: &AddrKey, protocol: u32) -> Option<AddrKey> {
-    let pod = pod_of(dst);
-    match decide(ctx, dst, pod, true) {
-        Some((new_addr, new_pod)) => {
-            count_connect(new_pod, protocol);
-            count_steer(pod, new_pod);
-            Some(new_addr)
+pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+    let pod = pod_of(&req.dst);
+    match decide(ctx, req, pod, true) {
+        Some(c) if c.moved => {
+            count_connect(c.backend.pod_id, req.protocol);
+            count_steer(pod, c.backend.pod_id);
+            Some(c.backend.addr)
+        }
+        Some(c) => {
+            count_connect(pod.unwrap_or(c.backend.pod_id), req.protocol);
+            None
         }
         None => {
             if let Some(pod_id) = pod {
-                count_connect(pod_id, protocol);
+                count_connect(pod_id, req.protocol);
             }
             None
         }
     }
 }
 
+/// sendmsg on an unconnected UDP socket: a datagram to `req.dst`. Returns
+/// the pod the socket should keep using for that address when the policy
+/// made a choice (even the address asked for, so that later datagrams stick
+/// to it). Only a choice is counted (as one UDP connection), not every
+/// datagram.
+#[inline(always)]
+pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+    let pod = pod_of(&req.dst);
+    let c = decide(ctx, req, pod, false)?;
+    count_connect(c.backend.pod_id, IPPROTO_UDP);
+    if c.moved {
+        count_steer(pod, c.backend.pod_id);
+    }
+    Some(c.backend.addr)
+}
+
 #[inline(always)]
 fn decide<C: EbpfContext>(
     ctx: &C,
-    dst: &AddrKey,
+    req: &Request,
     pod: Option<u32>,
     count_kept: bool,
-) -> Option<(AddrKey, u32)> {
-    // Decisions that leave the destination alone are counted per connect,
-    // not per datagram (`count_kept` is false for sendmsg).
+) -> Option<Choice> {
+    // Decisions that make no choice are counted per connect, not per
+    // datagram (`count_kept` is false for sendmsg).
     let kept = |service: Option<u32>, reason: u32| {
         if count_kept {
             count_decision(service, reason);
@@ -56,7 +94,7 @@ fn decide<C: EbpfContext>(
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = ObservationKey {
         netns_cookie,
-        addr: *dst,
+        addr: req.dst,
     };
     // SAFETY: copied out at once.
     let Some(obs) = (unsafe { DNS_OBS.get(&key) }).copied() else {
@@ -67,80 +105,131 @@ fn decide<C: EbpfContext>(
         }
         return None;
     };
+    let service_id = obs.service_id;
     if obs.kind != name_kind::SERVICE {
-        kept(Some(obs.service_id), steer_counter::KEPT_POD_NAME);
+        kept(Some(service_id), steer_counter::KEPT_POD_NAME);
         return None;
     }
     if is_host_netns(netns_cookie) {
-        kept(Some(obs.service_id), steer_counter::KEPT_HOST_NETNS);
+        kept(Some(service_id), steer_counter::KEPT_HOST_NETNS);
         return None;
     }
     // SAFETY: copied out at once.
-    let service = (unsafe { SERVICES.get(obs.service_id) }).copied()?;
+    let service = (unsafe { SERVICES.get(service_id) }).copied()?;
     if service.policy == policy::OBSERVE {
-        kept(Some(obs.service_id), steer_counter::KEPT_OBSERVE);
+        kept(Some(service_id), steer_counter::KEPT_OBSERVE);
+        return None;
+    }
+    if !port_declared(service_id, &service, req) {
+        kept(Some(service_id), steer_counter::KEPT_PORT);
         return None;
     }
 
-    // Failover: only an address that is no longer eligible for the service
-    // the client resolved moves.
+    // Is the address still an eligible pod of the service it was resolved
+    // for? If not, why not.
     let member = ServiceEndpointKey {
-        service_id: obs.service_id,
+        service_id,
         _pad: 0,
-        addr: *dst,
+        addr: req.dst,
     };
     // SAFETY: copied out at once.
     let reason = match (unsafe { SVC_ENDPOINTS.get(&member) }).copied() {
-        Some(ep) if ep.flags & endpoint_flags::ELIGIBLE != 0 => return None,
+        Some(ep) if ep.flags & endpoint_flags::ELIGIBLE != 0 => {
+            if service.policy == policy::FAILOVER {
+                kept(Some(service_id), steer_counter::KEPT_ELIGIBLE);
+                return None;
+            }
+            steer_counter::STEERED_BALANCED
+        }
         Some(_) => steer_counter::STEERED_NOT_ELIGIBLE,
         None if pod.is_some() => steer_counter::STEERED_REUSED,
         None => steer_counter::STEERED_GONE,
     };
 
-    let (family, count) = if is_v4_mapped(dst) {
-        (4, service.backends_v4)
-    } else {
-        (6, service.backends_v6)
+    let Some(backend) = choose(service_id, &service, is_v4_mapped(&req.dst)) else {
+        kept(Some(service_id), steer_counter::NO_ELIGIBLE_POD);
+        return None;
     };
-    if count == 0 {
-        kept(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
+    let moved = backend.addr != req.dst;
+    let reason = if moved {
+        reason
+    } else {
+        steer_counter::KEPT_BALANCED
+    };
+    count_decision(Some(service_id), reason);
+    Some(Choice { backend, moved })
+}
+
+/// Whether `req` goes to a port the service declares (always, when it
+/// declares none).
+#[inline(always)]
+fn port_declared(service_id: u32, service: &ServiceMeta, req: &Request) -> bool {
+    if service.flags & service_flags::PORTS_DECLARED == 0 {
+        return true;
+    }
+    let key = ServicePortKey {
+        service_id,
+        port: req.port,
+        protocol: req.protocol as u8,
+        _pad: 0,
+    };
+    // SAFETY: only presence is checked.
+    unsafe { SVC_PORTS.get(&key) }.is_some()
+}
+
+/// Draws a pod from the service's choice table for the address family: the
+/// preferred (same node/zone) table when it has slots, else the one over
+/// every eligible pod. Weights are already in the table (a pod holds slots
+/// in proportion to its weight). `least-connections` draws two distinct
+/// slots and keeps the pod with fewer active connections on this node.
+#[inline(always)]
+fn choose(service_id: u32, service: &ServiceMeta, v4: bool) -> Option<Backend> {
+    let (family, all, preferred) = if v4 {
+        (4, service.backends_v4, service.preferred_v4)
+    } else {
+        (6, service.backends_v6, service.preferred_v6)
+    };
+    let (base, n) = if preferred > 0 && service.topology != topology::NONE {
+        (all, preferred)
+    } else {
+        (0, all)
+    };
+    if n == 0 {
         return None;
     }
     // SAFETY: plain helper call.
-    let slot = unsafe { bpf_get_prandom_u32() } % count;
-    let backend = BackendKey {
-        service_id: obs.service_id,
+    let first_slot = unsafe { bpf_get_prandom_u32() } % n;
+    let first = backend(service_id, family, base + first_slot)?;
+    if service.policy != policy::LEAST_CONNECTIONS || n < 2 {
+        return Some(first);
+    }
+    // SAFETY: plain helper call.
+    let offset = 1 + unsafe { bpf_get_prandom_u32() } % (n - 1);
+    let second = backend(service_id, family, base + (first_slot + offset) % n)?;
+    if active_connections(second.pod_id) < active_connections(first.pod_id) {
+        Some(second)
+    } else {
+        Some(first)
+    }
+}
+
+/// A slot of a choice table. A slot past the table (mid-update) fails open.
+#[inline(always)]
+fn backend(service_id: u32, family: u32, slot: u32) -> Option<Backend> {
+    let key = BackendKey {
+        service_id,
         family,
         slot,
     };
-    // A slot past the table (mid-update) or an address without a pod both
-    // fail open.
     // SAFETY: copied out at once.
-    let Some(new_addr) = (unsafe { SVC_BACKENDS.get(&backend) }).copied() else {
-        kept(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
-        return None;
-    };
-    let Some(new_pod) = pod_of(&new_addr) else {
-        kept(Some(obs.service_id), steer_counter::NO_ELIGIBLE_POD);
-        return None;
-    };
-    count_decision(Some(obs.service_id), reason);
-    Some((new_addr, new_pod))
+    unsafe { SVC_BACKENDS.get(&key) }.copied()
 }
 
-/// sendmsg on an unconnected UDP socket: a datagram to `dst`. Returns the
-/// address to send to instead, if steered; only a steering is counted (as
-/// one UDP connection to the chosen pod), not every datagram.
+/// Established TCP connections from this node to the pod.
 #[inline(always)]
-pub fn on_sendmsg<C: EbpfContext>(ctx: &C, dst: &AddrKey) -> Option<AddrKey> {
-    let pod = pod_of(dst);
-    let (new_addr, new_pod) = decide(ctx, dst, pod, false)?;
-    count_connect(new_pod, IPPROTO_UDP);
-    count_steer(pod, new_pod);
-    Some(new_addr)
+fn active_connections(pod_id: u32) -> u64 {
+    POD_STATS.get(pod_id).map_or(0, |c| c.active_tcp)
 }
-
-const IPPROTO_UDP: u32 = 17;
 
 #[inline(always)]
 fn is_host_netns(netns_cookie: u64) -> bool {

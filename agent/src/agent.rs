@@ -66,6 +66,9 @@ pub struct AgentConfig {
     pub steer_host_netns: bool,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: SocketAddr,
+    /// This agent's node (for `prefer-node`; its Node object's zone label
+    /// serves `prefer-zone`).
+    pub node_name: Option<String>,
 }
 
 /// Runs until a termination signal arrives.
@@ -159,6 +162,8 @@ impl Syncer {
             settings: PlanSettings {
                 default_policy: cfg.default_policy,
                 cluster_domain: cfg.cluster_domain.clone(),
+                node_name: cfg.node_name.clone(),
+                zone: None,
             },
             namespaces: cfg.namespaces.clone(),
             last_good: Default::default(),
@@ -187,6 +192,11 @@ impl Syncer {
 
     fn sync(&mut self, objects: &Objects) {
         let started = Instant::now();
+        self.settings.zone = self
+            .settings
+            .node_name
+            .as_deref()
+            .and_then(|node| model::node_zone(&objects.nodes, node));
         let (mut desired, warnings) =
             model::desired_state(&objects.services, &objects.slices, &objects.pods);
         for w in &warnings {

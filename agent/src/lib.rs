@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod choice_table;
 pub mod datapath;
 pub mod http;
 pub mod map_plan;

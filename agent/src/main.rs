@@ -86,6 +86,10 @@ struct AgentArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "HEADWAY_METRICS_ADDR", default_value = "0.0.0.0:9970")]
     metrics_addr: std::net::SocketAddr,
+    /// The node this agent runs on (for `headway.dev/topology`; its Node
+    /// object's `topology.kubernetes.io/zone` label gives the zone).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -118,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 cluster_domain: args.cluster_domain,
                 steer_host_netns: args.steer_host_netns,
                 metrics_addr: args.metrics_addr,
+                node_name: args.node_name,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

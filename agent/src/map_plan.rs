@@ -11,12 +11,15 @@ use std::{
 };
 
 use headway_common::{
-    AddrKey, BackendKey, EndpointState, NAMESPACE_LEN, NameEntry, POD_NAME_LEN, PodMeta, PodRef,
-    SERVICE_NAME_LEN, ServiceEndpointKey, ServiceMeta, dns_name_hash, endpoint_flags, name_kind,
-    policy, topology,
+    AddrKey, Backend, BackendKey, EndpointState, NAMESPACE_LEN, NameEntry, POD_NAME_LEN, PodMeta,
+    PodRef, SERVICE_NAME_LEN, ServiceEndpointKey, ServiceMeta, ServicePortKey, dns_name_hash,
+    endpoint_flags, name_kind, policy, service_flags, topology,
 };
 
-use crate::model::{DesiredState, Endpoint, PodKey, Policy, ServiceKey, ServiceSpec, Topology};
+use crate::{
+    choice_table::{self, FamilyTables, Locality},
+    model::{DesiredState, Endpoint, PodKey, Policy, ServiceKey, ServiceSpec, Topology},
+};
 
 /// Everything the agent owns in the maps (the kernel owns `pod_stats`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -25,7 +28,9 @@ pub struct MapContents {
     pub pods: BTreeMap<u32, PodMeta>,
     pub pod_addrs: BTreeMap<AddrKey, PodRef>,
     pub svc_endpoints: BTreeMap<ServiceEndpointKey, EndpointState>,
-    pub svc_backends: BTreeMap<BackendKey, AddrKey>,
+    pub svc_backends: BTreeMap<BackendKey, Backend>,
+    /// The ports each service declares (value unused).
+    pub svc_ports: BTreeMap<ServicePortKey, u32>,
     /// name hash → service and kind of name.
     pub dns_names: BTreeMap<u64, NameEntry>,
 }
@@ -36,6 +41,11 @@ pub struct PlanSettings {
     pub default_policy: Policy,
     /// `cluster.local` unless the cluster says otherwise.
     pub cluster_domain: String,
+    /// This agent's node, for `prefer-node` (none: nothing is preferred).
+    pub node_name: Option<String>,
+    /// This node's zone (label `topology.kubernetes.io/zone`), for
+    /// `prefer-zone`.
+    pub zone: Option<String>,
 }
 
 /// Id assignment for services and pods.
@@ -115,19 +125,42 @@ pub fn plan(desired: &DesiredState, settings: &PlanSettings, ids: &mut Ids) -> M
         .collect();
     ids.retain(&live_services, &live_pods);
 
+    let locality = Locality {
+        node_name: settings.node_name.clone(),
+        zone: settings.zone.clone(),
+    };
     let mut out = MapContents::default();
     for svc in desired.services.values() {
         let service_id = ids.service(&svc.key);
-        let (backends_v4, backends_v6) = plan_backends(svc, service_id, &mut out.svc_backends);
+        let policy = svc.policy.unwrap_or(settings.default_policy);
+        let pod_ids: BTreeMap<IpAddr, u32> = svc
+            .endpoints
+            .values()
+            .map(|ep| (ep.addr, ids.pod(&pod_key(&svc.key, ep))))
+            .collect();
+        let (v4, v6) = choice_table::tables(svc, policy, &locality);
+        let (backends_v4, preferred_v4) =
+            plan_backends(service_id, 4, &v4, &pod_ids, &mut out.svc_backends);
+        let (backends_v6, preferred_v6) =
+            plan_backends(service_id, 6, &v6, &pod_ids, &mut out.svc_backends);
+        let ports_declared = plan_ports(svc, service_id, &mut out.svc_ports);
         out.services.insert(
             service_id,
             ServiceMeta {
                 namespace: encode_name::<NAMESPACE_LEN>(&svc.key.namespace),
                 name: encode_name::<SERVICE_NAME_LEN>(&svc.key.name),
-                policy: policy_value(svc.policy.unwrap_or(settings.default_policy)),
+                policy: policy_value(policy),
                 topology: topology_value(svc.topology),
                 backends_v4,
                 backends_v6,
+                preferred_v4,
+                preferred_v6,
+                flags: if ports_declared {
+                    service_flags::PORTS_DECLARED
+                } else {
+                    0
+                },
+                _pad: 0,
             },
         );
         plan_names(
@@ -138,7 +171,7 @@ pub fn plan(desired: &DesiredState, settings: &PlanSettings, ids: &mut Ids) -> M
         );
         for ep in svc.endpoints.values() {
             let pod = pod_key(&svc.key, ep);
-            let pod_id = ids.pod(&pod);
+            let pod_id = pod_ids[&ep.addr];
             out.pods.insert(
                 pod_id,
                 PodMeta {
@@ -193,29 +226,51 @@ pub fn key_addr(key: &AddrKey) -> IpAddr {
     }
 }
 
-/// Fills `svc_backends` with the service's eligible addresses, per family,
-/// in address order (stable slots, so an unrelated change moves nothing).
-/// Returns the IPv4 and IPv6 counts.
+/// Writes one family's choice tables into `svc_backends`: the table over
+/// all eligible pods in slots `0..all`, the preferred one right after it.
+/// Returns the two slot counts.
 fn plan_backends(
-    svc: &ServiceSpec,
     service_id: u32,
-    out: &mut BTreeMap<BackendKey, AddrKey>,
+    family: u32,
+    tables: &FamilyTables<'_>,
+    pod_ids: &BTreeMap<IpAddr, u32>,
+    out: &mut BTreeMap<BackendKey, Backend>,
 ) -> (u32, u32) {
-    let mut counts = (0u32, 0u32);
-    for ep in svc.eligible_endpoints() {
-        let (family, slot) = match ep.addr {
-            IpAddr::V4(_) => (4, &mut counts.0),
-            IpAddr::V6(_) => (6, &mut counts.1),
-        };
+    let slots = tables.all.iter().chain(&tables.preferred);
+    for (slot, ep) in (0u32..).zip(slots) {
         let key = BackendKey {
             service_id,
             family,
-            slot: *slot,
+            slot,
         };
-        out.insert(key, addr_key(ep.addr));
-        *slot += 1;
+        let backend = Backend {
+            addr: addr_key(ep.addr),
+            pod_id: pod_ids[&ep.addr],
+            _pad: 0,
+        };
+        out.insert(key, backend);
     }
-    counts
+    (tables.all.len() as u32, tables.preferred.len() as u32)
+}
+
+/// Writes the ports the service declares into `svc_ports`. Returns whether
+/// it declares any (then only those are steered).
+fn plan_ports(svc: &ServiceSpec, service_id: u32, out: &mut BTreeMap<ServicePortKey, u32>) -> bool {
+    for port in &svc.ports {
+        let protocol = match port.protocol.as_str() {
+            "UDP" => 17,
+            "SCTP" => 132,
+            _ => 6,
+        };
+        let key = ServicePortKey {
+            service_id,
+            port: port.port,
+            protocol,
+            _pad: 0,
+        };
+        out.insert(key, 0);
+    }
+    !svc.ports.is_empty()
 }
 
 /// The names CoreDNS serves for a headless service: the service-wide name,
@@ -331,6 +386,8 @@ mod tests {
         PlanSettings {
             default_policy: policy,
             cluster_domain: "cluster.local".into(),
+            node_name: None,
+            zone: None,
         }
     }
 
@@ -465,7 +522,7 @@ mod tests {
         let slots: Vec<(u32, u32, IpAddr)> = plan
             .svc_backends
             .iter()
-            .map(|(k, a)| (k.family, k.slot, key_addr(a)))
+            .map(|(k, b)| (k.family, k.slot, key_addr(&b.addr)))
             .collect();
         assert_eq!(
             slots,

@@ -106,9 +106,11 @@ impl MapWriter {
                 });
             }
         }
-        // Backend slots before the counts (in `services`) that reach them;
-        // what the kernel looks up last, once everything it points to exists.
+        // Backend slots and ports before the service entry whose counts and
+        // flags reach them; what the kernel looks up last, once everything
+        // it points to exists.
         step!(upsert, svc_backends, map_names::SVC_BACKENDS);
+        step!(upsert, svc_ports, map_names::SVC_PORTS);
         step!(upsert, services, map_names::SERVICES);
         step!(upsert, svc_endpoints, map_names::SVC_ENDPOINTS);
         step!(upsert, pod_addrs, map_names::POD_ADDRS);
@@ -121,6 +123,7 @@ impl MapWriter {
         step!(remove_stale, svc_endpoints, map_names::SVC_ENDPOINTS);
         step!(remove_stale, services, map_names::SERVICES);
         step!(remove_stale, svc_backends, map_names::SVC_BACKENDS);
+        step!(remove_stale, svc_ports, map_names::SVC_PORTS);
         step!(remove_stale, pods, map_names::PODS);
         sum.failed = errors.len();
         (sum, errors)

@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::{self as discovery, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -30,6 +30,8 @@ pub const LABEL_WEIGHT: &str = "headway.dev/weight";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Weight of a pod without a (valid) [`LABEL_WEIGHT`].
 pub const DEFAULT_WEIGHT: u32 = 100;
+/// The Node label that names its zone (EndpointSlices copy it per endpoint).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Namespace of an object whose metadata names none (as `kubectl` assumes).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -306,6 +308,14 @@ pub fn desired_state(
         })
         .collect();
     (DesiredState { services }, warnings)
+}
+
+/// The zone of node `node_name`, from its [`LABEL_ZONE`] label.
+pub fn node_zone(nodes: &[Node], node_name: &str) -> Option<String> {
+    nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+        .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
 }
 
 fn namespace_of(meta: &ObjectMeta) -> &str {

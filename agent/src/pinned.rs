@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
-    AddrKey, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey, PIN_DIR,
-    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, SteeredSocket, capacity, dns_counter, map_names,
-    steer_counter,
+    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
+    PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
+    ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket, capacity, dns_counter,
+    map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -68,7 +68,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 14] = {
+pub const MAP_SHAPES: [MapShape; 15] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -104,7 +104,7 @@ pub const MAP_SHAPES: [MapShape; 14] = {
             MapType::PerCpuArray,
             dns_counter::COUNT,
         ),
-        shape::<BackendKey, AddrKey>(
+        shape::<BackendKey, Backend>(
             map_names::SVC_BACKENDS,
             MapType::Hash,
             capacity::SVC_BACKENDS,
@@ -118,6 +118,7 @@ pub const MAP_SHAPES: [MapShape; 14] = {
         shape::<u32, ServiceCounters>(map_names::SVC_STATS, MapType::Array, capacity::SERVICES),
         // Socket storage: keyed by socket fd from userspace, no capacity.
         shape::<i32, SteeredSocket>(map_names::STEERED_SOCKS, MapType::SkStorage, 0),
+        shape::<ServicePortKey, u32>(map_names::SVC_PORTS, MapType::Hash, capacity::SVC_PORTS),
     ]
 };
 
@@ -191,7 +192,8 @@ pub struct Maps {
     pub pods: HashMap<MapData, u32, PodMeta>,
     pub services: HashMap<MapData, u32, ServiceMeta>,
     pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
-    pub svc_backends: HashMap<MapData, BackendKey, AddrKey>,
+    pub svc_backends: HashMap<MapData, BackendKey, Backend>,
+    pub svc_ports: HashMap<MapData, ServicePortKey, u32>,
     pub dns_names: HashMap<MapData, u64, NameEntry>,
     /// Kernel-written (LRU): what each client netns learned from DNS.
     pub dns_obs: HashMap<MapData, ObservationKey, Observation>,
@@ -239,6 +241,7 @@ impl Maps {
             services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
             svc_endpoints: typed(map_names::SVC_ENDPOINTS, take(map_names::SVC_ENDPOINTS)?)?,
             svc_backends: typed(map_names::SVC_BACKENDS, take(map_names::SVC_BACKENDS)?)?,
+            svc_ports: typed(map_names::SVC_PORTS, take(map_names::SVC_PORTS)?)?,
             dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
             dns_obs: typed(map_names::DNS_OBS, take(map_names::DNS_OBS)?)?,
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
@@ -256,6 +259,7 @@ impl Maps {
             pod_addrs: collect(map_names::POD_ADDRS, self.pod_addrs.iter())?,
             svc_endpoints: collect(map_names::SVC_ENDPOINTS, self.svc_endpoints.iter())?,
             svc_backends: collect(map_names::SVC_BACKENDS, self.svc_backends.iter())?,
+            svc_ports: collect(map_names::SVC_PORTS, self.svc_ports.iter())?,
             dns_names: collect(map_names::DNS_NAMES, self.dns_names.iter())?,
         })
     }
@@ -273,6 +277,7 @@ impl Maps {
             (map_names::SERVICES, count(&self.services)),
             (map_names::SVC_ENDPOINTS, count(&self.svc_endpoints)),
             (map_names::SVC_BACKENDS, count(&self.svc_backends)),
+            (map_names::SVC_PORTS, count(&self.svc_ports)),
             (map_names::DNS_NAMES, count(&self.dns_names)),
             (map_names::DNS_OBS, count(&self.dns_obs)),
         ]

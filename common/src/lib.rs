@@ -37,8 +37,8 @@ pub mod map_names {
     pub const DNS_OBS: &str = "dns_obs";
     /// index ([`crate::dns_counter`]) → u64, per CPU: DNS interceptor outcomes.
     pub const DNS_COUNTERS: &str = "dns_counters";
-    /// [`crate::BackendKey`] → [`crate::AddrKey`]: the eligible pods of each
-    /// service, per family, in slots `0..ServiceMeta::backends_v4/v6`.
+    /// [`crate::BackendKey`] → [`crate::Backend`]: each service's choice
+    /// tables per family (see [`crate::ServiceMeta`] for the slot ranges).
     pub const SVC_BACKENDS: &str = "svc_backends";
     /// index 0 → [`crate::Config`]: settings the agent hands the kernel.
     pub const CONFIG: &str = "config";
@@ -50,9 +50,12 @@ pub mod map_names {
     /// really goes, so getpeername/recvmsg can report the address the client
     /// asked for. Freed with the socket.
     pub const STEERED_SOCKS: &str = "steered_socks";
+    /// [`crate::ServicePortKey`] → u32 (unused): the ports a service
+    /// declares; only connections to them are steered.
+    pub const SVC_PORTS: &str = "svc_ports";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -67,6 +70,7 @@ pub mod map_names {
         STEER_COUNTERS,
         SVC_STATS,
         STEERED_SOCKS,
+        SVC_PORTS,
     ];
 }
 
@@ -112,7 +116,10 @@ pub mod capacity {
     pub const DNS_NAMES: u32 = 262_144;
     pub const DNS_PENDING: u32 = 16_384;
     pub const DNS_OBS: u32 = 262_144;
-    pub const SVC_BACKENDS: u32 = 131_072;
+    /// Choice-table slots: one per eligible pod, more under `weighted`,
+    /// twice for the pods a topology preference picks.
+    pub const SVC_BACKENDS: u32 = 262_144;
+    pub const SVC_PORTS: u32 = 65_536;
 }
 
 pub const NAMESPACE_LEN: usize = 64;
@@ -243,7 +250,22 @@ pub mod topology {
     pub const PREFER_ZONE: u32 = 2;
 }
 
-/// A headless service as `status` shows it. Names are NUL-padded UTF-8.
+/// Bits of [`ServiceMeta::flags`].
+pub mod service_flags {
+    /// The service declares ports: only connections to one of them (a key
+    /// in `svc_ports`) are steered.
+    pub const PORTS_DECLARED: u32 = 1 << 0;
+}
+
+/// A headless service: what the connect hooks need to steer to it, and its
+/// names for `status`. Names are NUL-padded UTF-8.
+///
+/// Its choice tables live in `svc_backends`, per family: slots
+/// `0..backends` draw over every eligible pod (each pod once, or in
+/// proportion to its weight under `weighted`); slots
+/// `backends..backends + preferred` draw the same way over the eligible pods
+/// the topology prefers (same node or zone). `preferred` is 0 when the
+/// service has no topology preference or no eligible pod matches it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceMeta {
@@ -253,9 +275,37 @@ pub struct ServiceMeta {
     pub policy: u32,
     /// [`topology`] value.
     pub topology: u32,
-    /// Eligible IPv4 / IPv6 pods, in `svc_backends` slots `0..n`.
+    /// Slots of the IPv4 / IPv6 table over all eligible pods.
     pub backends_v4: u32,
     pub backends_v6: u32,
+    /// Slots of the IPv4 / IPv6 table over the preferred eligible pods.
+    pub preferred_v4: u32,
+    pub preferred_v6: u32,
+    /// [`service_flags`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of `svc_ports`: a port a service declares.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortKey {
+    pub service_id: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// A slot of a choice table: the pod to steer to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: AddrKey,
+    /// Its counters' key in `pod_stats` (least-connections reads them).
+    pub pod_id: u32,
+    pub _pad: u32,
 }
 
 /// Per-service counters, a slot per service id (zeroed when an id goes to
@@ -327,11 +377,19 @@ pub mod steer_counter {
     pub const KEPT_OBSERVE: u32 = 6;
     /// Known pod address, but this client never resolved it.
     pub const KEPT_NO_DNS: u32 = 7;
+    /// `failover`: the address is still eligible, so it stays.
+    pub const KEPT_ELIGIBLE: u32 = 8;
+    /// `random`/`least-connections`/`weighted` chose another pod.
+    pub const STEERED_BALANCED: u32 = 9;
+    /// `random`/`least-connections`/`weighted` chose the pod asked for.
+    pub const KEPT_BALANCED: u32 = 10;
+    /// The service declares ports and this is not one of them.
+    pub const KEPT_PORT: u32 = 11;
 
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
 
     /// Name of each index, for status and metrics.
-    pub const NAMES: [(u32, &str); 8] = [
+    pub const NAMES: [(u32, &str); 12] = [
         (STEERED_GONE, "steered_gone"),
         (STEERED_REUSED, "steered_reused"),
         (STEERED_NOT_ELIGIBLE, "steered_not_eligible"),
@@ -340,6 +398,10 @@ pub mod steer_counter {
         (KEPT_HOST_NETNS, "kept_host_netns"),
         (KEPT_OBSERVE, "kept_observe"),
         (KEPT_NO_DNS, "kept_no_dns"),
+        (KEPT_ELIGIBLE, "kept_eligible"),
+        (STEERED_BALANCED, "steered_balanced"),
+        (KEPT_BALANCED, "kept_balanced"),
+        (KEPT_PORT, "kept_port"),
     ];
 }
 
@@ -515,6 +577,8 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::SteeredSocket {}
+    unsafe impl aya::Pod for super::ServicePortKey {}
+    unsafe impl aya::Pod for super::Backend {}
 }
 
 #[cfg(test)]
@@ -541,10 +605,12 @@ mod tests {
         assert_eq!(size_of::<PodCounters>(), 64);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
-        assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 16);
+        assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);
+        assert_eq!(size_of::<ServicePortKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<BackendKey>(), 12);
         assert_eq!(size_of::<Config>(), 16);
-        assert_eq!(size_of::<ServiceCounters>(), 80);
+        assert_eq!(size_of::<ServiceCounters>(), 12 * 8 + 16);
         assert_eq!(size_of::<PodMeta>(), 64 + 128);
         assert_eq!(size_of::<NameEntry>(), 8);
         assert_eq!(size_of::<PendingQueryKey>(), 8 + 16 + 8);

@@ -279,6 +279,7 @@ fn add_value(value: Value, objects: &mut Objects, problems: &mut Vec<String>) {
         ("v1", "Service") => push_object(value, &mut objects.services),
         ("discovery.k8s.io/v1", "EndpointSlice") => push_object(value, &mut objects.slices),
         ("v1", "Pod") => push_object(value, &mut objects.pods),
+        ("v1", "Node") => serde_json::from_value(value).map(|node| objects.nodes.push(node)),
         (api_version, kind) => {
             let name = header.name.as_deref().unwrap_or_default();
             tracing::debug!(

@@ -4,7 +4,7 @@
 
 pub mod dir;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{self, DesiredState, Warning};
@@ -15,6 +15,8 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub pods: Vec<Pod>,
+    /// Nodes (the agent reads its own node's zone label).
+    pub nodes: Vec<Node>,
 }
 
 impl Objects {
@@ -23,10 +25,14 @@ impl Objects {
         self.services.extend_from_slice(&other.services);
         self.slices.extend_from_slice(&other.slices);
         self.pods.extend_from_slice(&other.pods);
+        self.nodes.extend_from_slice(&other.nodes);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.slices.is_empty() && self.pods.is_empty()
+        self.services.is_empty()
+            && self.slices.is_empty()
+            && self.pods.is_empty()
+            && self.nodes.is_empty()
     }
 
     /// Shorthand for [`model::desired_state`] over this snapshot.
