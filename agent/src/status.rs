@@ -47,6 +47,13 @@ pub struct ServiceStatus {
     pub name: String,
     pub policy: String,
     pub topology: String,
+    /// Slots of its choice tables (see `headway_common::ServiceMeta`): per
+    /// family, over all eligible pods (more than one per pod under
+    /// `weighted`) and over the pods its topology prefers.
+    pub backends_v4: u32,
+    pub backends_v6: u32,
+    pub preferred_v4: u32,
+    pub preferred_v6: u32,
     /// Answered lookups of its names and connect decisions about the
     /// addresses they handed out.
     pub counters: ServiceCountersStatus,
@@ -79,7 +86,7 @@ pub struct PodStatus {
     pub namespace: String,
     pub name: String,
     pub addresses: Vec<IpAddr>,
-    /// ready, serving, terminating, drained — those that hold.
+    /// ready, serving, terminating, drained, eligible — those that hold.
     pub state: Vec<&'static str>,
     pub counters: Counters,
 }
@@ -117,6 +124,7 @@ fn state_names(flags: u32) -> Vec<&'static str> {
         (endpoint_flags::SERVING, "serving"),
         (endpoint_flags::TERMINATING, "terminating"),
         (endpoint_flags::DRAINED, "drained"),
+        (endpoint_flags::ELIGIBLE, "eligible"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -202,6 +210,10 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
                 topology: topology_from_value(meta.topology)
                     .map(|t| t.to_string())
                     .unwrap_or_else(|| format!("unknown({})", meta.topology)),
+                backends_v4: meta.backends_v4,
+                backends_v6: meta.backends_v6,
+                preferred_v4: meta.preferred_v4,
+                preferred_v6: meta.preferred_v6,
                 counters: maps
                     .svc_stats
                     .get(id, 0)
@@ -356,6 +368,10 @@ mod tests {
                 name: "pg".into(),
                 policy: "failover".into(),
                 topology: "none".into(),
+                backends_v4: 1,
+                backends_v6: 0,
+                preferred_v4: 0,
+                preferred_v6: 0,
                 counters: ServiceCountersStatus::default(),
                 pods: vec![PodStatus {
                     namespace: "db".into(),
