@@ -1,5 +1,6 @@
 //! headway's development tasks: `cargo xtask <task>`.
 mod bench_dns;
+mod bench_hooks;
 mod build_ebpf;
 mod demo;
 mod test;
@@ -29,6 +30,9 @@ enum Task {
     /// Measure the DNS interceptor per packet with BPF_PROG_TEST_RUN and
     /// print its programs' verified instruction counts (needs root).
     BenchDns(bench_dns::Options),
+    /// Measure every attached hook's cost per run (bpf_stats) while a
+    /// client makes real connections, per steering case (needs root).
+    BenchHooks(bench_hooks::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test(opts) => test::run(&opts),
         Task::Demo(opts) => demo::run(&opts),
         Task::BenchDns(opts) => bench_dns::run(&opts),
+        Task::BenchHooks(opts) => bench_hooks::run(&opts),
     }
 }

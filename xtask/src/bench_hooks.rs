@@ -1,0 +1,282 @@
+//! `cargo xtask bench-hooks`: what each attached hook costs per run on the
+//! real kernel, from the kernel's own statistics (`kernel.bpf_stats_enabled`
+//! makes it time every program run: `run_time_ns / run_cnt`).
+//!
+//! A small cluster of network namespaces, the agent following manifests of
+//! one headless service, and a client making `--connections` TCP connects
+//! per case: to an address of no headless service (the fast path), to a
+//! known pod it never resolved (accounted only), and to the address it got
+//! from the service name under each policy (kept, or chosen afresh). The
+//! per-case figures are the deltas of the counters around the case.
+//!
+//! bpf_stats itself adds a little to every run (two clock reads); the
+//! numbers include it. The old sysctl value is restored at the end. Run it
+//! on a quiet machine: a program run can be preempted, and the time it
+//! spends preempted counts too, so load inflates every figure.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use headway_testbed::{
+    Cgroup, Cluster, ResolvConf, Zone,
+    agent::{Agent, Bpffs, status_json, wait_for_status},
+    resolve_in, run_client, start_dns_server, start_pod_servers,
+};
+use serde_json::Value;
+
+use crate::{
+    build_ebpf,
+    util::{self, cargo, workspace_root},
+};
+
+const PORT: u16 = 8080;
+const DNS: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 53);
+const DOMAIN: &str = "demo.svc.cluster.local";
+const PODS: [(&str, u8); 4] = [("web-0", 10), ("web-1", 11), ("web-2", 12), ("web-3", 13)];
+/// A server that is no headless service's pod.
+const OUTSIDER: (&str, u8) = ("plain-0", 40);
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// TCP connects per case.
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: u32,
+}
+
+fn v4(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, last)
+}
+
+fn v6(last: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, u16::from(last))
+}
+
+fn manifest(policy: &str) -> String {
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo, annotations: {{headway.dev/policy: {policy}}}}}\nspec: {{clusterIP: None}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v4, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints:\n"
+    );
+    for (name, last) in PODS {
+        out.push_str(&format!(
+            "  - {{addresses: [\"{}\"], hostname: {name}, conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: demo, name: {name}}}}}\n",
+            v4(last)
+        ));
+    }
+    out
+}
+
+/// Restores `kernel.bpf_stats_enabled` when dropped.
+struct StatsGuard(String);
+
+impl StatsGuard {
+    fn enable() -> anyhow::Result<StatsGuard> {
+        let old = fs::read_to_string(STATS_SYSCTL).context("reading bpf_stats_enabled")?;
+        fs::write(STATS_SYSCTL, "1").context("enabling bpf_stats")?;
+        Ok(StatsGuard(old.trim().to_owned()))
+    }
+}
+
+impl Drop for StatsGuard {
+    fn drop(&mut self) {
+        let _ = fs::write(STATS_SYSCTL, &self.0);
+    }
+}
+
+/// (run count, run time ns) per program, from `headway status --json`.
+fn program_stats(bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let status = status_json(bpffs)?;
+    let programs = status["programs"]
+        .as_array()
+        .context("status has no programs")?;
+    Ok(programs
+        .iter()
+        .filter_map(|p| {
+            let name = p["name"].as_str()?.to_owned();
+            Some((name, (p["run_count"].as_u64()?, p["run_time_ns"].as_u64()?)))
+        })
+        .collect())
+}
+
+/// One case's result: ns per run of each hook that ran.
+struct CaseResult {
+    case: &'static str,
+    per_run: BTreeMap<String, (u64, f64)>,
+    decisions: BTreeMap<String, u64>,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench-hooks attaches eBPF programs and creates network namespaces: run it as root");
+    }
+    build_ebpf::run(&build_ebpf::Options { release: true })?;
+    // The binaries' own speed does not enter the kernel's figures.
+    util::run(
+        cargo()
+            .current_dir(workspace_root())
+            .args(["build", "--bins"]),
+    )?;
+
+    let mut builder = Cluster::builder();
+    for (name, last) in PODS.iter().chain([&OUTSIDER]) {
+        builder = builder.pod(name, v4(*last), Some(v6(*last)));
+    }
+    let cluster = builder
+        .client_at("dns", DNS, None)
+        .client("client")
+        .client("stranger")
+        .build()?;
+    let _servers = start_pod_servers(&cluster, PORT)?;
+    let zone_dir = tempfile::tempdir()?;
+    let zone_path = zone_dir.path().join("zone.json");
+    let mut zone = Zone::new();
+    for (_, last) in PODS {
+        zone = zone.a(&format!("web.{DOMAIN}"), v4(last));
+    }
+    zone.write(&zone_path)?;
+    let _dns = start_dns_server(
+        cluster.client_ns("dns"),
+        &zone_path,
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    )?;
+    let _resolv = ResolvConf::new(cluster.client_ns("client"), DNS.into(), &[DOMAIN])?;
+    let cg = Cgroup::new("bench-hooks")?;
+    let bpffs = Bpffs::new()?;
+    let manifests = tempfile::tempdir()?;
+    let write_policy =
+        |policy: &str| fs::write(manifests.path().join("web.yaml"), manifest(policy));
+    write_policy("failover")?;
+    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[])?;
+    let synced = |s: &Value| {
+        s["services"][0]["pods"]
+            .as_array()
+            .is_some_and(|p| p.len() == 4)
+    };
+    wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), synced)?;
+
+    // The client learns the service name's addresses; its first one is
+    // what it connects to in the DNS cases.
+    let report = resolve_in(
+        cluster.client_ns("client"),
+        Some(&cg),
+        &format!("web.{DOMAIN}"),
+    )?;
+    let cached = *report
+        .addrs
+        .first()
+        .with_context(|| format!("resolving web: {report:?}"))?;
+
+    let _stats = StatsGuard::enable()?;
+    let n = opts.connections;
+    let mut results = Vec::new();
+    let mut measure = |case: &'static str,
+                       client: &str,
+                       addr: IpAddr,
+                       policy: Option<&str>|
+     -> anyhow::Result<()> {
+        if let Some(policy) = policy {
+            write_policy(policy)?;
+            let want = policy.to_owned();
+            wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), |s| {
+                s["services"][0]["policy"] == want.as_str()
+            })?;
+        }
+        let before = program_stats(&bpffs)?;
+        let decisions_before = decisions(&bpffs)?;
+        let r = run_client(&cluster, client, Some(&cg), addr, PORT, n, false)?;
+        if r.failures > 0 {
+            bail!("{case}: {} of {n} connects failed: {r:?}", r.failures);
+        }
+        let after = program_stats(&bpffs)?;
+        let per_run = after
+            .iter()
+            .filter_map(|(name, (count, time))| {
+                let (c0, t0) = before.get(name).copied().unwrap_or_default();
+                let runs = count - c0;
+                (runs > 0).then(|| (name.clone(), (runs, (time - t0) as f64 / runs as f64)))
+            })
+            .collect();
+        let decisions = decisions(&bpffs)?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v - decisions_before.get(&k).copied().unwrap_or(0),
+                )
+            })
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        results.push(CaseResult {
+            case,
+            per_run,
+            decisions,
+        });
+        Ok(())
+    };
+    let outsider = IpAddr::V4(v4(OUTSIDER.1));
+    measure(
+        "fast path: not a headless service's address",
+        "client",
+        outsider,
+        None,
+    )?;
+    measure(
+        "known pod, never resolved (accounted)",
+        "stranger",
+        IpAddr::V4(v4(10)),
+        None,
+    )?;
+    measure(
+        "service name, failover, eligible (kept)",
+        "client",
+        cached,
+        None,
+    )?;
+    measure(
+        "service name, random (chosen)",
+        "client",
+        cached,
+        Some("random"),
+    )?;
+    measure(
+        "service name, least-connections (chosen)",
+        "client",
+        cached,
+        Some("least-connections"),
+    )?;
+    measure("service name, observe", "client", cached, Some("observe"))?;
+    agent.check_running()?;
+
+    // A busy machine inflates every figure (a program run can be
+    // preempted, and the preempted time counts): say how busy it was.
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("\n== Hook cost per run (bpf_stats), {n} TCP connects per case");
+    println!("   load average during the run: {}\n", load.trim());
+    println!("| case | hook | runs | ns/run | decisions |");
+    println!("|---|---|---:|---:|---|");
+    for r in &results {
+        let decisions: Vec<String> = r
+            .decisions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for (i, (hook, (runs, ns))) in r.per_run.iter().enumerate() {
+            let (case, d) = if i == 0 {
+                (r.case, decisions.join(" "))
+            } else {
+                ("", String::new())
+            };
+            println!("| {case} | {hook} | {runs} | {ns:.0} | {d} |");
+        }
+    }
+    Ok(())
+}
+
+/// Connect decisions so far, by reason.
+fn decisions(bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, u64>> {
+    let status = status_json(bpffs)?;
+    Ok(serde_json::from_value(status["steering"].clone())?)
+}
