@@ -16,8 +16,19 @@ use headway_common::{
 
 use crate::{
     accounting::{count_connect, count_decision, count_steer, pod_of},
-    maps::{CONFIG, DNS_OBS, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
+    maps::{
+        ADDR_FILTER, CONFIG, DNS_OBS, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS,
+    },
 };
+
+/// The fast path (product.md, rule 1): an address that was never a
+/// headless service's pod cannot have been handed out by a headless name
+/// either, so it needs no other lookup. A false positive of the filter
+/// only costs the full path.
+#[inline(always)]
+pub fn never_known(dst: &AddrKey) -> bool {
+    ADDR_FILTER.contains(dst).is_err()
+}
 
 const IPPROTO_UDP: u32 = 17;
 
@@ -40,6 +51,9 @@ struct Choice {
 /// connection is steered elsewhere.
 #[inline(always)]
 pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+    if never_known(&req.dst) {
+        return None;
+    }
     let pod = pod_of(&req.dst);
     match decide(ctx, req, pod, true) {
         Some(c) if c.moved => {
@@ -67,6 +81,9 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
 /// datagram.
 #[inline(always)]
 pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+    if never_known(&req.dst) {
+        return None;
+    }
     let pod = pod_of(&req.dst);
     let c = decide(ctx, req, pod, false)?;
     count_connect(c.backend.pod_id, IPPROTO_UDP);

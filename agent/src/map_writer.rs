@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap, MapData, MapError};
-use headway_common::{Config, PodCounters, ServiceCounters, map_names};
+use headway_common::{AddrKey, Config, PodCounters, ServiceCounters, map_names};
 
 use crate::{map_plan::MapContents, pinned::Maps};
 
@@ -36,9 +36,31 @@ pub struct MapWriter {
 
 impl MapWriter {
     /// Takes over the maps, reading what a previous agent left in them.
+    /// Every address already in `pod_addrs` goes into the address filter
+    /// again (it may be new, e.g. recreated by hand): an address missing
+    /// from it would skip the connect hooks entirely.
     pub fn new(maps: Maps) -> Result<MapWriter, crate::pinned::PinnedError> {
         let current = maps.read_contents()?;
-        Ok(MapWriter { maps, current })
+        let mut writer = MapWriter { maps, current };
+        let addrs: Vec<AddrKey> = writer.current.pod_addrs.keys().copied().collect();
+        for addr in addrs {
+            if let Err(e) = writer.filter(&addr) {
+                tracing::error!(error = %e, "cannot fill the address filter");
+            }
+        }
+        Ok(writer)
+    }
+
+    /// Adds `addr` to the address filter (before it can be looked up).
+    fn filter(&mut self, addr: &AddrKey) -> Result<(), WriteError> {
+        self.maps
+            .addr_filter
+            .insert(addr, 0)
+            .map_err(|source| WriteError {
+                op: "add",
+                map: map_names::ADDR_FILTER,
+                source,
+            })
     }
 
     pub fn current(&self) -> &MapContents {
@@ -113,6 +135,23 @@ impl MapWriter {
         step!(upsert, svc_ports, map_names::SVC_PORTS);
         step!(upsert, services, map_names::SERVICES);
         step!(upsert, svc_endpoints, map_names::SVC_ENDPOINTS);
+        // An address enters the filter before `pod_addrs` so the hooks never
+        // skip an address they could find. The filter only grows.
+        let new_addrs: Vec<AddrKey> = wanted
+            .pod_addrs
+            .keys()
+            .filter(|a| !cur.pod_addrs.contains_key(a))
+            .copied()
+            .collect();
+        for addr in &new_addrs {
+            if let Err(source) = m.addr_filter.insert(addr, 0) {
+                errors.push(WriteError {
+                    op: "add",
+                    map: map_names::ADDR_FILTER,
+                    source,
+                });
+            }
+        }
         step!(upsert, pod_addrs, map_names::POD_ADDRS);
         step!(upsert, dns_names, map_names::DNS_NAMES);
 

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
+use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
     PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
@@ -68,7 +68,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 15] = {
+pub const MAP_SHAPES: [MapShape; 16] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -119,6 +119,12 @@ pub const MAP_SHAPES: [MapShape; 15] = {
         // Socket storage: keyed by socket fd from userspace, no capacity.
         shape::<i32, SteeredSocket>(map_names::STEERED_SOCKS, MapType::SkStorage, 0),
         shape::<ServicePortKey, u32>(map_names::SVC_PORTS, MapType::Hash, capacity::SVC_PORTS),
+        // A bloom filter has no key.
+        shape::<(), AddrKey>(
+            map_names::ADDR_FILTER,
+            MapType::BloomFilter,
+            capacity::ADDR_FILTER,
+        ),
     ]
 };
 
@@ -194,6 +200,8 @@ pub struct Maps {
     pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
     pub svc_backends: HashMap<MapData, BackendKey, Backend>,
     pub svc_ports: HashMap<MapData, ServicePortKey, u32>,
+    /// Every address ever in `pod_addrs` (see `map_names::ADDR_FILTER`).
+    pub addr_filter: BloomFilter<MapData, AddrKey>,
     pub dns_names: HashMap<MapData, u64, NameEntry>,
     /// Kernel-written (LRU): what each client netns learned from DNS.
     pub dns_obs: HashMap<MapData, ObservationKey, Observation>,
@@ -242,6 +250,7 @@ impl Maps {
             svc_endpoints: typed(map_names::SVC_ENDPOINTS, take(map_names::SVC_ENDPOINTS)?)?,
             svc_backends: typed(map_names::SVC_BACKENDS, take(map_names::SVC_BACKENDS)?)?,
             svc_ports: typed(map_names::SVC_PORTS, take(map_names::SVC_PORTS)?)?,
+            addr_filter: typed(map_names::ADDR_FILTER, take(map_names::ADDR_FILTER)?)?,
             dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
             dns_obs: typed(map_names::DNS_OBS, take(map_names::DNS_OBS)?)?,
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,

@@ -110,6 +110,10 @@ fn plant(maps: &mut Maps, cookie: u64, addr: &str, service: &str, kind: u32) {
         learned_ns: 1,
     };
     maps.dns_obs.insert(key, value, 0).unwrap();
+    // An address a headless name handed out was a pod's when it did, so
+    // the agent had it in `pod_addrs`, and in the address filter, which
+    // keeps it after the pod is gone (10.77.0.99 stands for such a pod).
+    maps.addr_filter.insert(key.addr, 0).unwrap();
 }
 
 fn connect(c: &Cluster, client: &str, cg: &Cgroup, addr: &str, count: u32) -> ConnectReport {

@@ -53,9 +53,14 @@ pub mod map_names {
     /// [`crate::ServicePortKey`] → u32 (unused): the ports a service
     /// declares; only connections to them are steered.
     pub const SVC_PORTS: &str = "svc_ports";
+    /// Bloom filter of [`crate::AddrKey`]s: every address the agent ever
+    /// put in `pod_addrs`. The connect hooks' fast path is one test here:
+    /// an address it has never held is no headless service's, and no
+    /// headless name can have handed it out, so nothing more is looked up.
+    pub const ADDR_FILTER: &str = "addr_filter";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -71,6 +76,7 @@ pub mod map_names {
         SVC_STATS,
         STEERED_SOCKS,
         SVC_PORTS,
+        ADDR_FILTER,
     ];
 }
 
@@ -120,6 +126,11 @@ pub mod capacity {
     /// twice for the pods a topology preference picks.
     pub const SVC_BACKENDS: u32 = 262_144;
     pub const SVC_PORTS: u32 = 65_536;
+    /// Addresses the filter is sized for (it only ever grows; past this,
+    /// false positives rise and cost a lookup, never a wrong decision).
+    pub const ADDR_FILTER: u32 = 1 << 20;
+    /// Hash functions of the filter.
+    pub const ADDR_FILTER_HASHES: u32 = 3;
 }
 
 pub const NAMESPACE_LEN: usize = 64;
