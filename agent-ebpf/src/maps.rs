@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use headway_common::{
     AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
-    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket, capacity, dns_counter,
-    steer_counter,
+    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey, ResponseRecord,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket, capacity,
+    dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -57,6 +57,13 @@ pub static DNS_PENDING: LruHashMap<
 #[btf_map(name = "dns_obs")]
 pub static DNS_OBS: LruHashMap<ObservationKey, Observation, { capacity::DNS_OBS as usize }> =
     LruHashMap::new();
+
+#[btf_map(name = "dns_resp")]
+pub static DNS_RESP: LruHashMap<ResponseKey, ResponseRecord, { capacity::DNS_RESP as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "pod_addrs_gen")]
+pub static POD_ADDRS_GEN: Array<u64, 1> = Array::new();
 
 #[btf_map(name = "dns_counters")]
 pub static DNS_COUNTERS: PerCpuArray<u64, { dns_counter::COUNT as usize }> = PerCpuArray::new();

@@ -152,13 +152,21 @@ impl MapWriter {
                 });
             }
         }
+        let changed = sum.upserted + sum.removed;
         step!(upsert, pod_addrs, map_names::POD_ADDRS);
+        if sum.upserted + sum.removed != changed {
+            bump_pod_addrs_gen(m, &mut errors);
+        }
         step!(upsert, dns_names, map_names::DNS_NAMES);
 
         // Removal in the opposite order: names stop teaching first, and
         // counts shrink before the slots beyond them go.
         step!(remove_stale, dns_names, map_names::DNS_NAMES);
+        let changed = sum.upserted + sum.removed;
         step!(remove_stale, pod_addrs, map_names::POD_ADDRS);
+        if sum.upserted + sum.removed != changed {
+            bump_pod_addrs_gen(m, &mut errors);
+        }
         step!(remove_stale, svc_endpoints, map_names::SVC_ENDPOINTS);
         step!(remove_stale, services, map_names::SERVICES);
         step!(remove_stale, svc_backends, map_names::SVC_BACKENDS);
@@ -166,6 +174,19 @@ impl MapWriter {
         step!(remove_stale, pods, map_names::PODS);
         sum.failed = errors.len();
         (sum, errors)
+    }
+}
+
+/// Tells the DNS interceptor that pod ids it cached per address may be
+/// stale (`dns_resp`): called after `pod_addrs` changed, never before.
+fn bump_pod_addrs_gen(maps: &mut crate::pinned::Maps, errors: &mut Vec<WriteError>) {
+    let generation = maps.pod_addrs_gen.get(&0, 0).unwrap_or(0);
+    if let Err(source) = maps.pod_addrs_gen.set(0, generation.wrapping_add(1), 0) {
+        errors.push(WriteError {
+            op: "bump",
+            map: map_names::POD_ADDRS_GEN,
+            source,
+        });
     }
 }
 

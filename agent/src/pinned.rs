@@ -10,9 +10,9 @@ use std::{
 use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
-    PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket, capacity, dns_counter,
-    map_names, steer_counter,
+    PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey,
+    ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
+    SteeredSocket, capacity, dns_counter, map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -68,7 +68,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 16] = {
+pub const MAP_SHAPES: [MapShape; 18] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -125,6 +125,12 @@ pub const MAP_SHAPES: [MapShape; 16] = {
             MapType::BloomFilter,
             capacity::ADDR_FILTER,
         ),
+        shape::<ResponseKey, ResponseRecord>(
+            map_names::DNS_RESP,
+            MapType::LruHash,
+            capacity::DNS_RESP,
+        ),
+        shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
     ]
 };
 
@@ -210,6 +216,8 @@ pub struct Maps {
     pub steer_counters: PerCpuArray<MapData, u64>,
     /// Kernel-written: per-service decisions and lookups, by service id.
     pub svc_stats: Array<MapData, ServiceCounters>,
+    /// Agent-written: bumped after every change of `pod_addrs`.
+    pub pod_addrs_gen: Array<MapData, u64>,
 }
 
 impl Maps {
@@ -257,6 +265,7 @@ impl Maps {
             dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,
             svc_stats: typed(map_names::SVC_STATS, take(map_names::SVC_STATS)?)?,
+            pod_addrs_gen: typed(map_names::POD_ADDRS_GEN, take(map_names::POD_ADDRS_GEN)?)?,
         })
     }
 

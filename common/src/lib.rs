@@ -35,6 +35,13 @@ pub mod map_names {
     /// [`crate::ObservationKey`] → [`crate::Observation`]: which client
     /// network namespace got which address from which name (LRU).
     pub const DNS_OBS: &str = "dns_obs";
+    /// [`crate::ResponseKey`] → [`crate::ResponseRecord`]: the last answer
+    /// each client netns got for each service and kind of name (LRU), so a
+    /// repeated answer costs one lookup rather than one per address.
+    pub const DNS_RESP: &str = "dns_resp";
+    /// index 0 → u64: bumped by the agent after every change of
+    /// `pod_addrs`, so the kernel knows when pod ids it cached are stale.
+    pub const POD_ADDRS_GEN: &str = "pod_addrs_gen";
     /// index ([`crate::dns_counter`]) → u64, per CPU: DNS interceptor outcomes.
     pub const DNS_COUNTERS: &str = "dns_counters";
     /// [`crate::BackendKey`] → [`crate::Backend`]: each service's choice
@@ -60,7 +67,7 @@ pub mod map_names {
     pub const ADDR_FILTER: &str = "addr_filter";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -77,6 +84,8 @@ pub mod map_names {
         STEERED_SOCKS,
         SVC_PORTS,
         ADDR_FILTER,
+        DNS_RESP,
+        POD_ADDRS_GEN,
     ];
 }
 
@@ -122,6 +131,8 @@ pub mod capacity {
     pub const DNS_NAMES: u32 = 262_144;
     pub const DNS_PENDING: u32 = 16_384;
     pub const DNS_OBS: u32 = 262_144;
+    /// One per client netns, service, kind of name and family asked.
+    pub const DNS_RESP: u32 = 65_536;
     /// Choice-table slots: one per eligible pod, more under `weighted`,
     /// twice for the pods a topology preference picks.
     pub const SVC_BACKENDS: u32 = 262_144;
@@ -482,8 +493,50 @@ pub struct Observation {
     pub service_id: u32,
     /// [`name_kind`] value.
     pub kind: u32,
-    /// `bpf_ktime_get_ns` of the last answer carrying this address.
+    /// `bpf_ktime_get_ns` of the last answer that wrote or re-checked this
+    /// entry (a repeated answer within `dns_resp`'s trust window does not).
     pub learned_ns: u64,
+}
+
+/// Key of `dns_resp`: a client network namespace's view of one service
+/// through one kind of name, for one address family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResponseKey {
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    /// [`name_kind`] value.
+    pub kind: u16,
+    /// QTYPE asked (1 = A, 28 = AAAA): the family of the addresses.
+    pub qtype: u16,
+}
+
+/// Most addresses one response teaches (`MAX_ANSWERS` in the parser).
+pub const RESPONSE_MAX_ADDRS: usize = 32;
+
+/// `ResponseRecord::pod_ids` entry of an address that is no pod.
+pub const NO_POD: u32 = u32::MAX;
+
+/// The last answer a client netns got for a [`ResponseKey`], kept so that
+/// the same answer again costs one lookup. The invariant that makes this
+/// safe: while `verified_ns` is recent, every address of the answer has a
+/// `dns_obs` entry saying this key's service and kind (the kernel
+/// invalidates the record whenever it rewrites one of them to say
+/// something else).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResponseRecord {
+    /// Order-independent hash of the multiset of answer addresses.
+    pub fingerprint: u64,
+    /// `bpf_ktime_get_ns` when every address's `dns_obs` entry was last
+    /// checked; 0 when invalidated.
+    pub verified_ns: u64,
+    /// `pod_addrs_gen` when `pod_ids` were looked up.
+    pub pod_gen: u64,
+    pub n_addrs: u32,
+    pub _pad: u32,
+    /// The pod of each address (in some order), or [`NO_POD`].
+    pub pod_ids: [u32; RESPONSE_MAX_ADDRS],
 }
 
 /// Indexes of `dns_counters`.
@@ -584,6 +637,8 @@ mod user {
     unsafe impl aya::Pod for super::PendingQuery {}
     unsafe impl aya::Pod for super::ObservationKey {}
     unsafe impl aya::Pod for super::Observation {}
+    unsafe impl aya::Pod for super::ResponseKey {}
+    unsafe impl aya::Pod for super::ResponseRecord {}
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ServiceCounters {}
@@ -628,6 +683,8 @@ mod tests {
         assert_eq!(size_of::<PendingQuery>(), 16);
         assert_eq!(size_of::<ObservationKey>(), 24);
         assert_eq!(size_of::<Observation>(), 16);
+        assert_eq!(size_of::<ResponseKey>(), 16);
+        assert_eq!(size_of::<ResponseRecord>(), 32 + 4 * RESPONSE_MAX_ADDRS);
     }
 
     #[test]

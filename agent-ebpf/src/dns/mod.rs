@@ -12,11 +12,8 @@
 //! rest of the parser once per exit. [`Scratch::launder`] passes offsets
 //! through a map field with volatile accesses, which the verifier does not
 //! track, so the exits merge; bounds are checked again after each pass.
-mod query;
-mod response;
-
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map, programs::SkBuffContext};
-use headway_common::{AddrKey, DNS_HASH_INIT, dns_hash_byte};
+use headway_common::{AddrKey, DNS_HASH_INIT, RESPONSE_MAX_ADDRS, ResponseRecord, dns_hash_byte};
 
 use crate::maps::DNS_COUNTERS;
 
@@ -51,7 +48,7 @@ const MAX_LABEL_LEN: u8 = 63;
 const POINTER_BITS: u8 = 0xC0;
 
 /// Answers walked per response; a response announcing more is refused.
-pub const MAX_ANSWERS: usize = 32;
+pub const MAX_ANSWERS: usize = RESPONSE_MAX_ADDRS;
 
 /// `PendingQuery::name_hash` of a query that got its answer (see
 /// `response::consume`).
@@ -107,7 +104,12 @@ pub struct Scratch {
     len: u64,
     cursor: u64,
     n_addrs: u64,
+    /// Sum of [`addr_hash`] over `addrs`: equal for the same addresses in
+    /// any order (DNS servers rotate them).
+    fingerprint: u64,
     addrs: [AddrKey; MAX_ANSWERS],
+    /// The `dns_resp` record being built for this response.
+    pub record: ResponseRecord,
 }
 
 // Not pinned: per-CPU scratch space, its contents mean nothing between runs.
@@ -129,6 +131,10 @@ macro_rules! store {
         unsafe { core::ptr::write_volatile(&raw mut $place, $v) }
     };
 }
+
+// After the macros, which the parsers use too.
+mod query;
+mod response;
 
 impl Scratch {
     /// This CPU's scratch space.
@@ -188,6 +194,13 @@ impl Scratch {
     #[inline(always)]
     pub fn clear_addrs(&mut self) {
         store!(self.n_addrs, 0);
+        store!(self.fingerprint, 0);
+    }
+
+    /// The fingerprint of the addresses collected.
+    #[inline(always)]
+    pub fn fingerprint(&self) -> u64 {
+        load!(self.fingerprint)
     }
 
     /// How many addresses were collected (read from memory, so that the
@@ -204,6 +217,8 @@ impl Scratch {
         if let Some(slot) = self.addrs.get_mut(n) {
             *slot = addr;
             store!(self.n_addrs, n as u64 + 1);
+            let sum = load!(self.fingerprint).wrapping_add(addr_hash(&addr));
+            store!(self.fingerprint, sum);
         }
     }
 
@@ -212,6 +227,23 @@ impl Scratch {
     pub fn addr(&self, i: usize) -> Option<AddrKey> {
         self.addrs.get(i).copied()
     }
+}
+
+/// A 64-bit hash of an address for [`Scratch::fingerprint`]: a bijection
+/// of the low half (murmur3's finalizer), so two IPv4 addresses, or two
+/// IPv6 addresses of one /64, never hash alike; a sum over distinct sets
+/// collides with odds of about 2^-64.
+#[inline(always)]
+fn addr_hash(addr: &AddrKey) -> u64 {
+    let [a, b, c, d] = addr.addr;
+    let high = (u64::from(a) << 32) | u64::from(b);
+    let low = (u64::from(c) << 32) | u64::from(d);
+    let mut k = high.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ low;
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
 }
 
 /// A UDP datagram to or from port 53, as far as the interceptor cares.

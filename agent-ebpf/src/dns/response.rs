@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use headway_common::{
-    AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, dns_counter,
-    name_kind,
+    AddrKey, NO_POD, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey,
+    ResponseKey, ResponseRecord, dns_counter, name_kind,
 };
 
 use super::{
@@ -28,13 +28,17 @@ use super::{
 };
 use crate::{
     accounting::{count_dns_answer, pod_of},
-    maps::{DNS_NAMES, DNS_OBS, DNS_PENDING},
+    maps::{DNS_NAMES, DNS_OBS, DNS_PENDING, DNS_RESP, POD_ADDRS_GEN},
 };
 
 /// Labels walked in one owner name before giving up (ERR_BAD_LABEL). Owner
 /// names are usually a single compression pointer; 32 labels is far more
 /// than any Kubernetes name has (`a.b.c.svc.cluster.local` is 6).
 const MAX_LABELS: usize = 32;
+/// How long a `dns_resp` record vouches for the `dns_obs` entries of its
+/// addresses. Within it a repeated answer does not look them up; after
+/// it, they are checked again (and restored if LRU pressure evicted one).
+const TRUST_NS: u64 = 1_000_000_000;
 /// An observation that already says the same thing is rewritten only to
 /// move `learned_ns` on, and not more often than this: most answers repeat
 /// what the client learned a moment ago, and a lookup is cheaper than an
@@ -77,7 +81,7 @@ fn on_response(ctx: &SkBuffContext) -> Option<()> {
         return None;
     };
     match check(s, d.len, &pending) {
-        Ok(entry) => learn(s, netns_cookie, entry),
+        Ok(entry) => learn(s, netns_cookie, entry, pending.qtype as u16),
         Err(fault) => {
             if let Some(counter) = fault.counter() {
                 bump(counter);
@@ -234,12 +238,19 @@ fn collect(s: &mut Scratch, rdata: usize, rdlen: usize, qtype: u16) -> Result<()
 }
 
 /// Records every collected address as handed out to this client network
-/// namespace by `entry`'s name, then counts each for the pod it belongs to.
-/// Two loops rather than one: the verifier then meets the pod accounting
-/// (with its map insert) once per iteration rather than once per outcome
-/// of `observe`.
+/// namespace by `entry`'s name, and counts each for the pod it belongs to.
+///
+/// The common case is a client asking again and getting what it got a
+/// moment ago. `dns_resp` keeps, per client netns, service, kind of name
+/// and family, the last answer's fingerprint and the pods of its
+/// addresses; when this answer has the same addresses, every `dns_obs`
+/// entry was checked within `TRUST_NS` and no pod address changed since,
+/// the response costs that one lookup plus one counter add per address.
+/// Otherwise each address is checked (and written if new or different),
+/// its pod looked up, and the record rewritten: one map update for the
+/// response.
 #[inline(always)]
-fn learn(s: &Scratch, netns_cookie: u64, entry: NameEntry) {
+fn learn(s: &mut Scratch, netns_cookie: u64, entry: NameEntry, qtype: u16) {
     // One lookup of a headless name answered, by kind of name.
     let service_wide = entry.kind == name_kind::SERVICE;
     bump(if service_wide {
@@ -248,29 +259,124 @@ fn learn(s: &Scratch, netns_cookie: u64, entry: NameEntry) {
         dns_counter::LOOKUPS_POD
     });
     crate::accounting::count_lookup(entry.service_id, service_wide);
+    let n = s.n_addrs();
+    if n == 0 {
+        return;
+    }
     // SAFETY: no arguments, no side effects.
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut learned = 0;
-    for i in 0..MAX_ANSWERS {
-        if i >= s.n_addrs() {
-            break;
+    // Read before any pod lookup: an agent change after this read bumps
+    // the generation past what the record stores.
+    let pod_gen = POD_ADDRS_GEN.get(0).copied().unwrap_or(0);
+    let key = response_key(netns_cookie, entry.service_id, entry.kind, qtype);
+    let fingerprint = s.fingerprint();
+    let mut obs_fresh = false;
+    let mut pods_fresh = false;
+    let mut verified_ns = now;
+    let record = DNS_RESP.get_ptr(&key);
+    if let Some(r) = record {
+        // Fields of a live map value, read one by one.
+        if load!((*r).fingerprint) == fingerprint && load!((*r).n_addrs) as usize == n {
+            let verified = load!((*r).verified_ns);
+            obs_fresh = verified != 0 && now.wrapping_sub(verified) < TRUST_NS;
+            pods_fresh = load!((*r).pod_gen) == pod_gen;
+            if obs_fresh {
+                verified_ns = verified;
+            }
         }
-        let Some(addr) = s.addr(i) else {
-            break;
-        };
-        if observe(netns_cookie, addr, entry, now) {
-            learned += 1;
-        } else {
-            bump(dns_counter::ERR_MAP_FULL);
+    }
+    if let (true, true, Some(r)) = (obs_fresh, pods_fresh, record) {
+        count_cached_pods(r, n);
+        add(dns_counter::ADDRS_LEARNED, n as u64);
+        return;
+    }
+
+    let mut learned = 0;
+    if obs_fresh {
+        learned = n as u64;
+    } else {
+        for i in 0..MAX_ANSWERS {
+            if i >= s.n_addrs() {
+                break;
+            }
+            let Some(addr) = s.addr(i) else {
+                break;
+            };
+            if observe(netns_cookie, addr, entry, qtype, now) {
+                learned += 1;
+            } else {
+                bump(dns_counter::ERR_MAP_FULL);
+            }
         }
     }
     add(dns_counter::ADDRS_LEARNED, learned);
+    match (pods_fresh, record) {
+        (true, Some(r)) => {
+            count_cached_pods(r, n);
+            copy_cached_pods(s, r);
+        }
+        _ => look_up_pods(s),
+    }
+    // A map that refused an address must not be vouched for: the next
+    // answer checks them all again.
+    if learned != n as u64 {
+        return;
+    }
+    store!(s.record.fingerprint, fingerprint);
+    store!(s.record.verified_ns, verified_ns);
+    store!(s.record.pod_gen, pod_gen);
+    store!(s.record.n_addrs, n as u32);
+    // An LRU map: a full one evicts the least recently used record.
+    if DNS_RESP
+        .insert(&key, &s.record, u64::from(BPF_ANY))
+        .is_err()
+    {
+        bump(dns_counter::ERR_MAP_FULL);
+    }
+}
+
+#[inline(always)]
+fn response_key(netns_cookie: u64, service_id: u32, kind: u32, qtype: u16) -> ResponseKey {
+    ResponseKey {
+        netns_cookie,
+        service_id,
+        kind: kind as u16,
+        qtype,
+    }
+}
+
+/// Counts one DNS answer for each pod a record remembers.
+#[inline(always)]
+fn count_cached_pods(r: *const ResponseRecord, n: usize) {
+    for i in 0..MAX_ANSWERS {
+        if i >= n {
+            break;
+        }
+        // A field of a live map value; `i` is in bounds.
+        let pod_id = load!((*r).pod_ids[i]);
+        count_dns_answer(pod_id);
+    }
+}
+
+/// Copies the pods a record remembers into the record being built.
+#[inline(always)]
+fn copy_cached_pods(s: &mut Scratch, r: *const ResponseRecord) {
+    // SAFETY: a field of a live map value, copied whole.
+    s.record.pod_ids = unsafe { (*r).pod_ids };
+}
+
+/// Looks up the pod of every collected address, counts the answer for it
+/// and notes it in the record being built.
+#[inline(always)]
+fn look_up_pods(s: &mut Scratch) {
     for i in 0..MAX_ANSWERS {
         if i >= s.n_addrs() {
             break;
         }
-        if let Some(pod_id) = s.addr(i).and_then(|addr| pod_of(&addr)) {
-            count_dns_answer(pod_id);
+        let pod_id = s.addr(i).and_then(|addr| pod_of(&addr)).unwrap_or(NO_POD);
+        count_dns_answer(pod_id);
+        if let Some(slot) = s.record.pod_ids.get_mut(i) {
+            *slot = pod_id;
         }
     }
 }
@@ -279,19 +385,23 @@ fn learn(s: &Scratch, netns_cookie: u64, entry: NameEntry) {
 /// (the lookup alone refreshes the entry's LRU position). False if the map
 /// refused it.
 #[inline(always)]
-fn observe(netns_cookie: u64, addr: AddrKey, entry: NameEntry, now: u64) -> bool {
+fn observe(netns_cookie: u64, addr: AddrKey, entry: NameEntry, qtype: u16, now: u64) -> bool {
     let key = ObservationKey { netns_cookie, addr };
     if let Some(obs) = DNS_OBS.get_ptr_mut(&key) {
         // SAFETY: a live map value; the fields are read and written one
         // by one (the u64 store is atomic for a concurrent reader).
-        unsafe {
+        let (service_id, kind) = unsafe {
             if (*obs).service_id == entry.service_id && (*obs).kind == entry.kind {
                 if now.wrapping_sub((*obs).learned_ns) > REFRESH_NS {
                     (*obs).learned_ns = now;
                 }
                 return true;
             }
-        }
+            ((*obs).service_id, (*obs).kind)
+        };
+        // The address now says something else: the record that vouched
+        // for it under its old service and kind must check again.
+        invalidate(response_key(netns_cookie, service_id, kind, qtype));
     }
     // New, or learned from another name: replace the whole value at once
     // so a concurrent connect() never sees half of each.
@@ -301,4 +411,13 @@ fn observe(netns_cookie: u64, addr: AddrKey, entry: NameEntry, now: u64) -> bool
         learned_ns: now,
     };
     DNS_OBS.insert(key, obs, u64::from(BPF_ANY)).is_ok()
+}
+
+/// Makes a `dns_resp` record vouch for nothing until its next rewrite.
+#[inline(always)]
+fn invalidate(key: ResponseKey) {
+    if let Some(r) = DNS_RESP.get_ptr_mut(&key) {
+        // An aligned u64 of a live map value: one atomic store.
+        store!((*r).verified_ns, 0);
+    }
 }
