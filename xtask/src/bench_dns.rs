@@ -15,6 +15,11 @@
 //!   per-call cost (reading the clock around the run); that cost is
 //!   estimated as single-run median minus repeat mean of the non-DNS
 //!   packet and is subtracted in the "net" column.
+//!
+//! Each learning case runs in three states of the client's netns: the same
+//! answer came a moment ago (its `dns_resp` record is fresh: the common
+//! case of a client asking again), the addresses are known but the record
+//! is gone (older than the trust window, or evicted), and the first time.
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, bail};
@@ -25,7 +30,7 @@ use aya::{
 };
 use headway_common::{
     AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, PodRef,
-    dns_name_hash, map_names, name_kind, program_names,
+    ResponseKey, ResponseRecord, dns_name_hash, map_names, name_kind, program_names,
 };
 use hickory_proto::{
     op::{Message, OpCode, Query},
@@ -127,19 +132,57 @@ fn bench_learning(bench: &mut Bench, opts: &Options, harness: Duration) -> anyho
     ];
     for (name, (payload, ips)) in cases {
         let frame = udp_frame(53, CLIENT_PORT, &payload);
-        for (label, fresh) in [("already known", false), ("first time", true)] {
+        for state in [
+            State::Repeated,
+            State::Expired,
+            State::NoRecord,
+            State::FirstTime,
+        ] {
             let raw = bench.single_median(&frame, opts.samples, |b| {
-                if fresh {
+                if state == State::Expired {
+                    b.expire_record()?;
+                }
+                if matches!(state, State::NoRecord | State::FirstTime) {
+                    b.forget_record()?;
+                }
+                if state == State::FirstTime {
                     b.forget_observations(&ips)?;
                 }
                 b.expect_query()
             })?;
+            let label = state.label();
             let case = format!("{name}, {label}");
             let net = raw.saturating_sub(harness);
             println!("  {case:<44} {:>8.1} {:>8.1}", ns(raw), ns(net));
         }
     }
     Ok(())
+}
+
+/// What the client netns knew before the benchmarked response.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The same answer a moment ago: its `dns_resp` record is fresh.
+    Repeated,
+    /// The same answer, but longer ago than the trust window of its
+    /// `dns_resp` record: each address's `dns_obs` entry is checked.
+    Expired,
+    /// Every address known (`dns_obs`), but no `dns_resp` record (evicted):
+    /// each address is checked and its pod looked up, the record written.
+    NoRecord,
+    /// Nothing known: each address is written.
+    FirstTime,
+}
+
+impl State {
+    fn label(self) -> &'static str {
+        match self {
+            State::Repeated => "repeated",
+            State::Expired => "repeated, record expired",
+            State::NoRecord => "known, no record",
+            State::FirstTime => "first time",
+        }
+    }
 }
 
 fn ns(d: Duration) -> f64 {
@@ -229,6 +272,35 @@ impl Bench {
         };
         self.map::<PendingQueryKey, PendingQuery>(map_names::DNS_PENDING)?
             .insert(key, value, 0)?;
+        Ok(())
+    }
+
+    /// Makes the `dns_resp` record of the benchmark's client and name look
+    /// older than its trust window (the kernel reads 0 as "check again").
+    fn expire_record(&mut self) -> anyhow::Result<()> {
+        let key = self.record_key();
+        let mut records = self.map::<ResponseKey, ResponseRecord>(map_names::DNS_RESP)?;
+        let mut record = records.get(&key, 0).context("no dns_resp record")?;
+        record.verified_ns = 0;
+        records.insert(key, record, 0)?;
+        Ok(())
+    }
+
+    fn record_key(&self) -> ResponseKey {
+        ResponseKey {
+            netns_cookie: self.netns_cookie,
+            service_id: SERVICE_ID,
+            kind: name_kind::SERVICE as u16,
+            qtype: 1,
+        }
+    }
+
+    /// Removes the `dns_resp` record of the benchmark's client and name.
+    fn forget_record(&mut self) -> anyhow::Result<()> {
+        let key = self.record_key();
+        let mut records = self.map::<ResponseKey, ResponseRecord>(map_names::DNS_RESP)?;
+        // Absent before the first run of a case: nothing to forget.
+        let _ = records.remove(&key);
         Ok(())
     }
 

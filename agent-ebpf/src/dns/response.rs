@@ -273,7 +273,7 @@ fn learn(s: &mut Scratch, netns_cookie: u64, entry: NameEntry, qtype: u16) {
     let mut obs_fresh = false;
     let mut pods_fresh = false;
     let mut verified_ns = now;
-    let record = DNS_RESP.get_ptr(&key);
+    let record = DNS_RESP.get_ptr_mut(&key);
     if let Some(r) = record {
         // Fields of a live map value, read one by one.
         if load!((*r).fingerprint) == fingerprint && load!((*r).n_addrs) as usize == n {
@@ -291,10 +291,9 @@ fn learn(s: &mut Scratch, netns_cookie: u64, entry: NameEntry, qtype: u16) {
         return;
     }
 
-    let mut learned = 0;
-    if obs_fresh {
-        learned = n as u64;
-    } else {
+    let mut learned = n as u64;
+    if !obs_fresh {
+        learned = 0;
         for i in 0..MAX_ANSWERS {
             if i >= s.n_addrs() {
                 break;
@@ -310,16 +309,20 @@ fn learn(s: &mut Scratch, netns_cookie: u64, entry: NameEntry, qtype: u16) {
         }
     }
     add(dns_counter::ADDRS_LEARNED, learned);
-    match (pods_fresh, record) {
-        (true, Some(r)) => {
-            count_cached_pods(r, n);
-            copy_cached_pods(s, r);
-        }
-        _ => look_up_pods(s),
-    }
     // A map that refused an address must not be vouched for: the next
     // answer checks them all again.
-    if learned != n as u64 {
+    let vouch = learned == n as u64;
+    if let (true, Some(r)) = (pods_fresh, record) {
+        count_cached_pods(r, n);
+        // Same addresses, same pods, each entry just checked: only the
+        // time of the check moves on (one aligned store, no map update).
+        if vouch {
+            store!((*r).verified_ns, now);
+        }
+        return;
+    }
+    look_up_pods(s);
+    if !vouch {
         return;
     }
     store!(s.record.fingerprint, fingerprint);
@@ -347,7 +350,7 @@ fn response_key(netns_cookie: u64, service_id: u32, kind: u32, qtype: u16) -> Re
 
 /// Counts one DNS answer for each pod a record remembers.
 #[inline(always)]
-fn count_cached_pods(r: *const ResponseRecord, n: usize) {
+fn count_cached_pods(r: *mut ResponseRecord, n: usize) {
     for i in 0..MAX_ANSWERS {
         if i >= n {
             break;
@@ -356,13 +359,6 @@ fn count_cached_pods(r: *const ResponseRecord, n: usize) {
         let pod_id = load!((*r).pod_ids[i]);
         count_dns_answer(pod_id);
     }
-}
-
-/// Copies the pods a record remembers into the record being built.
-#[inline(always)]
-fn copy_cached_pods(s: &mut Scratch, r: *const ResponseRecord) {
-    // SAFETY: a field of a live map value, copied whole.
-    s.record.pod_ids = unsafe { (*r).pod_ids };
 }
 
 /// Looks up the pod of every collected address, counts the answer for it
