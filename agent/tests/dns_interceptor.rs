@@ -19,8 +19,9 @@ use aya::{
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use headway_common::{
-    AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, PodCounters,
-    PodRef, dns_counter, dns_name_hash, map_names, name_kind, program_names,
+    AddrKey, NO_POD, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey,
+    PodCounters, PodRef, ResponseKey, ResponseRecord, dns_counter, dns_name_hash, map_names,
+    name_kind, program_names,
 };
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
@@ -170,6 +171,40 @@ impl Interceptor {
         self.hash_map::<ObservationKey, Observation>(map_names::DNS_OBS)
             .iter()
             .map(|e| e.expect("read dns_obs"))
+            .collect()
+    }
+
+    /// Removes what the client learned about `addr`, the way LRU
+    /// pressure would.
+    fn evict_observation(&mut self, addr: IpAddr) {
+        let key = ObservationKey {
+            netns_cookie: netns_cookie(),
+            addr: addr_key(addr),
+        };
+        self.hash_map_mut::<ObservationKey, Observation>(map_names::DNS_OBS)
+            .remove(&key)
+            .expect("remove from dns_obs");
+    }
+
+    /// Moves `addr` to pod `pod_id` the way the agent does: `pod_addrs`
+    /// first, then the generation that tells the kernel its cache is stale.
+    fn move_pod_addr(&mut self, addr: IpAddr, pod_id: u32) {
+        self.add_pod_addr(addr, pod_id);
+        let map = self
+            .ebpf
+            .map_mut(map_names::POD_ADDRS_GEN)
+            .expect("no pod_addrs_gen");
+        let mut generation: Array<&mut MapData, u64> =
+            Array::try_from(map).expect("pod_addrs_gen array");
+        let now = generation.get(&0, 0).expect("read pod_addrs_gen");
+        generation.set(0, now + 1, 0).expect("write pod_addrs_gen");
+    }
+
+    /// The `dns_resp` records, by key.
+    fn records(&self) -> Vec<(ResponseKey, ResponseRecord)> {
+        self.hash_map::<ResponseKey, ResponseRecord>(map_names::DNS_RESP)
+            .iter()
+            .map(|e| e.expect("read dns_resp"))
             .collect()
     }
 
@@ -1041,4 +1076,213 @@ fn response_longer_than_the_parser_copies_teaches_nothing() {
         &response,
         "ERR_BAD_HEADER",
     );
+}
+
+// ---------------------------------------------------------------------------
+// The response records (`dns_resp`): a repeated answer costs one lookup, and
+// must teach and count exactly what checking every address would.
+
+/// The pod of each address of a record, sorted.
+fn record_pods(record: &ResponseRecord) -> Vec<u32> {
+    let mut pods = record.pod_ids[..record.n_addrs as usize].to_vec();
+    pods.sort();
+    pods
+}
+
+#[test]
+fn repeated_answer_is_counted_from_its_record() {
+    let Some(mut ix) = setup("repeated_answer_is_counted_from_its_record") else {
+        return;
+    };
+    ix.add_pod_addr(pod_v4(0).into(), 100);
+    ix.add_pod_addr(pod_v4(1).into(), 101);
+    let flow = Flow::v4();
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 3));
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    let records = ix.records();
+    assert_eq!(
+        records.len(),
+        1,
+        "one record per netns, service, kind, family"
+    );
+    let (key, record) = records[0];
+    assert_eq!(
+        key,
+        ResponseKey {
+            netns_cookie: netns_cookie(),
+            service_id: SERVICE_ID,
+            kind: name_kind::SERVICE as u16,
+            qtype: TYPE_A,
+        }
+    );
+    assert_eq!(record.n_addrs, 3);
+    assert_ne!(record.verified_ns, 0);
+    assert_eq!(record_pods(&record), vec![100, 101, NO_POD]);
+
+    // The same addresses in another order (servers rotate them): the
+    // record matches, and the answer counts for the same pods again.
+    let mut rotated = a_records(SERVICE_NAME, 3);
+    rotated.rotate_left(1);
+    let again = response_msg(SERVICE_NAME, RecordType::A, rotated);
+    for _ in 0..3 {
+        exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &again);
+    }
+    assert_eq!(ix.records().len(), 1);
+    assert_eq!(
+        ix.records()[0].1.verified_ns,
+        record.verified_ns,
+        "not rechecked"
+    );
+    let answers = |pod| ix.pod_counters(pod).map(|c| c.dns_answers);
+    assert_eq!(answers(100), Some(4));
+    assert_eq!(answers(101), Some(4));
+    assert_eq!(ix.counter(dns_counter::ADDRS_LEARNED), 12);
+    assert_eq!(ix.learned(), service_obs((0..3).map(pod_v4)));
+}
+
+#[test]
+fn another_answer_rewrites_the_record_and_keeps_what_was_learned() {
+    let Some(ix) = setup("another_answer_rewrites_the_record_and_keeps_what_was_learned") else {
+        return;
+    };
+    let flow = Flow::v4();
+    let first = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 3));
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &first);
+    let later: Vec<_> = (3..5).map(|i| a(SERVICE_NAME, pod_v4(i))).collect();
+    let later = response_msg(SERVICE_NAME, RecordType::A, later);
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &later);
+    // Observations outlive the answer that taught them.
+    assert_eq!(ix.learned(), service_obs((0..5).map(pod_v4)));
+    let records = ix.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].1.n_addrs, 2);
+}
+
+#[test]
+fn address_relearned_under_the_other_kind_follows_the_latest_answer() {
+    let Some(ix) = setup("address_relearned_under_the_other_kind_follows_the_latest_answer") else {
+        return;
+    };
+    let flow = Flow::v4();
+    let by_pod = response_msg(POD_NAME, RecordType::A, vec![a(POD_NAME, pod_v4(0))]);
+    let by_service = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 2));
+    let kind_of = |ip: Ipv4Addr| {
+        ix.learned()
+            .into_iter()
+            .find(|(addr, _, _)| *addr == IpAddr::V4(ip))
+            .map(|(_, _, kind)| kind)
+    };
+    // Both records stay fresh all along: each answer that moves the address
+    // to the other kind must invalidate the record of the kind it left.
+    for round in 0..3 {
+        exchange(&ix, &flow, POD_NAME, RecordType::A, &by_pod);
+        assert_eq!(kind_of(pod_v4(0)), Some(name_kind::POD), "round {round}");
+        exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &by_service);
+        assert_eq!(
+            kind_of(pod_v4(0)),
+            Some(name_kind::SERVICE),
+            "round {round}"
+        );
+        assert_eq!(
+            kind_of(pod_v4(1)),
+            Some(name_kind::SERVICE),
+            "round {round}"
+        );
+    }
+    assert_eq!(ix.records().len(), 2, "one record per kind of name");
+}
+
+#[test]
+fn evicted_observation_comes_back_once_the_record_expires() {
+    let Some(mut ix) = setup("evicted_observation_comes_back_once_the_record_expires") else {
+        return;
+    };
+    let flow = Flow::v4();
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 2));
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    ix.evict_observation(pod_v4(0).into());
+    // Within its trust window the record vouches without looking.
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    assert_eq!(ix.learned(), service_obs([pod_v4(1)]));
+    // After it (1 s, `TRUST_NS`), the next answer checks every address.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    assert_eq!(ix.learned(), service_obs((0..2).map(pod_v4)));
+}
+
+#[test]
+fn evicted_record_is_rebuilt_from_the_next_answer() {
+    let Some(mut ix) = setup("evicted_record_is_rebuilt_from_the_next_answer") else {
+        return;
+    };
+    ix.add_pod_addr(pod_v4(0).into(), 100);
+    let flow = Flow::v4();
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 2));
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    ix.evict_observation(pod_v4(1).into());
+    let (key, _) = ix.records()[0];
+    ix.hash_map_mut::<ResponseKey, ResponseRecord>(map_names::DNS_RESP)
+        .remove(&key)
+        .expect("remove from dns_resp");
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    assert_eq!(ix.learned(), service_obs((0..2).map(pod_v4)));
+    assert_eq!(record_pods(&ix.records()[0].1), vec![100, NO_POD]);
+    assert_eq!(ix.pod_counters(100).map(|c| c.dns_answers), Some(2));
+}
+
+#[test]
+fn answers_count_for_the_new_pod_after_an_address_moves() {
+    let Some(mut ix) = setup("answers_count_for_the_new_pod_after_an_address_moves") else {
+        return;
+    };
+    ix.add_pod_addr(pod_v4(0).into(), 100);
+    let flow = Flow::v4();
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 1));
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    // The address now belongs to another pod (reused): the record's cached
+    // pod is stale and must not be counted.
+    ix.move_pod_addr(pod_v4(0).into(), 200);
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
+    let answers = |pod| ix.pod_counters(pod).map(|c| c.dns_answers);
+    assert_eq!(answers(100), Some(1));
+    assert_eq!(answers(200), Some(2));
+    assert_eq!(record_pods(&ix.records()[0].1), vec![200]);
+}
+
+#[test]
+fn aaaa_and_a_answers_keep_records_of_their_own() {
+    let Some(ix) = setup("aaaa_and_a_answers_keep_records_of_their_own") else {
+        return;
+    };
+    let flow = Flow::v4();
+    let v4 = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 2));
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &v4);
+    let v6 = Ipv6Addr::new(0xfd77, 0, 0, 1, 0, 0, 0, 1);
+    let answer = response_msg(SERVICE_NAME, RecordType::AAAA, vec![aaaa(SERVICE_NAME, v6)]);
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::AAAA, &answer);
+    exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &v4);
+    let mut qtypes: Vec<_> = ix
+        .records()
+        .iter()
+        .map(|(k, r)| (k.qtype, r.n_addrs))
+        .collect();
+    qtypes.sort();
+    assert_eq!(qtypes, vec![(TYPE_A, 2), (TYPE_AAAA, 1)]);
+    let mut want = service_obs((0..2).map(pod_v4));
+    want.push((IpAddr::V6(v6), SERVICE_ID, name_kind::SERVICE));
+    want.sort();
+    assert_eq!(ix.learned(), want);
+}
+
+#[test]
+fn thirty_three_answers_teach_nothing() {
+    let Some(ix) = setup("thirty_three_answers_teach_nothing") else {
+        return;
+    };
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 33));
+    exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
+    assert_eq!(ix.learned(), vec![]);
+    assert_eq!(ix.records(), vec![]);
+    assert_eq!(ix.counter(dns_counter::ERR_BAD_HEADER), 1);
 }
