@@ -535,7 +535,8 @@ pub struct ResponseRecord {
     pub pod_gen: u64,
     pub n_addrs: u32,
     pub _pad: u32,
-    /// The pod of each address (in some order), or [`NO_POD`].
+    /// The pod of each address (in some order), or [`NO_POD`]; only the
+    /// first `n_addrs` mean anything.
     pub pod_ids: [u32; RESPONSE_MAX_ADDRS],
 }
 

@@ -323,6 +323,7 @@ fn pod_removed_from_manifests_disappears_from_maps() {
     write_manifests(manifests.path(), &cluster);
     let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("start agent");
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 3).unwrap();
+    let generation_before = pod_addrs_gen(&bpffs);
 
     // Drop web-2 from both slices.
     let yaml = fs::read_to_string(manifests.path().join("web.yaml")).unwrap();
@@ -335,7 +336,20 @@ fn pod_removed_from_manifests_disappears_from_maps() {
     assert_eq!(pods.len(), 2, "the removed pod is forgotten: {pods:#?}");
     let endpoints = bpftool_dump(&bpffs.pin("svc_endpoints")).unwrap();
     assert_eq!(endpoints.len(), 4, "{endpoints:#?}");
+    // The DNS interceptor's cached pod ids are stale now: the agent says so.
+    assert!(
+        pod_addrs_gen(&bpffs) > generation_before,
+        "pod_addrs changed but pod_addrs_gen did not move"
+    );
     agent.stop().unwrap();
+}
+
+/// `pod_addrs_gen[0]`: how many times the agent changed `pod_addrs`.
+fn pod_addrs_gen(bpffs: &Bpffs) -> u64 {
+    let entries = bpftool_dump(&bpffs.pin("pod_addrs_gen")).unwrap();
+    entries[0]["value"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("pod_addrs_gen: {entries:#?}"))
 }
 
 /// Removes the endpoint block (4 lines) that names `pod` from every slice.
