@@ -44,9 +44,12 @@ pub struct AgentMetrics {
     retained: Arc<Mutex<Retained>>,
 }
 
+/// The Kubernetes resources the agent watches (`watch_restarts` labels).
+pub const WATCHED_RESOURCES: [&str; 3] = ["services", "endpointslices", "pods"];
+
 impl AgentMetrics {
     pub fn new(grace: Duration) -> Self {
-        AgentMetrics {
+        let metrics = AgentMetrics {
             // 100 µs .. ~3 s
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             syncs: Counter::default(),
@@ -55,7 +58,15 @@ impl AgentMetrics {
             watch_restarts: Family::default(),
             grace,
             retained: Arc::default(),
+        };
+        // Exported at 0 from the start, so rate() has a first point (and a
+        // source without watches says so rather than saying nothing).
+        for resource in WATCHED_RESOURCES {
+            let _ = metrics.watch_restarts.get_or_create(&ResourceLabels {
+                resource: resource.to_string(),
+            });
         }
+        metrics
     }
 
     /// Counts one restart of the watch on `resource`.
