@@ -340,7 +340,7 @@ fn register_datapath(registry: &mut Registry, status: &Status) {
     );
     registry.register(
         "steered_connections",
-        "Connections moved to another pod of the service, by why the address asked for was not eligible (gone, reused, not_eligible)",
+        "Connections moved to another pod of the service, by reason: the address asked for was gone, reused or not_eligible, or a balancing policy drew another pod (balanced)",
         steered,
     );
     registry.register(

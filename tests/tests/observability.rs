@@ -198,6 +198,7 @@ fn metrics_keep_a_deleted_pods_series_for_the_grace_period() {
     .unwrap();
     // ...but a scrape right after still has its final count.
     let (body, samples) = scrape(port);
+    println!("/metrics right after web-1 was deleted:\n{body}");
     assert_eq!(conns(&samples, "web-1"), Some(3.0), "{body}");
     assert_eq!(conns(&samples, "web-0"), Some(2.0), "{body}");
     assert_eq!(
