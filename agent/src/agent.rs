@@ -11,11 +11,12 @@ use std::{
 use anyhow::Context;
 use headway_common::{Config, config_flags};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::{
     datapath::Datapath,
     http::{self, HttpState},
+    log_once::SyncLogs,
     map_plan::{self, Ids, PlanSettings},
     map_writer::MapWriter,
     metrics::AgentMetrics,
@@ -69,6 +70,8 @@ pub struct AgentConfig {
     /// This agent's node (for `prefer-node`; its Node object's zone label
     /// serves `prefer-zone`).
     pub node_name: Option<String>,
+    /// How long `/metrics` keeps the series of deleted pods and services.
+    pub metrics_grace: std::time::Duration,
 }
 
 /// Runs until a termination signal arrives.
@@ -78,7 +81,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let http_state = Arc::new(HttpState {
         bpffs: cfg.bpffs.clone(),
-        metrics: AgentMetrics::default(),
+        metrics: AgentMetrics::new(cfg.metrics_grace),
         synced: AtomicBool::new(false),
     });
     // Bind first: a taken port is a configuration error worth failing on.
@@ -146,6 +149,8 @@ struct Syncer {
     /// broken by an edit keeps contributing its previous objects.
     last_good: dir::FileObjects,
     http: Arc<HttpState>,
+    /// Problems already reported, so each is logged once per change.
+    logs: SyncLogs,
 }
 
 impl Syncer {
@@ -168,6 +173,7 @@ impl Syncer {
             namespaces: cfg.namespaces.clone(),
             last_good: Default::default(),
             http,
+            logs: SyncLogs::default(),
         })
     }
 
@@ -183,9 +189,7 @@ impl Syncer {
         };
         let metrics = &self.http.metrics;
         metrics.manifest_errors.inc_by(snapshot.errors.len() as u64);
-        for e in &snapshot.errors {
-            warn!(file = %e.path.display(), document = e.document, error = %e.message, "bad manifest; keeping what it held before");
-        }
+        self.logs.manifest_errors(&snapshot.errors);
         let objects = self.last_good.merge(snapshot);
         self.sync(&objects);
     }
@@ -199,9 +203,7 @@ impl Syncer {
             .and_then(|node| model::node_zone(&objects.nodes, node));
         let (mut desired, warnings) =
             model::desired_state(&objects.services, &objects.slices, &objects.pods);
-        for w in &warnings {
-            warn!(object = %w.object, "{}", w.message);
-        }
+        self.logs.model_warnings(&warnings);
         if !self.namespaces.is_empty() {
             desired
                 .services
@@ -209,9 +211,7 @@ impl Syncer {
         }
         let wanted = map_plan::plan(&desired, &self.settings, &mut self.ids);
         let (summary, errors) = self.writer.apply(&wanted);
-        for e in &errors {
-            error!(error = %e, "map write failed; the rest of the sync was applied");
-        }
+        self.logs.write_errors(&errors);
         let metrics = &self.http.metrics;
         metrics.map_write_errors.inc_by(errors.len() as u64);
         metrics.syncs.inc();

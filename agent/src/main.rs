@@ -7,7 +7,7 @@ use headway::{
     agent::{self, AgentConfig, SourceSpec},
     cgroup, datapath,
     model::Policy,
-    status,
+    status, top,
 };
 
 #[derive(Parser)]
@@ -45,6 +45,16 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where bpffs is mounted.
+        #[arg(long, env = "HEADWAY_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
+    /// A live view of per-pod connection and byte rates, by service, from
+    /// the pinned maps (like `top`; `q` quits).
+    Top {
+        /// How often to read the maps and redraw (e.g. `500ms`, `2s`).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
         /// Where bpffs is mounted.
         #[arg(long, env = "HEADWAY_BPFFS", default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
@@ -90,6 +100,10 @@ struct AgentArgs {
     /// object's `topology.kubernetes.io/zone` label gives the zone).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// How long /metrics keeps exporting the last values of a deleted pod
+    /// or service before its series go (e.g. `5m`, `30s`).
+    #[arg(long, env = "HEADWAY_METRICS_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    metrics_grace: std::time::Duration,
 }
 
 fn init_logging(format: LogFormat) {
@@ -123,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                 steer_host_netns: args.steer_host_netns,
                 metrics_addr: args.metrics_addr,
                 node_name: args.node_name,
+                metrics_grace: args.metrics_grace,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -140,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Top { interval, bpffs } => top::run(&bpffs, interval),
         Command::Reset { bpffs } => {
             let removed = datapath::reset(&bpffs)?;
             if removed.is_empty() {

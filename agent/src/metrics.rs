@@ -1,8 +1,13 @@
 //! Prometheus metrics. Datapath counters live in the pinned maps (so they
 //! are monotonic across agent restarts); each scrape reads them fresh, the
 //! same way `headway status` does, and renders them with prometheus-client
-//! next to the agent's own long-lived metrics.
-use std::path::Path;
+//! next to the agent's own long-lived metrics. Series of deleted pods and
+//! services stay for a grace period (see [`crate::retained`]).
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -17,28 +22,72 @@ use prometheus_client::{
 
 use crate::{
     pinned::{MAP_SHAPES, Maps, PinnedError},
+    retained::{DEFAULT_GRACE, Retained},
     status::{self, Status},
 };
+use headway_common::{dns_counter, map_names, steer_counter};
 
-/// Metrics the agent itself keeps (not in the maps).
+/// Metrics the agent itself keeps (not in the maps), and the memory of
+/// recently exported series.
 #[derive(Clone)]
 pub struct AgentMetrics {
     pub sync_duration: Histogram,
     pub syncs: Counter,
     pub map_write_errors: Counter,
     pub manifest_errors: Counter,
+    /// Restarts of a Kubernetes watch (`resource` = services,
+    /// endpointslices, pods): relists after an error or an expired
+    /// resourceVersion.
+    pub watch_restarts: Family<ResourceLabels, Counter>,
+    /// How long series of deleted pods and services stay exported.
+    pub grace: Duration,
+    retained: Arc<Mutex<Retained>>,
 }
 
-impl Default for AgentMetrics {
-    fn default() -> Self {
-        AgentMetrics {
+/// The Kubernetes resources the agent watches (`watch_restarts` labels).
+pub const WATCHED_RESOURCES: [&str; 3] = ["services", "endpointslices", "pods"];
+
+impl AgentMetrics {
+    pub fn new(grace: Duration) -> Self {
+        let metrics = AgentMetrics {
             // 100 µs .. ~3 s
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             syncs: Counter::default(),
             map_write_errors: Counter::default(),
             manifest_errors: Counter::default(),
+            watch_restarts: Family::default(),
+            grace,
+            retained: Arc::default(),
+        };
+        // Exported at 0 from the start, so rate() has a first point (and a
+        // source without watches says so rather than saying nothing).
+        for resource in WATCHED_RESOURCES {
+            let _ = metrics.watch_restarts.get_or_create(&ResourceLabels {
+                resource: resource.to_string(),
+            });
         }
+        metrics
     }
+
+    /// Counts one restart of the watch on `resource`.
+    pub fn watch_restarted(&self, resource: &str) {
+        self.watch_restarts
+            .get_or_create(&ResourceLabels {
+                resource: resource.to_string(),
+            })
+            .inc();
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        AgentMetrics::new(DEFAULT_GRACE)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,6 +125,17 @@ struct ServiceReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    namespace: String,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: &'static str,
 }
@@ -88,12 +148,18 @@ struct BuildLabels {
 /// The whole exposition: datapath counters from the pins under `bpffs`,
 /// plus `agent`'s own metrics.
 pub fn render(bpffs: &Path, agent: &AgentMetrics) -> Result<String, PinnedError> {
-    let status = status::read(bpffs)?;
+    let mut status = status::read(bpffs)?;
     let maps = Maps::open_pinned(bpffs)?;
     let mut registry = Registry::with_prefix("headway");
+    register_maps(&mut registry, &maps, &status)?;
+    register_programs(&mut registry, &status);
+    agent
+        .retained
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .apply(&mut status, Instant::now(), agent.grace);
     register_pods(&mut registry, &status);
     register_datapath(&mut registry, &status);
-    register_maps(&mut registry, &maps)?;
 
     registry.register(
         "sync_duration_seconds",
@@ -114,6 +180,11 @@ pub fn render(bpffs: &Path, agent: &AgentMetrics) -> Result<String, PinnedError>
         "manifest_errors",
         "Manifests that could not be read or parsed",
         agent.manifest_errors.clone(),
+    );
+    registry.register(
+        "watch_restarts",
+        "Restarts of a Kubernetes watch, by resource",
+        agent.watch_restarts.clone(),
     );
     let build = Family::<BuildLabels, Gauge>::default();
     build
@@ -202,8 +273,21 @@ fn register_datapath(registry: &mut Registry, status: &Status) {
     for (reason, n) in &status.dns {
         dns.get_or_create(&ReasonLabels { reason }).inc_by(*n);
     }
+    let parse_errors = Family::<ReasonLabels, Counter>::default();
+    for (reason, n) in &status.dns {
+        let is_parse_error = DNS_PARSE_ERRORS
+            .iter()
+            .any(|i| counter_name(&dns_counter::NAMES, *i) == *reason);
+        if is_parse_error {
+            parse_errors
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(*n);
+        }
+    }
     let lookups = Family::<ServiceKindLabels, Counter>::default();
+    let decisions_by_service = Family::<ServiceReasonLabels, Counter>::default();
     let steered = Family::<ServiceReasonLabels, Counter>::default();
+    let no_eligible = Family::<ServiceLabels, Counter>::default();
     for svc in &status.services {
         let c = &svc.counters;
         for (kind, n) in [("service", c.lookups_service), ("pod", c.lookups_pod)] {
@@ -220,8 +304,29 @@ fn register_datapath(registry: &mut Registry, status: &Status) {
                 service: svc.name.clone(),
                 reason,
             };
-            steered.get_or_create(&labels).inc_by(*n);
+            decisions_by_service.get_or_create(&labels).inc_by(*n);
+            if let Some(why) = reason.strip_prefix("steered_") {
+                let labels = ServiceReasonLabels {
+                    reason: why,
+                    ..labels
+                };
+                steered.get_or_create(&labels).inc_by(*n);
+            }
         }
+        no_eligible
+            .get_or_create(&ServiceLabels {
+                namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+            })
+            .inc_by(
+                c.decisions
+                    .get(counter_name(
+                        &steer_counter::NAMES,
+                        steer_counter::NO_ELIGIBLE_POD,
+                    ))
+                    .copied()
+                    .unwrap_or(0),
+            );
     }
     registry.register(
         "dns_lookups",
@@ -231,7 +336,22 @@ fn register_datapath(registry: &mut Registry, status: &Status) {
     registry.register(
         "service_connect_decisions",
         "Connect decisions about addresses resolved through the service's names, by reason",
+        decisions_by_service,
+    );
+    registry.register(
+        "steered_connections",
+        "Connections moved to another pod of the service, by reason: the address asked for was gone, reused or not_eligible, or a balancing policy drew another pod (balanced)",
         steered,
+    );
+    registry.register(
+        "no_eligible_pod",
+        "Connections that should have been steered but found no eligible pod (left as asked)",
+        no_eligible,
+    );
+    registry.register(
+        "dns_parse_errors",
+        "DNS responses the interceptor refused to learn from, by reason",
+        parse_errors,
     );
     registry.register(
         "dns_events",
@@ -240,20 +360,79 @@ fn register_datapath(registry: &mut Registry, status: &Status) {
     );
 }
 
-fn register_maps(registry: &mut Registry, maps: &Maps) -> Result<(), PinnedError> {
+/// `dns_counters` indexes that count a response the parser refused.
+const DNS_PARSE_ERRORS: [u32; 5] = [
+    dns_counter::ERR_TRUNCATED,
+    dns_counter::ERR_BAD_POINTER,
+    dns_counter::ERR_BAD_LABEL,
+    dns_counter::ERR_BAD_HEADER,
+    dns_counter::ERR_QUESTION_MISMATCH,
+];
+
+/// The name a shared counter table gives `index`.
+fn counter_name(names: &[(u32, &'static str)], index: u32) -> &'static str {
+    names
+        .iter()
+        .find(|(i, _)| *i == index)
+        .map_or("unknown", |(_, name)| name)
+}
+
+fn register_maps(registry: &mut Registry, maps: &Maps, status: &Status) -> Result<(), PinnedError> {
     let entries = Family::<MapLabels, Gauge>::default();
     let capacity = Family::<MapLabels, Gauge>::default();
-    let counts = maps.entry_counts()?;
+    let mut counts = maps.entry_counts()?;
+    // Arrays indexed by id: the slots in use are the ids handed out.
+    let pods: usize = counts.get(map_names::PODS).copied().unwrap_or(0);
+    counts.insert(map_names::POD_STATS, pods);
+    counts.insert(map_names::SVC_STATS, status.services.len());
     for shape in &MAP_SHAPES {
         let labels = MapLabels { map: shape.name };
-        capacity
-            .get_or_create(&labels)
-            .set(i64::from(shape.max_entries));
+        // Socket storage has no capacity (it lives in each socket).
+        if shape.max_entries > 0 {
+            capacity
+                .get_or_create(&labels)
+                .set(i64::from(shape.max_entries));
+        }
         if let Some(n) = counts.get(shape.name) {
             entries.get_or_create(&labels).set(*n as i64);
         }
     }
-    registry.register("map_entries", "Entries in each hash map", entries);
+    registry.register(
+        "map_entries",
+        "Entries in each map (for arrays indexed by id: the ids in use)",
+        entries,
+    );
     registry.register("map_capacity", "Capacity of each map", capacity);
     Ok(())
+}
+
+/// Each hook: attached or not, and what the kernel counts of its runs
+/// (only while `kernel.bpf_stats_enabled=1`).
+fn register_programs(registry: &mut Registry, status: &Status) {
+    let attached = Family::<ProgramLabels, Gauge>::default();
+    let runs = Family::<ProgramLabels, Counter>::default();
+    let run_time = Family::<ProgramLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    for p in &status.programs {
+        let labels = ProgramLabels { program: p.name };
+        attached.get_or_create(&labels).set(i64::from(p.attached));
+        runs.get_or_create(&labels).inc_by(p.run_count);
+        run_time
+            .get_or_create(&labels)
+            .inc_by(p.run_time_ns as f64 / 1e9);
+    }
+    registry.register(
+        "program_attached",
+        "1 when the hook's pinned link is attached to a cgroup",
+        attached,
+    );
+    registry.register(
+        "program_runs",
+        "Runs of the hook (counted while kernel.bpf_stats_enabled=1)",
+        runs,
+    );
+    registry.register(
+        "program_run_seconds",
+        "Time spent in the hook (counted while kernel.bpf_stats_enabled=1)",
+        run_time,
+    );
 }

@@ -59,6 +59,22 @@ pub fn link_pin(bpffs: &Path, program: &str) -> PathBuf {
     pin_dir(bpffs).join(format!("link_{program}"))
 }
 
+/// Where the hook `program`'s pinned link is attached. Fails when the
+/// link is not pinned, or when it was detached (BPF_LINK_DETACH, or its
+/// cgroup removed), which leaves the pin in place but attached to nothing.
+/// Costs two syscalls: cheap enough for every health probe.
+pub fn link_attachment(bpffs: &Path, program: &str) -> io::Result<crate::bpf_sys::CgroupLinkInfo> {
+    let fd = crate::bpf_sys::obj_get(&link_pin(bpffs, program))?;
+    let info = crate::bpf_sys::cgroup_link_info(std::os::fd::AsFd::as_fd(&fd))?;
+    if info.cgroup_id == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the link is detached from its cgroup",
+        ));
+    }
+    Ok(info)
+}
+
 /// Key size, value size and capacity every pinned map must have.
 pub struct MapShape {
     pub name: &'static str,

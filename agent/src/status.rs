@@ -2,8 +2,6 @@
 //! only the pins, so it works while the agent is down.
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 
-use std::os::fd::AsFd;
-
 use headway_common::{
     PodCounters, ServiceCounters, dns_counter, endpoint_flags, map_names, program_names,
     steer_counter,
@@ -11,12 +9,11 @@ use headway_common::{
 use serde::Serialize;
 
 use crate::{
-    bpf_sys,
     map_plan::{decode_name, key_addr, policy_from_value, topology_from_value},
     pinned::{self, Maps, PinnedError},
 };
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
     /// The kernel programs behind the pinned links.
     pub programs: Vec<ProgramStatus>,
@@ -29,10 +26,10 @@ pub struct Status {
 
 /// One hook as the kernel reports it. Run statistics count only while
 /// `kernel.bpf_stats_enabled=1`.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ProgramStatus {
     pub name: &'static str,
-    /// Whether its link is pinned (the hook is attached).
+    /// Whether its link is pinned and attached to a cgroup.
     pub attached: bool,
     pub program_id: Option<u32>,
     pub cgroup_id: Option<u64>,
@@ -41,7 +38,7 @@ pub struct ProgramStatus {
     pub run_time_ns: u64,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ServiceStatus {
     pub namespace: String,
     pub name: String,
@@ -57,10 +54,12 @@ pub struct ServiceStatus {
     /// Answered lookups of its names and connect decisions about the
     /// addresses they handed out.
     pub counters: ServiceCountersStatus,
+    /// Its pods' counters added up.
+    pub totals: Counters,
     pub pods: Vec<PodStatus>,
 }
 
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct ServiceCountersStatus {
     pub lookups_service: u64,
     pub lookups_pod: u64,
@@ -81,7 +80,7 @@ impl From<ServiceCounters> for ServiceCountersStatus {
     }
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PodStatus {
     pub namespace: String,
     pub name: String,
@@ -89,6 +88,13 @@ pub struct PodStatus {
     /// ready, serving, terminating, drained, eligible — those that hold.
     pub state: Vec<&'static str>,
     pub counters: Counters,
+    /// Its part of the DNS answers that handed out one of the service's
+    /// pods (0..=1; none before any answer). Next to `connection_share`
+    /// it shows the skew between what DNS handed out and where
+    /// connections went.
+    pub dns_share: Option<f64>,
+    /// Its part of the connections (TCP and UDP) to the service's pods.
+    pub connection_share: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
@@ -101,6 +107,43 @@ pub struct Counters {
     pub steered_in: u64,
     pub steered_away: u64,
     pub dns_answers: u64,
+}
+
+impl Counters {
+    /// connect() calls of both protocols.
+    pub fn connections(&self) -> u64 {
+        self.tcp_connects + self.udp_connects
+    }
+
+    fn add(&mut self, o: &Counters) {
+        self.tcp_connects += o.tcp_connects;
+        self.udp_connects += o.udp_connects;
+        self.active_tcp += o.active_tcp;
+        self.bytes_sent += o.bytes_sent;
+        self.bytes_received += o.bytes_received;
+        self.steered_in += o.steered_in;
+        self.steered_away += o.steered_away;
+        self.dns_answers += o.dns_answers;
+    }
+}
+
+/// `part / whole`, or none when the whole is zero.
+fn share(part: u64, whole: u64) -> Option<f64> {
+    (whole > 0).then(|| part as f64 / whole as f64)
+}
+
+/// Fills the service's totals and each pod's DNS and connection shares
+/// from the pods' counters.
+pub fn fill_shares(svc: &mut ServiceStatus) {
+    let mut totals = Counters::default();
+    for pod in &svc.pods {
+        totals.add(&pod.counters);
+    }
+    for pod in &mut svc.pods {
+        pod.dns_share = share(pod.counters.dns_answers, totals.dns_answers);
+        pod.connection_share = share(pod.counters.connections(), totals.connections());
+    }
+    svc.totals = totals;
 }
 
 impl From<PodCounters> for Counters {
@@ -140,9 +183,7 @@ fn read_programs(bpffs: &Path) -> Vec<ProgramStatus> {
     program_names::ALL
         .iter()
         .map(|name| {
-            let link = bpf_sys::obj_get(&pinned::link_pin(bpffs, name))
-                .and_then(|fd| bpf_sys::cgroup_link_info(fd.as_fd()))
-                .ok();
+            let link = pinned::link_attachment(bpffs, name).ok();
             let info = link.and_then(|l| loaded.iter().find(|p| p.id() == l.prog_id));
             ProgramStatus {
                 name,
@@ -197,11 +238,13 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
                             .copied()
                             .map(Counters::from)
                             .unwrap_or_default(),
+                        dns_share: None,
+                        connection_share: None,
                     }
                 })
                 .collect();
             pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-            ServiceStatus {
+            let mut svc = ServiceStatus {
                 namespace: decode_name(&meta.namespace),
                 name: decode_name(&meta.name),
                 policy: policy_from_value(meta.policy)
@@ -219,8 +262,11 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
                     .get(id, 0)
                     .map(ServiceCountersStatus::from)
                     .unwrap_or_default(),
+                totals: Counters::default(),
                 pods,
-            }
+            };
+            fill_shares(&mut svc);
+            svc
         })
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -248,81 +294,153 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
     })
 }
 
-/// The human-readable table.
-pub fn render_table(status: &Status) -> String {
-    let header = [
-        "SERVICE",
-        "POLICY",
-        "TOPOLOGY",
-        "POD",
-        "ADDRESSES",
-        "STATE",
-        "TCP",
-        "UDP",
-        "ACTIVE",
-        "STEERED-IN",
-        "DNS-ANSWERS",
-    ];
-    let mut rows: Vec<[String; 11]> = Vec::new();
-    for svc in &status.services {
-        let service = format!("{}/{}", svc.namespace, svc.name);
-        if svc.pods.is_empty() {
-            rows.push([
-                service.clone(),
-                svc.policy.clone(),
-                svc.topology.clone(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-            ]);
+/// Bytes in binary units, short enough for a table cell (`0 B`, `12.3 KiB`).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A share as a whole percentage, `-` when there is nothing to share.
+pub fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "-".to_string(), |s| format!("{:.0}%", s * 100.0))
+}
+
+/// Left-aligned columns, two spaces apart, each as wide as its widest cell.
+fn columns(rows: &[Vec<String>], indent: &str) -> Vec<String> {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            let n = cell.chars().count();
+            match widths.get_mut(i) {
+                Some(w) => *w = (*w).max(n),
+                None => widths.push(n),
+            }
         }
+    }
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            format!("{indent}{}", cells.join("  ").trim_end())
+        })
+        .collect()
+}
+
+const POD_HEADER: [&str; 13] = [
+    "POD",
+    "ADDRESSES",
+    "STATE",
+    "TCP",
+    "UDP",
+    "ACTIVE",
+    "SENT",
+    "RECEIVED",
+    "STEERED-IN",
+    "STEERED-AWAY",
+    "DNS-ANSWERS",
+    "DNS-SHARE",
+    "CONN-SHARE",
+];
+
+fn pod_row(name: &str, addresses: String, state: String, c: &Counters) -> Vec<String> {
+    vec![
+        name.to_string(),
+        addresses,
+        state,
+        c.tcp_connects.to_string(),
+        c.udp_connects.to_string(),
+        c.active_tcp.to_string(),
+        human_bytes(c.bytes_sent),
+        human_bytes(c.bytes_received),
+        c.steered_in.to_string(),
+        c.steered_away.to_string(),
+        c.dns_answers.to_string(),
+    ]
+}
+
+/// The human-readable table: per service a line with its policy,
+/// topology and service counters, then a row per pod (state, connections,
+/// active, bytes, steering, DNS share next to connection share) and the
+/// service's totals. Columns line up across services.
+pub fn render_table(status: &Status) -> String {
+    let mut out = String::new();
+    let mut rows: Vec<Vec<String>> = vec![POD_HEADER.iter().map(|h| h.to_string()).collect()];
+    // Where each service's rows start in `rows`.
+    let mut starts = Vec::new();
+    for svc in &status.services {
+        starts.push(rows.len());
         for pod in &svc.pods {
             let addrs: Vec<String> = pod.addresses.iter().map(|a| a.to_string()).collect();
-            rows.push([
-                service.clone(),
-                svc.policy.clone(),
-                svc.topology.clone(),
-                pod.name.clone(),
-                addrs.join(","),
-                if pod.state.is_empty() {
-                    "not-ready".into()
-                } else {
-                    pod.state.join(",")
-                },
-                pod.counters.tcp_connects.to_string(),
-                pod.counters.udp_connects.to_string(),
-                pod.counters.active_tcp.to_string(),
-                pod.counters.steered_in.to_string(),
-                pod.counters.dns_answers.to_string(),
-            ]);
+            let state = if pod.state.is_empty() {
+                "not-ready".to_string()
+            } else {
+                pod.state.join(",")
+            };
+            let mut row = pod_row(&pod.name, addrs.join(","), state, &pod.counters);
+            row.push(percent(pod.dns_share));
+            row.push(percent(pod.connection_share));
+            rows.push(row);
+        }
+        if !svc.pods.is_empty() {
+            rows.push(pod_row(
+                "(total)",
+                String::new(),
+                String::new(),
+                &svc.totals,
+            ));
         }
     }
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let parts: Vec<String> = cells
+    let lines = columns(&rows, "  ");
+    for (i, svc) in status.services.iter().enumerate() {
+        let c = &svc.counters;
+        let decided = |name: &str| c.decisions.get(name).copied().unwrap_or(0);
+        let steered: u64 = c
+            .decisions
             .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+            .filter(|(k, _)| k.starts_with("steered_"))
+            .map(|(_, v)| v)
+            .sum();
+        let _ = writeln!(
+            out,
+            "{}/{}  policy={}  topology={}  pods={}  choices: v4={} v6={}  lookups: service={} pod={}  steered={} no-eligible-pod={}",
+            svc.namespace,
+            svc.name,
+            svc.policy,
+            svc.topology,
+            svc.pods.len(),
+            svc.backends_v4,
+            svc.backends_v6,
+            c.lookups_service,
+            c.lookups_pod,
+            steered,
+            decided("no_eligible_pod"),
+        );
+        if svc.pods.is_empty() {
+            let _ = writeln!(out, "  (no pods)\n");
+            continue;
+        }
+        let end = starts.get(i + 1).copied().unwrap_or(rows.len());
+        let _ = writeln!(out, "{}", lines[0]);
+        for line in &lines[starts[i]..end] {
+            let _ = writeln!(out, "{line}");
+        }
+        out.push('\n');
     }
     if status.services.is_empty() {
-        let _ = writeln!(out, "(no headless services known)");
+        let _ = writeln!(out, "(no headless services known)\n");
     }
     let hooks: Vec<String> = status
         .programs
@@ -335,7 +453,7 @@ pub fn render_table(status: &Status) -> String {
             )
         })
         .collect();
-    let _ = writeln!(out, "\nhooks: {}", hooks.join(", "));
+    let _ = writeln!(out, "hooks: {}", hooks.join(", "));
     let nonzero = |counters: &BTreeMap<&str, u64>| {
         let parts: Vec<String> = counters
             .iter()
@@ -357,46 +475,152 @@ pub fn render_table(status: &Status) -> String {
 mod tests {
     use super::*;
 
+    fn pod(name: &str, counters: Counters) -> PodStatus {
+        PodStatus {
+            namespace: "db".into(),
+            name: name.into(),
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            state: vec!["ready"],
+            counters,
+            dns_share: None,
+            connection_share: None,
+        }
+    }
+
+    fn service(pods: Vec<PodStatus>) -> ServiceStatus {
+        let mut svc = ServiceStatus {
+            namespace: "db".into(),
+            name: "pg".into(),
+            policy: "failover".into(),
+            topology: "none".into(),
+            backends_v4: 1,
+            backends_v6: 0,
+            preferred_v4: 0,
+            preferred_v6: 0,
+            counters: ServiceCountersStatus::default(),
+            totals: Counters::default(),
+            pods,
+        };
+        fill_shares(&mut svc);
+        svc
+    }
+
     #[test]
-    fn table_has_a_column_per_field_and_a_row_per_pod() {
+    fn shares_split_dns_answers_and_connections_among_pods() {
+        let svc = service(vec![
+            pod(
+                "pg-0",
+                Counters {
+                    tcp_connects: 1,
+                    udp_connects: 2,
+                    dns_answers: 9,
+                    ..Counters::default()
+                },
+            ),
+            pod(
+                "pg-1",
+                Counters {
+                    tcp_connects: 1,
+                    dns_answers: 1,
+                    ..Counters::default()
+                },
+            ),
+            pod("pg-2", Counters::default()),
+        ]);
+        let shares: Vec<_> = svc
+            .pods
+            .iter()
+            .map(|p| (p.dns_share, p.connection_share))
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                (Some(0.9), Some(0.75)),
+                (Some(0.1), Some(0.25)),
+                (Some(0.0), Some(0.0))
+            ]
+        );
+        assert_eq!(svc.totals.connections(), 4);
+        assert_eq!(svc.totals.dns_answers, 10);
+        // Nothing counted yet: no share rather than a division by zero.
+        let idle = service(vec![pod("pg-0", Counters::default())]);
+        assert_eq!(idle.pods[0].dns_share, None);
+        assert_eq!(idle.pods[0].connection_share, None);
+    }
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    #[test]
+    fn table_has_a_line_per_service_and_a_row_per_pod() {
+        let mut svc = service(vec![
+            pod(
+                "pg-0",
+                Counters {
+                    tcp_connects: 5,
+                    steered_in: 3,
+                    dns_answers: 1,
+                    bytes_sent: 2048,
+                    ..Counters::default()
+                },
+            ),
+            pod(
+                "pg-1",
+                Counters {
+                    tcp_connects: 15,
+                    dns_answers: 3,
+                    ..Counters::default()
+                },
+            ),
+        ]);
+        svc.counters.lookups_service = 4;
+        svc.counters.decisions.insert("steered_gone", 3);
         let status = Status {
             programs: vec![],
             steering: BTreeMap::from([("steered_gone", 3)]),
             dns: BTreeMap::new(),
-            services: vec![ServiceStatus {
-                namespace: "db".into(),
-                name: "pg".into(),
-                policy: "failover".into(),
-                topology: "none".into(),
-                backends_v4: 1,
-                backends_v6: 0,
-                preferred_v4: 0,
-                preferred_v6: 0,
-                counters: ServiceCountersStatus::default(),
-                pods: vec![PodStatus {
-                    namespace: "db".into(),
-                    name: "pg-0".into(),
-                    addresses: vec!["10.0.0.1".parse().unwrap()],
-                    state: vec!["ready"],
-                    counters: Counters {
-                        tcp_connects: 5,
-                        steered_in: 3,
-                        dns_answers: 7,
-                        ..Counters::default()
-                    },
-                }],
-            }],
+            services: vec![svc],
         };
         let table = render_table(&status);
         let lines: Vec<Vec<&str>> = table
             .lines()
-            .take(2)
             .map(|l| l.split_whitespace().collect())
             .collect();
-        assert_eq!(lines[0].len(), 11, "{table}");
-        assert_eq!(lines[1].len(), 11, "{table}");
-        assert_eq!(lines[1][3], "pg-0");
-        assert_eq!(&lines[1][6..], ["5", "0", "0", "3", "7"]);
+        assert_eq!(
+            lines[0],
+            [
+                "db/pg",
+                "policy=failover",
+                "topology=none",
+                "pods=2",
+                "choices:",
+                "v4=1",
+                "v6=0",
+                "lookups:",
+                "service=4",
+                "pod=0",
+                "steered=3",
+                "no-eligible-pod=0"
+            ],
+            "{table}"
+        );
+        assert_eq!(lines[1], POD_HEADER, "{table}");
+        assert_eq!(
+            lines[2],
+            [
+                "pg-0", "10.0.0.1", "ready", "5", "0", "0", "2.0", "KiB", "0", "B", "3", "0", "1",
+                "25%", "25%"
+            ],
+            "{table}"
+        );
+        assert_eq!(lines[3][0], "pg-1", "{table}");
+        assert_eq!(&lines[3][lines[3].len() - 2..], ["75%", "75%"], "{table}");
+        assert_eq!(lines[4][..3], ["(total)", "20", "0"], "{table}");
         assert!(table.contains("steering: steered_gone=3"), "{table}");
     }
 }

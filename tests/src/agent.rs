@@ -121,6 +121,25 @@ impl Agent {
         })
     }
 
+    /// Like [`Agent::start`], with the agent's stderr (its logs) written
+    /// to the file `log` instead of the test's stderr.
+    pub fn start_with_log(
+        manifests: &Path,
+        cgroup: &Path,
+        bpffs: &Bpffs,
+        extra: &[&str],
+        log: &Path,
+    ) -> Result<Agent> {
+        let mut cmd = agent_command(manifests, cgroup, bpffs, extra)?;
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stderr(file);
+        let child = cmd.spawn().context("starting headway agent")?;
+        Ok(Agent {
+            child: Child::new(child, "headway agent".into()),
+        })
+    }
+
     /// Like [`Agent::start`], but the agent runs in network namespace `ns`,
     /// which it then treats as the host's. Only the network namespace
     /// changes (`ip netns exec` would also remount /sys and hide the
@@ -348,13 +367,18 @@ pub type Sample = (String, BTreeMap<String, String>, f64);
 /// Parses an OpenMetrics exposition with the reference parser (the
 /// `prometheus_client` Python package) into (name, labels, value) samples.
 pub fn parse_openmetrics(text: &str) -> Result<Vec<Sample>> {
-    use std::io::Write;
     const SCRIPT: &str = "import json, sys\n\
 from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
 out = [[s.name, s.labels, s.value] for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]\n\
 print(json.dumps(out))\n";
+    run_parser(SCRIPT, text)
+}
+
+/// Runs the Python `script` on `text` (stdin) and parses its JSON output.
+fn run_parser<T: serde::de::DeserializeOwned>(script: &str, text: &str) -> Result<T> {
+    use std::io::Write;
     let mut child = Command::new("python3")
-        .args(["-c", SCRIPT])
+        .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -373,4 +397,13 @@ print(json.dumps(out))\n";
         );
     }
     serde_json::from_slice(&out.stdout).context("parsing the parser's JSON")
+}
+
+/// The metric families of an OpenMetrics exposition, as (name, type), by
+/// the reference parser: families without samples are listed too.
+pub fn metric_families(text: &str) -> Result<Vec<(String, String)>> {
+    const SCRIPT: &str = "import json, sys\n\
+from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+print(json.dumps([[f.name, f.type] for f in text_string_to_metric_families(sys.stdin.read())]))\n";
+    run_parser(SCRIPT, text)
 }
