@@ -31,6 +31,56 @@ pub fn pod_of(addr: &AddrKey) -> Option<u32> {
     unsafe { POD_ADDRS.get(addr) }.map(|p| p.pod_id)
 }
 
+/// The generation of pod `pod_id`'s slot (see `PodCounters::generation`).
+#[inline(always)]
+pub fn generation(pod_id: u32) -> Option<u64> {
+    // SAFETY: a plain read of a live array slot.
+    counters(pod_id).map(|stats| unsafe { (*stats).generation })
+}
+
+/// The counters of pod `pod_id`, if its slot still belongs to the pod a
+/// socket was marked for (`generation` unchanged): a connection to a pod
+/// that is gone never counts towards the next pod given the same id.
+#[inline(always)]
+fn counters_of(pod_id: u32, generation: u64) -> Option<*mut PodCounters> {
+    let stats = counters(pod_id)?;
+    // SAFETY: a plain read of a live array slot.
+    (unsafe { (*stats).generation } == generation).then_some(stats)
+}
+
+/// One more established TCP connection to the pod.
+#[inline(always)]
+pub fn open_active(pod_id: u32, generation: u64) {
+    if let Some(stats) = counters_of(pod_id, generation) {
+        // SAFETY: raw field pointer into the map value.
+        unsafe { add(&raw mut (*stats).active_tcp, 1) };
+    }
+}
+
+/// One established TCP connection to the pod fewer (wrapping add of -1).
+#[inline(always)]
+pub fn close_active(pod_id: u32, generation: u64) {
+    if let Some(stats) = counters_of(pod_id, generation) {
+        // SAFETY: as above.
+        unsafe { add(&raw mut (*stats).active_tcp, u64::MAX) };
+    }
+}
+
+/// Adds `n` bytes sent to (`sent`) or received from the pod.
+#[inline(always)]
+pub fn count_bytes(pod_id: u32, generation: u64, sent: bool, n: u64) {
+    if let Some(stats) = counters_of(pod_id, generation) {
+        // SAFETY: as above.
+        unsafe {
+            if sent {
+                add(&raw mut (*stats).bytes_sent, n);
+            } else {
+                add(&raw mut (*stats).bytes_received, n);
+            }
+        }
+    }
+}
+
 /// Counts a connect() to pod `pod_id`.
 #[inline(always)]
 pub fn count_connect(pod_id: u32, protocol: u32) {

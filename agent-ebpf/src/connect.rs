@@ -6,6 +6,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
 use crate::{
+    acct_socks,
     sock_addr::{set_user_ip6, user_ip6, user_port},
     steer::{Request, on_connect},
     transparency::{forget, remember},
@@ -35,7 +36,9 @@ pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
             port: user_port(sa),
             protocol: (*sa).protocol,
         };
-        match on_connect(&ctx, &req) {
+        let to = on_connect(&ctx, &req);
+        acct_socks::on_connect(&ctx, to.as_ref().unwrap_or(&req.dst), req.protocol);
+        match to {
             Some(new) => {
                 remember(&ctx, &req.dst, &new);
                 (*sa).user_ip4 = new.addr[3];
@@ -56,7 +59,9 @@ pub fn hw_connect6(ctx: SockAddrContext) -> i32 {
             port: user_port(sa),
             protocol: (*sa).protocol,
         };
-        match on_connect(&ctx, &req) {
+        let to = on_connect(&ctx, &req);
+        acct_socks::on_connect(&ctx, to.as_ref().unwrap_or(&req.dst), req.protocol);
+        match to {
             Some(new) => {
                 remember(&ctx, &req.dst, &new);
                 set_user_ip6(sa, &new);

@@ -6,11 +6,14 @@
 #![allow(internal_features)]
 
 mod accounting;
+mod acct_socks;
+mod bytes;
 mod connect;
 mod dns;
 mod maps;
 mod sendmsg;
 mod sock_addr;
+mod sock_ops;
 mod steer;
 mod transparency;
 

@@ -6,10 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use headway_common::{
-    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
-    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey, ResponseRecord,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket, capacity,
-    dns_counter, steer_counter,
+    AccountedSocket, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation,
+    ObservationKey, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey,
+    ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
+    SteeredSocket, capacity, dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -89,3 +89,7 @@ pub static SVC_STATS: Array<ServiceCounters, { capacity::SERVICES as usize }> = 
 
 #[btf_map(name = "steered_socks")]
 pub static STEERED_SOCKS: SkStorage<SteeredSocket> = SkStorage::new();
+
+// Accounting: the pod each client socket talks to (see `sock_ops`, `bytes`).
+#[btf_map(name = "acct_socks")]
+pub static ACCT_SOCKS: SkStorage<AccountedSocket> = SkStorage::new();

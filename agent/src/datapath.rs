@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program, ProgramError, ProgramFd,
+        CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program, ProgramError, ProgramFd, SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -185,11 +185,12 @@ impl Datapath {
     }
 }
 
-/// The cgroup program kinds headway uses. Both attach through BPF links,
+/// The cgroup program kinds headway uses. All attach through BPF links,
 /// which is all `attach` needs to know.
 enum CgroupProgram<'a> {
     SockAddr(&'a mut CgroupSockAddr),
     Skb(&'a mut CgroupSkb),
+    SockOps(&'a mut SockOps),
 }
 
 impl CgroupProgram<'_> {
@@ -197,6 +198,7 @@ impl CgroupProgram<'_> {
         match self {
             CgroupProgram::SockAddr(p) => p.load(),
             CgroupProgram::Skb(p) => p.load(),
+            CgroupProgram::SockOps(p) => p.load(),
         }
     }
 
@@ -204,6 +206,7 @@ impl CgroupProgram<'_> {
         match self {
             CgroupProgram::SockAddr(p) => p.fd(),
             CgroupProgram::Skb(p) => p.fd(),
+            CgroupProgram::SockOps(p) => p.fd(),
         }
     }
 
@@ -225,6 +228,10 @@ impl CgroupProgram<'_> {
                 let id = p.attach(cgroup, attach_type, mode)?;
                 p.take_link(id)?.try_into()?
             }
+            CgroupProgram::SockOps(p) => {
+                let id = p.attach(cgroup, mode)?;
+                p.take_link(id)?.try_into()?
+            }
         })
     }
 }
@@ -243,6 +250,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<CgroupProgram<'
     match ebpf.program_mut(name) {
         Some(Program::CgroupSockAddr(p)) => Ok(CgroupProgram::SockAddr(p)),
         Some(Program::CgroupSkb(p)) => Ok(CgroupProgram::Skb(p)),
+        Some(Program::SockOps(p)) => Ok(CgroupProgram::SockOps(p)),
         Some(_) => Err(prog_err(ProgramError::UnexpectedProgramType)),
         None => Err(prog_err(ProgramError::NotLoaded)),
     }

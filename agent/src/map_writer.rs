@@ -2,12 +2,32 @@
 //! from what they hold. Order keeps the datapath consistent at every step:
 //! metadata and counters first, then the entries the kernel looks up;
 //! removals go the other way round.
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use aya::maps::{HashMap, MapData, MapError};
 use headway_common::{AddrKey, Config, PodCounters, ServiceCounters, map_names};
 
 use crate::{map_plan::MapContents, pinned::Maps};
+
+/// A `PodCounters::generation` no slot had before: the wall clock in ns
+/// (it moves on between agent runs), and past the last one this process
+/// handed out. Never zero.
+fn new_generation() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let previous = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap_or_default();
+    now.max(previous + 1)
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {op} an entry of map {map}: {source}")]
@@ -102,10 +122,15 @@ impl MapWriter {
             };
         }
         // A pod id handed to a new pod starts its counters at zero (the
-        // slot may hold a deleted pod's). Ids the maps already had keep
-        // theirs: that is what makes counters survive agent restarts.
+        // slot may hold a deleted pod's), under a new generation so the
+        // deleted pod's sockets no longer count here. Ids the maps already
+        // had keep theirs: that is what makes counters survive agent restarts.
         for pod_id in wanted.pods.keys().filter(|id| !cur.pods.contains_key(id)) {
-            if let Err(source) = m.pod_stats.set(*pod_id, PodCounters::default(), 0) {
+            let fresh = PodCounters {
+                generation: new_generation(),
+                ..PodCounters::default()
+            };
+            if let Err(source) = m.pod_stats.set(*pod_id, fresh, 0) {
                 errors.push(WriteError {
                     op: "zero",
                     map: map_names::POD_STATS,
@@ -241,5 +266,17 @@ fn remove_stale<K: aya::Pod + Ord, V: aya::Pod>(
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_are_never_zero_and_never_repeat() {
+        let all: Vec<u64> = (0..1000).map(|_| new_generation()).collect();
+        assert!(all.iter().all(|g| *g != 0));
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "strictly increasing");
     }
 }

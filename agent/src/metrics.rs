@@ -241,11 +241,19 @@ fn register_pods(registry: &mut Registry, status: &Status) {
     );
     registry.register(
         "active_connections",
-        "Established TCP connections open now",
+        "TCP connections from this node to the pod, established and not yet closed",
         active,
     );
-    registry.register("bytes_sent", "Bytes sent to the pod", sent);
-    registry.register("bytes_received", "Bytes received from the pod", received);
+    registry.register(
+        "bytes_sent",
+        "Payload bytes (TCP, connected UDP) that client sockets on this node sent to the pod",
+        sent,
+    );
+    registry.register(
+        "bytes_received",
+        "Payload bytes (TCP, connected UDP) that client sockets on this node received from the pod",
+        received,
+    );
     registry.register(
         "dns_answers",
         "DNS answers that handed out the pod's address",

@@ -9,9 +9,9 @@ use std::{
 
 use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
-    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
-    PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey,
-    ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
+    AccountedSocket, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation,
+    ObservationKey, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
+    ResponseKey, ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
     SteeredSocket, capacity, dns_counter, map_names, steer_counter,
 };
 
@@ -84,7 +84,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 18] = {
+pub const MAP_SHAPES: [MapShape; 19] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -147,6 +147,7 @@ pub const MAP_SHAPES: [MapShape; 18] = {
             capacity::DNS_RESP,
         ),
         shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
+        shape::<i32, AccountedSocket>(map_names::ACCT_SOCKS, MapType::SkStorage, 0),
     ]
 };
 

@@ -101,7 +101,10 @@ pub struct PodStatus {
 pub struct Counters {
     pub tcp_connects: u64,
     pub udp_connects: u64,
+    /// TCP connections from this node to the pod, established and open now.
     pub active_tcp: u64,
+    /// Transport payload bytes that client sockets on this node sent to
+    /// the pod and received from it (TCP, connected UDP).
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub steered_in: u64,

@@ -65,9 +65,13 @@ pub mod map_names {
     /// an address it has never held is no headless service's, and no
     /// headless name can have handed it out, so nothing more is looked up.
     pub const ADDR_FILTER: &str = "addr_filter";
+    /// socket storage → [`crate::AccountedSocket`]: the pod a client
+    /// socket talks to, so its bytes and its close are counted to that pod.
+    /// Pinned so a restarted agent's programs find what the old ones set.
+    pub const ACCT_SOCKS: &str = "acct_socks";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -86,6 +90,7 @@ pub mod map_names {
         ADDR_FILTER,
         DNS_RESP,
         POD_ADDRS_GEN,
+        ACCT_SOCKS,
     ];
 }
 
@@ -106,8 +111,13 @@ pub mod program_names {
     /// sendmsg4/6: unconnected UDP datagrams are steered per socket.
     pub const SENDMSG4: &str = "hw_sendmsg4";
     pub const SENDMSG6: &str = "hw_sendmsg6";
+    /// sock_ops: active TCP connections per pod (established → closed).
+    pub const SOCK_OPS: &str = "hw_sock_ops";
+    /// cgroup_skb egress/ingress: bytes of client sockets talking to a pod.
+    pub const BYTES_EGRESS: &str = "hw_bytes_egress";
+    pub const BYTES_INGRESS: &str = "hw_bytes_ingress";
 
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 13] = [
         CONNECT4,
         CONNECT6,
         DNS_EGRESS,
@@ -118,6 +128,9 @@ pub mod program_names {
         RECVMSG6,
         SENDMSG4,
         SENDMSG6,
+        SOCK_OPS,
+        BYTES_EGRESS,
+        BYTES_INGRESS,
     ];
 }
 
@@ -226,6 +239,10 @@ pub struct PodCounters {
     pub steered_away: u64,
     /// DNS answers that handed this pod's address out.
     pub dns_answers: u64,
+    /// Set by the agent (never zero) each time it hands the slot to a new
+    /// pod. A socket remembers it, so a connection to a pod that is gone
+    /// never touches the counters of the next pod given the same id.
+    pub generation: u64,
 }
 
 /// State bits of a pod as an endpoint of one service.
@@ -353,6 +370,24 @@ pub struct SteeredSocket {
     pub asked: AddrKey,
     /// The pod it was steered to.
     pub chosen: AddrKey,
+}
+
+/// What the accounting hooks keep on a client socket that talks to a pod
+/// (socket storage in `acct_socks`, freed with the socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccountedSocket {
+    /// [`PodCounters::generation`] of the pod's slot when the socket was
+    /// marked.
+    pub generation: u64,
+    /// The pod (its `pod_stats` slot).
+    pub pod_id: u32,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u8,
+    /// 1 while the socket is counted in `active_tcp` (established, not yet
+    /// closed): the close takes it back exactly once.
+    pub active: u8,
+    pub _pad: u16,
 }
 
 /// Key of `svc_backends`.
@@ -646,6 +681,7 @@ mod user {
     unsafe impl aya::Pod for super::SteeredSocket {}
     unsafe impl aya::Pod for super::ServicePortKey {}
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::AccountedSocket {}
 }
 
 #[cfg(test)]
@@ -669,7 +705,8 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<AddrKey>(), 16);
         assert_eq!(size_of::<PodRef>(), 8);
-        assert_eq!(size_of::<PodCounters>(), 64);
+        assert_eq!(size_of::<PodCounters>(), 72);
+        assert_eq!(size_of::<AccountedSocket>(), 16);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);

@@ -154,6 +154,8 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(
         progs,
         [
+            "hw_bytes_egress",
+            "hw_bytes_ingress",
             "hw_connect4",
             "hw_connect6",
             "hw_dns_egress",
@@ -164,6 +166,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
             "hw_recvmsg6",
             "hw_sendmsg4",
             "hw_sendmsg6",
+            "hw_sock_ops",
         ]
     );
 
@@ -265,7 +268,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     agent.stop().expect("agent stops cleanly on SIGTERM");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        10,
+        13,
         "links stay pinned"
     );
     connect(&cluster, &cg, "web-2", false, false, 2);
@@ -290,7 +293,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        10,
+        13,
         "no second attachment"
     );
     connect(&cluster, &cg, "web-0", false, false, 1);
