@@ -9,7 +9,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, MapError};
-use headway_common::{AddrKey, Config, PodCounters, ServiceCounters, map_names};
+use headway_common::{
+    AddrKey, Config, PodCounters, PodMeta, ServiceCounters, ServiceMeta, map_names,
+};
 
 use crate::{map_plan::MapContents, pinned::Maps};
 
@@ -122,10 +124,12 @@ impl MapWriter {
             };
         }
         // A pod id handed to a new pod starts its counters at zero (the
-        // slot may hold a deleted pod's), under a new generation so the
-        // deleted pod's sockets no longer count here. Ids the maps already
-        // had keep theirs: that is what makes counters survive agent restarts.
-        for pod_id in wanted.pods.keys().filter(|id| !cur.pods.contains_key(id)) {
+        // slot may hold a deleted pod's, even one deleted in this very
+        // sync), under a new generation so the deleted pod's sockets no
+        // longer count here. Ids the maps already had for the same pod keep
+        // theirs: that is what makes counters survive agent restarts.
+        let new_pod = |(id, meta): &(&u32, &PodMeta)| cur.pods.get(id) != Some(meta);
+        for (pod_id, _) in wanted.pods.iter().filter(new_pod) {
             let fresh = PodCounters {
                 generation: new_generation(),
                 ..PodCounters::default()
@@ -139,12 +143,14 @@ impl MapWriter {
             }
         }
         step!(upsert, pods, map_names::PODS);
-        // Likewise for a service id handed to a new service.
-        for service_id in wanted
-            .services
-            .keys()
-            .filter(|id| !cur.services.contains_key(id))
-        {
+        // Likewise for a service id handed to a new service (by name: a
+        // changed policy is the same service).
+        let new_service = |(id, meta): &(&u32, &ServiceMeta)| {
+            cur.services
+                .get(id)
+                .is_none_or(|c| (c.namespace, c.name) != (meta.namespace, meta.name))
+        };
+        for (service_id, _) in wanted.services.iter().filter(new_service) {
             if let Err(source) = m.svc_stats.set(*service_id, ServiceCounters::default(), 0) {
                 errors.push(WriteError {
                     op: "zero",

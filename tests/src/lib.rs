@@ -8,6 +8,9 @@
 
 /// The headway agent as a test child (bpffs, status); kept with tests/tests.
 pub mod agent;
+/// Known amounts of traffic (`headway-peer sink/bulk/hold`) for the
+/// accounting tests.
+pub mod bulk;
 mod cgroup;
 mod child;
 mod cluster;

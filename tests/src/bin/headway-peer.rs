@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::{ArgGroup, Parser, Subcommand};
+use headway_testbed::bulk;
 use headway_testbed::dns::in_named_netns;
 use headway_testbed::{ConnectReport, NamedConnectReport, ResolveReport};
 use socket2::Type;
@@ -68,6 +69,49 @@ enum Cmd {
         #[arg(long)]
         name: String,
     },
+    /// Serve known amounts of traffic on PORT (TCP and UDP; see
+    /// headway_testbed::bulk for the protocol).
+    Sink {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "::")]
+        bind: IpAddr,
+    },
+    /// Move UP bytes to a sink and DOWN bytes back, COUNT times (TCP
+    /// connections, or datagrams on one connected UDP socket); print what
+    /// moved.
+    Bulk {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        up: u64,
+        #[arg(long)]
+        down: u64,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long)]
+        udp: bool,
+        /// TCP: the server closes first (otherwise the client does).
+        #[arg(long)]
+        server_closes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open COUNT TCP connections to a sink, print "ready", and keep them
+    /// open until killed.
+    Hold {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// The server resets each connection at once.
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 fn parse_family(text: &str) -> Result<u8, String> {
@@ -114,6 +158,46 @@ fn main() -> Result<()> {
             };
             let report = connect(&target, count, udp)?;
             print_report(&report, matches!(target, Target::Name { .. }), json)
+        }
+        Cmd::Sink { port, bind } => bulk::serve_sink(SocketAddr::new(bind, port)),
+        Cmd::Bulk {
+            addr,
+            port,
+            up,
+            down,
+            count,
+            udp,
+            server_closes,
+            json,
+        } => {
+            refuse_host_namespace(addr)?;
+            let target = SocketAddr::new(addr, port);
+            let report = if udp {
+                bulk::bulk_udp(target, up, down, count)
+            } else {
+                let flags = if server_closes {
+                    bulk::SERVER_CLOSES
+                } else {
+                    0
+                };
+                bulk::bulk_tcp(target, bulk::Request { up, down, flags }, count)
+            };
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report:?}");
+            }
+            Ok(())
+        }
+        Cmd::Hold {
+            addr,
+            port,
+            count,
+            reset,
+        } => {
+            refuse_host_namespace(addr)?;
+            let flags = if reset { bulk::RESET } else { 0 };
+            bulk::hold(SocketAddr::new(addr, port), count, flags)
         }
         Cmd::Resolve { name } => {
             refuse_resolving_outside(&name)?;

@@ -1,0 +1,608 @@
+//! Per-pod accounting on the real kernel: active TCP connections (from
+//! sock_ops state changes) and payload bytes (cgroup_skb), compared with
+//! what real clients in their own namespaces did, through
+//! `headway status --json` and /metrics, across an agent restart and a pod
+//! id handed to a new pod.
+//!
+//! Privileged: needs root (CI runs it as root). Every address lives in
+//! namespaces the test creates; clients (and, where said, servers) run
+//! inside the test's cgroup.
+use std::{fs, net::IpAddr, path::Path, time::Duration};
+
+use headway_testbed::{
+    Cgroup, Child, Cluster,
+    agent::{
+        Agent, Bpffs, bpftool_dump, free_port, http_get, parse_openmetrics, pod_counters,
+        status_json, wait_for_status,
+    },
+    bulk::{Bulk, BulkReport, HEADER_LEN, run_bulk, start_holder, start_sinks},
+    require_root, run_client,
+};
+use serde_json::Value;
+
+const PORT: u16 = 8080;
+const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a closed connection may take to reach TCP_CLOSE (the peer's
+/// FIN or ACK arrives asynchronously after the client process is gone).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+const KB: u64 = 1024;
+const MB: u64 = 1024 * KB;
+
+/// A headless `web` service in namespace `demo` with `pods` (IPv4 and IPv6
+/// slices), written to `dir/web.yaml`.
+fn write_manifests(dir: &Path, cluster: &Cluster, pods: &[&str]) {
+    let mut v4 = String::new();
+    let mut v6 = String::new();
+    for name in pods {
+        let pod = cluster.pod(name);
+        let endpoint = |addr: IpAddr| {
+            format!(
+                "  - addresses: [\"{addr}\"]\n    hostname: {name}\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, namespace: demo, name: {name}}}\n"
+            )
+        };
+        v4.push_str(&endpoint(pod.addr(false).unwrap()));
+        v6.push_str(&endpoint(pod.addr(true).unwrap()));
+    }
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+         spec:\n  clusterIP: None\n  ports: [{{name: http, port: {PORT}}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web-v4\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v4}\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: web-v6\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
+         addressType: IPv6\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v6}"
+    );
+    // Written whole and renamed, so the agent never reads half a file.
+    let tmp = dir.join(".web.yaml.tmp");
+    fs::write(&tmp, yaml).unwrap();
+    fs::rename(&tmp, dir.join("web.yaml")).unwrap();
+}
+
+/// Cluster, cgroup, private bpffs and a running agent with /metrics.
+struct Bed {
+    cluster: Cluster,
+    cg: Cgroup,
+    bpffs: Bpffs,
+    manifests: tempfile::TempDir,
+    agent: Option<Agent>,
+    metrics_port: u16,
+}
+
+impl Bed {
+    /// Pods web-0..web-{n-1} (dual stack) and pod-like `client`; the
+    /// service lists `listed` of them.
+    fn new(name: &str, pods: usize, listed: &[&str]) -> Bed {
+        let mut builder = Cluster::builder();
+        for i in 0..pods {
+            builder = builder.pod(
+                &format!("web-{i}"),
+                format!("10.77.0.{}", 10 + i).parse().unwrap(),
+                Some(format!("fd77::{}", 10 + i).parse().unwrap()),
+            );
+        }
+        let cluster = builder.client("client").build().expect("build the cluster");
+        let cg = Cgroup::new(name).expect("create the test cgroup");
+        let bpffs = Bpffs::new().expect("mount a private bpffs");
+        let manifests = tempfile::tempdir().unwrap();
+        write_manifests(manifests.path(), &cluster, listed);
+        let mut bed = Bed {
+            cluster,
+            cg,
+            bpffs,
+            manifests,
+            agent: None,
+            metrics_port: free_port().unwrap(),
+        };
+        bed.start_agent();
+        let n = listed.len();
+        let agent = bed.agent.as_mut().unwrap();
+        wait_for_status(&bed.bpffs, agent, SYNC_TIMEOUT, |s| web_pods(s) == n)
+            .expect("the agent syncs the manifests");
+        bed
+    }
+
+    /// Starts the agent and waits until it serves /metrics (then it has
+    /// attached its programs and written the maps once).
+    fn start_agent(&mut self) {
+        let flag = format!("--metrics-addr=127.0.0.1:{}", self.metrics_port);
+        let agent = Agent::start(self.manifests.path(), self.cg.path(), &self.bpffs, &[&flag])
+            .expect("start the agent");
+        let agent = self.agent.insert(agent);
+        let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+        while http_get(self.metrics_port, "/readyz").map(|r| r.0).ok() != Some(200) {
+            agent.check_running().expect("the agent runs");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent not ready after {SYNC_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn addr(&self, pod: &str, ipv6: bool) -> IpAddr {
+        self.cluster.pod(pod).addr(ipv6).unwrap()
+    }
+
+    fn client_ns(&self) -> &headway_testbed::NetNs {
+        self.cluster.client_ns("client")
+    }
+
+    /// A bulk run from the client namespace, inside the cgroup; every
+    /// exchange must complete.
+    fn bulk(&self, pod: &str, ipv6: bool, bulk: Bulk) -> BulkReport {
+        let addr = self.addr(pod, ipv6);
+        let report = run_bulk(self.client_ns(), Some(&self.cg), addr, PORT, bulk)
+            .expect("run the bulk client");
+        assert_eq!(report.failures, 0, "bulk to {pod} ({addr}): {report:?}");
+        assert_eq!(report.completed, u64::from(bulk.count), "{report:?}");
+        report
+    }
+
+    /// `count` connections to `pod` held open by a client in the cgroup.
+    fn hold(&self, pod: &str, ipv6: bool, count: u32) -> Child {
+        start_holder(
+            self.client_ns(),
+            Some(&self.cg),
+            self.addr(pod, ipv6),
+            PORT,
+            count,
+            false,
+        )
+        .expect("hold connections open")
+    }
+
+    fn status(&self) -> Value {
+        status_json(&self.bpffs).expect("headway status --json")
+    }
+
+    /// `(namespace demo, service web, pod) -> counters` as `headway status`
+    /// reports them.
+    fn counter(&self, pod: &str, field: &str) -> u64 {
+        counter(&self.status(), pod, field)
+    }
+
+    /// Polls status until `field` of `pod` is `want` (closes land
+    /// asynchronously), or fails with the last status.
+    fn wait_counter(&self, pod: &str, field: &str, want: u64) {
+        let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
+        loop {
+            let status = self.status();
+            let got = counter(&status, pod, field);
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pod}.{field} is {got}, want {want}: {status:#}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The value of metric `name` for pod `pod` of demo/web.
+    fn metric(&self, name: &str, pod: &str) -> f64 {
+        let (code, body) = http_get(self.metrics_port, "/metrics").unwrap();
+        assert_eq!(code, 200, "{body}");
+        let samples = parse_openmetrics(&body).unwrap();
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && l.get("pod").map(String::as_str) == Some(pod)
+                    && l.get("service").map(String::as_str) == Some("web")
+            })
+            .unwrap_or_else(|| panic!("no {name} for {pod} in {body}"))
+            .2
+    }
+}
+
+fn web_pods(status: &Value) -> usize {
+    status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .and_then(|s| s["pods"].as_array())
+        .map_or(0, Vec::len)
+}
+
+fn counter(status: &Value, pod: &str, field: &str) -> u64 {
+    let c = pod_counters(status, "demo", "web", pod)
+        .unwrap_or_else(|| panic!("pod {pod} missing from status: {status:#}"));
+    c[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{pod}.{field} missing or not a count: {c}"))
+}
+
+/// `counted` within 1% of `moved` (the issue's bound); both are printed so
+/// the run shows how close they really are.
+fn assert_within_1pct(what: &str, counted: u64, moved: u64) {
+    eprintln!("{what}: counted {counted}, clients moved {moved}");
+    let diff = counted.abs_diff(moved);
+    assert!(
+        diff * 100 <= moved,
+        "{what}: counted {counted}, clients moved {moved} (off by {diff})"
+    );
+}
+
+fn kill(mut child: Child) {
+    child.kill().expect("kill the client");
+}
+
+#[test]
+fn active_tcp_connections_are_exact_and_return_to_zero() {
+    if !require_root("active_tcp_connections_are_exact_and_return_to_zero") {
+        return;
+    }
+    let bed = Bed::new("acct-active", 2, &["web-0", "web-1"]);
+    let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
+
+    // Held open: 3 over IPv4 and 2 over IPv6 to web-0, 4 over IPv6 to web-1.
+    let held = [
+        bed.hold("web-0", false, 3),
+        bed.hold("web-0", true, 2),
+        bed.hold("web-1", true, 4),
+    ];
+    // A connection the server resets: "ready" comes after the client saw
+    // the reset, so it has come and gone by now.
+    let reset = start_holder(
+        bed.client_ns(),
+        Some(&bed.cg),
+        bed.addr("web-1", false),
+        PORT,
+        1,
+        true,
+    )
+    .expect("a connection the server resets");
+    // A refused connect: never established, never active.
+    let refused = run_client(
+        &bed.cluster,
+        "client",
+        Some(&bed.cg),
+        bed.addr("web-1", false),
+        PORT + 1,
+        2,
+        false,
+    )
+    .unwrap();
+    assert_eq!(refused.failures, 2, "{refused:?}");
+
+    let status = bed.status();
+    eprintln!(
+        "held: web-0 active {} (want 5), web-1 active {} (want 4); web-1 tcp_connects {}",
+        counter(&status, "web-0", "active_tcp"),
+        counter(&status, "web-1", "active_tcp"),
+        counter(&status, "web-1", "tcp_connects"),
+    );
+    assert_eq!(counter(&status, "web-0", "active_tcp"), 5, "{status:#}");
+    assert_eq!(counter(&status, "web-1", "active_tcp"), 4, "{status:#}");
+    // 4 held + 1 reset + 2 refused connect() calls.
+    assert_eq!(counter(&status, "web-1", "tcp_connects"), 7, "{status:#}");
+    assert_eq!(bed.metric("headway_active_connections", "web-0"), 5.0);
+    assert_eq!(bed.metric("headway_active_connections", "web-1"), 4.0);
+
+    // Short connections closed by the client first and by the server
+    // first, while the others stay open: none of them is left counted.
+    let quick = |server_closes| Bulk {
+        up: 10 * KB,
+        down: 10 * KB,
+        count: 5,
+        udp: false,
+        server_closes,
+    };
+    bed.bulk("web-0", false, quick(false));
+    bed.bulk("web-0", true, quick(true));
+    bed.wait_counter("web-0", "active_tcp", 5);
+
+    // Everyone closes (the holders exit): back to exactly zero.
+    for child in held {
+        kill(child);
+    }
+    kill(reset);
+    bed.wait_counter("web-0", "active_tcp", 0);
+    bed.wait_counter("web-1", "active_tcp", 0);
+    assert_eq!(bed.metric("headway_active_connections", "web-0"), 0.0);
+    assert_eq!(bed.metric("headway_active_connections", "web-1"), 0.0);
+    // And stays there: nothing decremented twice (a wrapped counter would
+    // show as a huge number).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(bed.counter("web-0", "active_tcp"), 0);
+    assert_eq!(bed.counter("web-1", "active_tcp"), 0);
+}
+
+#[test]
+fn bytes_per_pod_match_what_the_clients_moved() {
+    if !require_root("bytes_per_pod_match_what_the_clients_moved") {
+        return;
+    }
+    let bed = Bed::new("acct-bytes", 2, &["web-0", "web-1"]);
+    let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
+
+    // web-0 over IPv4: 1 MB up, 3 MB down in two connections.
+    let tcp4 = bed.bulk(
+        "web-0",
+        false,
+        Bulk {
+            up: 512 * KB,
+            down: 1536 * KB,
+            count: 2,
+            udp: false,
+            server_closes: false,
+        },
+    );
+    // web-1 over IPv6, the server closing first.
+    let tcp6 = bed.bulk(
+        "web-1",
+        true,
+        Bulk {
+            up: MB,
+            down: 3 * MB,
+            count: 1,
+            udp: false,
+            server_closes: true,
+        },
+    );
+    // web-1 over connected UDP (IPv4): 200 request/reply pairs.
+    let udp = bed.bulk(
+        "web-1",
+        false,
+        Bulk {
+            up: 1000,
+            down: 3000,
+            count: 200,
+            udp: true,
+            server_closes: false,
+        },
+    );
+    assert_eq!(tcp4.sent, MB + 2 * HEADER_LEN);
+    assert_eq!(tcp4.received, 3 * MB);
+    assert_eq!(udp.received, 200 * 3000);
+
+    let status = bed.status();
+    let web1_sent = tcp6.sent + udp.sent;
+    let web1_received = tcp6.received + udp.received;
+    assert_within_1pct(
+        "web-0 bytes_sent",
+        counter(&status, "web-0", "bytes_sent"),
+        tcp4.sent,
+    );
+    assert_within_1pct(
+        "web-0 bytes_received",
+        counter(&status, "web-0", "bytes_received"),
+        tcp4.received,
+    );
+    assert_within_1pct(
+        "web-1 bytes_sent",
+        counter(&status, "web-1", "bytes_sent"),
+        web1_sent,
+    );
+    assert_within_1pct(
+        "web-1 bytes_received",
+        counter(&status, "web-1", "bytes_received"),
+        web1_received,
+    );
+    assert_eq!(counter(&status, "web-1", "udp_connects"), 1, "{status:#}");
+    // /metrics reports the same counters.
+    assert_within_1pct(
+        "web-0 headway_bytes_sent_total",
+        bed.metric("headway_bytes_sent_total", "web-0") as u64,
+        tcp4.sent,
+    );
+    assert_within_1pct(
+        "web-1 headway_bytes_received_total",
+        bed.metric("headway_bytes_received_total", "web-1") as u64,
+        web1_received,
+    );
+    // What each hook cost in this run (reported, not asserted: timings
+    // are for benchmarks). Counts only while kernel.bpf_stats_enabled=1.
+    for prog in status["programs"].as_array().unwrap() {
+        let (runs, ns) = (
+            prog["run_count"].as_u64().unwrap_or(0),
+            prog["run_time_ns"].as_u64().unwrap_or(0),
+        );
+        if runs > 0 {
+            eprintln!(
+                "{}: {runs} runs, {:.1} ns/run",
+                prog["name"].as_str().unwrap_or("?"),
+                ns as f64 / runs as f64
+            );
+        }
+    }
+}
+
+#[test]
+fn a_server_pods_own_traffic_is_not_counted() {
+    if !require_root("a_server_pods_own_traffic_is_not_counted") {
+        return;
+    }
+    let bed = Bed::new("acct-server", 2, &["web-0", "web-1"]);
+    // The servers run inside the hooked cgroup too, and the client is pod
+    // web-0 itself: web-1's replies go to a pod address, yet they are
+    // web-0's traffic to web-1, counted once, on web-1.
+    let _sinks = start_sinks(&bed.cluster, PORT, Some(&bed.cg)).expect("start sinks");
+    let web0 = bed.cluster.pod("web-0").ns();
+    let report = run_bulk(
+        web0,
+        Some(&bed.cg),
+        bed.addr("web-1", false),
+        PORT,
+        Bulk {
+            up: 256 * KB,
+            down: 768 * KB,
+            count: 2,
+            udp: false,
+            server_closes: false,
+        },
+    )
+    .expect("bulk from web-0 to web-1");
+    assert_eq!(report.failures, 0, "{report:?}");
+    let holder = start_holder(web0, Some(&bed.cg), bed.addr("web-1", true), PORT, 3, false)
+        .expect("hold from web-0 to web-1");
+
+    let status = bed.status();
+    for field in ["tcp_connects", "active_tcp", "bytes_sent", "bytes_received"] {
+        assert_eq!(
+            counter(&status, "web-0", field),
+            0,
+            "web-0 {field}: {status:#}"
+        );
+    }
+    assert_eq!(counter(&status, "web-1", "tcp_connects"), 5, "{status:#}");
+    assert_eq!(counter(&status, "web-1", "active_tcp"), 3, "{status:#}");
+    assert_within_1pct(
+        "web-1 bytes_sent",
+        counter(&status, "web-1", "bytes_sent"),
+        report.sent + 3 * HEADER_LEN,
+    );
+    assert_within_1pct(
+        "web-1 bytes_received",
+        counter(&status, "web-1", "bytes_received"),
+        report.received,
+    );
+    kill(holder);
+    bed.wait_counter("web-1", "active_tcp", 0);
+    assert_eq!(bed.counter("web-0", "active_tcp"), 0);
+}
+
+#[test]
+fn counts_survive_an_agent_restart() {
+    if !require_root("counts_survive_an_agent_restart") {
+        return;
+    }
+    let mut bed = Bed::new("acct-restart", 1, &["web-0"]);
+    let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
+    let transfer = Bulk {
+        up: 300 * KB,
+        down: 900 * KB,
+        count: 1,
+        udp: false,
+        server_closes: false,
+    };
+    let holder = bed.hold("web-0", false, 3);
+    let first = bed.bulk("web-0", false, transfer);
+    let programs_before = program_ids(&bed.status());
+
+    // The agent stops; the pinned links keep the programs attached and
+    // counting.
+    bed.agent
+        .take()
+        .unwrap()
+        .stop()
+        .expect("agent stops cleanly");
+    assert_eq!(bed.counter("web-0", "active_tcp"), 3);
+    let second = bed.bulk("web-0", false, transfer);
+    let held_for_restart = bed.hold("web-0", true, 2);
+    assert_eq!(bed.counter("web-0", "active_tcp"), 5);
+
+    // A new agent swaps its own programs into the links: nothing reset,
+    // nothing counted twice, and the new programs close what the old ones
+    // opened.
+    bed.start_agent();
+    let status = bed.status();
+    let programs_after = program_ids(&status);
+    for ((name, before), (_, after)) in programs_before.iter().zip(&programs_after) {
+        assert_ne!(
+            before, after,
+            "{name}: the restarted agent's program is in the link"
+        );
+    }
+    let sent = HEADER_LEN * 5 + first.sent + second.sent;
+    let received = first.received + second.received;
+    assert_eq!(counter(&status, "web-0", "active_tcp"), 5, "{status:#}");
+    assert_within_1pct(
+        "bytes_sent after restart",
+        counter(&status, "web-0", "bytes_sent"),
+        sent,
+    );
+    assert_within_1pct(
+        "bytes_received after restart",
+        counter(&status, "web-0", "bytes_received"),
+        received,
+    );
+
+    kill(holder);
+    kill(held_for_restart);
+    bed.wait_counter("web-0", "active_tcp", 0);
+    let third = bed.bulk("web-0", false, transfer);
+    let status = bed.status();
+    assert_eq!(counter(&status, "web-0", "active_tcp"), 0, "{status:#}");
+    assert_within_1pct(
+        "bytes_sent at the end",
+        counter(&status, "web-0", "bytes_sent"),
+        sent + third.sent,
+    );
+    assert_within_1pct(
+        "bytes_received at the end",
+        counter(&status, "web-0", "bytes_received"),
+        received + third.received,
+    );
+    assert_eq!(counter(&status, "web-0", "tcp_connects"), 8, "{status:#}");
+}
+
+#[test]
+fn a_pod_id_given_to_a_new_pod_is_not_touched_by_the_old_pods_sockets() {
+    if !require_root("a_pod_id_given_to_a_new_pod_is_not_touched_by_the_old_pods_sockets") {
+        return;
+    }
+    let mut bed = Bed::new("acct-reuse", 3, &["web-0", "web-1"]);
+    let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
+    let holder = bed.hold("web-1", false, 2);
+    assert_eq!(bed.counter("web-1", "active_tcp"), 2);
+    let old_id = pod_id(&bed.bpffs, "web-1");
+
+    // web-1 goes away and web-2 arrives in the same change: web-2 gets the
+    // freed id (the lowest free one) and a zeroed slot.
+    write_manifests(bed.manifests.path(), &bed.cluster, &["web-0", "web-2"]);
+    let agent = bed.agent.as_mut().unwrap();
+    let status = wait_for_status(&bed.bpffs, agent, SYNC_TIMEOUT, |s| {
+        pod_counters(s, "demo", "web", "web-2").is_some()
+            && pod_counters(s, "demo", "web", "web-1").is_none()
+    })
+    .expect("the agent replaces web-1 with web-2");
+    assert_eq!(pod_id(&bed.bpffs, "web-2"), old_id, "the id is reused");
+    assert_eq!(counter(&status, "web-2", "active_tcp"), 0, "{status:#}");
+
+    // The old pod's connections close: web-2's count must not move (it
+    // would wrap below zero without the slot's generation).
+    let web2_holder = bed.hold("web-2", false, 1);
+    kill(holder);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(bed.counter("web-2", "active_tcp"), 1);
+    kill(web2_holder);
+    bed.wait_counter("web-2", "active_tcp", 0);
+}
+
+/// The pod id (`pod_stats` slot) of `pod`, from bpftool's view of the
+/// pinned `pods` map (BTF gives it named fields).
+fn pod_id(bpffs: &Bpffs, pod: &str) -> u64 {
+    let pods = bpftool_dump(&bpffs.pin("pods")).unwrap();
+    let named = |e: &&Value| {
+        let raw: Vec<u8> = e["value"]["name"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .take_while(|b| *b != 0)
+            .collect();
+        raw == pod.as_bytes()
+    };
+    pods.iter()
+        .find(named)
+        .unwrap_or_else(|| panic!("{pod} not in the pods map: {pods:#?}"))["key"]
+        .as_u64()
+        .unwrap()
+}
+
+fn program_ids(status: &Value) -> Vec<(String, u64)> {
+    status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["program_id"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
