@@ -1,4 +1,5 @@
 //! headway's development tasks: `cargo xtask <task>`.
+mod bench_acct;
 mod bench_dns;
 mod bench_hooks;
 mod build_ebpf;
@@ -33,6 +34,9 @@ enum Task {
     /// Measure every attached hook's cost per run (bpf_stats) while a
     /// client makes real connections, per steering case (needs root).
     BenchHooks(bench_hooks::Options),
+    /// Measure per-pod accounting (sock_ops, byte counters) live with
+    /// bpf_stats during real transfers, against unmarked sockets (needs root).
+    BenchAcct(bench_acct::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(opts) => demo::run(&opts),
         Task::BenchDns(opts) => bench_dns::run(&opts),
         Task::BenchHooks(opts) => bench_hooks::run(&opts),
+        Task::BenchAcct(opts) => bench_acct::run(&opts),
     }
 }
