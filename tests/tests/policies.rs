@@ -334,6 +334,11 @@ impl Answers {
 /// Asserts that each pod's share of `answers` is within `tolerance`
 /// (relative) of its expected share `expected[pod] / sum(expected)`.
 fn assert_shares(answers: &Answers, expected: &[(&str, u64)], tolerance: f64) {
+    // The measured distribution, for the record (`--nocapture`).
+    eprintln!(
+        "distribution {:?} (expected shares {expected:?})",
+        answers.0.answers
+    );
     let total = answers.total() as f64;
     let weight_sum: u64 = expected.iter().map(|(_, w)| w).sum();
     for (pod, weight) in expected {
@@ -539,6 +544,7 @@ fn least_connections_moves_new_connections_to_less_loaded_pods() {
     for addr in [a4, a6] {
         let r = s.connect("client", addr, PORT, 300, false);
         let idle = r.of("p2") + r.of("p3");
+        eprintln!("least-connections with p0, p1 loaded: {:?}", r.0.answers);
         assert!(idle >= 210, "at least 70% to the idle pods: {r:?}");
     }
     let held = release_held(holder, &release);
