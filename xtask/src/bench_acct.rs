@@ -16,23 +16,19 @@
 //! hooks, which see the same packets and leave after a header check or
 //! two, are printed too.
 //! Everything runs in namespaces made here; nothing leaves the machine.
-use std::{collections::BTreeMap, fs, net::IpAddr};
+use std::{fs, net::IpAddr};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use headway_common::program_names;
 use headway_testbed::{
     Cgroup, Cluster,
-    agent::{Agent, Bpffs, status_json, wait_for_status},
+    agent::{Agent, Bpffs, wait_for_status},
     bulk::{Bulk, run_bulk, start_sinks},
 };
 
-use crate::{
-    build_ebpf,
-    util::{self, cargo, workspace_root},
-};
+use crate::{bpf_stats, util};
 
 const PORT: u16 = 8080;
-const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -42,47 +38,6 @@ pub struct Options {
     /// Short connections in the churn phase.
     #[arg(long, default_value_t = 2000)]
     pub connections: u32,
-}
-
-/// Turns bpf_stats on and puts the old value back on drop.
-struct BpfStats {
-    old: String,
-}
-
-impl BpfStats {
-    fn enable() -> anyhow::Result<BpfStats> {
-        let old = fs::read_to_string(STATS_SYSCTL).context("reading bpf_stats_enabled")?;
-        fs::write(STATS_SYSCTL, "1").context("enabling bpf_stats")?;
-        Ok(BpfStats {
-            old: old.trim().to_string(),
-        })
-    }
-}
-
-impl Drop for BpfStats {
-    fn drop(&mut self) {
-        if let Err(e) = fs::write(STATS_SYSCTL, &self.old) {
-            eprintln!("could not restore {STATS_SYSCTL} to {}: {e}", self.old);
-        }
-    }
-}
-
-/// (runs, ns) per program, from `headway status --json`.
-fn run_stats(bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-    let status = status_json(bpffs)?;
-    let programs = status["programs"]
-        .as_array()
-        .context("status has no programs")?;
-    Ok(programs
-        .iter()
-        .map(|p| {
-            let n = |k: &str| p[k].as_u64().unwrap_or(0);
-            (
-                p["name"].as_str().unwrap_or("?").to_string(),
-                (n("run_count"), n("run_time_ns")),
-            )
-        })
-        .collect())
 }
 
 fn manifest(cluster: &Cluster) -> String {
@@ -98,17 +53,8 @@ fn manifest(cluster: &Cluster) -> String {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("bench-acct attaches eBPF programs and creates network namespaces: run it as root");
-    }
-    build_ebpf::run(&build_ebpf::Options { release: true })?;
-    // The kernel programs are what is measured; the test bed finds these
-    // binaries next to the running xtask.
-    util::run(
-        cargo()
-            .current_dir(workspace_root())
-            .args(["build", "--bins"]),
-    )?;
+    // The kernel programs are what is measured, not the binaries' speed.
+    util::prepare_root_task("bench-acct")?;
 
     let cluster = Cluster::builder()
         .pod("web-0", "10.77.0.10".parse()?, None)
@@ -132,7 +78,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             })
         },
     )?;
-    let _stats = BpfStats::enable()?;
+    let _stats = bpf_stats::BpfStats::enable()?;
 
     let bulk = Bulk {
         up: opts.megabytes << 20,
@@ -153,12 +99,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     for (phase, work) in [("bulk", bulk), ("churn", churn)] {
         for target in ["other-0", "web-0"] {
             let addr: IpAddr = cluster.pod(target).addr(false).expect("IPv4");
-            let before = run_stats(&bpffs)?;
+            let before = bpf_stats::program_stats(&bpffs)?;
             let report = run_bulk(client, Some(&cg), addr, PORT, work)?;
             if report.failures > 0 {
                 bail!("{phase} to {target} failed: {report:?}");
             }
-            let after = run_stats(&bpffs)?;
+            let after = bpf_stats::program_stats(&bpffs)?;
             for name in [
                 program_names::BYTES_EGRESS,
                 program_names::BYTES_INGRESS,

@@ -28,10 +28,7 @@ use headway_testbed::{
 };
 use serde_json::Value;
 
-use crate::{
-    build_ebpf,
-    util::{self, cargo, workspace_root},
-};
+use crate::{bpf_stats, util};
 
 const PORT: u16 = 8080;
 const DNS: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 53);
@@ -39,7 +36,6 @@ const DOMAIN: &str = "demo.svc.cluster.local";
 const PODS: [(&str, u8); 4] = [("web-0", 10), ("web-1", 11), ("web-2", 12), ("web-3", 13)];
 /// A server that is no headless service's pod.
 const OUTSIDER: (&str, u8) = ("plain-0", 40);
-const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -69,38 +65,6 @@ fn manifest(policy: &str) -> String {
     out
 }
 
-/// Restores `kernel.bpf_stats_enabled` when dropped.
-struct StatsGuard(String);
-
-impl StatsGuard {
-    fn enable() -> anyhow::Result<StatsGuard> {
-        let old = fs::read_to_string(STATS_SYSCTL).context("reading bpf_stats_enabled")?;
-        fs::write(STATS_SYSCTL, "1").context("enabling bpf_stats")?;
-        Ok(StatsGuard(old.trim().to_owned()))
-    }
-}
-
-impl Drop for StatsGuard {
-    fn drop(&mut self) {
-        let _ = fs::write(STATS_SYSCTL, &self.0);
-    }
-}
-
-/// (run count, run time ns) per program, from `headway status --json`.
-fn program_stats(bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-    let status = status_json(bpffs)?;
-    let programs = status["programs"]
-        .as_array()
-        .context("status has no programs")?;
-    Ok(programs
-        .iter()
-        .filter_map(|p| {
-            let name = p["name"].as_str()?.to_owned();
-            Some((name, (p["run_count"].as_u64()?, p["run_time_ns"].as_u64()?)))
-        })
-        .collect())
-}
-
 /// One case's result: ns per run of each hook that ran.
 struct CaseResult {
     case: &'static str,
@@ -109,16 +73,8 @@ struct CaseResult {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("bench-hooks attaches eBPF programs and creates network namespaces: run it as root");
-    }
-    build_ebpf::run(&build_ebpf::Options { release: true })?;
     // The binaries' own speed does not enter the kernel's figures.
-    util::run(
-        cargo()
-            .current_dir(workspace_root())
-            .args(["build", "--bins"]),
-    )?;
+    util::prepare_root_task("bench-hooks")?;
 
     let mut builder = Cluster::builder();
     for (name, last) in PODS.iter().chain([&OUTSIDER]) {
@@ -169,7 +125,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .first()
         .with_context(|| format!("resolving web: {report:?}"))?;
 
-    let _stats = StatsGuard::enable()?;
+    let _stats = bpf_stats::BpfStats::enable()?;
     let n = opts.connections;
     let mut results = Vec::new();
     let mut measure = |case: &'static str,
@@ -184,21 +140,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 s["services"][0]["policy"] == want.as_str()
             })?;
         }
-        let before = program_stats(&bpffs)?;
+        let before = bpf_stats::program_stats(&bpffs)?;
         let decisions_before = decisions(&bpffs)?;
         let r = run_client(&cluster, client, Some(&cg), addr, PORT, n, false)?;
         if r.failures > 0 {
             bail!("{case}: {} of {n} connects failed: {r:?}", r.failures);
         }
-        let after = program_stats(&bpffs)?;
-        let per_run = after
-            .iter()
-            .filter_map(|(name, (count, time))| {
-                let (c0, t0) = before.get(name).copied().unwrap_or_default();
-                let runs = count - c0;
-                (runs > 0).then(|| (name.clone(), (runs, (time - t0) as f64 / runs as f64)))
-            })
-            .collect();
+        let after = bpf_stats::program_stats(&bpffs)?;
+        let per_run = bpf_stats::per_run(&before, &after);
         let decisions = decisions(&bpffs)?
             .into_iter()
             .map(|(k, v)| {

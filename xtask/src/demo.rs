@@ -35,10 +35,7 @@ use headway_testbed::{
     resolve_in, run_client, run_client_by_name, start_dns_server, start_pod_servers,
 };
 
-use crate::{
-    build_ebpf,
-    util::{self, cargo, workspace_root},
-};
+use crate::util::{self, workspace_root};
 
 const PORT: u16 = 8080;
 const DNS_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 53);
@@ -66,15 +63,7 @@ struct DemoPod {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("the demo attaches eBPF programs and creates network namespaces: run it as root");
-    }
-    build_ebpf::run(&build_ebpf::Options { release: true })?;
-    util::run(
-        cargo()
-            .current_dir(workspace_root())
-            .args(["build", "--bins"]),
-    )?;
+    util::prepare_root_task("the demo")?;
     let (namespace, service) = opts
         .service
         .split_once('/')

@@ -2,6 +2,7 @@
 mod bench_acct;
 mod bench_dns;
 mod bench_hooks;
+mod bpf_stats;
 mod build_ebpf;
 mod demo;
 mod test;

@@ -6,10 +6,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::{
-    build_ebpf,
-    util::{self, cargo, workspace_root},
-};
+use crate::util::{self, cargo, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -19,13 +16,8 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    build_ebpf::run(&build_ebpf::Options { release: true })?;
     // Binaries first: the privileged tests drive the agent and the peer.
-    util::run(
-        cargo()
-            .current_dir(workspace_root())
-            .args(["build", "--bins"]),
-    )?;
+    util::build_all()?;
     // Privileged tests share kernel state (cgroups, bpffs): one at a time.
     let mut test = cargo();
     test.current_dir(workspace_root())

@@ -58,6 +58,23 @@ pub fn describe(cmd: &Command) -> String {
     s
 }
 
+/// What every task that runs the agent needs first: root, the kernel
+/// object, and the binaries the test bed finds next to the running xtask.
+pub fn prepare_root_task(what: &str) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} attaches eBPF programs and creates network namespaces: run it as root");
+    }
+    build_all()
+}
+
+/// Builds the kernel object, then the binaries (which embed it).
+pub fn build_all() -> anyhow::Result<()> {
+    crate::build_ebpf::run(&crate::build_ebpf::Options { release: true })?;
+    run(cargo()
+        .current_dir(workspace_root())
+        .args(["build", "--bins"]))
+}
+
 /// The cargo binary that launched us (falls back to `cargo` on PATH).
 pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
