@@ -60,6 +60,25 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    measure(opts).map(|_| ())
+}
+
+/// What `cargo xtask bench` keeps of this benchmark (ns per packet).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DnsFigures {
+    pub repeat: u32,
+    pub samples: usize,
+    /// Program name -> verified instructions.
+    pub verified_instructions: Vec<(String, Option<u32>)>,
+    /// Paths measured with the repeat method: case -> mean ns.
+    pub repeat_ns: Vec<(String, f64)>,
+    pub harness_ns: f64,
+    /// The learning path: case -> (raw median ns, net of harness ns).
+    pub learning_ns: Vec<(String, f64, f64)>,
+}
+
+/// Runs the benchmark, printing as it goes, and returns the figures.
+pub fn measure(opts: &Options) -> anyhow::Result<DnsFigures> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench-dns loads BPF programs: run it as root");
     }
@@ -67,15 +86,22 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let object = std::fs::read(&object_path)
         .with_context(|| format!("reading {}", object_path.display()))?;
     let mut bench = Bench::load(&object)?;
-    print_verified(&bench)?;
-    let harness = bench_repeatable(&mut bench, opts)?;
-    bench_learning(&mut bench, opts, harness)
+    let mut figures = DnsFigures {
+        repeat: opts.repeat,
+        samples: opts.samples,
+        ..DnsFigures::default()
+    };
+    print_verified(&bench, &mut figures)?;
+    let harness = bench_repeatable(&mut bench, opts, &mut figures)?;
+    bench_learning(&mut bench, opts, harness, &mut figures)?;
+    Ok(figures)
 }
 
-fn print_verified(bench: &Bench) -> anyhow::Result<()> {
+fn print_verified(bench: &Bench, figures: &mut DnsFigures) -> anyhow::Result<()> {
     println!("verified instructions (ProgramInfo::verified_instruction_count):");
     for name in [program_names::DNS_EGRESS, program_names::DNS_INGRESS] {
         let count = bench.program(name)?.info()?.verified_instruction_count();
+        figures.verified_instructions.push((name.to_owned(), count));
         let count = count.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
         println!("  {name:<16} {count}");
     }
@@ -84,7 +110,11 @@ fn print_verified(bench: &Bench) -> anyhow::Result<()> {
 
 /// The paths where every run does the same work, with `repeat`. Returns
 /// the harness cost of one single run (see the module docs).
-fn bench_repeatable(bench: &mut Bench, opts: &Options) -> anyhow::Result<Duration> {
+fn bench_repeatable(
+    bench: &mut Bench,
+    opts: &Options,
+    figures: &mut DnsFigures,
+) -> anyhow::Result<Duration> {
     let other_port = udp_frame(5353, CLIENT_PORT, &response(&pod_ips(1), false).0);
     let other_repeat = bench.run(&other_port, opts.repeat)?;
     let other_single = bench.single_median(&other_port, opts.samples, |_| Ok(()))?;
@@ -103,8 +133,10 @@ fn bench_repeatable(bench: &mut Bench, opts: &Options) -> anyhow::Result<Duratio
     );
     for (case, cost) in cases {
         println!("  {case:<44} {:>8.1}", ns(cost));
+        figures.repeat_ns.push((case.to_owned(), ns(cost)));
     }
     let harness = other_single.saturating_sub(other_repeat);
+    figures.harness_ns = ns(harness);
     println!(
         "harness cost per single run: {:.1} ns (non-DNS single-run median {:.1} - repeat mean {:.1})",
         ns(harness),
@@ -115,7 +147,12 @@ fn bench_repeatable(bench: &mut Bench, opts: &Options) -> anyhow::Result<Duratio
 }
 
 /// The learning path: single runs, the pending query put back before each.
-fn bench_learning(bench: &mut Bench, opts: &Options, harness: Duration) -> anyhow::Result<()> {
+fn bench_learning(
+    bench: &mut Bench,
+    opts: &Options,
+    harness: Duration,
+    figures: &mut DnsFigures,
+) -> anyhow::Result<()> {
     println!(
         "\nhw_dns_ingress, learning path: median of {} single runs, pending query \
          re-inserted before each; net = raw - harness cost",
@@ -154,6 +191,7 @@ fn bench_learning(bench: &mut Bench, opts: &Options, harness: Duration) -> anyho
             let case = format!("{name}, {label}");
             let net = raw.saturating_sub(harness);
             println!("  {case:<44} {:>8.1} {:>8.1}", ns(raw), ns(net));
+            figures.learning_ns.push((case, ns(raw), ns(net)));
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
 //! headway's development tasks: `cargo xtask <task>`.
+mod bench;
 mod bench_acct;
 mod bench_dns;
 mod bench_hooks;
@@ -38,6 +39,10 @@ enum Task {
     /// Measure per-pod accounting (sock_ops, byte counters) live with
     /// bpf_stats during real transfers, against unmarked sockets (needs root).
     BenchAcct(bench_acct::Options),
+    /// Benchmark headway against direct connections, kube-proxy-style
+    /// iptables DNAT and HAProxy on a cluster of network namespaces;
+    /// writes bench/results/latest.{md,json,png} (needs root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +55,6 @@ fn main() -> anyhow::Result<()> {
         Task::BenchDns(opts) => bench_dns::run(&opts),
         Task::BenchHooks(opts) => bench_hooks::run(&opts),
         Task::BenchAcct(opts) => bench_acct::run(&opts),
+        Task::Bench(opts) => bench::run(&opts),
     }
 }

@@ -1,0 +1,560 @@
+//! `cargo xtask bench`: headway against the alternatives, side by side in
+//! one run (issue #8).
+//!
+//! Every round builds a fresh cluster of network namespaces (pods running
+//! nginx, a client namespace per contender, a DNS server, HAProxy's
+//! namespace) and runs every workload against every contender, in an
+//! order rotated per round, with the same load generator (wrk) and the
+//! same TCP settings everywhere. The report gives medians over rounds and
+//! per-round ratios to `direct`. Then, on the last round's bed, extra
+//! headway runs with BPF stats on give the kernel cost per hook, and the
+//! DNS interceptor is measured with BPF_PROG_TEST_RUN (`bench-dns`).
+//!
+//! Network safety: every address lives inside the namespaces a round
+//! creates; wrk, nginx, HAProxy and the iptables rules all run inside
+//! them, never in the host namespace.
+mod bed;
+mod chart;
+mod contenders;
+mod headway;
+mod kube_proxy;
+mod report;
+mod servers;
+mod stats;
+mod workload;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use headway_testbed::{NetNs, unique_suffix};
+
+use self::{
+    bed::Bed,
+    contenders::Contender,
+    report::{ControlPlane, HookCost, Machine, Results, Sample, Setup, Skipped},
+    workload::{Workload, run_wrk},
+};
+use crate::{
+    bench_dns, build_ebpf,
+    util::{self, cargo, workspace_root},
+};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// A short smoke run: 2 rounds of 1 s per run, a short DNS benchmark.
+    #[arg(long)]
+    pub quick: bool,
+    /// Rounds (each on fresh namespaces); default 5, or 2 with --quick.
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Seconds per wrk run; default 5, or 1 with --quick.
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Pods (server namespaces) behind every contender.
+    #[arg(long, default_value_t = 4)]
+    pub pods: usize,
+    /// Other services' rules in the iptables contender's namespace.
+    #[arg(long, default_value_t = 10_000)]
+    pub other_services: usize,
+    /// Where latest.{md,json,png} go (relative to the workspace root).
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+    /// Skip the BPF_PROG_TEST_RUN benchmark of the DNS interceptor.
+    #[arg(long)]
+    pub no_dns: bool,
+}
+
+impl Options {
+    fn rounds(&self) -> usize {
+        self.rounds.unwrap_or(if self.quick { 2 } else { 5 })
+    }
+
+    fn seconds(&self) -> u64 {
+        self.seconds.unwrap_or(if self.quick { 1 } else { 5 })
+    }
+}
+
+/// Debian packages the bench drives (`.ci/run` installs them).
+const TOOLS: [(&str, &str); 6] = [
+    ("wrk", "wrk"),
+    ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
+    ("iptables-restore", "iptables"),
+    ("ss", "iproute2"),
+    ("bpftool", "bpftool"),
+];
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the bench creates network namespaces, loads eBPF programs and iptables rules \
+             (inside its namespaces): run it as root"
+        );
+    }
+    check_tools()?;
+    build_ebpf::run(&build_ebpf::Options { release: true })?;
+    util::run(
+        cargo()
+            .current_dir(workspace_root())
+            .args(["build", "--bins"]),
+    )?;
+    let results = measure(opts)?;
+    let out = workspace_root().join(&opts.out);
+    write_results(&results, &out)?;
+    println!("\n{}", report::results_table(&results));
+    for t in &results.targets {
+        println!(
+            "{} {}: ×{:.3} (threshold {:.2})",
+            if t.met { "met   " } else { "MISSED" },
+            t.name,
+            t.ratio,
+            t.threshold
+        );
+    }
+    println!("\nwritten: {}/latest.{{md,json,png}}", out.display());
+    Ok(())
+}
+
+fn check_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(bin, _)| which(bin).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the bench needs: apt-get install {} (see .ci/run)",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Everything but building and writing: the rounds, the hook costs, the
+/// DNS figures. Needs root, the tools and the workspace's binaries.
+pub fn measure(opts: &Options) -> anyhow::Result<Results> {
+    let (rounds, seconds) = (opts.rounds(), opts.seconds());
+    if rounds == 0 || opts.pods == 0 {
+        bail!("--rounds and --pods must be at least 1");
+    }
+    let duration = Duration::from_secs(seconds);
+    let load_before = load_average()?;
+    let (contenders, skipped) = available_contenders()?;
+    eprintln!(
+        "bench: {rounds} rounds × {} workloads × {} contenders × {seconds} s",
+        Workload::ALL.len(),
+        contenders.len()
+    );
+
+    let scratch = std::env::temp_dir().join(format!("headway-bench-{}", unique_suffix()));
+    let _cleanup = RemoveDir(scratch.clone());
+    let www = scratch.join("www");
+    servers::make_www(&www)?;
+    let script = scratch.join("bench.lua");
+    fs::write(&script, workload::WRK_SCRIPT)?;
+
+    let mut samples = Vec::new();
+    let mut hook_costs = Vec::new();
+    let mut iptables_rules = None;
+    for round in 0..rounds {
+        eprintln!("bench: round {}/{rounds}: building the bed", round + 1);
+        let mut bed = Bed::build(&contenders, opts.pods, opts.other_services, &www)?;
+        iptables_rules = bed.facts.iptables_rules.or(iptables_rules);
+        warm_up(&mut bed, &script, &contenders)?;
+        for w in Workload::ALL {
+            for c in contenders::order(&contenders, round) {
+                let sample = run_one(&mut bed, &script, round, w, c, duration)?;
+                let m = &sample.measured;
+                eprintln!(
+                    "bench: round {} {:<10} {:<16} {:>10.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs {:>6.2} Gbit/s errors {}",
+                    round + 1,
+                    w.id(),
+                    c.id(),
+                    m.requests_per_sec(),
+                    m.p50_us,
+                    m.p99_us,
+                    m.bytes_per_sec() * 8.0 / 1e9,
+                    m.errors.total()
+                );
+                samples.push(sample);
+            }
+        }
+        if round + 1 == rounds && bed.headway.is_some() {
+            hook_costs = measure_hook_costs(&mut bed, &script, &contenders, duration)?;
+        }
+        if let Some(rig) = bed.headway.take() {
+            rig.stop()?;
+        }
+    }
+
+    let dns_interceptor = if opts.no_dns {
+        None
+    } else {
+        let dns_opts = if opts.quick {
+            bench_dns::Options {
+                repeat: 10_000,
+                samples: 2_000,
+            }
+        } else {
+            bench_dns::Options {
+                repeat: 100_000,
+                samples: 20_000,
+            }
+        };
+        Some(bench_dns::measure(&dns_opts)?)
+    };
+
+    let summary = report::summarize(&samples, &contenders);
+    let targets = report::check_targets(&summary, &samples);
+    Ok(Results {
+        generated_at: util::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?,
+        quick: opts.quick,
+        machine: machine(load_before)?,
+        setup: Setup {
+            rounds,
+            seconds_per_run: seconds,
+            pods: opts.pods,
+            other_services: opts.other_services,
+            iptables_rules,
+            sysctls: servers::SYSCTLS
+                .iter()
+                .map(|(k, v)| (k.replace('/', "."), (*v).to_owned()))
+                .collect(),
+            workloads: Workload::ALL
+                .iter()
+                .map(|w| (*w, w.describe(opts.pods)))
+                .collect(),
+            contenders: contenders.iter().map(|c| (*c, c.label().into())).collect(),
+        },
+        skipped,
+        samples,
+        summary,
+        targets,
+        hook_costs,
+        dns_interceptor,
+        control_plane: control_plane(&opts.out),
+    })
+}
+
+/// Every contender that can run on this machine, and why the others not.
+fn available_contenders() -> anyhow::Result<(Vec<Contender>, Vec<Skipped>)> {
+    let probe = NetNs::new(&format!("hw{}-probe", unique_suffix()))?;
+    let mut run = Vec::new();
+    let mut skipped = Vec::new();
+    for c in Contender::ALL {
+        if c == Contender::Ipvs {
+            let reason = kube_proxy::ipvs_unavailable(&probe).unwrap_or_else(|| {
+                "IPVS is available here, but the bench has no IPVS contender yet".into()
+            });
+            skipped.push(Skipped {
+                contender: c,
+                reason,
+            });
+            continue;
+        }
+        run.push(c);
+    }
+    Ok((run, skipped))
+}
+
+/// One wrk run of workload `w` for contender `c`; for headway, with the
+/// policy set first and the service's connect decisions recorded.
+fn run_one(
+    bed: &mut Bed,
+    script: &Path,
+    round: usize,
+    w: Workload,
+    c: Contender,
+    duration: Duration,
+) -> anyhow::Result<Sample> {
+    let before = match (c.headway_policy(), bed.headway.as_mut()) {
+        (Some(policy), Some(rig)) => {
+            rig.set_policy(policy)?;
+            Some(rig.counters()?)
+        }
+        _ => None,
+    };
+    let target = bed.target(c);
+    let (ns, cgroup) = bed.client(c)?;
+    let measured = run_wrk(ns, cgroup, script, w, bed.pods.len(), &target, duration)
+        .with_context(|| format!("{} / {}", w.id(), c.id()))?;
+    if measured.requests == 0 {
+        bail!("{} / {}: no request completed", w.id(), c.id());
+    }
+    let decisions = match (before, bed.headway.as_mut()) {
+        (Some(before), Some(rig)) => Some(rig.counters()?.since(&before).decisions),
+        _ => None,
+    };
+    Ok(Sample {
+        round,
+        workload: w,
+        contender: c,
+        measured,
+        decisions,
+    })
+}
+
+/// One unrecorded keep-alive second per contender on a new bed, so no
+/// contender's first measured run pays for cold caches, neighbour
+/// discovery or freshly started servers.
+fn warm_up(bed: &mut Bed, script: &Path, contenders: &[Contender]) -> anyhow::Result<()> {
+    for &c in contenders {
+        run_one(
+            bed,
+            script,
+            0,
+            Workload::KeepAlive,
+            c,
+            Duration::from_secs(1),
+        )?;
+    }
+    Ok(())
+}
+
+/// Extra headway runs with BPF run-time statistics on: the cost of every
+/// hook per request. Stats are on only while the returned fd of
+/// BPF_ENABLE_STATS is held (the kernel counts holders, so this neither
+/// clobbers nor is clobbered by someone else's `bpf_stats_enabled`).
+fn measure_hook_costs(
+    bed: &mut Bed,
+    script: &Path,
+    contenders: &[Contender],
+    duration: Duration,
+) -> anyhow::Result<Vec<HookCost>> {
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("BPF_ENABLE_STATS (run-time statistics)")?;
+    let mut costs = Vec::new();
+    for &c in contenders.iter().filter(|c| c.headway_policy().is_some()) {
+        for w in Workload::ALL {
+            let rig = bed.headway.as_mut().context("no headway agent")?;
+            rig.set_policy(c.headway_policy().unwrap_or_default())?;
+            let before = rig.counters()?;
+            let target = bed.target(c);
+            let (ns, cgroup) = bed.client(c)?;
+            let measured = run_wrk(ns, cgroup, script, w, bed.pods.len(), &target, duration)?;
+            let rig = bed.headway.as_mut().context("no headway agent")?;
+            let delta = rig.counters()?.since(&before);
+            for (hook, runs) in delta.hooks {
+                costs.push(HookCost {
+                    contender: c,
+                    workload: w,
+                    hook,
+                    runs: runs.run_count,
+                    run_time_ns: runs.run_time_ns,
+                    requests: measured.requests,
+                });
+            }
+        }
+    }
+    drop(stats);
+    Ok(costs)
+}
+
+fn write_results(results: &Results, dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(results)?;
+    fs::write(dir.join("latest.json"), json + "\n")?;
+    fs::write(dir.join("latest.md"), report::markdown(results))?;
+    chart::draw(results, &dir.join("latest.png"))?;
+    Ok(())
+}
+
+/// The slot for `cargo xtask bench-control-plane`'s figures.
+fn control_plane(out: &Path) -> ControlPlane {
+    let file = out.join("control-plane.json");
+    let figures = fs::read_to_string(workspace_root().join(&file))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok());
+    ControlPlane {
+        source: file.display().to_string(),
+        figures,
+    }
+}
+
+fn load_average() -> anyhow::Result<[f64; 3]> {
+    let text = fs::read_to_string("/proc/loadavg")?;
+    let mut it = text.split_whitespace().map(|v| v.parse::<f64>());
+    let mut out = [0.0; 3];
+    for slot in &mut out {
+        *slot = it.next().context("short /proc/loadavg")??;
+    }
+    Ok(out)
+}
+
+fn machine(load_before: [f64; 3]) -> anyhow::Result<Machine> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mut tools = BTreeMap::new();
+    let version = |cmd: &mut Command| {
+        cmd.output()
+            .ok()
+            .map(|o| {
+                let text = [o.stdout, o.stderr].concat();
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    tools.insert("wrk".into(), version(Command::new("wrk").arg("-v")));
+    tools.insert("nginx".into(), version(Command::new("nginx").arg("-v")));
+    tools.insert("haproxy".into(), version(Command::new("haproxy").arg("-v")));
+    tools.insert(
+        "iptables".into(),
+        version(Command::new("iptables").arg("-V")),
+    );
+    Ok(Machine {
+        kernel: util::output(Command::new("uname").arg("-r"))?,
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        cpu_model: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("unknown")
+            .trim()
+            .to_owned(),
+        memory_mib: meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024),
+        load_before,
+        load_after: load_average()?,
+        tools,
+    })
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// True if the Debian tools are there; in CI (CI=true) they must be.
+    fn tools_present(test: &str) -> bool {
+        match check_tools() {
+            Ok(()) => true,
+            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("{test} must run in CI: {e:#}")
+            }
+            Err(e) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {test}: {e:#} ***\n");
+                false
+            }
+        }
+    }
+
+    /// The whole bench, shrunk (1 round, 1 s runs, 2 pods, 1,000 other
+    /// services): every contender answers every workload without errors,
+    /// headway's `random` steers and `observe` does not, the hooks are
+    /// costed, and the three result files are written. Checks behaviour
+    /// only; no timing is asserted.
+    #[test]
+    fn smoke_one_short_round_of_everything() {
+        if !headway_testbed::require_root("smoke_one_short_round_of_everything")
+            || !tools_present("smoke_one_short_round_of_everything")
+        {
+            return;
+        }
+        let out = std::env::temp_dir().join(format!("headway-bench-smoke-{}", unique_suffix()));
+        let _cleanup = RemoveDir(out.clone());
+        let opts = Options {
+            quick: true,
+            rounds: Some(1),
+            seconds: Some(1),
+            pods: 2,
+            other_services: 1_000,
+            out: out.clone(),
+            no_dns: true,
+        };
+        let results = measure(&opts).expect("the bench runs");
+
+        let contenders: Vec<Contender> = results.setup.contenders.iter().map(|c| c.0).collect();
+        assert!(contenders.contains(&Contender::Direct));
+        assert!(contenders.contains(&Contender::HeadwayRandom));
+        assert!(contenders.contains(&Contender::Iptables));
+        assert!(contenders.contains(&Contender::Haproxy));
+        for &c in &contenders {
+            for w in Workload::ALL {
+                let s: Vec<&Sample> = results
+                    .samples
+                    .iter()
+                    .filter(|s| s.contender == c && s.workload == w)
+                    .collect();
+                assert_eq!(s.len(), 1, "{c:?} {w:?}");
+                let m = &s[0].measured;
+                assert!(m.requests > 0, "{c:?} {w:?}: {m:?}");
+                // wrk's own counters: a broken path shows up as errors.
+                assert!(
+                    m.errors.connect + m.errors.status == 0,
+                    "{c:?} {w:?}: {m:?}"
+                );
+            }
+        }
+        let connect = |c: Contender| {
+            results
+                .samples
+                .iter()
+                .find(|s| s.contender == c && s.workload == Workload::Connect)
+                .and_then(|s| s.decisions.clone())
+                .expect("headway samples carry decisions")
+        };
+        let random = connect(Contender::HeadwayRandom);
+        assert!(
+            random.get("steered_balanced").copied().unwrap_or(0) > 0,
+            "{random:?}"
+        );
+        let observe = connect(Contender::HeadwayObserve);
+        assert!(
+            observe.get("kept_observe").copied().unwrap_or(0) > 0,
+            "{observe:?}"
+        );
+        assert!(
+            observe.keys().all(|k| !k.starts_with("steered")),
+            "{observe:?}"
+        );
+        assert!(
+            results
+                .hook_costs
+                .iter()
+                .any(|h| h.hook == "hw_connect4" && h.runs > 0 && h.run_time_ns > 0),
+            "{:?}",
+            results.hook_costs
+        );
+        assert_eq!(results.setup.iptables_rules.map(|n| n > 8_000), Some(true));
+
+        write_results(&results, &out).expect("results written");
+        let md = fs::read_to_string(out.join("latest.md")).unwrap();
+        assert!(md.contains("| headway, policy random |"), "{md}");
+        let json: Results =
+            serde_json::from_str(&fs::read_to_string(out.join("latest.json")).unwrap()).unwrap();
+        assert_eq!(json.samples.len(), results.samples.len());
+        let png = fs::read(out.join("latest.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    }
+}

@@ -1,0 +1,650 @@
+//! The results: what was measured (every sample), the summary (medians,
+//! spreads, ratios to `direct`), the targets of issue #8, the per-hook
+//! kernel cost, and their Markdown rendering.
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    contenders::Contender,
+    stats::{Better, Spread, TargetCheck, paired_ratios},
+    workload::{Measured, Workload},
+};
+use crate::bench_dns::DnsFigures;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_mib: u64,
+    /// /proc/loadavg (1, 5, 15 min) before and after the run: the machine
+    /// is shared, and this says how busy it was.
+    pub load_before: [f64; 3],
+    pub load_after: [f64; 3],
+    /// Versions of the programs involved.
+    pub tools: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Setup {
+    pub rounds: usize,
+    pub seconds_per_run: u64,
+    pub pods: usize,
+    pub other_services: usize,
+    /// Rules really loaded in the iptables client's namespace (last round).
+    pub iptables_rules: Option<usize>,
+    /// Set identically in every client, proxy and pod namespace.
+    pub sysctls: Vec<(String, String)>,
+    pub workloads: Vec<(Workload, String)>,
+    pub contenders: Vec<(Contender, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Skipped {
+    pub contender: Contender,
+    pub reason: String,
+}
+
+/// One wrk run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub round: usize,
+    pub workload: Workload,
+    pub contender: Contender,
+    pub measured: Measured,
+    /// headway only: the service's connect decisions during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<BTreeMap<String, u64>>,
+}
+
+/// A figure taken from a wrk run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    RequestsPerSec,
+    P50Us,
+    P99Us,
+    BytesPerSec,
+}
+
+impl Metric {
+    fn of(self, m: &Measured) -> f64 {
+        match self {
+            Metric::RequestsPerSec => m.requests_per_sec(),
+            Metric::P50Us => m.p50_us,
+            Metric::P99Us => m.p99_us,
+            Metric::BytesPerSec => m.bytes_per_sec(),
+        }
+    }
+
+    pub fn better(self) -> Better {
+        match self {
+            Metric::RequestsPerSec | Metric::BytesPerSec => Better::Higher,
+            Metric::P50Us | Metric::P99Us => Better::Lower,
+        }
+    }
+
+    fn show(self, value: f64) -> String {
+        match self {
+            Metric::RequestsPerSec => thousands(value),
+            Metric::P50Us | Metric::P99Us => format!("{value:.0} µs"),
+            Metric::BytesPerSec => format!("{:.2} Gbit/s", value * 8.0 / 1e9),
+        }
+    }
+}
+
+/// The columns of the report, in order: (workload, metric, header).
+pub const COLUMNS: [(Workload, Metric, &str); 7] = [
+    (Workload::Connect, Metric::RequestsPerSec, "new conn/s"),
+    (
+        Workload::KeepAlive,
+        Metric::RequestsPerSec,
+        "keep-alive req/s",
+    ),
+    (Workload::KeepAlive, Metric::P50Us, "keep-alive p50"),
+    (Workload::KeepAlive, Metric::P99Us, "keep-alive p99"),
+    (Workload::Latency, Metric::P50Us, "1-conn p50"),
+    (Workload::Latency, Metric::P99Us, "1-conn p99"),
+    (Workload::Bulk, Metric::BytesPerSec, "bulk, 1 conn"),
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SummaryRow {
+    pub workload: Workload,
+    pub metric: Metric,
+    pub contender: Contender,
+    pub value: Spread,
+    /// Per-round ratio to `direct` (None for direct itself).
+    pub ratio: Option<Spread>,
+}
+
+/// What one hook cost during one workload (BPF stats on).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HookCost {
+    pub contender: Contender,
+    pub workload: Workload,
+    pub hook: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+    pub requests: u64,
+}
+
+impl HookCost {
+    pub fn ns_per_run(&self) -> f64 {
+        if self.runs == 0 {
+            0.0
+        } else {
+            self.run_time_ns as f64 / self.runs as f64
+        }
+    }
+
+    pub fn runs_per_request(&self) -> f64 {
+        self.runs as f64 / self.requests.max(1) as f64
+    }
+
+    pub fn ns_per_request(&self) -> f64 {
+        self.run_time_ns as f64 / self.requests.max(1) as f64
+    }
+}
+
+/// The control-plane figures come from `cargo xtask bench-control-plane`
+/// (another issue): read from its file if it exists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlPlane {
+    pub source: String,
+    pub figures: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub generated_at: String,
+    pub quick: bool,
+    pub machine: Machine,
+    pub setup: Setup,
+    pub skipped: Vec<Skipped>,
+    pub samples: Vec<Sample>,
+    pub summary: Vec<SummaryRow>,
+    pub targets: Vec<TargetCheck>,
+    pub hook_costs: Vec<HookCost>,
+    pub dns_interceptor: Option<DnsFigures>,
+    pub control_plane: ControlPlane,
+}
+
+/// The per-round values of one (workload, metric, contender).
+fn series(samples: &[Sample], w: Workload, m: Metric, c: Contender) -> Vec<(usize, f64)> {
+    samples
+        .iter()
+        .filter(|s| s.workload == w && s.contender == c)
+        .map(|s| (s.round, m.of(&s.measured)))
+        .collect()
+}
+
+/// Medians and spreads of every column for every contender, with the
+/// per-round ratios to `direct`.
+pub fn summarize(samples: &[Sample], contenders: &[Contender]) -> Vec<SummaryRow> {
+    let mut rows = Vec::new();
+    for (w, m, _) in COLUMNS {
+        let direct = series(samples, w, m, Contender::Direct);
+        for &c in contenders {
+            let values = series(samples, w, m, c);
+            let Some(value) = Spread::of(&values.iter().map(|v| v.1).collect::<Vec<_>>()) else {
+                continue;
+            };
+            let ratio = (c != Contender::Direct)
+                .then(|| Spread::of(&paired_ratios(&values, &direct)))
+                .flatten();
+            rows.push(SummaryRow {
+                workload: w,
+                metric: m,
+                contender: c,
+                value,
+                ratio,
+            });
+        }
+    }
+    rows
+}
+
+fn ratio_of(summary: &[SummaryRow], w: Workload, m: Metric, c: Contender) -> Option<f64> {
+    summary
+        .iter()
+        .find(|r| r.workload == w && r.metric == m && r.contender == c)?
+        .ratio
+        .map(|r| r.median)
+}
+
+/// Issue #8's targets for each headway contender that ran.
+pub fn check_targets(summary: &[SummaryRow], samples: &[Sample]) -> Vec<TargetCheck> {
+    let mut out = Vec::new();
+    for c in [Contender::HeadwayRandom, Contender::HeadwayObserve] {
+        let id = c.id();
+        let checks = [
+            (
+                Workload::Connect,
+                Metric::RequestsPerSec,
+                0.97,
+                "new-connection rate ≥ 0.97 × direct",
+            ),
+            (
+                Workload::KeepAlive,
+                Metric::RequestsPerSec,
+                0.99,
+                "keep-alive request rate ≥ 0.99 × direct",
+            ),
+            (
+                Workload::Latency,
+                Metric::P99Us,
+                1.05,
+                "p99, one persistent connection, ≤ 1.05 × direct",
+            ),
+            (
+                Workload::KeepAlive,
+                Metric::P99Us,
+                1.05,
+                "p99, persistent connections under load, ≤ 1.05 × direct",
+            ),
+        ];
+        for (w, m, threshold, name) in checks {
+            if let Some(ratio) = ratio_of(summary, w, m, c) {
+                out.push(TargetCheck::new(
+                    &format!("{id}: {name}"),
+                    ratio,
+                    threshold,
+                    m.better(),
+                ));
+            }
+        }
+        // Better than the iptables path: paired per round, headway over
+        // iptables, on new connections (where DNAT rules are walked).
+        let (w, m) = (Workload::Connect, Metric::RequestsPerSec);
+        let ours = series(samples, w, m, c);
+        let theirs = series(samples, w, m, Contender::Iptables);
+        if let Some(r) = Spread::of(&paired_ratios(&ours, &theirs)) {
+            out.push(TargetCheck::new(
+                &format!("{id}: new-connection rate > kube-proxy iptables (10k services)"),
+                r.median,
+                1.0,
+                Better::Higher,
+            ));
+        }
+    }
+    out
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// The main table: one row per contender, one column per figure; a cell
+/// is the median over rounds and, for all but `direct`, the median
+/// per-round ratio to `direct` with its range.
+pub fn results_table(results: &Results) -> String {
+    let mut out = String::from("| contender |");
+    for (_, _, header) in COLUMNS {
+        let _ = write!(out, " {header} |");
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(COLUMNS.len()));
+    out.push('\n');
+    for (c, label) in &results.setup.contenders {
+        let _ = write!(out, "| {label} |");
+        for (w, m, _) in COLUMNS {
+            let row = results
+                .summary
+                .iter()
+                .find(|r| r.workload == w && r.metric == m && r.contender == *c);
+            let cell = match row {
+                None => "–".to_owned(),
+                Some(r) => match r.ratio {
+                    None => format!(
+                        "{} [{}–{}]",
+                        m.show(r.value.median),
+                        m.show(r.value.min),
+                        m.show(r.value.max)
+                    ),
+                    Some(ratio) => format!(
+                        "{} **×{:.2}** [{:.2}–{:.2}]",
+                        m.show(r.value.median),
+                        ratio.median,
+                        ratio.min,
+                        ratio.max
+                    ),
+                },
+            };
+            let _ = write!(out, " {cell} |");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The whole Markdown report.
+pub fn markdown(results: &Results) -> String {
+    let mut out = String::new();
+    let m = &results.machine;
+    let s = &results.setup;
+    let _ = writeln!(
+        out,
+        "# headway benchmark{}\n",
+        if results.quick {
+            " (quick smoke run)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "Generated {} by `cargo xtask bench{}`. Machine: {} vCPU ({}), {} MiB, kernel {}. \
+         Load average before/after: {:.2} {:.2} {:.2} / {:.2} {:.2} {:.2} (1/5/15 min; \
+         the machine is shared, anything above ~0 is other tenants' work).\n",
+        results.generated_at,
+        if results.quick { " --quick" } else { "" },
+        m.cpus,
+        m.cpu_model,
+        m.memory_mib,
+        m.kernel,
+        m.load_before[0],
+        m.load_before[1],
+        m.load_before[2],
+        m.load_after[0],
+        m.load_after[1],
+        m.load_after[2],
+    );
+    let _ = writeln!(
+        out,
+        "{} rounds × {} s per run, contenders interleaved (order rotated each round), \
+         fresh namespaces every round; {} pods (nginx, 1 worker each); medians over rounds, \
+         **×ratio** = median of the per-round ratios to `direct` [min–max]. \
+         For latencies a ratio below 1 is better.\n",
+        s.rounds, s.seconds_per_run, s.pods
+    );
+    out.push_str(&results_table(results));
+
+    out.push_str("\n## Targets (issue #8)\n\n");
+    for t in &results.targets {
+        let _ = writeln!(
+            out,
+            "- {} {}: ×{:.3} vs {:.2} ({} by {:.1} points)",
+            if t.met { "✅" } else { "❌" },
+            t.name,
+            t.ratio,
+            t.threshold,
+            if t.met { "met" } else { "missed" },
+            t.margin_points.abs()
+        );
+    }
+
+    out.push_str("\n## Kernel cost per hook (BPF stats, separate runs)\n\n");
+    if results.hook_costs.is_empty() {
+        out.push_str("Not measured in this run.\n");
+    } else {
+        out.push_str(
+            "Measured in extra runs after the rounds, with BPF run-time statistics on \
+             (`BPF_ENABLE_STATS`, the same switch as `kernel.bpf_stats_enabled`; it adds its \
+             own ~20 ns per run, so these runs are not among the ratios above).\n\n\
+             | contender | workload | hook | runs per request | ns per run | ns per request |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        let mut totals: BTreeMap<(Contender, Workload), f64> = BTreeMap::new();
+        for h in &results.hook_costs {
+            *totals.entry((h.contender, h.workload)).or_default() += h.ns_per_request();
+            if h.runs == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.2} | {:.0} | {:.0} |",
+                h.contender.id(),
+                h.workload.id(),
+                h.hook,
+                h.runs_per_request(),
+                h.ns_per_run(),
+                h.ns_per_request()
+            );
+        }
+        for ((c, w), total) in totals {
+            let _ = writeln!(
+                out,
+                "| {} | {} | **all hooks** | | | **{total:.0}** |",
+                c.id(),
+                w.id()
+            );
+        }
+    }
+
+    out.push_str("\n## DNS interceptor (BPF_PROG_TEST_RUN, `cargo xtask bench-dns`)\n\n");
+    match &results.dns_interceptor {
+        None => out.push_str("Not measured in this run.\n"),
+        Some(d) => {
+            let _ = writeln!(
+                out,
+                "hw_dns_ingress, ns per packet (repeat method: mean of {} runs; learning path: \
+                 median of {} single runs, net of {:.1} ns harness cost).\n\n| case | ns |\n|---|---|",
+                d.repeat, d.samples, d.harness_ns
+            );
+            for (case, ns) in &d.repeat_ns {
+                let _ = writeln!(out, "| {case} | {ns:.1} |");
+            }
+            for (case, _raw, net) in &d.learning_ns {
+                let _ = writeln!(out, "| learning: {case} | {net:.1} |");
+            }
+        }
+    }
+
+    out.push_str("\n## Control plane\n\n");
+    match &results.control_plane.figures {
+        Some(v) => {
+            let _ = writeln!(
+                out,
+                "From `{}`:\n\n```json\n{}\n```",
+                results.control_plane.source,
+                serde_json::to_string_pretty(v).unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "Pending: `cargo xtask bench-control-plane` (not built yet) writes `{}`; \
+                 the next bench run includes it.",
+                results.control_plane.source
+            );
+        }
+    }
+
+    out.push_str("\n## Setup\n\n");
+    for (w, d) in &s.workloads {
+        let _ = writeln!(out, "- `{}`: {d}", w.id());
+    }
+    let _ = writeln!(
+        out,
+        "- iptables contender: kube-proxy's chain layout, {} other services \
+         (2 endpoints each) plus ours in the middle of KUBE-SERVICES; {} rules loaded.",
+        s.other_services,
+        s.iptables_rules
+            .map_or_else(|| "–".to_owned(), |n| thousands(n as f64))
+    );
+    let sysctls: Vec<String> = s.sysctls.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(
+        out,
+        "- every client, proxy and pod namespace: {}",
+        sysctls.join(", ")
+    );
+    let tools: Vec<String> = m.tools.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(out, "- versions: {}", tools.join("; "));
+    for sk in &results.skipped {
+        let _ = writeln!(
+            out,
+            "- not measured: {}: {}",
+            sk.contender.label(),
+            sk.reason
+        );
+    }
+    let errors: u64 = results
+        .samples
+        .iter()
+        .map(|s| s.measured.errors.total())
+        .sum();
+    let _ = writeln!(
+        out,
+        "- wrk errors over all {} runs: {errors}",
+        results.samples.len()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::workload::Errors;
+
+    fn sample(round: usize, w: Workload, c: Contender, rps: f64, p99: f64) -> Sample {
+        Sample {
+            round,
+            workload: w,
+            contender: c,
+            measured: Measured {
+                requests: rps as u64,
+                duration_us: 1_000_000,
+                bytes: rps as u64 * 100,
+                p50_us: p99 / 2.0,
+                p99_us: p99,
+                errors: Errors::default(),
+            },
+            decisions: None,
+        }
+    }
+
+    fn fixture() -> Vec<Sample> {
+        let mut s = Vec::new();
+        for (round, scale) in [(0, 1.0), (1, 0.5), (2, 1.0)] {
+            for w in Workload::ALL {
+                s.push(sample(round, w, Contender::Direct, 1000.0 * scale, 100.0));
+                s.push(sample(
+                    round,
+                    w,
+                    Contender::HeadwayRandom,
+                    980.0 * scale,
+                    104.0,
+                ));
+                s.push(sample(round, w, Contender::Iptables, 900.0 * scale, 120.0));
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn ratios_are_paired_per_round_so_a_slow_round_cancels_out() {
+        let contenders = [
+            Contender::Direct,
+            Contender::HeadwayRandom,
+            Contender::Iptables,
+        ];
+        let summary = summarize(&fixture(), &contenders);
+        let row = summary
+            .iter()
+            .find(|r| {
+                r.workload == Workload::Connect
+                    && r.metric == Metric::RequestsPerSec
+                    && r.contender == Contender::HeadwayRandom
+            })
+            .unwrap();
+        assert_eq!(row.value.median, 980.0);
+        assert_eq!((row.value.min, row.value.max), (490.0, 980.0));
+        let ratio = row.ratio.unwrap();
+        assert!((ratio.median - 0.98).abs() < 1e-9 && (ratio.max - ratio.min).abs() < 1e-9);
+        assert!(
+            summary
+                .iter()
+                .filter(|r| r.contender == Contender::Direct)
+                .all(|r| r.ratio.is_none())
+        );
+        // Every column for every contender.
+        assert_eq!(summary.len(), COLUMNS.len() * contenders.len());
+    }
+
+    #[test]
+    fn targets_say_met_and_missed_with_margins() {
+        let samples = fixture();
+        let contenders = [
+            Contender::Direct,
+            Contender::HeadwayRandom,
+            Contender::Iptables,
+        ];
+        let targets = check_targets(&summarize(&samples, &contenders), &samples);
+        let by_name = |part: &str| targets.iter().find(|t| t.name.contains(part)).unwrap();
+        assert!(by_name("new-connection rate ≥ 0.97").met);
+        assert!(!by_name("keep-alive request rate ≥ 0.99").met);
+        assert!((by_name("keep-alive request rate").margin_points + 1.0).abs() < 1e-6);
+        assert!(by_name("one persistent connection").met);
+        let vs_iptables = by_name("kube-proxy iptables");
+        assert!(vs_iptables.met && (vs_iptables.ratio - 980.0 / 900.0).abs() < 1e-9);
+        // No observe samples: no observe targets.
+        assert!(
+            targets
+                .iter()
+                .all(|t| !t.name.starts_with("headway-observe"))
+        );
+    }
+
+    #[test]
+    fn table_has_a_row_per_contender_and_a_cell_per_column() {
+        let samples = fixture();
+        let contenders = [
+            Contender::Direct,
+            Contender::HeadwayRandom,
+            Contender::Iptables,
+        ];
+        let summary = summarize(&samples, &contenders);
+        let results = Results {
+            generated_at: "now".into(),
+            quick: true,
+            machine: Machine::default(),
+            setup: Setup {
+                contenders: contenders.iter().map(|c| (*c, c.label().into())).collect(),
+                ..Setup::default()
+            },
+            skipped: vec![],
+            targets: check_targets(&summary, &samples),
+            summary,
+            samples,
+            hook_costs: vec![],
+            dns_interceptor: None,
+            control_plane: ControlPlane {
+                source: "bench/results/control-plane.json".into(),
+                figures: None,
+            },
+        };
+        let table = results_table(&results);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2 + contenders.len());
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.matches('|').count() == COLUMNS.len() + 2)
+        );
+        assert!(lines[2].starts_with("| direct") && lines[2].contains("1,000 [500–1,000]"));
+        assert!(lines[3].contains("980 **×0.98** [0.98–0.98]"));
+        let md = markdown(&results);
+        assert!(md.contains("Pending: `cargo xtask bench-control-plane`"));
+        // The JSON round-trips.
+        let json = serde_json::to_string(&results).unwrap();
+        let back: Results = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.summary.len(), results.summary.len());
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+    }
+}
