@@ -56,6 +56,9 @@ pub struct Bed {
     pub headway: Option<HeadwayRig>,
     _haproxy: Option<Child>,
     _nginx: Vec<Child>,
+    /// nginx of every pod, and HAProxy: their CPU time is read per run.
+    pods_cgroup: Cgroup,
+    lb_cgroup: Cgroup,
     _dns: Child,
     _resolvers: Vec<ResolvConf>,
     cgroups: BTreeMap<Contender, Cgroup>,
@@ -92,10 +95,12 @@ impl Bed {
             servers::apply_sysctls(ns)?;
         }
 
+        let pods_cgroup = Cgroup::new("bench-pods")?;
+        let lb_cgroup = Cgroup::new("bench-lb")?;
         let mut nginx = Vec::new();
         for pod in cluster.pods() {
             let pod_dir = dir.0.join(&pod.name);
-            nginx.push(servers::start_nginx(pod.ns(), &pod_dir, www)?);
+            nginx.push(servers::start_nginx(pod.ns(), &pods_cgroup, &pod_dir, www)?);
         }
 
         let zone_path = dir.0.join("zone.json");
@@ -129,18 +134,15 @@ impl Bed {
                     kube_proxy::apply(ns, &kube_proxy::rules(&pod_addrs, other_services))?;
                     facts.iptables_rules = Some(kube_proxy::count_rules(ns)?);
                 }
-                Contender::Ipvs => {
-                    let ns = cluster.client_ns(&c.client());
-                    if let Some(why) = kube_proxy::ipvs_unavailable(ns) {
-                        bail!("IPVS contender requested but unavailable: {why}");
-                    }
-                    bail!("the IPVS contender is not implemented yet");
-                }
+                // `available_contenders` never schedules it (see there).
+                Contender::Ipvs => bail!("the bench has no IPVS contender yet"),
                 Contender::Haproxy => {
                     let lb_dir = dir.0.join(LB);
                     fs::create_dir_all(&lb_dir)?;
                     let ns = cluster.client_ns(LB);
-                    haproxy = Some(servers::start_haproxy(ns, &lb_dir, LB_ADDR, &pod_addrs)?);
+                    haproxy = Some(servers::start_haproxy(
+                        ns, &lb_cgroup, &lb_dir, LB_ADDR, &pod_addrs,
+                    )?);
                 }
                 Contender::Direct => {}
             }
@@ -151,6 +153,8 @@ impl Bed {
             headway,
             _haproxy: haproxy,
             _nginx: nginx,
+            pods_cgroup,
+            lb_cgroup,
             _dns: dns,
             _resolvers: resolvers,
             cgroups,
@@ -169,6 +173,19 @@ impl Bed {
             None => self.cgroups.get(&c).context("contender not set up")?,
         };
         Ok((ns, cgroup))
+    }
+
+    /// CPU time (µs) used so far by contender `c`'s client, the pods and
+    /// the proxy: the whole path of a request except the switch. Read
+    /// around a run, it says what the run cost whatever else the machine
+    /// was doing (cgroup v2 `cpu.stat`, kept without any controller).
+    pub fn cpu_usage_us(&self, c: Contender) -> anyhow::Result<u64> {
+        let (_, client) = self.client(c)?;
+        let mut total = 0;
+        for cgroup in [client, &self.pods_cgroup, &self.lb_cgroup] {
+            total += usage_us(cgroup)?;
+        }
+        Ok(total)
     }
 
     /// Where contender `c`'s client sends its load.
@@ -193,6 +210,15 @@ impl Bed {
             },
         }
     }
+}
+
+fn usage_us(cgroup: &Cgroup) -> anyhow::Result<u64> {
+    let path = cgroup.path().join("cpu.stat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no usage_usec in {}", path.display()))
 }
 
 /// What CoreDNS serves for the headless service: the service-wide name

@@ -68,6 +68,13 @@ pub struct Options {
     /// Skip the BPF_PROG_TEST_RUN benchmark of the DNS interceptor.
     #[arg(long)]
     pub no_dns: bool,
+    /// Only these workloads (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<Workload>,
+    /// Only these contenders (comma-separated; default: all); `direct`,
+    /// the baseline of every ratio, always runs.
+    #[arg(long, value_delimiter = ',')]
+    pub contenders: Vec<Contender>,
 }
 
 impl Options {
@@ -77,6 +84,17 @@ impl Options {
 
     fn seconds(&self) -> u64 {
         self.seconds.unwrap_or(if self.quick { 1 } else { 5 })
+    }
+
+    fn workloads(&self) -> Vec<Workload> {
+        Workload::ALL
+            .into_iter()
+            .filter(|w| self.workloads.is_empty() || self.workloads.contains(w))
+            .collect()
+    }
+
+    fn wants(&self, c: Contender) -> bool {
+        c == Contender::Direct || self.contenders.is_empty() || self.contenders.contains(&c)
     }
 }
 
@@ -154,10 +172,11 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
     }
     let duration = Duration::from_secs(seconds);
     let load_before = load_average()?;
-    let (contenders, skipped) = available_contenders()?;
+    let (contenders, skipped) = available_contenders(opts)?;
+    let workloads = opts.workloads();
     eprintln!(
         "bench: {rounds} rounds × {} workloads × {} contenders × {seconds} s",
-        Workload::ALL.len(),
+        workloads.len(),
         contenders.len()
     );
 
@@ -176,12 +195,12 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
         let mut bed = Bed::build(&contenders, opts.pods, opts.other_services, &www)?;
         iptables_rules = bed.facts.iptables_rules.or(iptables_rules);
         warm_up(&mut bed, &script, &contenders)?;
-        for w in Workload::ALL {
+        for &w in &workloads {
             for c in contenders::order(&contenders, round) {
                 let sample = run_one(&mut bed, &script, round, w, c, duration)?;
                 let m = &sample.measured;
                 eprintln!(
-                    "bench: round {} {:<10} {:<16} {:>10.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs {:>6.2} Gbit/s errors {}",
+                    "bench: round {} {:<10} {:<16} {:>10.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs {:>6.2} Gbit/s cpu {:>5.2} s errors {}",
                     round + 1,
                     w.id(),
                     c.id(),
@@ -189,13 +208,14 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
                     m.p50_us,
                     m.p99_us,
                     m.bytes_per_sec() * 8.0 / 1e9,
+                    sample.cpu_us as f64 / 1e6,
                     m.errors.total()
                 );
                 samples.push(sample);
             }
         }
         if round + 1 == rounds && bed.headway.is_some() {
-            hook_costs = measure_hook_costs(&mut bed, &script, &contenders, duration)?;
+            hook_costs = measure_hook_costs(&mut bed, &script, &contenders, &workloads, duration)?;
         }
         if let Some(rig) = bed.headway.take() {
             rig.stop()?;
@@ -235,7 +255,7 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
                 .iter()
                 .map(|(k, v)| (k.replace('/', "."), (*v).to_owned()))
                 .collect(),
-            workloads: Workload::ALL
+            workloads: workloads
                 .iter()
                 .map(|w| (*w, w.describe(opts.pods)))
                 .collect(),
@@ -252,11 +272,11 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
 }
 
 /// Every contender that can run on this machine, and why the others not.
-fn available_contenders() -> anyhow::Result<(Vec<Contender>, Vec<Skipped>)> {
+fn available_contenders(opts: &Options) -> anyhow::Result<(Vec<Contender>, Vec<Skipped>)> {
     let probe = NetNs::new(&format!("hw{}-probe", unique_suffix()))?;
     let mut run = Vec::new();
     let mut skipped = Vec::new();
-    for c in Contender::ALL {
+    for c in Contender::ALL.into_iter().filter(|c| opts.wants(*c)) {
         if c == Contender::Ipvs {
             let reason = kube_proxy::ipvs_unavailable(&probe).unwrap_or_else(|| {
                 "IPVS is available here, but the bench has no IPVS contender yet".into()
@@ -291,8 +311,10 @@ fn run_one(
     };
     let target = bed.target(c);
     let (ns, cgroup) = bed.client(c)?;
+    let cpu_before = bed.cpu_usage_us(c)?;
     let measured = run_wrk(ns, cgroup, script, w, bed.pods.len(), &target, duration)
         .with_context(|| format!("{} / {}", w.id(), c.id()))?;
+    let cpu_us = bed.cpu_usage_us(c)? - cpu_before;
     if measured.requests == 0 {
         bail!("{} / {}: no request completed", w.id(), c.id());
     }
@@ -305,6 +327,7 @@ fn run_one(
         workload: w,
         contender: c,
         measured,
+        cpu_us,
         decisions,
     })
 }
@@ -334,13 +357,14 @@ fn measure_hook_costs(
     bed: &mut Bed,
     script: &Path,
     contenders: &[Contender],
+    workloads: &[Workload],
     duration: Duration,
 ) -> anyhow::Result<Vec<HookCost>> {
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("BPF_ENABLE_STATS (run-time statistics)")?;
     let mut costs = Vec::new();
     for &c in contenders.iter().filter(|c| c.headway_policy().is_some()) {
-        for w in Workload::ALL {
+        for &w in workloads {
             let rig = bed.headway.as_mut().context("no headway agent")?;
             rig.set_policy(c.headway_policy().unwrap_or_default())?;
             let before = rig.counters()?;
@@ -491,6 +515,8 @@ mod tests {
             other_services: 1_000,
             out: out.clone(),
             no_dns: true,
+            workloads: vec![],
+            contenders: vec![],
         };
         let results = measure(&opts).expect("the bench runs");
 
@@ -509,6 +535,7 @@ mod tests {
                 assert_eq!(s.len(), 1, "{c:?} {w:?}");
                 let m = &s[0].measured;
                 assert!(m.requests > 0, "{c:?} {w:?}: {m:?}");
+                assert!(s[0].cpu_us > 0, "{c:?} {w:?}: no CPU time read");
                 // wrk's own counters: a broken path shows up as errors.
                 assert!(
                     m.errors.connect + m.errors.status == 0,

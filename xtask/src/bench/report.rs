@@ -53,6 +53,9 @@ pub struct Sample {
     pub workload: Workload,
     pub contender: Contender,
     pub measured: Measured,
+    /// CPU time of the client, the pods and the proxy during the run (µs).
+    #[serde(default)]
+    pub cpu_us: u64,
     /// headway only: the service's connect decisions during the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decisions: Option<BTreeMap<String, u64>>,
@@ -66,36 +69,47 @@ pub enum Metric {
     P50Us,
     P99Us,
     BytesPerSec,
+    /// Requests per second of CPU time the client, pods and proxy used:
+    /// what a request costs, whatever else ran on the machine meanwhile.
+    RequestsPerCpuSec,
+    BytesPerCpuSec,
 }
 
 impl Metric {
-    fn of(self, m: &Measured) -> f64 {
+    fn of(self, s: &Sample) -> f64 {
+        let m = &s.measured;
+        let cpu_s = s.cpu_us.max(1) as f64 / 1e6;
         match self {
             Metric::RequestsPerSec => m.requests_per_sec(),
             Metric::P50Us => m.p50_us,
             Metric::P99Us => m.p99_us,
             Metric::BytesPerSec => m.bytes_per_sec(),
+            Metric::RequestsPerCpuSec => m.requests as f64 / cpu_s,
+            Metric::BytesPerCpuSec => m.bytes as f64 / cpu_s,
         }
     }
 
     pub fn better(self) -> Better {
         match self {
-            Metric::RequestsPerSec | Metric::BytesPerSec => Better::Higher,
             Metric::P50Us | Metric::P99Us => Better::Lower,
+            _ => Better::Higher,
         }
     }
 
     fn show(self, value: f64) -> String {
         match self {
-            Metric::RequestsPerSec => thousands(value),
+            Metric::RequestsPerSec | Metric::RequestsPerCpuSec => thousands(value),
             Metric::P50Us | Metric::P99Us => format!("{value:.0} µs"),
             Metric::BytesPerSec => format!("{:.2} Gbit/s", value * 8.0 / 1e9),
+            Metric::BytesPerCpuSec => format!("{:.2} GB", value / 1e9),
         }
     }
 }
 
-/// The columns of the report, in order: (workload, metric, header).
-pub const COLUMNS: [(Workload, Metric, &str); 7] = [
+/// The columns of the report, in order: (workload, metric, header). The
+/// first [`WALL_CLOCK_COLUMNS`] are wall-clock figures, the rest per
+/// CPU-second.
+pub const COLUMNS: [(Workload, Metric, &str); 10] = [
     (Workload::Connect, Metric::RequestsPerSec, "new conn/s"),
     (
         Workload::KeepAlive,
@@ -107,7 +121,19 @@ pub const COLUMNS: [(Workload, Metric, &str); 7] = [
     (Workload::Latency, Metric::P50Us, "1-conn p50"),
     (Workload::Latency, Metric::P99Us, "1-conn p99"),
     (Workload::Bulk, Metric::BytesPerSec, "bulk, 1 conn"),
+    (
+        Workload::Connect,
+        Metric::RequestsPerCpuSec,
+        "new conn per CPU-s",
+    ),
+    (
+        Workload::KeepAlive,
+        Metric::RequestsPerCpuSec,
+        "keep-alive req per CPU-s",
+    ),
+    (Workload::Bulk, Metric::BytesPerCpuSec, "bulk per CPU-s"),
 ];
+pub const WALL_CLOCK_COLUMNS: usize = 7;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SummaryRow {
@@ -176,7 +202,7 @@ fn series(samples: &[Sample], w: Workload, m: Metric, c: Contender) -> Vec<(usiz
     samples
         .iter()
         .filter(|s| s.workload == w && s.contender == c)
-        .map(|s| (s.round, m.of(&s.measured)))
+        .map(|s| (s.round, m.of(s)))
         .collect()
 }
 
@@ -244,6 +270,18 @@ pub fn check_targets(summary: &[SummaryRow], samples: &[Sample]) -> Vec<TargetCh
                 1.05,
                 "p99, persistent connections under load, ≤ 1.05 × direct",
             ),
+            (
+                Workload::Connect,
+                Metric::RequestsPerCpuSec,
+                0.97,
+                "new connections per CPU-second ≥ 0.97 × direct",
+            ),
+            (
+                Workload::KeepAlive,
+                Metric::RequestsPerCpuSec,
+                0.99,
+                "keep-alive requests per CPU-second ≥ 0.99 × direct",
+            ),
         ];
         for (w, m, threshold, name) in checks {
             if let Some(ratio) = ratio_of(summary, w, m, c) {
@@ -289,16 +327,25 @@ fn thousands(v: f64) -> String {
 /// is the median over rounds and, for all but `direct`, the median
 /// per-round ratio to `direct` with its range.
 pub fn results_table(results: &Results) -> String {
+    table(results, &COLUMNS[..WALL_CLOCK_COLUMNS])
+}
+
+/// The same per CPU-second of the bench's own processes.
+pub fn cpu_table(results: &Results) -> String {
+    table(results, &COLUMNS[WALL_CLOCK_COLUMNS..])
+}
+
+fn table(results: &Results, columns: &[(Workload, Metric, &str)]) -> String {
     let mut out = String::from("| contender |");
-    for (_, _, header) in COLUMNS {
+    for (_, _, header) in columns {
         let _ = write!(out, " {header} |");
     }
     out.push_str("\n|---|");
-    out.push_str(&"---|".repeat(COLUMNS.len()));
+    out.push_str(&"---|".repeat(columns.len()));
     out.push('\n');
     for (c, label) in &results.setup.contenders {
         let _ = write!(out, "| {label} |");
-        for (w, m, _) in COLUMNS {
+        for &(w, m, _) in columns {
             let row = results
                 .summary
                 .iter()
@@ -369,6 +416,14 @@ pub fn markdown(results: &Results) -> String {
         s.rounds, s.seconds_per_run, s.pods
     );
     out.push_str(&results_table(results));
+    out.push_str(
+        "\nPer CPU-second: requests (or bytes) divided by the CPU time the client, the pods \
+         and the proxy used during the run (cgroup v2 `cpu.stat`), so other tenants' load \
+         on the machine does not count against whoever ran while it peaked. Packet \
+         processing that runs in softirq context outside these processes, and the headway \
+         agent (control plane), are not included.\n\n",
+    );
+    out.push_str(&cpu_table(results));
 
     out.push_str("\n## Targets (issue #8)\n\n");
     for t in &results.targets {
@@ -520,6 +575,7 @@ mod tests {
                 p99_us: p99,
                 errors: Errors::default(),
             },
+            cpu_us: 2_000_000,
             decisions: None,
         }
     }
@@ -630,7 +686,13 @@ mod tests {
         assert!(
             lines
                 .iter()
-                .all(|l| l.matches('|').count() == COLUMNS.len() + 2)
+                .all(|l| l.matches('|').count() == WALL_CLOCK_COLUMNS + 2)
+        );
+        // 1,000 requests in 2 CPU-seconds.
+        assert!(
+            cpu_table(&results).contains("| direct (pod IPs, no programs) | 500 [250–500] |"),
+            "{}",
+            cpu_table(&results)
         );
         assert!(lines[2].starts_with("| direct") && lines[2].contains("1,000 [500–1,000]"));
         assert!(lines[3].contains("980 **×0.98** [0.98–0.98]"));

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use headway_testbed::{Child, NetNs};
+use headway_testbed::{Cgroup, Child, NetNs};
 
 use super::workload::{BULK_BYTES, BULK_PATH, HTTP_PORT};
 
@@ -55,14 +55,15 @@ pub fn make_www(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts nginx in `ns` with its files under `dir`, serving `www`.
-pub fn start_nginx(ns: &NetNs, dir: &Path, www: &Path) -> anyhow::Result<Child> {
+/// Starts nginx in `ns` and `cgroup` (whose CPU time the bench reads)
+/// with its files under `dir`, serving `www`.
+pub fn start_nginx(ns: &NetNs, cgroup: &Cgroup, dir: &Path, www: &Path) -> anyhow::Result<Child> {
     fs::create_dir_all(dir.join("body"))?;
     let conf = dir.join("nginx.conf");
     fs::write(&conf, nginx_conf(dir, www))?;
     let mut cmd = Command::new("nginx");
     cmd.arg("-c").arg(&conf).args(["-g", "daemon off;"]);
-    let mut child = ns.spawn(None, &cmd)?;
+    let mut child = ns.spawn(Some(cgroup), &cmd)?;
     wait_listening(ns, HTTP_PORT, &mut child)?;
     Ok(child)
 }
@@ -84,6 +85,7 @@ fn haproxy_conf(listen: Ipv4Addr, pods: &[Ipv4Addr]) -> String {
 
 pub fn start_haproxy(
     ns: &NetNs,
+    cgroup: &Cgroup,
     dir: &Path,
     listen: Ipv4Addr,
     pods: &[Ipv4Addr],
@@ -92,7 +94,7 @@ pub fn start_haproxy(
     fs::write(&conf, haproxy_conf(listen, pods))?;
     let mut cmd = Command::new("haproxy");
     cmd.arg("-db").arg("-f").arg(&conf);
-    let mut child = ns.spawn(None, &cmd)?;
+    let mut child = ns.spawn(Some(cgroup), &cmd)?;
     wait_listening(ns, HTTP_PORT, &mut child)?;
     Ok(child)
 }

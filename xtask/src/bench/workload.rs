@@ -14,7 +14,9 @@ pub const HTTP_PORT: u16 = 80;
 pub const BULK_BYTES: u64 = 64 << 20;
 pub const BULK_PATH: &str = "/bulk/64m";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
     /// New connections: connect, one small request/response, close.
