@@ -65,7 +65,7 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     // Room above the bars for the legend; a wild outlier is cut off.
     let top = top.min(6.0);
 
-    let root = BitMapBackend::new(path, (1400, 700)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1700, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let title = format!(
         "Ratio to direct (median over {} rounds, whisker = range){}",
@@ -95,7 +95,8 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
                     Better::Higher => "↑",
                     Better::Lower => "↓",
                 };
-                format!("          {header} {hint}")
+                let short = header.replace(" per CPU-s", "/CPU-s");
+                format!("    {short} {hint}")
             })
         })
         .x_label_style(("sans-serif", 15))

@@ -68,6 +68,10 @@ pub struct Options {
     /// Skip the BPF_PROG_TEST_RUN benchmark of the DNS interceptor.
     #[arg(long)]
     pub no_dns: bool,
+    /// Measure nothing: re-render latest.md and latest.png in --out from
+    /// a results JSON written earlier (no root needed).
+    #[arg(long, value_name = "JSON")]
+    pub render: Option<PathBuf>,
     /// Only these workloads (comma-separated; default: all).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<Workload>,
@@ -109,6 +113,16 @@ const TOOLS: [(&str, &str); 6] = [
 ];
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let out = workspace_root().join(&opts.out);
+    if let Some(json) = &opts.render {
+        let text =
+            fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bench results file", json.display()))?;
+        write_results(&results, &out)?;
+        println!("{}", report::results_table(&results));
+        return Ok(());
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the bench creates network namespaces, loads eBPF programs and iptables rules \
@@ -123,7 +137,6 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             .args(["build", "--bins"]),
     )?;
     let results = measure(opts)?;
-    let out = workspace_root().join(&opts.out);
     write_results(&results, &out)?;
     println!("\n{}", report::results_table(&results));
     for t in &results.targets {
@@ -515,6 +528,7 @@ mod tests {
             other_services: 1_000,
             out: out.clone(),
             no_dns: true,
+            render: None,
             workloads: vec![],
             contenders: vec![],
         };
