@@ -55,19 +55,10 @@ pub fn manifest(policy: &str, pods: &[Ipv4Addr]) -> String {
     out
 }
 
-/// One hook's run statistics as `headway status --json` reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookRuns {
-    pub run_count: u64,
-    pub run_time_ns: u64,
-}
-
-/// What the datapath counted: decisions of the service by reason, and
-/// the run statistics of every hook (non-zero only while BPF stats are on).
+/// What the datapath decided about the service's connects, by reason.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
     pub decisions: BTreeMap<String, u64>,
-    pub hooks: BTreeMap<String, HookRuns>,
 }
 
 impl Counters {
@@ -82,22 +73,7 @@ impl Counters {
                     .collect()
             })
             .unwrap_or_default();
-        let hooks = status["programs"]
-            .as_array()
-            .map(|p| {
-                p.iter()
-                    .filter(|p| p["attached"] == true)
-                    .filter_map(|p| {
-                        let runs = HookRuns {
-                            run_count: p["run_count"].as_u64()?,
-                            run_time_ns: p["run_time_ns"].as_u64()?,
-                        };
-                        Some((p["name"].as_str()?.to_owned(), runs))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Counters { decisions, hooks }
+        Counters { decisions }
     }
 
     /// What changed between `before` and `self` (counters only grow).
@@ -105,22 +81,13 @@ impl Counters {
         let decisions = self
             .decisions
             .iter()
-            .map(|(k, v)| (k.clone(), v - before.decisions.get(k).copied().unwrap_or(0)))
+            .map(|(k, v)| {
+                let b = before.decisions.get(k).copied().unwrap_or(0);
+                (k.clone(), v.saturating_sub(b))
+            })
             .filter(|(_, v)| *v > 0)
             .collect();
-        let hooks = self
-            .hooks
-            .iter()
-            .map(|(k, v)| {
-                let b = before.hooks.get(k).copied().unwrap_or_default();
-                let runs = HookRuns {
-                    run_count: v.run_count - b.run_count,
-                    run_time_ns: v.run_time_ns - b.run_time_ns,
-                };
-                (k.clone(), runs)
-            })
-            .collect();
-        Counters { decisions, hooks }
+        Counters { decisions }
     }
 }
 
@@ -188,6 +155,12 @@ impl HeadwayRig {
         Ok(Counters::from_status(&status_json(&self.bpffs)?))
     }
 
+    /// (runs, run time in ns) per hook, from the pinned programs.
+    pub fn program_stats(&mut self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        self.agent.check_running()?;
+        crate::bpf_stats::program_stats(&self.bpffs)
+    }
+
     pub fn stop(self) -> anyhow::Result<()> {
         self.agent.stop()
     }
@@ -220,25 +193,17 @@ mod tests {
 
     #[test]
     fn counters_subtract_and_drop_unchanged_decisions() {
-        let status = |steered: u64, runs: u64| {
+        let status = |steered: u64| {
             serde_json::json!({
-                "programs": [{"name": "hw_connect4", "attached": true, "run_count": runs, "run_time_ns": runs * 50}],
                 "services": [{"name": "web", "counters": {"decisions": {"steered_balanced": steered, "kept_observe": 3}}}],
             })
         };
-        let before = Counters::from_status(&status(10, 100));
-        let after = Counters::from_status(&status(25, 160));
+        let before = Counters::from_status(&status(10));
+        let after = Counters::from_status(&status(25));
         let delta = after.since(&before);
         assert_eq!(
             delta.decisions,
             BTreeMap::from([("steered_balanced".into(), 15)])
-        );
-        assert_eq!(
-            delta.hooks["hw_connect4"],
-            HookRuns {
-                run_count: 60,
-                run_time_ns: 3000
-            }
         );
     }
 }

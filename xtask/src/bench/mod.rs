@@ -41,8 +41,8 @@ use self::{
     workload::{Workload, run_wrk},
 };
 use crate::{
-    bench_dns, build_ebpf,
-    util::{self, cargo, workspace_root},
+    bench_dns, bpf_stats,
+    util::{self, workspace_root},
 };
 
 #[derive(clap::Args, Debug, Clone)]
@@ -123,19 +123,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         println!("{}", report::results_table(&results));
         return Ok(());
     }
-    if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "the bench creates network namespaces, loads eBPF programs and iptables rules \
-             (inside its namespaces): run it as root"
-        );
-    }
     check_tools()?;
-    build_ebpf::run(&build_ebpf::Options { release: true })?;
-    util::run(
-        cargo()
-            .current_dir(workspace_root())
-            .args(["build", "--bins"]),
-    )?;
+    util::prepare_root_task("the bench")?;
     let results = measure(opts)?;
     write_results(&results, &out)?;
     println!("\n{}", report::results_table(&results));
@@ -362,10 +351,10 @@ fn warm_up(bed: &mut Bed, script: &Path, contenders: &[Contender]) -> anyhow::Re
     Ok(())
 }
 
-/// Extra headway runs with BPF run-time statistics on: the cost of every
-/// hook per request. Stats are on only while the returned fd of
-/// BPF_ENABLE_STATS is held (the kernel counts holders, so this neither
-/// clobbers nor is clobbered by someone else's `bpf_stats_enabled`).
+/// Extra headway runs with BPF run-time statistics on
+/// (`kernel.bpf_stats_enabled=1`, restored afterwards): the cost of every
+/// hook per request. Separate from the measured rounds because the
+/// statistics add their own clock reads to every program run.
 fn measure_hook_costs(
     bed: &mut Bed,
     script: &Path,
@@ -373,32 +362,31 @@ fn measure_hook_costs(
     workloads: &[Workload],
     duration: Duration,
 ) -> anyhow::Result<Vec<HookCost>> {
-    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("BPF_ENABLE_STATS (run-time statistics)")?;
+    let _stats = bpf_stats::BpfStats::enable()?;
     let mut costs = Vec::new();
     for &c in contenders.iter().filter(|c| c.headway_policy().is_some()) {
         for &w in workloads {
             let rig = bed.headway.as_mut().context("no headway agent")?;
             rig.set_policy(c.headway_policy().unwrap_or_default())?;
-            let before = rig.counters()?;
+            let before = rig.program_stats()?;
             let target = bed.target(c);
             let (ns, cgroup) = bed.client(c)?;
             let measured = run_wrk(ns, cgroup, script, w, bed.pods.len(), &target, duration)?;
             let rig = bed.headway.as_mut().context("no headway agent")?;
-            let delta = rig.counters()?.since(&before);
-            for (hook, runs) in delta.hooks {
+            let after = rig.program_stats()?;
+            for (hook, (count, time)) in after {
+                let (c0, t0) = before.get(&hook).copied().unwrap_or_default();
                 costs.push(HookCost {
                     contender: c,
                     workload: w,
                     hook,
-                    runs: runs.run_count,
-                    run_time_ns: runs.run_time_ns,
+                    runs: count.saturating_sub(c0),
+                    run_time_ns: time.saturating_sub(t0),
                     requests: measured.requests,
                 });
             }
         }
     }
-    drop(stats);
     Ok(costs)
 }
 

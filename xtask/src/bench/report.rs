@@ -444,9 +444,9 @@ pub fn markdown(results: &Results) -> String {
         out.push_str("Not measured in this run.\n");
     } else {
         out.push_str(
-            "Measured in extra runs after the rounds, with BPF run-time statistics on \
-             (`BPF_ENABLE_STATS`, the same switch as `kernel.bpf_stats_enabled`; it adds its \
-             own ~20 ns per run, so these runs are not among the ratios above).\n\n\
+            "Measured in extra runs after the rounds, with `kernel.bpf_stats_enabled=1` \
+             (restored afterwards; it adds two clock reads to every program run, so these \
+             runs are not among the ratios above). For `bulk` a request is 64 MiB.\n\n\
              | contender | workload | hook | runs per request | ns per run | ns per request |\n\
              |---|---|---|---|---|---|\n",
         );
