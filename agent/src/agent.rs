@@ -2,6 +2,7 @@
 //! to what the source says, until SIGTERM/SIGINT. Stopping leaves the
 //! datapath pinned and working.
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, atomic::AtomicBool},
@@ -11,20 +12,23 @@ use std::{
 use anyhow::Context;
 use headway_common::{Config, config_flags};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::Datapath,
     http::{self, HttpState},
     log_once::SyncLogs,
-    map_plan::{self, Ids, PlanSettings},
-    map_writer::MapWriter,
-    metrics::AgentMetrics,
-    model::{self, Policy},
+    map_plan::PlanSettings,
+    map_writer::{WriteError, Written},
+    metrics::{AgentMetrics, MapLabels, ResourceLabels},
+    model::{self, DesiredState, Policy},
     netns,
+    pinned::MapSizes,
+    reconcile::Reconciler,
     source::{
-        Objects,
         dir::{self, DirWatcher},
+        kube::{self, KubeSource},
+        store::{Affected, ClusterStore},
     },
 };
 
@@ -36,6 +40,8 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 pub enum SourceSpec {
     /// Plain manifests in a directory, followed for changes.
     Dir(PathBuf),
+    /// The Kubernetes API (watch).
+    Kube,
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -44,9 +50,7 @@ impl std::str::FromStr for SourceSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(SourceSpec::Dir(PathBuf::from(path))),
-            _ if s == "kube" => {
-                Err("the `kube` source is not available in this build yet; use `dir:PATH`".into())
-            }
+            _ if s == "kube" => Ok(SourceSpec::Kube),
             _ => Err(format!(
                 "unknown source {s:?}: expected `kube` or `dir:PATH`"
             )),
@@ -57,6 +61,11 @@ impl std::str::FromStr for SourceSpec {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub source: SourceSpec,
+    /// For the kube source: this kubeconfig instead of kube's inference.
+    pub kubeconfig: Option<PathBuf>,
+    /// This agent's node (for `prefer-node`; its Node object's zone label
+    /// serves `prefer-zone`).
+    pub node_name: Option<String>,
     pub cgroup_path: PathBuf,
     pub bpffs: PathBuf,
     pub default_policy: Policy,
@@ -67,11 +76,10 @@ pub struct AgentConfig {
     pub steer_host_netns: bool,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub metrics_addr: SocketAddr,
-    /// This agent's node (for `prefer-node`; its Node object's zone label
-    /// serves `prefer-zone`).
-    pub node_name: Option<String>,
     /// How long `/metrics` keeps the series of deleted pods and services.
     pub metrics_grace: std::time::Duration,
+    /// Sizes of the maps that grow with the cluster.
+    pub map_sizes: MapSizes,
 }
 
 /// Runs until a termination signal arrives.
@@ -94,15 +102,39 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     });
 
-    let mut datapath = Datapath::start(&cfg.bpffs, &cfg.cgroup_path)?;
+    // A bad kubeconfig is a configuration error: fail before attaching.
+    let client = match &cfg.source {
+        SourceSpec::Kube => Some(kube::client(cfg.kubeconfig.as_deref()).await?),
+        SourceSpec::Dir(_) => None,
+    };
+    let zone = match (&client, &cfg.node_name) {
+        (Some(client), Some(node)) => match kube::node_zone(client, node).await {
+            Ok(zone) => zone,
+            Err(e) => {
+                warn!(node, error = %e, "cannot read this node's zone; prefer-zone acts as none");
+                None
+            }
+        },
+        _ => None,
+    };
+
+    let mut datapath = Datapath::start_with_sizes(&cfg.bpffs, &cfg.cgroup_path, &cfg.map_sizes)?;
     for (program, how) in &datapath.attachments {
         info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
     }
-    let mut syncer = Syncer::new(datapath.take_maps()?, &cfg, http_state.clone())?;
+    let settings = PlanSettings {
+        default_policy: cfg.default_policy,
+        cluster_domain: cfg.cluster_domain.clone(),
+        node_name: cfg.node_name.clone(),
+        zone,
+    };
+    let reconciler = Reconciler::new(datapath.take_maps()?, settings, cfg.namespaces.clone())
+        .context("cannot read the pinned maps")?;
+    let mut syncer = Syncer::new(reconciler, http_state.clone());
     let host_netns_cookie =
         netns::current_netns_cookie().context("cannot read this network namespace's cookie")?;
     syncer
-        .writer
+        .reconciler
         .write_config(Config {
             host_netns_cookie,
             flags: if cfg.steer_host_netns {
@@ -114,14 +146,34 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         })
         .context("cannot write the datapath settings")?;
 
-    let SourceSpec::Dir(dir) = &cfg.source;
+    let stop = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    match (&cfg.source, client) {
+        (SourceSpec::Dir(dir), _) => run_dir(dir, &mut syncer, &cfg, stop).await?,
+        (SourceSpec::Kube, Some(client)) => run_kube(client, &mut syncer, &cfg, stop).await,
+        (SourceSpec::Kube, None) => unreachable!("the kube source always has a client"),
+    }
+    info!("stopping; programs stay attached and maps stay pinned");
+    Ok(())
+}
+
+async fn run_dir(
+    dir: &Path,
+    syncer: &mut Syncer,
+    cfg: &AgentConfig,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     // Watch before the first read, so no change between the two is missed.
     let (_watcher, mut changes) =
         DirWatcher::new(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
     syncer.sync_dir(dir);
-    http_state.mark_synced();
+    syncer.http.mark_synced();
     info!(source = %dir.display(), metrics = %cfg.metrics_addr, "agent running");
-
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
@@ -131,50 +183,79 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 while changes.try_recv().is_ok() {}
                 syncer.sync_dir(dir);
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = &mut stop => return Ok(()),
         }
     }
-    info!("stopping; programs stay attached and maps stay pinned");
-    Ok(())
 }
 
-/// Turns source snapshots into map writes.
+/// Follows the API: nothing is written until every watcher has listed
+/// (a restarted agent keeps the previous maps meanwhile, so the datapath
+/// never sees a partial or empty state); then one full sync writes what
+/// differs, and every later batch of events updates only the services it
+/// affects.
+async fn run_kube(
+    client: ::kube::Client,
+    syncer: &mut Syncer,
+    cfg: &AgentConfig,
+    stop: impl Future<Output = ()>,
+) {
+    let mut source = KubeSource::start(client, &cfg.namespaces);
+    let mut synced = false;
+    tokio::pin!(stop);
+    loop {
+        let batch = tokio::select! {
+            batch = source.next_batch() => batch,
+            _ = &mut stop => return,
+        };
+        let metrics = &syncer.http.metrics;
+        // Each error restarts the watch (after kube's backoff).
+        for (resource, _) in &batch.errors {
+            metrics.watch_restarted(resource.as_str());
+        }
+        for resource in &batch.relists {
+            let labels = ResourceLabels {
+                resource: resource.as_str().to_string(),
+            };
+            metrics.relists.get_or_create(&labels).inc();
+        }
+        for w in source.store_mut().take_warnings() {
+            warn!(object = %w.object, "{}", w.message);
+        }
+        if synced {
+            syncer.update_services(&batch.affected, source.store());
+        } else if source.ready() {
+            let (desired, warnings) = source.store().desired_state();
+            for w in &warnings {
+                warn!(object = %w.object, "{}", w.message);
+            }
+            syncer.full_sync(&desired);
+            syncer.http.mark_synced();
+            synced = true;
+            info!(services = desired.services.len(), metrics = %cfg.metrics_addr, "stores synced; agent running");
+        }
+    }
+}
+
+/// Turns source changes into map writes, with logs and metrics.
 struct Syncer {
-    writer: MapWriter,
-    ids: Ids,
-    settings: PlanSettings,
-    namespaces: Vec<String>,
+    reconciler: Reconciler,
     /// What each manifest file last parsed to without error, so a file
     /// broken by an edit keeps contributing its previous objects.
     last_good: dir::FileObjects,
     http: Arc<HttpState>,
-    /// Problems already reported, so each is logged once per change.
+    /// Problems of the dir source already reported, so each is logged
+    /// once per change.
     logs: SyncLogs,
 }
 
 impl Syncer {
-    fn new(
-        maps: crate::pinned::Maps,
-        cfg: &AgentConfig,
-        http: Arc<HttpState>,
-    ) -> anyhow::Result<Syncer> {
-        let writer = MapWriter::new(maps).context("cannot read the pinned maps")?;
-        let ids = Ids::from_contents(writer.current());
-        Ok(Syncer {
-            writer,
-            ids,
-            settings: PlanSettings {
-                default_policy: cfg.default_policy,
-                cluster_domain: cfg.cluster_domain.clone(),
-                node_name: cfg.node_name.clone(),
-                zone: None,
-            },
-            namespaces: cfg.namespaces.clone(),
+    fn new(reconciler: Reconciler, http: Arc<HttpState>) -> Syncer {
+        Syncer {
+            reconciler,
             last_good: Default::default(),
             http,
             logs: SyncLogs::default(),
-        })
+        }
     }
 
     fn sync_dir(&mut self, dir: &Path) {
@@ -191,41 +272,88 @@ impl Syncer {
         metrics.manifest_errors.inc_by(snapshot.errors.len() as u64);
         self.logs.manifest_errors(&snapshot.errors);
         let objects = self.last_good.merge(snapshot);
-        self.sync(&objects);
-    }
-
-    fn sync(&mut self, objects: &Objects) {
-        let started = Instant::now();
-        self.settings.zone = self
-            .settings
+        // The dir source's zone comes from the Node manifests; a change
+        // reaches every service through the full sync below.
+        let settings = self.reconciler.settings_mut();
+        settings.zone = settings
             .node_name
             .as_deref()
             .and_then(|node| model::node_zone(&objects.nodes, node));
-        let (mut desired, warnings) =
+        let (desired, warnings) =
             model::desired_state(&objects.services, &objects.slices, &objects.pods);
         self.logs.model_warnings(&warnings);
-        if !self.namespaces.is_empty() {
-            desired
-                .services
-                .retain(|key, _| self.namespaces.contains(&key.namespace));
+        self.full_sync(&desired);
+    }
+
+    /// Writes the whole desired state (only what differs reaches the maps).
+    fn full_sync(&mut self, desired: &DesiredState) {
+        let started = Instant::now();
+        let written = self.reconciler.full_sync(desired);
+        self.record(started, &written);
+        let s = written.summary;
+        info!(
+            services = self.reconciler.services(),
+            upserted = s.upserted,
+            removed = s.removed,
+            failed = s.failed,
+            "maps synced"
+        );
+    }
+
+    /// Recomputes and writes only `services`.
+    fn update_services(&mut self, services: &Affected, store: &ClusterStore) {
+        if services.is_empty() {
+            return;
         }
-        let wanted = map_plan::plan(&desired, &self.settings, &mut self.ids);
-        let (summary, errors) = self.writer.apply(&wanted);
-        self.logs.write_errors(&errors);
+        let started = Instant::now();
+        let mut written = Written::default();
+        for key in services {
+            let (spec, warnings) = store.service_spec(key);
+            for w in &warnings {
+                warn!(object = %w.object, "{}", w.message);
+            }
+            let w = self.reconciler.update_service(key, spec.as_ref());
+            written.summary += w.summary;
+            written.errors.extend(w.errors);
+        }
+        self.record(started, &written);
+        let s = written.summary;
+        debug!(
+            services = services.len(),
+            upserted = s.upserted,
+            removed = s.removed,
+            failed = s.failed,
+            "services updated"
+        );
+    }
+
+    fn record(&self, started: Instant, written: &Written) {
         let metrics = &self.http.metrics;
-        metrics.map_write_errors.inc_by(errors.len() as u64);
+        // One line per map and kind of failure, however many entries: a
+        // full map must not flood the log.
+        let mut groups: BTreeMap<(&str, &str, bool), (usize, &WriteError)> = BTreeMap::new();
+        for e in &written.errors {
+            groups.entry((e.map, e.op, e.is_full())).or_insert((0, e)).0 += 1;
+        }
+        for ((map, _, full), (count, first)) in groups {
+            if full {
+                metrics
+                    .map_full
+                    .get_or_create(&MapLabels { map })
+                    .inc_by(count as u64);
+                warn!(
+                    map,
+                    refused = count,
+                    "map full: new entries refused, existing entries keep working"
+                );
+            } else {
+                error!(map, failed = count, error = %first, "map writes failed; the rest was applied");
+            }
+        }
+        metrics.map_write_errors.inc_by(written.errors.len() as u64);
         metrics.syncs.inc();
         metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        info!(
-            services = wanted.services.len(),
-            pods = wanted.pods.len(),
-            names = wanted.dns_names.len(),
-            upserted = summary.upserted,
-            removed = summary.removed,
-            failed = summary.failed,
-            "maps synced"
-        );
     }
 }

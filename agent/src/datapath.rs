@@ -23,7 +23,7 @@ use headway_common::{map_names, program_names};
 
 use crate::{
     bpf_sys, cgroup,
-    pinned::{self, Maps, PinnedError},
+    pinned::{self, MapSizes, Maps, PinnedError},
 };
 
 /// The kernel object, embedded at build time (see build.rs).
@@ -142,13 +142,23 @@ impl Datapath {
     /// Loads the programs, reusing maps pinned under `bpffs`, and attaches
     /// them to the cgroup at `cgroup_path`.
     pub fn start(bpffs: &Path, cgroup_path: &Path) -> Result<Datapath, DatapathError> {
+        Datapath::start_with_sizes(bpffs, cgroup_path, &MapSizes::default())
+    }
+
+    /// [`Datapath::start`] with maps of the given sizes (maps pinned with
+    /// other sizes are refused: `headway reset` starts over).
+    pub fn start_with_sizes(
+        bpffs: &Path,
+        cgroup_path: &Path,
+        sizes: &MapSizes,
+    ) -> Result<Datapath, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         ensure_bpffs(bpffs)?;
         let dir = pinned::pin_dir(bpffs);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        pinned::check_existing_layout(bpffs)?;
+        pinned::check_existing_layout(bpffs, Some(sizes))?;
 
         let pin_paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
@@ -157,6 +167,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
+            if let Some(n) = sizes.max_entries(name) {
+                loader.map_max_entries(name, n);
+            }
         }
         let mut ebpf = loader.load(OBJECT)?;
 

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod pinned;
+pub mod reconcile;
 pub mod retained;
 pub mod source;
 pub mod status;

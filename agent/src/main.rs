@@ -7,6 +7,7 @@ use headway::{
     agent::{self, AgentConfig, SourceSpec},
     cgroup, datapath,
     model::Policy,
+    pinned::MapSizes,
     status, top,
 };
 
@@ -69,10 +70,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct AgentArgs {
-    /// Where services and endpoints come from: `dir:PATH` reads Service,
+    /// Where services and endpoints come from: `kube` watches the
+    /// Kubernetes API (the default inside a pod); `dir:PATH` reads Service,
     /// EndpointSlice and Pod manifests from a directory and follows changes.
     #[arg(long, env = "HEADWAY_SOURCE")]
-    source: SourceSpec,
+    source: Option<SourceSpec>,
+    /// Kubeconfig for the kube source (default: in-cluster credentials,
+    /// then $KUBECONFIG or ~/.kube/config).
+    #[arg(long, env = "HEADWAY_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     /// The cgroup v2 directory to attach to (default: the cgroup v2 root,
     /// found from /proc/mounts).
     #[arg(long, env = "HEADWAY_CGROUP_PATH")]
@@ -93,6 +99,16 @@ struct AgentArgs {
     /// are only accounted: kubelet probes must reach the pod they name).
     #[arg(long, env = "HEADWAY_STEER_HOST_NETNS")]
     steer_host_netns: bool,
+    /// Room for this many pod addresses and pods (per-service endpoint
+    /// maps get twice as many entries, DNS names four times). Changing it
+    /// for maps already pinned needs `headway reset`.
+    #[arg(long, env = "HEADWAY_MAX_ENDPOINTS", default_value_t = MapSizes::default().max_endpoints,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_endpoints: u32,
+    /// Room for this many headless services.
+    #[arg(long, env = "HEADWAY_MAX_SERVICES", default_value_t = MapSizes::default().max_services,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_services: u32,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "HEADWAY_METRICS_ADDR", default_value = "0.0.0.0:9970")]
     metrics_addr: std::net::SocketAddr,
@@ -127,8 +143,17 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => path,
                 None => cgroup::cgroup2_root()?,
             };
+            let source = match args.source {
+                Some(source) => source,
+                // Inside a pod the API is right there.
+                None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => SourceSpec::Kube,
+                None => anyhow::bail!(
+                    "--source is required outside a Kubernetes pod: `kube` (with --kubeconfig) or `dir:PATH`"
+                ),
+            };
             let cfg = AgentConfig {
-                source: args.source,
+                source,
+                kubeconfig: args.kubeconfig,
                 cgroup_path,
                 bpffs: args.bpffs,
                 default_policy: args.default_policy,
@@ -136,8 +161,12 @@ fn main() -> anyhow::Result<()> {
                 cluster_domain: args.cluster_domain,
                 steer_host_netns: args.steer_host_netns,
                 metrics_addr: args.metrics_addr,
-                node_name: args.node_name,
+                node_name: args.node_name.filter(|n| !n.is_empty()),
                 metrics_grace: args.metrics_grace,
+                map_sizes: MapSizes {
+                    max_endpoints: args.max_endpoints,
+                    max_services: args.max_services,
+                },
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -51,71 +51,184 @@ pub struct PlanSettings {
 /// Id assignment for services and pods.
 #[derive(Debug, Default, Clone)]
 pub struct Ids {
-    services: BTreeMap<ServiceKey, u32>,
-    pods: BTreeMap<PodKey, u32>,
+    services: IdSpace<ServiceKey>,
+    pods: IdSpace<PodKey>,
+}
+
+/// Small numeric ids for keys: the lowest free id ≥ 1 goes to a new key
+/// (0 is never handed out, so a zeroed value can never be mistaken for a
+/// real reference). Allocation and release are O(log n), which matters
+/// with 65,536 pods.
+#[derive(Debug, Clone)]
+struct IdSpace<K> {
+    by_key: BTreeMap<K, u32>,
+    by_id: BTreeMap<u32, K>,
+    /// Released ids below `next`.
+    free: BTreeSet<u32>,
+    next: u32,
+}
+
+impl<K> Default for IdSpace<K> {
+    fn default() -> Self {
+        IdSpace {
+            by_key: BTreeMap::new(),
+            by_id: BTreeMap::new(),
+            free: BTreeSet::new(),
+            next: 1,
+        }
+    }
+}
+
+impl<K: Ord + Clone> IdSpace<K> {
+    fn recover(pairs: impl Iterator<Item = (K, u32)>) -> Self {
+        let mut space = IdSpace::default();
+        for (key, id) in pairs.filter(|(_, id)| *id != 0) {
+            space.by_key.insert(key.clone(), id);
+            space.by_id.insert(id, key);
+        }
+        space.next = space.by_id.keys().next_back().map_or(1, |max| max + 1);
+        space.free = (1..space.next)
+            .filter(|id| !space.by_id.contains_key(id))
+            .collect();
+        space
+    }
+
+    fn get_or_assign(&mut self, key: &K) -> u32 {
+        if let Some(id) = self.by_key.get(key) {
+            return *id;
+        }
+        let id = self.free.pop_first().unwrap_or_else(|| {
+            let id = self.next;
+            self.next = self.next.saturating_add(1);
+            id
+        });
+        self.by_key.insert(key.clone(), id);
+        self.by_id.insert(id, key.clone());
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        if let Some(key) = self.by_id.remove(&id) {
+            self.by_key.remove(&key);
+            self.free.insert(id);
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&u32, &K) -> bool) {
+        let gone: Vec<u32> = self
+            .by_id
+            .iter()
+            .filter(|(id, k)| !keep(id, k))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.release(id);
+        }
+    }
 }
 
 impl Ids {
     /// Recovers the ids already in use from what the maps hold.
     pub fn from_contents(contents: &MapContents) -> Ids {
-        let services = contents
-            .services
-            .iter()
-            .map(|(id, meta)| {
-                let key = ServiceKey {
-                    namespace: decode_name(&meta.namespace),
-                    name: decode_name(&meta.name),
-                };
-                (key, *id)
-            })
-            .collect();
-        let pods = contents
-            .pods
-            .iter()
-            .map(|(id, meta)| {
-                let key = PodKey {
-                    namespace: decode_name(&meta.namespace),
-                    name: decode_name(&meta.name),
-                };
-                (key, *id)
-            })
-            .collect();
-        Ids { services, pods }
+        let services = contents.services.iter().map(|(id, meta)| {
+            let key = ServiceKey {
+                namespace: decode_name(&meta.namespace),
+                name: decode_name(&meta.name),
+            };
+            (key, *id)
+        });
+        let pods = contents.pods.iter().map(|(id, meta)| {
+            let key = PodKey {
+                namespace: decode_name(&meta.namespace),
+                name: decode_name(&meta.name),
+            };
+            (key, *id)
+        });
+        Ids {
+            services: IdSpace::recover(services),
+            pods: IdSpace::recover(pods),
+        }
     }
 
     /// Forgets ids of objects that no longer exist, so they can be reused.
     fn retain(&mut self, services: &BTreeSet<&ServiceKey>, pods: &BTreeSet<PodKey>) {
-        self.services.retain(|k, _| services.contains(k));
-        self.pods.retain(|k, _| pods.contains(k));
+        self.services.retain(|_, k| services.contains(k));
+        self.pods.retain(|_, k| pods.contains(k));
     }
 
-    fn service(&mut self, key: &ServiceKey) -> u32 {
-        if let Some(id) = self.services.get(key) {
-            return *id;
-        }
-        let id = lowest_free(self.services.values());
-        self.services.insert(key.clone(), id);
-        id
+    /// The service's id, assigning one if it has none.
+    pub fn service(&mut self, key: &ServiceKey) -> u32 {
+        self.services.get_or_assign(key)
+    }
+
+    /// The service's id, if it has one.
+    pub fn service_id(&self, key: &ServiceKey) -> Option<u32> {
+        self.services.by_key.get(key).copied()
     }
 
     fn pod(&mut self, key: &PodKey) -> u32 {
-        if let Some(id) = self.pods.get(key) {
-            return *id;
-        }
-        let id = lowest_free(self.pods.values());
-        self.pods.insert(key.clone(), id);
-        id
+        self.pods.get_or_assign(key)
+    }
+
+    /// Frees a service id (its service is gone from the maps).
+    pub fn release_service(&mut self, id: u32) {
+        self.services.release(id);
+    }
+
+    /// Frees a pod id (no service refers to the pod any more).
+    pub fn release_pod(&mut self, id: u32) {
+        self.pods.release(id);
+    }
+
+    /// Frees every service and pod id for which the predicates say no.
+    pub fn retain_ids(
+        &mut self,
+        keep_service: impl Fn(u32) -> bool,
+        keep_pod: impl Fn(u32) -> bool,
+    ) {
+        self.services.retain(|id, _| keep_service(*id));
+        self.pods.retain(|id, _| keep_pod(*id));
     }
 }
 
-/// The smallest id ≥ 1 not in `used` (0 is never handed out, so a zeroed
-/// value can never be mistaken for a real reference).
-fn lowest_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
-    let used: BTreeSet<u32> = used.copied().collect();
-    (1..).find(|id| !used.contains(id)).unwrap_or(u32::MAX)
+impl MapContents {
+    /// Adds `other`'s entries; where both have a key, the entry already
+    /// here stays.
+    pub fn merge(&mut self, other: MapContents) {
+        fn keep_first<K: Ord, V>(into: &mut BTreeMap<K, V>, from: BTreeMap<K, V>) {
+            for (k, v) in from {
+                into.entry(k).or_insert(v);
+            }
+        }
+        keep_first(&mut self.services, other.services);
+        keep_first(&mut self.pods, other.pods);
+        keep_first(&mut self.pod_addrs, other.pod_addrs);
+        keep_first(&mut self.svc_endpoints, other.svc_endpoints);
+        keep_first(&mut self.svc_backends, other.svc_backends);
+        keep_first(&mut self.svc_ports, other.svc_ports);
+        keep_first(&mut self.dns_names, other.dns_names);
+    }
+
+    /// Number of entries over all maps.
+    pub fn len(&self) -> usize {
+        self.services.len()
+            + self.pods.len()
+            + self.pod_addrs.len()
+            + self.svc_endpoints.len()
+            + self.svc_backends.len()
+            + self.svc_ports.len()
+            + self.dns_names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Computes the map contents for `desired`, assigning ids through `ids`.
+/// The same as planning each service on its own ([`plan_service`]) and
+/// merging in service-id order (the lower id wins an address or name two
+/// services claim), which is what the incremental writer ends up with.
 pub fn plan(desired: &DesiredState, settings: &PlanSettings, ids: &mut Ids) -> MapContents {
     let live_services: BTreeSet<&ServiceKey> = desired.services.keys().collect();
     let live_pods: BTreeSet<PodKey> = desired
@@ -125,78 +238,92 @@ pub fn plan(desired: &DesiredState, settings: &PlanSettings, ids: &mut Ids) -> M
         .collect();
     ids.retain(&live_services, &live_pods);
 
+    let mut fragments: BTreeMap<u32, MapContents> = BTreeMap::new();
+    for svc in desired.services.values() {
+        let fragment = plan_service(svc, settings, ids);
+        fragments.insert(ids.service(&svc.key), fragment);
+    }
+    let mut out = MapContents::default();
+    for fragment in fragments.into_values() {
+        out.merge(fragment);
+    }
+    out
+}
+
+/// The map entries one service wants, assigning ids through `ids`. Its
+/// `pods`, `pod_addrs` and `dns_names` entries may be shared with other
+/// services; the other maps' keys carry this service's id.
+pub fn plan_service(svc: &ServiceSpec, settings: &PlanSettings, ids: &mut Ids) -> MapContents {
     let locality = Locality {
         node_name: settings.node_name.clone(),
         zone: settings.zone.clone(),
     };
     let mut out = MapContents::default();
-    for svc in desired.services.values() {
-        let service_id = ids.service(&svc.key);
-        let policy = svc.policy.unwrap_or(settings.default_policy);
-        let pod_ids: BTreeMap<IpAddr, u32> = svc
-            .endpoints
-            .values()
-            .map(|ep| (ep.addr, ids.pod(&pod_key(&svc.key, ep))))
-            .collect();
-        let (v4, v6) = choice_table::tables(svc, policy, &locality);
-        let (backends_v4, preferred_v4) =
-            plan_backends(service_id, 4, &v4, &pod_ids, &mut out.svc_backends);
-        let (backends_v6, preferred_v6) =
-            plan_backends(service_id, 6, &v6, &pod_ids, &mut out.svc_backends);
-        let ports_declared = plan_ports(svc, service_id, &mut out.svc_ports);
-        out.services.insert(
-            service_id,
-            ServiceMeta {
-                namespace: encode_name::<NAMESPACE_LEN>(&svc.key.namespace),
-                name: encode_name::<SERVICE_NAME_LEN>(&svc.key.name),
-                policy: policy_value(policy),
-                topology: topology_value(svc.topology),
-                backends_v4,
-                backends_v6,
-                preferred_v4,
-                preferred_v6,
-                flags: if ports_declared {
-                    service_flags::PORTS_DECLARED
-                } else {
-                    0
-                },
-                _pad: 0,
+    let service_id = ids.service(&svc.key);
+    let policy = svc.policy.unwrap_or(settings.default_policy);
+    let pod_ids: BTreeMap<IpAddr, u32> = svc
+        .endpoints
+        .values()
+        .map(|ep| (ep.addr, ids.pod(&pod_key(&svc.key, ep))))
+        .collect();
+    let (v4, v6) = choice_table::tables(svc, policy, &locality);
+    let (backends_v4, preferred_v4) =
+        plan_backends(service_id, 4, &v4, &pod_ids, &mut out.svc_backends);
+    let (backends_v6, preferred_v6) =
+        plan_backends(service_id, 6, &v6, &pod_ids, &mut out.svc_backends);
+    let ports_declared = plan_ports(svc, service_id, &mut out.svc_ports);
+    out.services.insert(
+        service_id,
+        ServiceMeta {
+            namespace: encode_name::<NAMESPACE_LEN>(&svc.key.namespace),
+            name: encode_name::<SERVICE_NAME_LEN>(&svc.key.name),
+            policy: policy_value(policy),
+            topology: topology_value(svc.topology),
+            backends_v4,
+            backends_v6,
+            preferred_v4,
+            preferred_v6,
+            flags: if ports_declared {
+                service_flags::PORTS_DECLARED
+            } else {
+                0
+            },
+            _pad: 0,
+        },
+    );
+    plan_names(
+        svc,
+        service_id,
+        &settings.cluster_domain,
+        &mut out.dns_names,
+    );
+    for ep in svc.endpoints.values() {
+        let pod = pod_key(&svc.key, ep);
+        let pod_id = pod_ids[&ep.addr];
+        out.pods.insert(
+            pod_id,
+            PodMeta {
+                namespace: encode_name::<NAMESPACE_LEN>(&pod.namespace),
+                name: encode_name::<POD_NAME_LEN>(&pod.name),
             },
         );
-        plan_names(
-            svc,
-            service_id,
-            &settings.cluster_domain,
-            &mut out.dns_names,
-        );
-        for ep in svc.endpoints.values() {
-            let pod = pod_key(&svc.key, ep);
-            let pod_id = pod_ids[&ep.addr];
-            out.pods.insert(
+        let addr = addr_key(ep.addr);
+        // An address belongs to one pod at a time; if two services
+        // disagree (a stale slice), the lower service id wins (merge).
+        out.pod_addrs
+            .entry(addr)
+            .or_insert(PodRef { pod_id, _pad: 0 });
+        out.svc_endpoints.insert(
+            ServiceEndpointKey {
+                service_id,
+                _pad: 0,
+                addr,
+            },
+            EndpointState {
                 pod_id,
-                PodMeta {
-                    namespace: encode_name::<NAMESPACE_LEN>(&pod.namespace),
-                    name: encode_name::<POD_NAME_LEN>(&pod.name),
-                },
-            );
-            let addr = addr_key(ep.addr);
-            // An address belongs to one pod at a time; if two services
-            // disagree (a stale slice), the first service in order wins.
-            out.pod_addrs
-                .entry(addr)
-                .or_insert(PodRef { pod_id, _pad: 0 });
-            out.svc_endpoints.insert(
-                ServiceEndpointKey {
-                    service_id,
-                    _pad: 0,
-                    addr,
-                },
-                EndpointState {
-                    pod_id,
-                    flags: endpoint_state_flags(ep, svc.publish_not_ready),
-                },
-            );
-        }
+                flags: endpoint_state_flags(ep, svc.publish_not_ready),
+            },
+        );
     }
     out
 }

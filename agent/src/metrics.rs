@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    pinned::{MAP_SHAPES, Maps, PinnedError},
+    pinned::{MAP_SHAPES, Maps, PinnedError, pinned_max_entries},
     retained::{DEFAULT_GRACE, Retained},
     status::{self, Status},
 };
@@ -39,6 +39,11 @@ pub struct AgentMetrics {
     /// endpointslices, pods): relists after an error or an expired
     /// resourceVersion.
     pub watch_restarts: Family<ResourceLabels, Counter>,
+    /// Relists after the first list (an expired resourceVersion, 410 Gone),
+    /// by resource: the restarts that had to read everything again.
+    pub relists: Family<ResourceLabels, Counter>,
+    /// New entries a full map refused, by map.
+    pub map_full: Family<MapLabels, Counter>,
     /// How long series of deleted pods and services stay exported.
     pub grace: Duration,
     retained: Arc<Mutex<Retained>>,
@@ -56,6 +61,8 @@ impl AgentMetrics {
             map_write_errors: Counter::default(),
             manifest_errors: Counter::default(),
             watch_restarts: Family::default(),
+            relists: Family::default(),
+            map_full: Family::default(),
             grace,
             retained: Arc::default(),
         };
@@ -136,8 +143,8 @@ struct ProgramLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MapLabels {
-    map: &'static str,
+pub struct MapLabels {
+    pub map: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,7 +158,7 @@ pub fn render(bpffs: &Path, agent: &AgentMetrics) -> Result<String, PinnedError>
     let mut status = status::read(bpffs)?;
     let maps = Maps::open_pinned(bpffs)?;
     let mut registry = Registry::with_prefix("headway");
-    register_maps(&mut registry, &maps, &status)?;
+    register_maps(&mut registry, &maps, &status, bpffs)?;
     register_programs(&mut registry, &status);
     agent
         .retained
@@ -185,6 +192,16 @@ pub fn render(bpffs: &Path, agent: &AgentMetrics) -> Result<String, PinnedError>
         "watch_restarts",
         "Restarts of a Kubernetes watch, by resource",
         agent.watch_restarts.clone(),
+    );
+    registry.register(
+        "relists",
+        "Kubernetes relists after the first list (expired watch, 410 Gone), by resource",
+        agent.relists.clone(),
+    );
+    registry.register(
+        "map_full",
+        "New entries refused because the map was full, by map (existing entries keep working)",
+        agent.map_full.clone(),
     );
     let build = Family::<BuildLabels, Gauge>::default();
     build
@@ -385,7 +402,12 @@ fn counter_name(names: &[(u32, &'static str)], index: u32) -> &'static str {
         .map_or("unknown", |(_, name)| name)
 }
 
-fn register_maps(registry: &mut Registry, maps: &Maps, status: &Status) -> Result<(), PinnedError> {
+fn register_maps(
+    registry: &mut Registry,
+    maps: &Maps,
+    status: &Status,
+    bpffs: &Path,
+) -> Result<(), PinnedError> {
     let entries = Family::<MapLabels, Gauge>::default();
     let capacity = Family::<MapLabels, Gauge>::default();
     let mut counts = maps.entry_counts()?;
@@ -397,9 +419,9 @@ fn register_maps(registry: &mut Registry, maps: &Maps, status: &Status) -> Resul
         let labels = MapLabels { map: shape.name };
         // Socket storage has no capacity (it lives in each socket).
         if shape.max_entries > 0 {
-            capacity
-                .get_or_create(&labels)
-                .set(i64::from(shape.max_entries));
+            // The size the agent chose (--max-endpoints, --max-services).
+            let max = pinned_max_entries(bpffs, shape.name).unwrap_or(shape.max_entries);
+            capacity.get_or_create(&labels).set(i64::from(max));
         }
         if let Some(n) = counts.get(shape.name) {
             entries.get_or_create(&labels).set(*n as i64);

@@ -35,6 +35,9 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Namespace of an object whose metadata names none (as `kubectl` assumes).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// Label Kubernetes puts on the EndpointSlices of headless services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
 /// A Service, by namespace and name. Displays as `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
@@ -318,13 +321,14 @@ pub fn node_zone(nodes: &[Node], node_name: &str) -> Option<String> {
         .and_then(|n| n.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned())
 }
 
-fn namespace_of(meta: &ObjectMeta) -> &str {
+/// The object's namespace, or [`DEFAULT_NAMESPACE`].
+pub fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
 }
 
 /// A headless Service has `clusterIP: None`; ExternalName services may
 /// carry that too but have no endpoints of their own.
-fn is_headless(svc: &Service) -> bool {
+pub fn is_headless(svc: &Service) -> bool {
     svc.spec.as_ref().is_some_and(|spec| {
         spec.cluster_ip.as_deref() == Some("None") && spec.type_.as_deref() != Some("ExternalName")
     })
@@ -383,7 +387,10 @@ fn slices_by_service<'a>(
     out
 }
 
-fn service_spec(
+/// One headless service's spec from its Service, its EndpointSlices
+/// (sorted by name) and the labels of the pods they name. Both sources end
+/// up here: [`desired_state`] for a snapshot, the kube store per service.
+pub fn service_spec(
     key: ServiceKey,
     svc: &Service,
     slices: &[&EndpointSlice],
@@ -486,9 +493,9 @@ fn valid_port(n: i32) -> Option<u16> {
 
 /// What headway reads from a Pod's labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PodLabels {
-    drained: bool,
-    weight: u32,
+pub struct PodLabels {
+    pub drained: bool,
+    pub weight: u32,
 }
 
 impl Default for PodLabels {
@@ -517,7 +524,8 @@ fn pod_index(pods: &[Pod], warnings: &mut Vec<Warning>) -> BTreeMap<PodKey, PodL
         .collect()
 }
 
-fn pod_labels(meta: &ObjectMeta, warnings: &mut Vec<Warning>) -> PodLabels {
+/// What headway reads from one Pod's labels; bad values warn and default.
+pub fn pod_labels(meta: &ObjectMeta, warnings: &mut Vec<Warning>) -> PodLabels {
     let mut out = PodLabels::default();
     let Some(labels) = &meta.labels else {
         return out;

@@ -151,6 +151,48 @@ pub const MAP_SHAPES: [MapShape; 19] = {
     ]
 };
 
+/// Sizes of the maps that grow with the cluster, chosen at load time
+/// (`--max-endpoints`, `--max-services`). The defaults are the compiled-in
+/// capacities: 65,536 endpoint addresses and pods, 16,384 services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Pod addresses and pods (ids index `pod_stats`); per-service
+    /// endpoints and backend slots get twice as many (an address may be in
+    /// two services), DNS names four times (service, pod and dashed names).
+    pub max_endpoints: u32,
+    /// Services (ids index `svc_stats`).
+    pub max_services: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            max_endpoints: capacity::POD_ADDRS,
+            max_services: capacity::SERVICES,
+        }
+    }
+}
+
+impl MapSizes {
+    /// The size of map `name` if it is one of the sized ones.
+    pub fn max_entries(&self, name: &str) -> Option<u32> {
+        let e = self.max_endpoints;
+        Some(match name {
+            map_names::POD_ADDRS | map_names::PODS | map_names::POD_STATS => e,
+            map_names::SVC_ENDPOINTS | map_names::SVC_BACKENDS => e.saturating_mul(2),
+            map_names::DNS_NAMES => e.saturating_mul(4),
+            map_names::SERVICES | map_names::SVC_STATS => self.max_services,
+            _ => return None,
+        })
+    }
+}
+
+/// The capacity of the map pinned as `name`, as the kernel has it.
+pub fn pinned_max_entries(bpffs: &Path, name: &str) -> Option<u32> {
+    let info = open_map(&map_pin(bpffs, name)).ok()?.info().ok()?;
+    Some(info.max_entries())
+}
+
 fn open_map(path: &Path) -> Result<MapData, PinnedError> {
     MapData::from_pin(path).map_err(|source| {
         let io_kind = match &source {
@@ -171,8 +213,10 @@ fn open_map(path: &Path) -> Result<MapData, PinnedError> {
 }
 
 /// Checks every map already pinned under `bpffs` against the shapes this
-/// build expects, so new programs are never paired with stale maps.
-pub fn check_existing_layout(bpffs: &Path) -> Result<(), PinnedError> {
+/// build expects, so new programs are never paired with stale maps. With
+/// `sizes` (the agent loading its programs) the sized maps must have
+/// exactly those sizes; without (readers), any size is fine.
+pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(), PinnedError> {
     for shape in &MAP_SHAPES {
         let path = map_pin(bpffs, shape.name);
         if !path.exists() {
@@ -194,11 +238,17 @@ pub fn check_existing_layout(bpffs: &Path) -> Result<(), PinnedError> {
             info.value_size(),
             info.max_entries(),
         );
+        let max_entries = match (sizes, MapSizes::default().max_entries(shape.name)) {
+            (Some(sizes), Some(_)) => sizes.max_entries(shape.name).unwrap_or(shape.max_entries),
+            // A reader accepts whatever size the agent chose.
+            (None, Some(_)) => info.max_entries(),
+            (_, None) => shape.max_entries,
+        };
         let expected = (
             shape.map_type,
             shape.key_size,
             shape.value_size,
-            shape.max_entries,
+            max_entries,
         );
         if found != expected {
             let show = |(t, k, v, n): (MapType, u32, u32, u32)| {
@@ -240,7 +290,7 @@ pub struct Maps {
 impl Maps {
     /// Opens the maps pinned under `bpffs` (the agent need not be running).
     pub fn open_pinned(bpffs: &Path) -> Result<Maps, PinnedError> {
-        check_existing_layout(bpffs)?;
+        check_existing_layout(bpffs, None)?;
         let dir = pin_dir(bpffs);
         if !dir.exists() {
             return Err(PinnedError::NotPinned(dir));

@@ -78,15 +78,31 @@ impl Drop for Bpffs {
     }
 }
 
-fn agent_command(
-    manifests: &Path,
-    cgroup: &Path,
-    bpffs: &Bpffs,
-    extra: &[&str],
-) -> Result<Command> {
+/// Where the agent under test reads the cluster from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// `--source dir:PATH`
+    Dir(PathBuf),
+    /// `--source kube --kubeconfig PATH` (e.g. [`crate::FakeApi::write_kubeconfig`]).
+    Kube(PathBuf),
+}
+
+impl Source {
+    fn args(&self) -> Vec<String> {
+        match self {
+            Source::Dir(dir) => vec![format!("--source=dir:{}", dir.display())],
+            Source::Kube(kubeconfig) => vec![
+                "--source=kube".into(),
+                format!("--kubeconfig={}", kubeconfig.display()),
+            ],
+        }
+    }
+}
+
+fn agent_command(source: &Source, cgroup: &Path, bpffs: &Bpffs, extra: &[&str]) -> Result<Command> {
     let mut cmd = Command::new(headway_bin()?);
     cmd.arg("agent")
-        .arg(format!("--source=dir:{}", manifests.display()))
+        .args(source.args())
         .arg("--cgroup-path")
         .arg(cgroup)
         .arg("--bpffs")
@@ -114,7 +130,17 @@ impl Agent {
     /// Starts `headway agent` with `--source dir:<manifests>`, attached to
     /// `cgroup`, pinning under `bpffs`; extra flags are appended.
     pub fn start(manifests: &Path, cgroup: &Path, bpffs: &Bpffs, extra: &[&str]) -> Result<Agent> {
-        let mut cmd = agent_command(manifests, cgroup, bpffs, extra)?;
+        Agent::start_with(&Source::Dir(manifests.into()), cgroup, bpffs, extra)
+    }
+
+    /// Like [`Agent::start`] with any [`Source`].
+    pub fn start_with(
+        source: &Source,
+        cgroup: &Path,
+        bpffs: &Bpffs,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut cmd = agent_command(source, cgroup, bpffs, extra)?;
         let child = cmd.spawn().context("starting headway agent")?;
         Ok(Agent {
             child: Child::new(child, "headway agent".into()),
@@ -130,7 +156,7 @@ impl Agent {
         extra: &[&str],
         log: &Path,
     ) -> Result<Agent> {
-        let mut cmd = agent_command(manifests, cgroup, bpffs, extra)?;
+        let mut cmd = agent_command(&Source::Dir(manifests.into()), cgroup, bpffs, extra)?;
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         cmd.stderr(file);
@@ -151,9 +177,22 @@ impl Agent {
         bpffs: &Bpffs,
         extra: &[&str],
     ) -> Result<Agent> {
+        Agent::start_in_with(ns, &Source::Dir(manifests.into()), cgroup, bpffs, extra)
+    }
+
+    /// Like [`Agent::start_in`] with any [`Source`]. A kube source's API
+    /// server must be reachable from `ns` (the fake one listens on the
+    /// host's loopback: use [`Agent::start_with`] for it).
+    pub fn start_in_with(
+        ns: &NetNs,
+        source: &Source,
+        cgroup: &Path,
+        bpffs: &Bpffs,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let netns = std::fs::File::open(Path::new("/run/netns").join(ns.name()))
             .with_context(|| format!("opening netns {}", ns.name()))?;
-        let mut cmd = agent_command(manifests, cgroup, bpffs, extra)?;
+        let mut cmd = agent_command(source, cgroup, bpffs, extra)?;
         let fd = netns.as_raw_fd();
         // SAFETY: setns is async-signal-safe; `netns` outlives the spawn.
         unsafe {

@@ -17,6 +17,8 @@ mod cluster;
 /// A real DNS server (`headway-dns`) answering like CoreDNS, and resolver
 /// setup per namespace.
 pub mod dns;
+/// A fake Kubernetes API server (list/watch over HTTP) for the kube source.
+pub mod fake_api;
 mod netns;
 mod peer;
 
@@ -31,6 +33,7 @@ pub use dns::{
     MalformedKind, NamedConnectReport, ResolvConf, ResolveReport, Zone, dns_query_in, resolve_in,
     run_client_by_name, start_dns_server,
 };
+pub use fake_api::FakeApi;
 pub use netns::NetNs;
 pub use peer::{ConnectReport, peer_bin, run_client, run_client_in, start_pod_servers, wait_ready};
 

@@ -1,6 +1,7 @@
 //! headway's development tasks: `cargo xtask <task>`.
 mod bench;
 mod bench_acct;
+mod bench_control_plane;
 mod bench_dns;
 mod bench_hooks;
 mod bpf_stats;
@@ -43,6 +44,9 @@ enum Task {
     /// iptables DNAT and HAProxy on a cluster of network namespaces;
     /// writes bench/results/latest.{md,json,png} (needs root).
     Bench(bench::Options),
+    /// Measure the kube source at scale against the fake API server:
+    /// time to sync, EndpointSlice event to map write, peak RSS (root).
+    BenchControlPlane(bench_control_plane::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Task::BenchHooks(opts) => bench_hooks::run(&opts),
         Task::BenchAcct(opts) => bench_acct::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
+        Task::BenchControlPlane(opts) => bench_control_plane::run(&opts),
     }
 }

@@ -1,8 +1,11 @@
-//! Where the agent's view of the cluster comes from. Every source produces
-//! the same [`Objects`] snapshot, which [`crate::model::desired_state`]
-//! turns into the desired state.
+//! Where the agent's view of the cluster comes from: `dir` produces
+//! [`Objects`] snapshots for [`crate::model::desired_state`]; `kube`
+//! watches the API and keeps a [`store::ClusterStore`] that recomputes
+//! only the services a change affects, through the same model functions.
 
 pub mod dir;
+pub mod kube;
+pub mod store;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;

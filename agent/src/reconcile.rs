@@ -1,0 +1,137 @@
+//! The one path from desired state to the maps, shared by every source:
+//! a service's spec is planned on its own ([`map_plan::plan_service`]) and
+//! written as a diff against what the maps hold ([`MapWriter`]). A source
+//! that knows what changed (kube) updates only those services; a source
+//! that only has snapshots (dir) runs a full sync through the same path.
+use std::collections::BTreeSet;
+
+use headway_common::Config;
+
+use crate::{
+    map_plan::{self, Ids, PlanSettings},
+    map_writer::{MapWriter, WriteError, Written},
+    model::{DesiredState, ServiceKey, ServiceSpec},
+    pinned::{Maps, PinnedError},
+};
+
+pub struct Reconciler {
+    writer: MapWriter,
+    ids: Ids,
+    settings: PlanSettings,
+    /// Only services in these namespaces (all when empty).
+    namespaces: Vec<String>,
+    /// Services that have entries in the maps, as this agent wrote them.
+    applied: BTreeSet<ServiceKey>,
+    /// Whether entries left by a previous agent have been swept yet.
+    swept: bool,
+}
+
+impl Reconciler {
+    /// Takes over the maps; ids already in them are kept, so counters stay
+    /// with their pods and services across restarts. Nothing is written
+    /// until the first update.
+    pub fn new(
+        maps: Maps,
+        settings: PlanSettings,
+        namespaces: Vec<String>,
+    ) -> Result<Reconciler, PinnedError> {
+        let writer = MapWriter::new(maps)?;
+        let ids = Ids::from_contents(writer.current());
+        Ok(Reconciler {
+            writer,
+            ids,
+            settings,
+            namespaces,
+            applied: BTreeSet::new(),
+            swept: false,
+        })
+    }
+
+    pub fn write_config(&mut self, config: Config) -> Result<(), WriteError> {
+        self.writer.write_config(config)
+    }
+
+    pub fn settings(&self) -> &PlanSettings {
+        &self.settings
+    }
+
+    /// For a source that learns the zone later; the next update of a
+    /// service plans with the new settings.
+    pub fn settings_mut(&mut self) -> &mut PlanSettings {
+        &mut self.settings
+    }
+
+    /// How many services this agent has in the maps.
+    pub fn services(&self) -> usize {
+        self.applied.len()
+    }
+
+    fn wanted(&self, key: &ServiceKey) -> bool {
+        self.namespaces.is_empty() || self.namespaces.contains(&key.namespace)
+    }
+
+    /// Makes the maps say what `spec` says about service `key` (`None`: the
+    /// service is gone), touching no other service's entries.
+    pub fn update_service(&mut self, key: &ServiceKey, spec: Option<&ServiceSpec>) -> Written {
+        let spec = spec.filter(|_| self.wanted(key));
+        let written = match spec {
+            Some(spec) => {
+                let fragment = map_plan::plan_service(spec, &self.settings, &mut self.ids);
+                let id = self.ids.service(key);
+                self.applied.insert(key.clone());
+                self.writer.apply_service(id, Some(fragment))
+            }
+            None => {
+                self.applied.remove(key);
+                match self.ids.service_id(key) {
+                    // Ids recovered from a previous agent's maps are only
+                    // freed by the sweep, which removes their entries too.
+                    Some(id) if self.writer.has_service(id) => {
+                        let written = self.writer.apply_service(id, None);
+                        self.ids.release_service(id);
+                        written
+                    }
+                    _ => Written::default(),
+                }
+            }
+        };
+        for pod in &written.unclaimed_pods {
+            self.ids.release_pod(*pod);
+        }
+        written
+    }
+
+    /// Makes the maps say exactly what `desired` says: every service in it
+    /// is updated, every other one removed, and (the first time) whatever a
+    /// previous agent left that no service claims is swept. Unchanged
+    /// entries are not written, so a restarted agent's first sync leaves a
+    /// steady datapath untouched.
+    pub fn full_sync(&mut self, desired: &DesiredState) -> Written {
+        let mut total = Written::default();
+        let mut add = |w: Written| {
+            total.summary += w.summary;
+            total.errors.extend(w.errors);
+        };
+        let gone: Vec<ServiceKey> = self
+            .applied
+            .iter()
+            .filter(|k| !desired.services.contains_key(k))
+            .cloned()
+            .collect();
+        for key in &gone {
+            add(self.update_service(key, None));
+        }
+        for (key, spec) in &desired.services {
+            add(self.update_service(key, Some(spec)));
+        }
+        if !self.swept {
+            add(self.writer.sweep());
+            let writer = &self.writer;
+            self.ids
+                .retain_ids(|s| writer.has_service(s), |p| writer.pod_claimed(p));
+            self.swept = true;
+        }
+        total.summary.failed = total.errors.len();
+        total
+    }
+}

@@ -1,0 +1,265 @@
+//! The incremental writer on real pinned maps: per-service updates touch
+//! only that service, shared pods stay while any service lists them,
+//! 10,000 create/delete cycles leave nothing behind (entries or ids), and
+//! a new agent on the same maps writes only what differs.
+//!
+//! Privileged: loads the programs (attached to a cgroup the test creates;
+//! no traffic).
+use headway::{
+    datapath::Datapath,
+    map_plan::{self, Ids, MapContents, PlanSettings},
+    model::{DesiredState, Endpoint, PodKey, Policy, ServiceKey, ServiceSpec, Topology},
+    pinned::{MapSizes, Maps, pinned_max_entries},
+    reconcile::Reconciler,
+};
+use headway_testbed::{Cgroup, agent::Bpffs, require_root};
+
+fn settings() -> PlanSettings {
+    PlanSettings {
+        default_policy: Policy::Failover,
+        cluster_domain: "cluster.local".into(),
+        node_name: None,
+        zone: None,
+    }
+}
+
+fn spec(name: &str, endpoints: &[(&str, &str)]) -> ServiceSpec {
+    ServiceSpec {
+        key: ServiceKey::new("ns", name),
+        policy: None,
+        topology: Topology::None,
+        ports: vec![],
+        publish_not_ready: false,
+        endpoints: endpoints
+            .iter()
+            .map(|(addr, pod)| {
+                let ep = Endpoint {
+                    addr: addr.parse().unwrap(),
+                    pod: Some(PodKey::new("ns", *pod)),
+                    hostname: None,
+                    node_name: None,
+                    zone: None,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    drained: false,
+                    weight: 100,
+                };
+                (ep.addr, ep)
+            })
+            .collect(),
+    }
+}
+
+fn state(specs: &[&ServiceSpec]) -> DesiredState {
+    DesiredState {
+        services: specs
+            .iter()
+            .map(|s| (s.key.clone(), (*s).clone()))
+            .collect(),
+    }
+}
+
+fn contents(bpffs: &Bpffs) -> MapContents {
+    Maps::open_pinned(bpffs.path())
+        .unwrap()
+        .read_contents()
+        .unwrap()
+}
+
+/// What a from-scratch full plan of `desired` would write, with the ids
+/// the maps hold now.
+fn planned(bpffs: &Bpffs, desired: &DesiredState) -> MapContents {
+    let mut ids = Ids::from_contents(&contents(bpffs));
+    map_plan::plan(desired, &settings(), &mut ids)
+}
+
+#[test]
+fn incremental_writes_match_a_full_plan_and_leave_nothing_behind() {
+    if !require_root("incremental_writes_match_a_full_plan_and_leave_nothing_behind") {
+        return;
+    }
+    let bpffs = Bpffs::new().unwrap();
+    let cg = Cgroup::new("reconcile").unwrap();
+    let mut datapath = Datapath::start(bpffs.path(), cg.path()).unwrap();
+    let mut rec = Reconciler::new(datapath.take_maps().unwrap(), settings(), vec![]).unwrap();
+
+    // Two services share pod `both` (one address in each).
+    let db = spec("db", &[("10.0.0.1", "db-0"), ("10.0.0.9", "both")]);
+    let web = spec("web", &[("10.0.1.1", "web-0"), ("10.0.0.9", "both")]);
+    let w = rec.full_sync(&state(&[&db, &web]));
+    assert!(w.errors.is_empty(), "{:?}", w.errors);
+    let now = contents(&bpffs);
+    assert_eq!(now, planned(&bpffs, &state(&[&db, &web])));
+    assert_eq!(now.pods.len(), 3);
+
+    // db goes: its own entries go, the shared pod and address stay.
+    let w = rec.update_service(&db.key, None);
+    assert!(w.errors.is_empty());
+    let now = contents(&bpffs);
+    assert_eq!(now, planned(&bpffs, &state(&[&web])));
+    assert_eq!(now.pods.len(), 2, "both and web-0 remain: {:?}", now.pods);
+    assert_eq!(now.services.len(), 1);
+
+    // An unchanged update writes nothing.
+    let w = rec.update_service(&web.key, Some(&web));
+    assert_eq!((w.summary.upserted, w.summary.removed), (0, 0));
+
+    // 10,000 create/delete cycles of a three-pod service: no entry and no
+    // id leaks (the service comes back with the same ids every time).
+    let churn = spec(
+        "churn",
+        &[
+            ("10.0.2.1", "c-0"),
+            ("10.0.2.2", "c-1"),
+            ("10.0.2.3", "c-2"),
+        ],
+    );
+    let baseline = contents(&bpffs);
+    let mut first_ids = None;
+    for i in 0..10_000 {
+        let w = rec.update_service(&churn.key, Some(&churn));
+        assert!(w.errors.is_empty(), "cycle {i}: {:?}", w.errors);
+        if i == 0 || i == 9_999 {
+            let now = contents(&bpffs);
+            let ids: (Vec<u32>, Vec<u32>) = (
+                now.services.keys().copied().collect(),
+                now.pods.keys().copied().collect(),
+            );
+            match &first_ids {
+                None => first_ids = Some(ids),
+                Some(first) => assert_eq!(&ids, first, "ids drift after {i} cycles"),
+            }
+        }
+        let w = rec.update_service(&churn.key, None);
+        assert!(w.errors.is_empty(), "cycle {i}: {:?}", w.errors);
+    }
+    assert_eq!(
+        contents(&bpffs),
+        baseline,
+        "nothing left of the churned service"
+    );
+    drop(rec);
+
+    // A new agent on the same maps: the same state writes nothing; a
+    // changed one writes only the difference, and entries of services it
+    // no longer has are swept.
+    let extra = spec("extra", &[("10.0.3.1", "x-0")]);
+    let mut rec =
+        Reconciler::new(Maps::open_pinned(bpffs.path()).unwrap(), settings(), vec![]).unwrap();
+    rec.update_service(&extra.key, Some(&extra));
+    drop(rec);
+    let before = contents(&bpffs);
+    let mut rec =
+        Reconciler::new(Maps::open_pinned(bpffs.path()).unwrap(), settings(), vec![]).unwrap();
+    let w = rec.full_sync(&state(&[&web, &extra]));
+    assert_eq!(
+        (w.summary.upserted, w.summary.removed),
+        (0, 0),
+        "restart with nothing changed"
+    );
+    assert_eq!(contents(&bpffs), before);
+    drop(rec);
+    let mut rec =
+        Reconciler::new(Maps::open_pinned(bpffs.path()).unwrap(), settings(), vec![]).unwrap();
+    let w = rec.full_sync(&state(&[&web]));
+    assert!(w.errors.is_empty());
+    // Everything of `extra` goes (service, endpoint, backend slot, pod,
+    // address, names); nothing of `web` is rewritten.
+    let after = contents(&bpffs);
+    assert_eq!(after, planned(&bpffs, &state(&[&web])));
+    let removed: usize = before.len() - after.len();
+    assert_eq!(w.summary.removed, removed);
+    assert_eq!(w.summary.upserted, 0);
+    drop(datapath);
+}
+
+#[test]
+fn a_full_map_refuses_new_entries_and_existing_ones_keep_working() {
+    if !require_root("a_full_map_refuses_new_entries_and_existing_ones_keep_working") {
+        return;
+    }
+    let bpffs = Bpffs::new().unwrap();
+    let cg = Cgroup::new("reconcile-full").unwrap();
+    // Small maps (--max-endpoints 1024 --max-services 64), so the test
+    // fills them quickly; the defaults hold 65,536 endpoints.
+    assert!(MapSizes::default().max_endpoints >= 65_536);
+    let sizes = MapSizes {
+        max_endpoints: 1024,
+        max_services: 64,
+    };
+    let mut datapath = Datapath::start_with_sizes(bpffs.path(), cg.path(), &sizes).unwrap();
+    for (map, n) in [
+        ("pod_addrs", 1024),
+        ("svc_endpoints", 2048),
+        ("dns_names", 4096),
+        ("services", 64),
+        ("pod_stats", 1024),
+    ] {
+        assert_eq!(pinned_max_entries(bpffs.path(), map), Some(n), "{map}");
+    }
+    let mut rec = Reconciler::new(datapath.take_maps().unwrap(), settings(), vec![]).unwrap();
+    let mut small = spec("small", &[("10.9.0.1", "small-0")]);
+    assert!(rec.full_sync(&state(&[&small])).errors.is_empty());
+
+    // More pods and addresses than the maps hold.
+    let capacity = sizes.max_endpoints as usize;
+    let addrs: Vec<(String, String)> = (0..capacity + 100)
+        .map(|i| {
+            (
+                format!("10.{}.{}.{}", 20 + i / 65_536, (i / 256) % 256, i % 256),
+                format!("big-{i}"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = addrs
+        .iter()
+        .map(|(a, p)| (a.as_str(), p.as_str()))
+        .collect();
+    let big = spec("big", &refs);
+    let w = rec.update_service(&big.key, Some(&big));
+    assert!(!w.errors.is_empty(), "some entries must be refused");
+    assert!(
+        w.errors.iter().all(|e| e.is_full()),
+        "only 'full' errors: {:?}",
+        w.errors.iter().find(|e| !e.is_full())
+    );
+    let now = contents(&bpffs);
+    assert_eq!(
+        now.pod_addrs.len(),
+        capacity,
+        "pod_addrs filled to capacity"
+    );
+
+    // An existing entry still updates: small-0 becomes not ready.
+    small.endpoints.values_mut().next().unwrap().ready = false;
+    let w = rec.update_service(&small.key, Some(&small));
+    assert!(w.errors.is_empty(), "{:?}", w.errors);
+    let small_id = now
+        .services
+        .iter()
+        .find(|(_, m)| headway::map_plan::decode_name(&m.name) == "small")
+        .map(|(id, _)| *id)
+        .unwrap();
+    let flags = contents(&bpffs)
+        .svc_endpoints
+        .iter()
+        .find(|(k, _)| k.service_id == small_id)
+        .map(|(_, v)| v.flags)
+        .unwrap();
+    assert_eq!(flags & headway_common::endpoint_flags::READY, 0);
+
+    // Once `big` goes, there is room again and nothing of it is left.
+    let w = rec.update_service(&big.key, None);
+    assert!(w.errors.is_empty(), "{:?}", w.errors.first());
+    let after = contents(&bpffs);
+    assert_eq!(after, planned(&bpffs, &state(&[&small])));
+    drop(datapath);
+
+    // Loading with other sizes over these pins is refused, clearly.
+    let err = Datapath::start(bpffs.path(), cg.path())
+        .err()
+        .expect("other sizes must be refused")
+        .to_string();
+    assert!(err.contains("headway reset"), "{err}");
+}

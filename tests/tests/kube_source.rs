@@ -1,0 +1,538 @@
+//! The agent's `kube` source, with the real kube-rs client, against the
+//! in-test fake API server (headway_testbed::fake_api): initial sync,
+//! add/update/delete of services, slices and labelled pods, namespace
+//! filter, watch dropped, 410 Gone and relist, API server down for a
+//! while, and an agent restart that writes only what differs.
+//!
+//! Privileged: the agent loads and attaches its programs (to a cgroup the
+//! test creates; no traffic is sent here). The API server is on loopback.
+use std::{collections::BTreeMap, time::Duration};
+
+use headway_testbed::{
+    Cgroup, FakeApi,
+    agent::{
+        Agent, Bpffs, Source, bpftool_dump, free_port, http_get, parse_openmetrics, status_json,
+        wait_for_status,
+    },
+    fake_api::objects::{cluster_ip_service, headless_service, node, pod, slice},
+    require_root,
+};
+use serde_json::{Value, json};
+
+const SYNC: Duration = Duration::from_secs(20);
+
+/// service (`ns/name`) → pod → (addresses, state), from `headway status`.
+type View = BTreeMap<String, BTreeMap<String, (Vec<String>, Vec<String>)>>;
+
+fn view(status: &Value) -> View {
+    let mut out = View::new();
+    for svc in status["services"].as_array().into_iter().flatten() {
+        let key = format!(
+            "{}/{}",
+            svc["namespace"].as_str().unwrap(),
+            svc["name"].as_str().unwrap()
+        );
+        let pods = out.entry(key).or_default();
+        for p in svc["pods"].as_array().into_iter().flatten() {
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.as_str().unwrap().to_string())
+                    .collect()
+            };
+            pods.insert(
+                p["name"].as_str().unwrap().to_string(),
+                (strings(&p["addresses"]), strings(&p["state"])),
+            );
+        }
+    }
+    out
+}
+
+fn pods_of<'a>(v: &'a View, svc: &str) -> Vec<&'a str> {
+    v.get(svc)
+        .map(|p| p.keys().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn state_of<'a>(v: &'a View, svc: &str, pod: &str) -> Vec<&'a str> {
+    v.get(svc)
+        .and_then(|p| p.get(pod))
+        .map(|(_, s)| s.iter().map(String::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `headway status` satisfies `ok` (on the view).
+fn wait_view(bpffs: &Bpffs, agent: &mut Agent, what: &str, ok: impl Fn(&View) -> bool) -> View {
+    let status = wait_for_status(bpffs, agent, SYNC, |s| ok(&view(s)))
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    view(&status)
+}
+
+/// Entries in each map the agent writes, from bpftool.
+fn map_sizes(bpffs: &Bpffs) -> BTreeMap<&'static str, usize> {
+    [
+        "services",
+        "pods",
+        "pod_addrs",
+        "svc_endpoints",
+        "svc_backends",
+        "dns_names",
+    ]
+    .into_iter()
+    .map(|m| (m, bpftool_dump(&bpffs.pin(m)).unwrap().len()))
+    .collect()
+}
+
+/// The value of metric `name` with label `resource` (0 if absent).
+fn metric(port: u16, name: &str, resource: &str) -> f64 {
+    let (code, body) = http_get(port, "/metrics").unwrap();
+    assert_eq!(code, 200, "{body}");
+    parse_openmetrics(&body)
+        .unwrap()
+        .iter()
+        .filter(|(n, l, _)| n == name && l.get("resource").map(String::as_str) == Some(resource))
+        .map(|(_, _, v)| *v)
+        .sum()
+}
+
+/// A fake API holding: headless `data/db` (db-0, db-1 in slice db-a;
+/// db-2 in db-b), a ClusterIP `data/api` with a slice, headless
+/// `shop/cart` (cart-0), headless `skip/hidden` (outside the agent's
+/// namespaces), pod db-1 drained, and this node in zone-a.
+fn seeded_api() -> FakeApi {
+    let api = FakeApi::start().expect("start the fake API server");
+    let apply = |v: Value| {
+        api.apply(v).unwrap();
+    };
+    apply(headless_service(
+        "data",
+        "db",
+        json!({"headway.dev/policy": "random"}),
+    ));
+    apply(slice(
+        "data",
+        "db-a",
+        "db",
+        &[("10.70.0.10", "db-0", true), ("10.70.0.11", "db-1", true)],
+    ));
+    apply(slice("data", "db-b", "db", &[("10.70.0.12", "db-2", true)]));
+    apply(cluster_ip_service("data", "api"));
+    let mut api_slice = slice("data", "api-x", "api", &[("10.70.0.20", "api-0", true)]);
+    // A ClusterIP service's slices are not labelled headless.
+    api_slice["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("service.kubernetes.io/headless");
+    apply(api_slice);
+    apply(headless_service("shop", "cart", json!({})));
+    apply(slice(
+        "shop",
+        "cart-1",
+        "cart",
+        &[("10.70.1.10", "cart-0", true)],
+    ));
+    apply(headless_service("skip", "hidden", json!({})));
+    apply(slice(
+        "skip",
+        "hidden-1",
+        "hidden",
+        &[("10.70.2.10", "hidden-0", true)],
+    ));
+    apply(pod("data", "db-1", json!({"headway.dev/drain": "true"})));
+    apply(pod("data", "db-0", json!({"app": "db"}))); // no headway label
+    apply(node("node-1", "zone-a"));
+    api
+}
+
+struct Setup {
+    api: FakeApi,
+    bpffs: Bpffs,
+    cg: Cgroup,
+    port: u16,
+    agent: Agent,
+    _dir: tempfile::TempDir,
+    source: Source,
+}
+
+fn start(test: &str) -> Setup {
+    let api = seeded_api();
+    let dir = tempfile::tempdir().unwrap();
+    let source = Source::Kube(api.write_kubeconfig(dir.path()).unwrap());
+    let bpffs = Bpffs::new().expect("mount a private bpffs");
+    let cg = Cgroup::new(test).expect("create a cgroup");
+    let port = free_port().unwrap();
+    let agent = start_agent(&source, &cg, &bpffs, port);
+    Setup {
+        api,
+        bpffs,
+        cg,
+        port,
+        agent,
+        _dir: dir,
+        source,
+    }
+}
+
+fn start_agent(source: &Source, cg: &Cgroup, bpffs: &Bpffs, port: u16) -> Agent {
+    let metrics = format!("--metrics-addr=127.0.0.1:{port}");
+    Agent::start_with(
+        source,
+        cg.path(),
+        bpffs,
+        &[
+            &metrics,
+            "--namespace=data",
+            "--namespace=shop",
+            "--node-name=node-1",
+        ],
+    )
+    .expect("start the agent")
+}
+
+fn initial_view(v: &View) -> bool {
+    pods_of(v, "data/db") == ["db-0", "db-1", "db-2"] && pods_of(v, "shop/cart") == ["cart-0"]
+}
+
+#[test]
+fn kube_source_initial_sync_and_incremental_updates() {
+    if !require_root("kube_source_initial_sync_and_incremental_updates") {
+        return;
+    }
+    let mut s = start("kube-sync");
+    let v = wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
+    // Only headless services, only in the agent's namespaces.
+    assert_eq!(
+        v.keys().collect::<Vec<_>>(),
+        ["data/db", "shop/cart"],
+        "{v:#?}"
+    );
+    assert_eq!(
+        state_of(&v, "data/db", "db-1"),
+        ["ready", "serving", "drained"]
+    );
+    assert_eq!(state_of(&v, "data/db", "db-0"), ["ready", "serving"]);
+    assert_eq!(http_get(s.port, "/readyz").unwrap().0, 200);
+    // Watches are per namespace, with the label selectors that keep the
+    // agent's view small.
+    assert_eq!(
+        s.api.selectors("endpointslices"),
+        ["service.kubernetes.io/headless"; 4],
+        "one list and one watch per namespace"
+    );
+    let mut pod_selectors = s.api.selectors("pods");
+    pod_selectors.sort();
+    pod_selectors.dedup();
+    assert_eq!(pod_selectors, ["headway.dev/drain", "headway.dev/weight"]);
+
+    // A new service with its slice.
+    s.api
+        .apply(headless_service("shop", "queue", json!({})))
+        .unwrap();
+    s.api
+        .apply(slice(
+            "shop",
+            "queue-1",
+            "queue",
+            &[
+                ("10.70.1.20", "queue-0", true),
+                ("10.70.1.21", "queue-1", false),
+            ],
+        ))
+        .unwrap();
+    let v = wait_view(&s.bpffs, &mut s.agent, "new service", |v| {
+        pods_of(v, "shop/queue") == ["queue-0", "queue-1"]
+    });
+    assert_eq!(state_of(&v, "shop/queue", "queue-1"), Vec::<&str>::new());
+
+    // A slice update: queue-1 becomes ready.
+    s.api
+        .apply(slice(
+            "shop",
+            "queue-1",
+            "queue",
+            &[
+                ("10.70.1.20", "queue-0", true),
+                ("10.70.1.21", "queue-1", true),
+            ],
+        ))
+        .unwrap();
+    wait_view(&s.bpffs, &mut s.agent, "slice update", |v| {
+        state_of(v, "shop/queue", "queue-1") == ["ready", "serving"]
+    });
+
+    // Labels: db-1 undrained (its pod loses the label: the drain watcher
+    // sees it deleted), db-2 drained through a new labelled pod.
+    s.api
+        .apply(pod("data", "db-1", json!({"headway.dev/weight": "50"})))
+        .unwrap();
+    s.api
+        .apply(pod("data", "db-2", json!({"headway.dev/drain": "true"})))
+        .unwrap();
+    wait_view(&s.bpffs, &mut s.agent, "pod labels", |v| {
+        state_of(v, "data/db", "db-1") == ["ready", "serving"]
+            && state_of(v, "data/db", "db-2") == ["ready", "serving", "drained"]
+    });
+    // Deleting the labelled pod undrains it (its endpoint stays).
+    assert!(s.api.delete("Pod", "data", "db-2"));
+    wait_view(&s.bpffs, &mut s.agent, "pod deleted", |v| {
+        state_of(v, "data/db", "db-2") == ["ready", "serving"]
+    });
+
+    // An endpoint moves from slice db-a to db-b (new slice first, as the
+    // EndpointSlice controller does): db-0 stays in the maps throughout.
+    s.api
+        .apply(slice(
+            "data",
+            "db-b",
+            "db",
+            &[("10.70.0.12", "db-2", true), ("10.70.0.10", "db-0", true)],
+        ))
+        .unwrap();
+    s.api
+        .apply(slice("data", "db-a", "db", &[("10.70.0.11", "db-1", true)]))
+        .unwrap();
+    // Removing a slice removes only its endpoints.
+    assert!(s.api.delete("EndpointSlice", "data", "db-a"));
+    let v = wait_view(&s.bpffs, &mut s.agent, "slice deleted", |v| {
+        pods_of(v, "data/db") == ["db-0", "db-2"]
+    });
+    assert_eq!(v["data/db"]["db-0"].0, ["10.70.0.10"]);
+
+    // A service in a namespace the agent does not watch never appears;
+    // a service turned ClusterIP... cannot happen (immutable). Delete
+    // everything: every map the services touched is empty again.
+    s.api
+        .apply(headless_service("skip", "other", json!({})))
+        .unwrap();
+    for (ns, name) in [("data", "db"), ("shop", "cart"), ("shop", "queue")] {
+        assert!(s.api.delete("Service", ns, name));
+    }
+    wait_view(&s.bpffs, &mut s.agent, "services deleted", View::is_empty);
+    for (map, n) in map_sizes(&s.bpffs) {
+        assert_eq!(n, 0, "map {map} still has entries after every service went");
+    }
+    assert_eq!(status_json(&s.bpffs).unwrap()["services"], json!([]));
+    s.agent.stop().expect("agent stops cleanly");
+    drop(s.cg);
+}
+
+#[test]
+fn kube_source_survives_watch_drops_expiry_and_api_outage() {
+    if !require_root("kube_source_survives_watch_drops_expiry_and_api_outage") {
+        return;
+    }
+    let mut s = start("kube-faults");
+    wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
+    let lists_before = s.api.requests("services", "list");
+
+    // 1. Watches dropped: the watcher resumes from its resourceVersion
+    // (no relist) and sees what changed.
+    s.api.drop_watches();
+    s.api
+        .apply(slice(
+            "shop",
+            "cart-1",
+            "cart",
+            &[
+                ("10.70.1.10", "cart-0", true),
+                ("10.70.1.11", "cart-1", true),
+            ],
+        ))
+        .unwrap();
+    wait_view(
+        &s.bpffs,
+        &mut s.agent,
+        "change after a dropped watch",
+        |v| pods_of(v, "shop/cart") == ["cart-0", "cart-1"],
+    );
+    assert_eq!(
+        s.api.requests("services", "list"),
+        lists_before,
+        "a dropped watch resumes without relisting"
+    );
+
+    // 2. API server down for a while: the maps keep their last state and
+    // the agent stays ready; meanwhile the cluster changes and history is
+    // compacted, so the watcher's resourceVersion has expired when the
+    // server comes back: 410 inside the stream, relist, converge
+    // (including deletions that only a relist can reveal).
+    let before_outage = view(&status_json(&s.bpffs).unwrap());
+    s.api.set_down(true).unwrap();
+    assert!(s.api.delete("Service", "shop", "cart"));
+    s.api
+        .apply(slice("data", "db-b", "db", &[("10.70.0.13", "db-3", true)]))
+        .unwrap();
+    s.api.expire();
+    std::thread::sleep(Duration::from_secs(3));
+    s.agent.check_running().unwrap();
+    assert_eq!(
+        view(&status_json(&s.bpffs).unwrap()),
+        before_outage,
+        "maps keep their last good state while the API is down"
+    );
+    assert_eq!(http_get(s.port, "/readyz").unwrap().0, 200);
+    assert!(
+        metric(s.port, "headway_watch_restarts_total", "services") >= 1.0,
+        "the outage is counted"
+    );
+    s.api.set_down(false).unwrap();
+    wait_view(
+        &s.bpffs,
+        &mut s.agent,
+        "converge after outage and 410",
+        |v| !v.contains_key("shop/cart") && pods_of(v, "data/db") == ["db-0", "db-1", "db-3"],
+    );
+    assert!(
+        s.api.requests("services", "list") > lists_before,
+        "relisted"
+    );
+    assert!(metric(s.port, "headway_relists_total", "services") >= 1.0);
+
+    // 3. Expiry alone (server up): a dropped watch resuming from an
+    // expired resourceVersion relists too.
+    s.api.expire();
+    let lists = s.api.requests("endpointslices", "list");
+    s.api.drop_watches();
+    s.api
+        .apply(pod("data", "db-0", json!({"headway.dev/drain": "true"})))
+        .unwrap();
+    wait_view(&s.bpffs, &mut s.agent, "converge after 410", |v| {
+        state_of(v, "data/db", "db-0") == ["ready", "serving", "drained"]
+    });
+    eventually_more(|| s.api.requests("endpointslices", "list"), lists);
+    s.agent.stop().expect("agent stops cleanly");
+}
+
+fn eventually_more(count: impl Fn() -> u64, than: u64) {
+    headway_testbed::fake_api::eventually(SYNC, "relist", || count() > than).unwrap();
+}
+
+#[test]
+fn kube_source_restart_writes_only_what_changed() {
+    if !require_root("kube_source_restart_writes_only_what_changed") {
+        return;
+    }
+    let mut s = start("kube-restart");
+    wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
+    let pods_before = bpftool_dump(&s.bpffs.pin("pods")).unwrap();
+    s.agent.stop().expect("agent stops cleanly");
+
+    // While no agent runs: one service goes, one pod is drained. The maps
+    // still hold the old state (the datapath keeps working).
+    assert!(s.api.delete("Service", "shop", "cart"));
+    s.api
+        .apply(pod("data", "db-0", json!({"headway.dev/drain": "true"})))
+        .unwrap();
+    let v = view(&status_json(&s.bpffs).unwrap());
+    assert!(initial_view(&v), "{v:#?}");
+
+    // A new agent with the API down cannot sync: it keeps the maps as they
+    // are and is not ready.
+    s.api.set_down(true).unwrap();
+    let port = free_port().unwrap();
+    let mut agent = start_agent(&s.source, &s.cg, &s.bpffs, port);
+    headway_testbed::fake_api::eventually(SYNC, "metrics served", || {
+        http_get(port, "/readyz").is_ok()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    agent.check_running().unwrap();
+    assert_eq!(http_get(port, "/readyz").unwrap().0, 503);
+    assert_eq!(view(&status_json(&s.bpffs).unwrap()), v, "maps untouched");
+
+    // API back: it syncs, and unchanged pods keep their ids (counters).
+    s.api.set_down(false).unwrap();
+    let after = wait_view(&s.bpffs, &mut agent, "sync after restart", |v| {
+        !v.contains_key("shop/cart")
+            && state_of(v, "data/db", "db-0") == ["ready", "serving", "drained"]
+    });
+    assert_eq!(pods_of(&after, "data/db"), ["db-0", "db-1", "db-2"]);
+    headway_testbed::fake_api::eventually(SYNC, "ready", || {
+        http_get(port, "/readyz").map(|r| r.0).ok() == Some(200)
+    })
+    .unwrap();
+    let pods_after = bpftool_dump(&s.bpffs.pin("pods")).unwrap();
+    let kept: Vec<&Value> = pods_after
+        .iter()
+        .filter(|p| pods_before.contains(p))
+        .collect();
+    assert_eq!(kept.len(), 3, "db-0..2 keep their ids: {pods_after:#?}");
+    assert_eq!(pods_after.len(), 3, "cart-0 is gone: {pods_after:#?}");
+    agent.stop().expect("agent stops cleanly");
+}
+
+#[test]
+fn kube_source_full_maps_refuse_new_entries_and_count_them() {
+    if !require_root("kube_source_full_maps_refuse_new_entries_and_count_them") {
+        return;
+    }
+    let api = FakeApi::start().unwrap();
+    api.apply(headless_service("data", "small", json!({})))
+        .unwrap();
+    api.apply(slice(
+        "data",
+        "small-1",
+        "small",
+        &[("10.71.0.1", "small-0", true)],
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = Source::Kube(api.write_kubeconfig(dir.path()).unwrap());
+    let bpffs = Bpffs::new().unwrap();
+    let cg = Cgroup::new("kube-full").unwrap();
+    let port = free_port().unwrap();
+    let metrics = format!("--metrics-addr=127.0.0.1:{port}");
+    let mut agent = Agent::start_with(
+        &source,
+        cg.path(),
+        &bpffs,
+        &[&metrics, "--max-endpoints=16", "--max-services=8"],
+    )
+    .unwrap();
+    wait_view(&bpffs, &mut agent, "small synced", |v| {
+        pods_of(v, "data/small") == ["small-0"]
+    });
+    // 20 endpoints into maps with room for 16 (one is taken).
+    let addrs: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("10.71.1.{i}"), format!("big-{i}")))
+        .collect();
+    let eps: Vec<(&str, &str, bool)> = addrs
+        .iter()
+        .map(|(a, p)| (a.as_str(), p.as_str(), true))
+        .collect();
+    api.apply(headless_service("data", "big", json!({})))
+        .unwrap();
+    api.apply(slice("data", "big-1", "big", &eps)).unwrap();
+    headway_testbed::fake_api::eventually(SYNC, "refusals counted", || {
+        let (_, body) = http_get(port, "/metrics").unwrap();
+        parse_openmetrics(&body)
+            .unwrap()
+            .iter()
+            .any(|(n, l, v)| n == "headway_map_full_total" && l["map"] == "pod_addrs" && *v >= 5.0)
+    })
+    .unwrap();
+    agent.check_running().unwrap();
+    assert_eq!(map_sizes(&bpffs)["pod_addrs"], 16);
+    // Existing entries keep working: small-0 turns not ready.
+    api.apply(slice(
+        "data",
+        "small-1",
+        "small",
+        &[("10.71.0.1", "small-0", false)],
+    ))
+    .unwrap();
+    wait_view(&bpffs, &mut agent, "existing entry updated", |v| {
+        state_of(v, "data/small", "small-0").is_empty()
+    });
+    // The capacity metric says what the agent chose.
+    let (_, body) = http_get(port, "/metrics").unwrap();
+    let capacity = parse_openmetrics(&body)
+        .unwrap()
+        .into_iter()
+        .find(|(n, l, _)| n == "headway_map_capacity" && l["map"] == "pod_addrs")
+        .map(|(_, _, v)| v);
+    assert_eq!(capacity, Some(16.0));
+    agent.stop().unwrap();
+}
