@@ -228,7 +228,9 @@ impl FakeApi {
     /// now gets `410 Gone` and must relist.
     pub fn expire(&self) {
         let mut state = self.shared.state.lock().expect("fake API state");
-        // Watching from now on (what a fresh list returns) is fine.
+        // Every resourceVersion handed out so far expires; a fresh list
+        // returns the next one, from which watching is fine.
+        state.rv += 1;
         state.expired_below = state.rv;
         state.history.clear();
     }

@@ -39,10 +39,9 @@ fn v4(pod: &str) -> Ipv4Addr {
     Ipv4Addr::from(PODS.iter().find(|(n, _)| *n == pod).unwrap().1)
 }
 
-/// The slice of `web`: web-0..2 (web-3 is gone from the service, but its
-/// process still answers, so a connection that is not steered shows).
-fn web_slice() -> Value {
-    let endpoints: Vec<Value> = LIVE
+/// The slice of `web` listing `pods`.
+fn web_slice(pods: &[&str]) -> Value {
+    let endpoints: Vec<Value> = pods
         .iter()
         .map(|pod| {
             json!({
@@ -142,9 +141,12 @@ fn agent_restart_mid_traffic_fails_no_connection_and_keeps_steering() {
     let _resolv = ResolvConf::new(cluster.client_ns("client"), DNS.into(), &[DOMAIN]).unwrap();
 
     let api = FakeApi::start().unwrap();
-    api.apply(headless_service("demo", "web", json!({})))
-        .unwrap();
-    api.apply(web_slice()).unwrap();
+    let mut web = headless_service("demo", "web", json!({}));
+    // Only declared ports are steered: declare the one the pods serve.
+    web["spec"]["ports"] = json!([{"name": "tcp", "port": PORT}]);
+    api.apply(web).unwrap();
+    let all: Vec<&str> = PODS.iter().map(|(name, _)| *name).collect();
+    api.apply(web_slice(&all)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let source = Source::Kube(api.write_kubeconfig(dir.path()).unwrap());
     let cg = Cgroup::new("kube-restart-traffic").unwrap();
@@ -152,7 +154,7 @@ fn agent_restart_mid_traffic_fails_no_connection_and_keeps_steering() {
     let port = free_port().unwrap();
     let mut agent = start_agent(&source, &cg, &bpffs, port);
     wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), |s| {
-        web_pods(s) == 3
+        web_pods(s) == 4
     })
     .unwrap();
 
@@ -168,6 +170,13 @@ fn agent_restart_mid_traffic_fails_no_connection_and_keeps_steering() {
         resolved.addrs.contains(&IpAddr::V4(v4("web-3"))),
         "{resolved:?}"
     );
+    // web-3 leaves the service (its process still answers, so a connection
+    // that is not steered shows).
+    api.apply(web_slice(&LIVE)).unwrap();
+    wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), |s| {
+        web_pods(s) == 3
+    })
+    .unwrap();
 
     // glibc's address sorting connect()s a UDP socket to each answer, so
     // resolving already steered one socket: count from here.

@@ -212,7 +212,10 @@ fn kube_source_initial_sync_and_incremental_updates() {
         state_of(&v, "data/db", "db-1"),
         ["ready", "serving", "drained"]
     );
-    assert_eq!(state_of(&v, "data/db", "db-0"), ["ready", "serving"]);
+    assert_eq!(
+        state_of(&v, "data/db", "db-0"),
+        ["ready", "serving", "eligible"]
+    );
     assert_eq!(http_get(s.port, "/readyz").unwrap().0, 200);
     // Watches are per namespace, with the label selectors that keep the
     // agent's view small.
@@ -259,7 +262,7 @@ fn kube_source_initial_sync_and_incremental_updates() {
         ))
         .unwrap();
     wait_view(&s.bpffs, &mut s.agent, "slice update", |v| {
-        state_of(v, "shop/queue", "queue-1") == ["ready", "serving"]
+        state_of(v, "shop/queue", "queue-1") == ["ready", "serving", "eligible"]
     });
 
     // Labels: db-1 undrained (its pod loses the label: the drain watcher
@@ -271,13 +274,13 @@ fn kube_source_initial_sync_and_incremental_updates() {
         .apply(pod("data", "db-2", json!({"headway.dev/drain": "true"})))
         .unwrap();
     wait_view(&s.bpffs, &mut s.agent, "pod labels", |v| {
-        state_of(v, "data/db", "db-1") == ["ready", "serving"]
+        state_of(v, "data/db", "db-1") == ["ready", "serving", "eligible"]
             && state_of(v, "data/db", "db-2") == ["ready", "serving", "drained"]
     });
     // Deleting the labelled pod undrains it (its endpoint stays).
     assert!(s.api.delete("Pod", "data", "db-2"));
     wait_view(&s.bpffs, &mut s.agent, "pod deleted", |v| {
-        state_of(v, "data/db", "db-2") == ["ready", "serving"]
+        state_of(v, "data/db", "db-2") == ["ready", "serving", "eligible"]
     });
 
     // An endpoint moves from slice db-a to db-b (new slice first, as the
