@@ -2,7 +2,8 @@
 //! HTTP/1.1 on 127.0.0.1, speaking list and watch the way kube-rs expects
 //! (shared/docs/testing.md):
 //!
-//! - Lists carry `metadata.resourceVersion`; watches stream newline-
+//! - Lists carry `metadata.resourceVersion` and are paged (`limit`,
+//!   `continue`); watches stream newline-
 //!   delimited events from a resourceVersion, with BOOKMARKs when asked.
 //! - Streaming lists (`sendInitialEvents=true`): ADDED for every object,
 //!   then a BOOKMARK annotated `k8s.io/initial-events-end`.
@@ -304,6 +305,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // As Go's net/http does: a watch event must not wait for the ACK
+        // of the previous one (Nagle + delayed ACK stall ~40 ms).
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let mut kill = shared.kill_connections.subscribe();
         tokio::spawn(async move {
@@ -492,20 +496,39 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response
 fn list_response(q: &Query, selector: &Selector, shared: &Arc<Shared>) -> Response<Body> {
     let state = shared.state.lock().expect("fake API state");
     let (_, kind, api_version, _) = kind_of_plural(q.plural).expect("known plural");
-    let items: Vec<Value> = state
+    // Pages (`limit`, `continue`): the token is the offset into the
+    // matching objects in key order. Unlike a real API server, later pages
+    // read the current state, not the first page's snapshot (tests do not
+    // change objects while a list is paged).
+    let limit: usize = q
+        .params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let offset: usize = q
+        .params
+        .get("continue")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut matching = state
         .objects
         .get(q.plural)
         .into_iter()
         .flat_map(|o| o.values())
         .filter(|o| in_namespace(o, &q.namespace) && selector.matches(o))
-        .cloned()
-        .collect();
+        .skip(offset);
+    let items: Vec<Value> = matching.by_ref().take(limit).cloned().collect();
+    let mut metadata = json!({"resourceVersion": state.rv.to_string()});
+    if matching.next().is_some() {
+        metadata["continue"] = json!((offset + items.len()).to_string());
+    }
     full(
         200,
         json!({
             "kind": format!("{kind}List"),
             "apiVersion": api_version,
-            "metadata": {"resourceVersion": state.rv.to_string()},
+            "metadata": metadata,
             "items": items,
         }),
     )

@@ -166,6 +166,11 @@ fn measure(bin: &Path, services: usize, endpoints: usize, events: usize) -> anyh
         .arg("--bpffs")
         .arg(bpffs.path())
         .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        // Room for every endpoint (100,000 pods exceed the default 65,536).
+        .arg(format!(
+            "--max-endpoints={}",
+            (services * endpoints).next_power_of_two().max(65_536)
+        ))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
