@@ -175,6 +175,11 @@ impl Ids {
         self.services.release(id);
     }
 
+    /// The pod an id stands for.
+    pub fn pod_key(&self, id: u32) -> Option<&PodKey> {
+        self.pods.by_id.get(&id)
+    }
+
     /// Frees a pod id (no service refers to the pod any more).
     pub fn release_pod(&mut self, id: u32) {
         self.pods.release(id);
@@ -330,7 +335,7 @@ pub fn plan_service(svc: &ServiceSpec, settings: &PlanSettings, ids: &mut Ids) -
 
 /// The pod an endpoint stands for: its targetRef, or its address when the
 /// slice names no pod (hand-made slices).
-fn pod_key(service: &ServiceKey, ep: &Endpoint) -> PodKey {
+pub fn pod_key(service: &ServiceKey, ep: &Endpoint) -> PodKey {
     ep.pod.clone().unwrap_or_else(|| PodKey {
         namespace: service.namespace.clone(),
         name: ep.addr.to_string(),

@@ -201,6 +201,26 @@ impl MapWriter {
         self.fragments.contains_key(&service_id)
     }
 
+    /// Pod ids in service `service_id`'s entries that no other service
+    /// claims.
+    pub fn pods_only_of(&self, service_id: u32) -> Vec<u32> {
+        let Some(fragment) = self.fragments.get(&service_id) else {
+            return Vec::new();
+        };
+        fragment
+            .pods
+            .keys()
+            .filter(|id| {
+                self.shared
+                    .pods
+                    .0
+                    .get(id)
+                    .is_some_and(|c| c.iter().all(|(owner, _)| *owner == service_id))
+            })
+            .copied()
+            .collect()
+    }
+
     pub fn pod_claimed(&self, pod_id: u32) -> bool {
         self.shared.pods.0.contains_key(&pod_id)
     }

@@ -10,7 +10,7 @@ use headway_common::Config;
 use crate::{
     map_plan::{self, Ids, PlanSettings},
     map_writer::{MapWriter, WriteError, Written},
-    model::{DesiredState, ServiceKey, ServiceSpec},
+    model::{DesiredState, PodKey, ServiceKey, ServiceSpec},
     pinned::{Maps, PinnedError},
 };
 
@@ -76,6 +76,7 @@ impl Reconciler {
         let spec = spec.filter(|_| self.wanted(key));
         let written = match spec {
             Some(spec) => {
+                self.release_departing_pods(key, spec);
                 let fragment = map_plan::plan_service(spec, &self.settings, &mut self.ids);
                 let id = self.ids.service(key);
                 self.applied.insert(key.clone());
@@ -99,6 +100,30 @@ impl Reconciler {
             self.ids.release_pod(*pod);
         }
         written
+    }
+
+    /// Frees the ids of pods that leave the service and that no other
+    /// service lists, before the new spec is planned: a pod arriving in the
+    /// same change takes the lowest free id, as a full plan would give it
+    /// (its counters start over under a new generation).
+    fn release_departing_pods(&mut self, key: &ServiceKey, spec: &ServiceSpec) {
+        let Some(id) = self.ids.service_id(key) else {
+            return;
+        };
+        let staying: BTreeSet<PodKey> = spec
+            .endpoints
+            .values()
+            .map(|ep| map_plan::pod_key(key, ep))
+            .collect();
+        for pod_id in self.writer.pods_only_of(id) {
+            if self
+                .ids
+                .pod_key(pod_id)
+                .is_some_and(|pod| !staying.contains(pod))
+            {
+                self.ids.release_pod(pod_id);
+            }
+        }
     }
 
     /// Makes the maps say exactly what `desired` says: every service in it
