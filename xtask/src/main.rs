@@ -3,6 +3,7 @@ mod bench_dns;
 mod bench_hooks;
 mod build_ebpf;
 mod demo;
+mod image;
 mod test;
 mod toolchain;
 mod util;
@@ -33,6 +34,9 @@ enum Task {
     /// Measure every attached hook's cost per run (bpf_stats) while a
     /// client makes real connections, per steering case (needs root).
     BenchHooks(bench_hooks::Options),
+    /// Build the container image (deploy/Containerfile) with podman, docker
+    /// or buildah, whichever works here; says so when none does.
+    Image(image::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(opts) => demo::run(&opts),
         Task::BenchDns(opts) => bench_dns::run(&opts),
         Task::BenchHooks(opts) => bench_hooks::run(&opts),
+        Task::Image(opts) => image::run(&opts),
     }
 }
