@@ -7,6 +7,7 @@ mod bench_hooks;
 mod bpf_stats;
 mod build_ebpf;
 mod demo;
+mod image;
 mod test;
 mod toolchain;
 mod util;
@@ -47,6 +48,9 @@ enum Task {
     /// Measure the kube source at scale against the fake API server:
     /// time to sync, EndpointSlice event to map write, peak RSS (root).
     BenchControlPlane(bench_control_plane::Options),
+    /// Build the container image (deploy/Containerfile) with podman, docker
+    /// or buildah, whichever works here; says so when none does.
+    Image(image::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +65,6 @@ fn main() -> anyhow::Result<()> {
         Task::BenchAcct(opts) => bench_acct::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
         Task::BenchControlPlane(opts) => bench_control_plane::run(&opts),
+        Task::Image(opts) => image::run(&opts),
     }
 }
