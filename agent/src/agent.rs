@@ -2,7 +2,6 @@
 //! to what the source says, until SIGTERM/SIGINT. Stopping leaves the
 //! datapath pinned and working.
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, atomic::AtomicBool},
@@ -19,7 +18,7 @@ use crate::{
     http::{self, HttpState},
     log_once::SyncLogs,
     map_plan::PlanSettings,
-    map_writer::{WriteError, Written},
+    map_writer::Written,
     metrics::{AgentMetrics, MapLabels, ResourceLabels},
     model::{self, DesiredState, Policy},
     netns,
@@ -327,29 +326,17 @@ impl Syncer {
         );
     }
 
-    fn record(&self, started: Instant, written: &Written) {
+    fn record(&mut self, started: Instant, written: &Written) {
         let metrics = &self.http.metrics;
-        // One line per map and kind of failure, however many entries: a
-        // full map must not flood the log.
-        let mut groups: BTreeMap<(&str, &str, bool), (usize, &WriteError)> = BTreeMap::new();
-        for e in &written.errors {
-            groups.entry((e.map, e.op, e.is_full())).or_insert((0, e)).0 += 1;
+        for e in written.errors.iter().filter(|e| e.is_full()) {
+            metrics
+                .map_full
+                .get_or_create(&MapLabels { map: e.map })
+                .inc();
         }
-        for ((map, _, full), (count, first)) in groups {
-            if full {
-                metrics
-                    .map_full
-                    .get_or_create(&MapLabels { map })
-                    .inc_by(count as u64);
-                warn!(
-                    map,
-                    refused = count,
-                    "map full: new entries refused, existing entries keep working"
-                );
-            } else {
-                error!(map, failed = count, error = %first, "map writes failed; the rest was applied");
-            }
-        }
+        // Once per object, map and kind of failure, and again only when
+        // that changes: a full map must not flood the log.
+        self.logs.write_errors(&written.errors);
         metrics.map_write_errors.inc_by(written.errors.len() as u64);
         metrics.syncs.inc();
         metrics

@@ -69,18 +69,36 @@ impl SyncLogs {
         }
     }
 
-    /// Map entries the kernel refused (full map, bad value), grouped by
-    /// map, operation and error, with how many entries each hit.
+    /// Map entries the kernel refused (full map, bad value), by object
+    /// (`Service ns/name`), map, operation and error, with how many
+    /// entries each hit. A full map is a warning: the entries already in
+    /// it keep working.
     pub fn write_errors(&mut self, errors: &[WriteError]) {
-        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut counts: std::collections::BTreeMap<(String, String, bool), usize> =
+            Default::default();
         for e in errors {
-            *counts.entry(e.to_string()).or_default() += 1;
+            let object = e.object.clone().unwrap_or_else(|| "-".to_owned());
+            *counts
+                .entry((object, e.to_string(), e.is_full()))
+                .or_default() += 1;
         }
+        let full: BTreeSet<(String, String)> = counts
+            .keys()
+            .filter(|(_, _, full)| *full)
+            .map(|(o, m, _)| (o.clone(), m.clone()))
+            .collect();
         let round = counts
             .into_iter()
-            .map(|(message, n)| (message, n.to_string()));
-        for (message, entries) in self.writes.fresh(round) {
-            error!(error = %message, entries = %entries, "map write failed; the rest of the sync was applied");
+            .map(|((object, message, _), n)| (object, format!("{message} ({n} entries)")));
+        for (object, message) in self.writes.fresh(round) {
+            let is_full = full
+                .iter()
+                .any(|(o, m)| *o == object && message.starts_with(m.as_str()));
+            if is_full {
+                warn!(object = %object, error = %message, "map full: new entries refused, existing entries keep working");
+            } else {
+                error!(object = %object, error = %message, "map write failed; the rest of the sync was applied");
+            }
         }
     }
 }

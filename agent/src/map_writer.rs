@@ -47,8 +47,10 @@ fn new_generation() -> u64 {
 pub struct WriteError {
     pub op: &'static str,
     pub map: &'static str,
+    /// The object whose entry it was (`Service ns/name`), when known.
+    pub object: Option<String>,
     #[source]
-    pub source: MapError,
+    pub source: Box<MapError>,
 }
 
 impl WriteError {
@@ -56,7 +58,7 @@ impl WriteError {
     /// id lies beyond an array map's end. Entries already in the map are
     /// unaffected and still updatable.
     pub fn is_full(&self) -> bool {
-        match &self.source {
+        match &*self.source {
             MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::E2BIG),
             MapError::OutOfBounds { .. } => true,
             _ => false,
@@ -182,9 +184,10 @@ impl MapWriter {
             .addr_filter
             .insert(addr, 0)
             .map_err(|source| WriteError {
+                object: None,
                 op: "add",
                 map: map_names::ADDR_FILTER,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -231,9 +234,10 @@ impl MapWriter {
             .config
             .set(0, config, 0)
             .map_err(|source| WriteError {
+                object: None,
                 op: "write",
                 map: map_names::CONFIG,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -397,9 +401,10 @@ fn write_keys(
         if let Err(source) = m.pod_stats.set(*pod_id, fresh, 0) {
             no_counters.insert(*pod_id);
             errors.push(WriteError {
+                object: None,
                 op: "zero",
                 map: map_names::POD_STATS,
-                source,
+                source: Box::new(source),
             });
         }
     }
@@ -425,9 +430,10 @@ fn write_keys(
             .is_some_and(|c| (c.namespace, c.name) == (meta.namespace, meta.name));
         if !same && let Err(source) = m.svc_stats.set(*service_id, ServiceCounters::default(), 0) {
             errors.push(WriteError {
+                object: None,
                 op: "zero",
                 map: map_names::SVC_STATS,
-                source,
+                source: Box::new(source),
             });
         }
     }
@@ -478,9 +484,10 @@ fn write_keys(
             && let Err(source) = m.addr_filter.insert(addr, 0)
         {
             errors.push(WriteError {
+                object: None,
                 op: "add",
                 map: map_names::ADDR_FILTER,
-                source,
+                source: Box::new(source),
             });
         }
     }
@@ -586,9 +593,10 @@ fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
     let generation = maps.pod_addrs_gen.get(&0, 0).unwrap_or(0);
     if let Err(source) = maps.pod_addrs_gen.set(0, generation.wrapping_add(1), 0) {
         errors.push(WriteError {
+            object: None,
             op: "bump",
             map: map_names::POD_ADDRS_GEN,
-            source,
+            source: Box::new(source),
         });
     }
 }
@@ -613,9 +621,10 @@ fn upsert<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
                 sum.upserted += 1;
             }
             Err(source) => errors.push(WriteError {
+                object: None,
                 op: "write",
                 map: name,
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -640,9 +649,10 @@ fn remove<K: aya::Pod + Ord, V: aya::Pod>(
                 sum.removed += 1;
             }
             Err(source) => errors.push(WriteError {
+                object: None,
                 op: "remove",
                 map: name,
-                source,
+                source: Box::new(source),
             }),
         }
     }

@@ -99,6 +99,11 @@ impl Reconciler {
         for pod in &written.unclaimed_pods {
             self.ids.release_pod(*pod);
         }
+        // Whatever failed was this service's entry: say so in the logs.
+        let mut written = written;
+        for e in &mut written.errors {
+            e.object.get_or_insert_with(|| format!("Service {key}"));
+        }
         written
     }
 

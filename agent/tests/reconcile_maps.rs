@@ -224,6 +224,15 @@ fn a_full_map_refuses_new_entries_and_existing_ones_keep_working() {
         "only 'full' errors: {:?}",
         w.errors.iter().find(|e| !e.is_full())
     );
+    // Each refusal names the object it was for, so the log can say which.
+    let object = format!("Service {}", big.key);
+    assert!(
+        w.errors
+            .iter()
+            .all(|e| e.object.as_deref() == Some(object.as_str())),
+        "{:?}",
+        w.errors.first()
+    );
     let now = contents(&bpffs);
     assert_eq!(
         now.pod_addrs.len(),
