@@ -68,6 +68,7 @@ pub unsafe fn mark(sk: *mut bpf_sock, pod_id: u32, protocol: u8) -> *mut Account
             (*slot).pod_id = pod_id;
             (*slot).protocol = protocol;
             (*slot).active = 0;
+            (*slot).seen_known = 0;
         }
     }
     slot

@@ -6,13 +6,18 @@
 //! What is counted: transport payload, i.e. each packet's length minus its
 //! IP header (IPv4 with options; IPv6 as its fixed 40 bytes) and its TCP
 //! (with options) or UDP header. That is what the application wrote and
-//! read, independent of GSO/GRO batching; TCP retransmissions count again,
-//! handshakes and pure ACKs count zero. TCP counts from the established
-//! state on (the handshake carries no payload anyway).
+//! read, independent of GSO/GRO batching. UDP: each datagram's payload.
+//! TCP: what the kernel counts as delivered (`bytes_acked`,
+//! `bytes_received` of the socket), read on each of its packets, so a
+//! retransmitted or reordered segment counts once; from the established
+//! state on.
 use aya_ebpf::{
     macros::cgroup_skb,
     programs::{SkBuffContext, sk_buff::SkBuff},
 };
+
+use aya_ebpf::{bindings::bpf_sock, helpers::bpf_tcp_sock};
+use headway_common::AccountedSocket;
 
 use crate::{
     accounting::count_bytes,
@@ -43,36 +48,78 @@ pub fn hw_bytes_ingress(ctx: SkBuffContext) -> i32 {
 fn count(skb: &SkBuff, sent: bool) {
     // SAFETY: the packet's socket as the kernel hands it (may be null, or
     // not a full socket: then the helper returns null).
-    let slot = unsafe {
-        let sk = (*skb.skb).__bindgen_anon_2.sk;
-        if sk.is_null() {
-            return;
-        }
-        mark_of(sk)
-    };
+    let sk = unsafe { (*skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: as above.
+    let slot = unsafe { mark_of(sk) };
     if slot.is_null() {
         return;
     }
     // SAFETY: non-null storage of this socket; copied out at once.
     let mark = unsafe { *slot };
-    let payload = payload_len(skb, mark.protocol);
+    if mark.protocol == IPPROTO_TCP {
+        // SAFETY: the storage of this (TCP) socket.
+        if let Some((out, got)) = unsafe { tcp_delivered(sk, slot) } {
+            if out > 0 {
+                count_bytes(mark.pod_id, mark.generation, true, out);
+            }
+            if got > 0 {
+                count_bytes(mark.pod_id, mark.generation, false, got);
+            }
+        }
+        return;
+    }
+    let payload = payload_len(skb, mark.protocol).0;
     if payload > 0 {
         count_bytes(mark.pod_id, mark.generation, sent, u64::from(payload));
     }
 }
 
-/// Transport payload bytes of the packet (see the module docs); 0 when
-/// the headers cannot be read.
+/// TCP: what the socket delivered each way since it was last counted,
+/// from the kernel's own counters (`bytes_acked`: sent and acknowledged;
+/// `bytes_received`: received in order). A retransmission or a reordered
+/// segment does not move them twice. The packet that makes them grow is
+/// counted on the socket's next packet (either way), which TCP always
+/// sends (an ACK, a FIN). The first packet only records where they stand
+/// (the SYN's sequence number is not a byte).
+///
+/// # Safety
+/// `slot` is the non-null storage of `sk`, a TCP socket.
 #[inline(always)]
-fn payload_len(skb: &SkBuff, protocol: u8) -> u32 {
+unsafe fn tcp_delivered(sk: *mut bpf_sock, slot: *mut AccountedSocket) -> Option<(u64, u64)> {
+    // SAFETY: `sk` is the packet's socket; the helper checks it is TCP.
+    let tp = unsafe { bpf_tcp_sock(sk) };
+    if tp.is_null() {
+        return None;
+    }
+    // SAFETY: non-null pointers from the helpers (caller's contract for
+    // `slot`); raw field access only.
+    unsafe {
+        let (acked, received) = ((*tp).bytes_acked, (*tp).bytes_received);
+        let fresh = (*slot).seen_known == 0;
+        let sent = acked.saturating_sub((*slot).sent_seen);
+        let got = received.saturating_sub((*slot).received_seen);
+        (*slot).sent_seen = acked;
+        (*slot).received_seen = received;
+        (*slot).seen_known = 1;
+        if fresh { None } else { Some((sent, got)) }
+    }
+}
+
+/// Transport payload bytes of the packet (see the module docs; 0 when the
+/// headers cannot be read) and the length of its IP header.
+#[inline(always)]
+fn payload_len(skb: &SkBuff, protocol: u8) -> (u32, u32) {
     let len = skb.len();
     let Some(first) = byte_at::<0>(skb) else {
-        return 0;
+        return (0, 0);
     };
     let ip_len = match first >> 4 {
         4 => u32::from(first & 0x0f) * 4,
         6 => IPV6_HDR_LEN,
-        _ => return 0,
+        _ => return (0, 0),
     };
     let l4_len = match protocol {
         IPPROTO_UDP => UDP_HDR_LEN,
@@ -89,12 +136,12 @@ fn payload_len(skb: &SkBuff, protocol: u8) -> u32 {
             };
             match doff {
                 Some(byte) => u32::from(byte >> 4) * 4,
-                None => return 0,
+                None => return (0, ip_len),
             }
         }
-        _ => return 0,
+        _ => return (0, ip_len),
     };
-    len.saturating_sub(ip_len + l4_len)
+    (len.saturating_sub(ip_len + l4_len), ip_len)
 }
 
 /// The byte at `OFFSET` from the IP header: straight from the linear data

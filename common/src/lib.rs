@@ -387,7 +387,14 @@ pub struct AccountedSocket {
     /// 1 while the socket is counted in `active_tcp` (established, not yet
     /// closed): the close takes it back exactly once.
     pub active: u8,
-    pub _pad: u16,
+    /// TCP: 1 once `sent_seen`/`received_seen` hold the socket's counters.
+    pub seen_known: u8,
+    pub _pad: u8,
+    /// TCP: the kernel's `bytes_acked` / `bytes_received` of the socket
+    /// when last counted: each packet adds what they grew by since, so
+    /// every byte counts once, retransmitted or reordered.
+    pub sent_seen: u64,
+    pub received_seen: u64,
 }
 
 /// Key of `svc_backends`.
@@ -706,7 +713,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 16);
         assert_eq!(size_of::<PodRef>(), 8);
         assert_eq!(size_of::<PodCounters>(), 72);
-        assert_eq!(size_of::<AccountedSocket>(), 16);
+        assert_eq!(size_of::<AccountedSocket>(), 32);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);

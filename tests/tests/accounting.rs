@@ -644,3 +644,97 @@ fn program_ids(status: &Value) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+/// `RetransSegs` of the TCP MIB in `ns` (`/proc/net/snmp` is per netns).
+fn retransmitted_segments(ns: &headway_testbed::NetNs) -> u64 {
+    let out = ns
+        .exec("cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .expect("read /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// Drops a share of the TCP segments arriving in `ns` that carry data
+/// (iptables `statistic`), so the peer has to send them again.
+fn drop_some_incoming_data(ns: &headway_testbed::NetNs) {
+    for ip in ["iptables", "ip6tables"] {
+        let status = ns
+            .exec(ip)
+            .args([
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "length",
+                "--length",
+                "200:65535",
+            ])
+            .args([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.05",
+            ])
+            .args(["-j", "DROP"])
+            .status()
+            .expect("run iptables");
+        assert!(status.success(), "{ip} rule in {}", ns.name());
+    }
+}
+
+#[test]
+fn retransmitted_tcp_payload_is_counted_once() {
+    if !require_root("retransmitted_tcp_payload_is_counted_once") {
+        return;
+    }
+    let bed = Bed::new("acct-retrans", 1, &["web-0"]);
+    let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
+    // Lose data both ways: the pod drops some of what the client sends,
+    // the client some of what the pod sends.
+    drop_some_incoming_data(bed.cluster.pod_ns("web-0"));
+    drop_some_incoming_data(bed.client_ns());
+    let before = retransmitted_segments(bed.client_ns())
+        + retransmitted_segments(bed.cluster.pod_ns("web-0"));
+    let mut moved = (0, 0);
+    for ipv6 in [false, true] {
+        let r = bed.bulk(
+            "web-0",
+            ipv6,
+            Bulk {
+                up: MB,
+                down: MB,
+                count: 1,
+                udp: false,
+                server_closes: false,
+            },
+        );
+        moved = (moved.0 + r.sent, moved.1 + r.received);
+    }
+    let retransmitted = retransmitted_segments(bed.client_ns())
+        + retransmitted_segments(bed.cluster.pod_ns("web-0"))
+        - before;
+    assert!(retransmitted > 0, "the drops must cause retransmissions");
+    eprintln!("{retransmitted} segments retransmitted; moved {moved:?}");
+    let status = bed.status();
+    assert_within_1pct(
+        "bytes_sent",
+        counter(&status, "web-0", "bytes_sent"),
+        moved.0,
+    );
+    assert_within_1pct(
+        "bytes_received",
+        counter(&status, "web-0", "bytes_received"),
+        moved.1,
+    );
+}
