@@ -26,25 +26,41 @@ fn forget_if_udp(ctx: &SockAddrContext, protocol: u32) {
     }
 }
 
+/// What both hooks do once the destination is read: decide, account,
+/// and on a steering remember it and let `write` put the new address in
+/// the context.
+///
+/// # Safety
+/// `ctx` is the hook's context.
+#[inline(always)]
+unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrKey)) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
+    let req = unsafe {
+        Request {
+            dst,
+            port: user_port(sa),
+            protocol: (*sa).protocol,
+        }
+    };
+    let to = on_connect(ctx, &req);
+    acct_socks::on_connect(ctx, to.as_ref().unwrap_or(&req.dst), req.protocol);
+    match to {
+        Some(new) => {
+            remember(ctx, &req.dst, &new);
+            write(&new);
+        }
+        None => forget_if_udp(ctx, req.protocol),
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn hw_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
     unsafe {
-        let req = Request {
-            dst: AddrKey::from_v4_be((*sa).user_ip4),
-            port: user_port(sa),
-            protocol: (*sa).protocol,
-        };
-        let to = on_connect(&ctx, &req);
-        acct_socks::on_connect(&ctx, to.as_ref().unwrap_or(&req.dst), req.protocol);
-        match to {
-            Some(new) => {
-                remember(&ctx, &req.dst, &new);
-                (*sa).user_ip4 = new.addr[3];
-            }
-            None => forget_if_udp(&ctx, req.protocol),
-        }
+        let dst = AddrKey::from_v4_be((*sa).user_ip4);
+        connect(&ctx, dst, |new| (*sa).user_ip4 = new.addr[3]);
     }
     ALLOW
 }
@@ -54,20 +70,7 @@ pub fn hw_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands the hook a valid bpf_sock_addr.
     unsafe {
-        let req = Request {
-            dst: user_ip6(sa),
-            port: user_port(sa),
-            protocol: (*sa).protocol,
-        };
-        let to = on_connect(&ctx, &req);
-        acct_socks::on_connect(&ctx, to.as_ref().unwrap_or(&req.dst), req.protocol);
-        match to {
-            Some(new) => {
-                remember(&ctx, &req.dst, &new);
-                set_user_ip6(sa, &new);
-            }
-            None => forget_if_udp(&ctx, req.protocol),
-        }
+        connect(&ctx, user_ip6(sa), |new| set_user_ip6(sa, new));
     }
     ALLOW
 }

@@ -169,26 +169,12 @@ impl MapWriter {
             fragments: BTreeMap::new(),
             shared: SharedClaims::default(),
         };
-        let addrs: Vec<AddrKey> = writer.current.pod_addrs.keys().copied().collect();
-        for addr in addrs {
-            if let Err(e) = writer.filter(&addr) {
+        for addr in writer.current.pod_addrs.keys() {
+            if let Err(e) = add_to_filter(&mut writer.maps, addr) {
                 tracing::error!(error = %e, "cannot fill the address filter");
             }
         }
         Ok(writer)
-    }
-
-    /// Adds `addr` to the address filter (before it can be looked up).
-    fn filter(&mut self, addr: &AddrKey) -> Result<(), WriteError> {
-        self.maps
-            .addr_filter
-            .insert(addr, 0)
-            .map_err(|source| WriteError {
-                object: None,
-                op: "add",
-                map: map_names::ADDR_FILTER,
-                source: Box::new(source),
-            })
     }
 
     pub fn current(&self) -> &MapContents {
@@ -481,14 +467,9 @@ fn write_keys(
     for addr in &keys.pod_addrs {
         if !cur.pod_addrs.contains_key(addr)
             && pod_addrs_wanted(addr).is_some()
-            && let Err(source) = m.addr_filter.insert(addr, 0)
+            && let Err(e) = add_to_filter(m, addr)
         {
-            errors.push(WriteError {
-                object: None,
-                op: "add",
-                map: map_names::ADDR_FILTER,
-                source: Box::new(source),
-            });
+            errors.push(e);
         }
     }
     let changed = sum.upserted + sum.removed;
@@ -589,6 +570,18 @@ fn write_keys(
 
 /// Tells the DNS interceptor that pod ids it cached per address may be
 /// stale (`dns_resp`): called after `pod_addrs` changed, never before.
+/// Adds `addr` to the address filter (before `pod_addrs` can hold it).
+fn add_to_filter(maps: &mut Maps, addr: &AddrKey) -> Result<(), WriteError> {
+    maps.addr_filter
+        .insert(addr, 0)
+        .map_err(|source| WriteError {
+            object: None,
+            op: "add",
+            map: map_names::ADDR_FILTER,
+            source: Box::new(source),
+        })
+}
+
 fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
     let generation = maps.pod_addrs_gen.get(&0, 0).unwrap_or(0);
     if let Err(source) = maps.pod_addrs_gen.set(0, generation.wrapping_add(1), 0) {

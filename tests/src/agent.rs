@@ -347,23 +347,7 @@ pub fn netns_cookie(ns: &NetNs) -> Result<u64> {
     std::thread::spawn(move || -> Result<u64> {
         // Only this thread moves; it ends right after.
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("socket in netns")?;
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SO_NETNS_COOKIE (71). SAFETY: valid fd and a buffer of that size.
-        let ret = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                71,
-                (&raw mut cookie).cast(),
-                &mut len,
-            )
-        };
-        if ret != 0 {
-            bail!("SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
-        }
-        Ok(cookie)
+        headway::netns::current_netns_cookie().context("SO_NETNS_COOKIE")
     })
     .join()
     .map_err(|_| anyhow::anyhow!("netns cookie thread panicked"))?
