@@ -10,15 +10,13 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32},
 };
 use headway_common::{
-    AddrKey, Backend, BackendKey, ObservationKey, ServiceEndpointKey, ServiceMeta, ServicePortKey,
-    config_flags, endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
+    AddrKey, Backend, BackendKey, ServiceEndpointKey, ServiceMeta, ServicePortKey, config_flags,
+    endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
 };
 
 use crate::{
     accounting::{count_connect, count_decision, count_steer, pod_of},
-    maps::{
-        ADDR_FILTER, CONFIG, DNS_OBS, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS,
-    },
+    maps::{ADDR_FILTER, CONFIG, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
 };
 
 /// The fast path (product.md, rule 1): an address that was never a
@@ -109,12 +107,7 @@ fn decide<C: EbpfContext>(
     };
     // SAFETY: the helper only reads the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = ObservationKey {
-        netns_cookie,
-        addr: req.dst,
-    };
-    // SAFETY: copied out at once.
-    let Some(obs) = (unsafe { DNS_OBS.get(&key) }).copied() else {
+    let Some(obs) = crate::dns::observation(netns_cookie, &req.dst) else {
         // Never resolved by this client (a hard-coded IP, a scraper using
         // API addresses, a cache older than the agent): never steered.
         if pod.is_some() {

@@ -13,9 +13,12 @@
 //! through a map field with volatile accesses, which the verifier does not
 //! track, so the exits merge; bounds are checked again after each pass.
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map, programs::SkBuffContext};
-use headway_common::{AddrKey, DNS_HASH_INIT, RESPONSE_MAX_ADDRS, ResponseRecord, dns_hash_byte};
+use headway_common::{
+    AddrKey, DNS_HASH_INIT, Observation, ObservationKey, RESPONSE_MAX_ADDRS, ResponseRecord,
+    dns_hash_byte,
+};
 
-use crate::maps::DNS_COUNTERS;
+use crate::maps::{DNS_COUNTERS, DNS_OBS};
 
 /// cgroup_skb verdict that lets the packet pass. The only one we return.
 const ALLOW: i32 = 1;
@@ -422,6 +425,18 @@ pub fn question(s: &mut Scratch) -> Result<Question, Fault> {
 #[inline(always)]
 pub fn query_id(s: &Scratch) -> u16 {
     u16::from_ne_bytes([s.buf[0], s.buf[1]])
+}
+
+/// What the client network namespace `netns_cookie` learned about `addr`
+/// from DNS, if anything (read by the connect-time decision).
+#[inline(always)]
+pub fn observation(netns_cookie: u64, addr: &AddrKey) -> Option<Observation> {
+    let key = ObservationKey {
+        netns_cookie,
+        addr: *addr,
+    };
+    // SAFETY: copied out at once.
+    unsafe { DNS_OBS.get(&key) }.copied()
 }
 
 /// Adds one to `dns_counters[index]`.
