@@ -7,8 +7,9 @@ use headway_common::AddrKey;
 
 use crate::{
     sock_addr::{set_user_ip6, user_ip6, user_port},
+    sock_state::set_steered,
     steer::{Request, on_sendmsg},
-    transparency::{remember, steered},
+    transparency::{socket, steered},
 };
 
 const IPPROTO_UDP: u32 = 17;
@@ -20,10 +21,10 @@ const ALLOW: i32 = 1;
 /// a new decision.
 #[inline(always)]
 fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey> {
-    if let Some(s) = steered(ctx)
-        && s.asked == dst
+    if let Some((asked, chosen)) = steered(ctx)
+        && asked == dst
     {
-        return Some(s.chosen);
+        return Some(chosen);
     }
     let req = Request {
         dst,
@@ -31,7 +32,9 @@ fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey
         protocol: IPPROTO_UDP,
     };
     let chosen = on_sendmsg(ctx, &req)?;
-    remember(ctx, &dst, &chosen);
+    // SAFETY: the hook's own socket. Without storage the choice is made
+    // again for the next datagram (fail open).
+    unsafe { set_steered(socket(ctx), &dst, &chosen) };
     Some(chosen)
 }
 

@@ -45,29 +45,49 @@ struct Choice {
     moved: bool,
 }
 
-/// Accounts a connect() and returns the address to use instead, if the
-/// connection is steered elsewhere.
+/// Where a connect() goes, as decided and accounted.
+pub struct Connect {
+    /// The address to use instead of the one asked for, if steered.
+    pub steered_to: Option<AddrKey>,
+    /// The pod the connection goes to, if it goes to one.
+    pub pod: Option<u32>,
+}
+
+/// Accounts a connect() and says where it goes.
 #[inline(always)]
-pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Connect {
     if never_known(&req.dst) {
-        return None;
+        return Connect {
+            steered_to: None,
+            pod: None,
+        };
     }
     let pod = pod_of(&req.dst);
     match decide(ctx, req, pod, true) {
         Some(c) if c.moved => {
             count_connect(c.backend.pod_id, req.protocol);
             count_steer(pod, c.backend.pod_id);
-            Some(c.backend.addr)
+            Connect {
+                steered_to: Some(c.backend.addr),
+                pod: Some(c.backend.pod_id),
+            }
         }
         Some(c) => {
-            count_connect(pod.unwrap_or(c.backend.pod_id), req.protocol);
-            None
+            let pod_id = pod.unwrap_or(c.backend.pod_id);
+            count_connect(pod_id, req.protocol);
+            Connect {
+                steered_to: None,
+                pod: Some(pod_id),
+            }
         }
         None => {
             if let Some(pod_id) = pod {
                 count_connect(pod_id, req.protocol);
             }
-            None
+            Connect {
+                steered_to: None,
+                pod,
+            }
         }
     }
 }

@@ -121,6 +121,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for (program, how) in &datapath.attachments {
         info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
     }
+    for pin in &datapath.retired {
+        info!(pin = %pin.display(), "removed a pin an older headway left");
+    }
     let settings = PlanSettings {
         default_policy: cfg.default_policy,
         cluster_domain: cfg.cluster_domain.clone(),
