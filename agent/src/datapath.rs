@@ -42,7 +42,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub enum DatapathError {
     #[error(
         "this headway binary was built without its kernel object: run \
-         `cargo xtask build-ebpf --release`, then build headway again"
+         `cargo xtask build-ebpf`, then build headway again"
     )]
     NoObject,
     #[error("cannot mount bpffs at {path}: {source}")]
