@@ -45,12 +45,12 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
     // SAFETY: the hook's own socket, valid for the hook's duration; the
     // records returned are this socket's storage (or null).
     unsafe {
-        if let Some(new) = to.steered_to {
+        if let Some(steering) = to.steered {
             if udp && let Some(pod_id) = to.pod {
                 mark(sk, pod_id, IPPROTO_UDP);
             }
-            set_steered(sk, &req.dst, &new);
-            write(&new);
+            set_steered(sk, &steering);
+            write(&steering.chosen);
         } else if udp {
             match to.pod {
                 Some(pod_id) => {

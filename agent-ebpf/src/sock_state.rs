@@ -100,37 +100,44 @@ pub unsafe fn mark(sk: *mut bpf_sock, pod_id: u32, protocol: u8) -> *mut SocketS
     state
 }
 
-/// Records that `sk` asked for `asked` and goes to `chosen`; returns the
-/// record (null if no storage could be made: the socket then just reports
-/// `chosen`, fail open).
+/// A steering as a socket keeps it.
+#[derive(Clone, Copy)]
+pub struct Steering {
+    /// The address the client asked for.
+    pub asked: AddrKey,
+    /// The pod it goes to instead.
+    pub chosen: AddrKey,
+    /// The service `asked` was resolved from.
+    pub service_id: u32,
+}
+
+/// Records the steering of `sk`; returns the record (null if no storage
+/// could be made: the socket then just reports `chosen`, fail open).
 ///
 /// # Safety
 /// As for [`state_or_new`].
 #[inline(always)]
-pub unsafe fn set_steered(
-    sk: *mut bpf_sock,
-    asked: &AddrKey,
-    chosen: &AddrKey,
-) -> *mut SocketState {
+pub unsafe fn set_steered(sk: *mut bpf_sock, steering: &Steering) -> *mut SocketState {
     // SAFETY: caller's contract.
     let state = unsafe { state_or_new(sk) };
     if !state.is_null() {
         // SAFETY: non-null storage of this socket.
         unsafe {
-            (*state).asked = *asked;
-            (*state).chosen = *chosen;
+            (*state).asked = steering.asked;
+            (*state).chosen = steering.chosen;
+            (*state).service_id = steering.service_id;
             (*state).flags |= sock_flags::STEERED;
         }
     }
     state
 }
 
-/// The steering of `sk`, if it was steered: (asked, chosen).
+/// The steering of `sk`, if it was steered.
 ///
 /// # Safety
 /// As for [`state_of`].
 #[inline(always)]
-pub unsafe fn steering(sk: *mut bpf_sock) -> Option<(AddrKey, AddrKey)> {
+pub unsafe fn steering(sk: *mut bpf_sock) -> Option<Steering> {
     // SAFETY: caller's contract.
     let state = unsafe { state_of(sk) };
     if state.is_null() {
@@ -138,6 +145,10 @@ pub unsafe fn steering(sk: *mut bpf_sock) -> Option<(AddrKey, AddrKey)> {
     }
     // SAFETY: non-null storage of this socket; copied out at once.
     unsafe {
-        ((*state).flags & sock_flags::STEERED != 0).then(|| ((*state).asked, (*state).chosen))
+        ((*state).flags & sock_flags::STEERED != 0).then(|| Steering {
+            asked: (*state).asked,
+            chosen: (*state).chosen,
+            service_id: (*state).service_id,
+        })
     }
 }

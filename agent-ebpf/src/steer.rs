@@ -17,6 +17,7 @@ use headway_common::{
 use crate::{
     accounting::{count_connect, count_decision, count_steer, pod_of},
     maps::{ADDR_FILTER, CONFIG, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
+    sock_state::Steering,
 };
 
 /// The fast path (product.md, rule 1): an address that was never a
@@ -43,12 +44,15 @@ struct Choice {
     backend: Backend,
     /// The chosen address differs from the one asked for.
     moved: bool,
+    /// The service whose name the client resolved.
+    service_id: u32,
 }
 
 /// Where a connect() goes, as decided and accounted.
 pub struct Connect {
-    /// The address to use instead of the one asked for, if steered.
-    pub steered_to: Option<AddrKey>,
+    /// Where the connection goes instead of the address asked for, if it
+    /// is steered.
+    pub steered: Option<Steering>,
     /// The pod the connection goes to, if it goes to one.
     pub pod: Option<u32>,
 }
@@ -58,7 +62,7 @@ pub struct Connect {
 pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Connect {
     if never_known(&req.dst) {
         return Connect {
-            steered_to: None,
+            steered: None,
             pod: None,
         };
     }
@@ -68,7 +72,11 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Connect {
             count_connect(c.backend.pod_id, req.protocol);
             count_steer(pod, c.backend.pod_id);
             Connect {
-                steered_to: Some(c.backend.addr),
+                steered: Some(Steering {
+                    asked: req.dst,
+                    chosen: c.backend.addr,
+                    service_id: c.service_id,
+                }),
                 pod: Some(c.backend.pod_id),
             }
         }
@@ -76,7 +84,7 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Connect {
             let pod_id = pod.unwrap_or(c.backend.pod_id);
             count_connect(pod_id, req.protocol);
             Connect {
-                steered_to: None,
+                steered: None,
                 pod: Some(pod_id),
             }
         }
@@ -84,21 +92,18 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Connect {
             if let Some(pod_id) = pod {
                 count_connect(pod_id, req.protocol);
             }
-            Connect {
-                steered_to: None,
-                pod,
-            }
+            Connect { steered: None, pod }
         }
     }
 }
 
 /// sendmsg on an unconnected UDP socket: a datagram to `req.dst`. Returns
-/// the pod the socket should keep using for that address when the policy
+/// the steering the socket should keep for that address when the policy
 /// made a choice (even the address asked for, so that later datagrams stick
 /// to it). Only a choice is counted (as one UDP connection), not every
 /// datagram.
 #[inline(always)]
-pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<Steering> {
     if never_known(&req.dst) {
         return None;
     }
@@ -108,7 +113,24 @@ pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
     if c.moved {
         count_steer(pod, c.backend.pod_id);
     }
-    Some(c.backend.addr)
+    Some(Steering {
+        asked: req.dst,
+        chosen: c.backend.addr,
+        service_id: c.service_id,
+    })
+}
+
+/// Whether `addr` is still an eligible pod of service `service_id` (a
+/// socket that keeps a choice checks it before reusing it).
+#[inline(always)]
+pub fn still_eligible(service_id: u32, addr: &AddrKey) -> bool {
+    let key = ServiceEndpointKey {
+        service_id,
+        _pad: 0,
+        addr: *addr,
+    };
+    // SAFETY: copied out at once.
+    unsafe { SVC_ENDPOINTS.get(&key) }.is_some_and(|ep| ep.flags & endpoint_flags::ELIGIBLE != 0)
 }
 
 #[inline(always)]
@@ -187,7 +209,11 @@ fn decide<C: EbpfContext>(
         steer_counter::KEPT_BALANCED
     };
     count_decision(Some(service_id), reason);
-    Some(Choice { backend, moved })
+    Some(Choice {
+        backend,
+        moved,
+        service_id,
+    })
 }
 
 /// Whether `req` goes to a port the service declares (always, when it

@@ -4,11 +4,10 @@
 //! `asked`, and UDP replies from `chosen` are reported as coming from
 //! `asked`.
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock_addr, programs::SockAddrContext};
-use headway_common::AddrKey;
 
 use crate::{
     sock_addr::{set_user_ip6, user_ip6},
-    sock_state::steering,
+    sock_state::{Steering, steering},
 };
 
 /// Return value of a sock_addr hook that lets the call proceed.
@@ -22,9 +21,9 @@ pub fn socket(ctx: &SockAddrContext) -> *mut bpf_sock {
     unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }
 }
 
-/// The steering of this socket, if it was steered: (asked, chosen).
+/// The steering of this socket, if it was steered.
 #[inline(always)]
-pub fn steered(ctx: &SockAddrContext) -> Option<(AddrKey, AddrKey)> {
+pub fn steered(ctx: &SockAddrContext) -> Option<Steering> {
     // SAFETY: the hook's own socket.
     unsafe { steering(socket(ctx)) }
 }
@@ -32,7 +31,7 @@ pub fn steered(ctx: &SockAddrContext) -> Option<(AddrKey, AddrKey)> {
 /// IPv4: the peer (getpeername) or the source (recvmsg) is `user_ip4`.
 #[inline(always)]
 fn rewrite_v4(ctx: &SockAddrContext) {
-    let Some((asked, chosen)) = steered(ctx) else {
+    let Some(Steering { asked, chosen, .. }) = steered(ctx) else {
         return;
     };
     let sa = ctx.sock_addr;
@@ -47,7 +46,7 @@ fn rewrite_v4(ctx: &SockAddrContext) {
 /// IPv6: the same, through `sock_addr`'s word-by-word accessors.
 #[inline(always)]
 fn rewrite_v6(ctx: &SockAddrContext) {
-    let Some((asked, chosen)) = steered(ctx) else {
+    let Some(Steering { asked, chosen, .. }) = steered(ctx) else {
         return;
     };
     let sa = ctx.sock_addr;

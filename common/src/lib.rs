@@ -371,6 +371,11 @@ pub struct SocketState {
     pub asked: AddrKey,
     /// Steering: the pod it goes to instead.
     pub chosen: AddrKey,
+    /// Steering: the service whose name the client resolved `asked` from
+    /// (an unconnected UDP socket checks `chosen` is still eligible in it
+    /// before each datagram).
+    pub service_id: u32,
+    pub _pad: u32,
     /// Accounting: [`PodCounters::generation`] of the pod's slot when the
     /// socket was marked.
     pub generation: u64,
@@ -715,7 +720,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 16);
         assert_eq!(size_of::<PodRef>(), 8);
         assert_eq!(size_of::<PodCounters>(), 72);
-        assert_eq!(size_of::<SocketState>(), 64);
+        assert_eq!(size_of::<SocketState>(), 72);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);
