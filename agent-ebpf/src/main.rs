@@ -9,6 +9,7 @@ mod accounting;
 mod bytes;
 mod connect;
 mod dns;
+mod kernel_log;
 mod maps;
 mod sendmsg;
 mod skb;

@@ -20,9 +20,14 @@ use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
 };
+use aya_log_ebpf::warn;
 use headway_common::{AddrKey, SocketState, sock_flags};
 
-use crate::{accounting::generation, maps::SOCK_STATE};
+use crate::{
+    accounting::generation,
+    kernel_log::{self, event},
+    maps::SOCK_STATE,
+};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -52,7 +57,7 @@ pub unsafe fn state_of(sk: *mut bpf_sock) -> *mut SocketState {
 #[inline(always)]
 unsafe fn state_or_new(sk: *mut bpf_sock) -> *mut SocketState {
     // SAFETY: as above.
-    unsafe {
+    let state: *mut SocketState = unsafe {
         bpf_sk_storage_get(
             map(),
             sk.cast(),
@@ -60,7 +65,20 @@ unsafe fn state_or_new(sk: *mut bpf_sock) -> *mut SocketState {
             BPF_SK_STORAGE_GET_F_CREATE.into(),
         )
     }
-    .cast()
+    .cast();
+    if state.is_null() && kernel_log::due(event::NO_SOCKET_STORAGE) {
+        log_no_storage();
+    }
+    state
+}
+
+/// The log line for a socket without storage (see `kernel_log`).
+#[inline(never)]
+fn log_no_storage() {
+    warn!(
+        &(),
+        "no socket storage (out of memory?): a socket is neither steered transparently nor accounted"
+    );
 }
 
 /// Drops the record of `sk`, if it has one.

@@ -9,6 +9,7 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32},
 };
+use aya_log_ebpf::warn;
 use headway_common::{
     AddrKey, Backend, BackendKey, ServiceEndpointKey, ServiceMeta, ServicePortKey, config_flags,
     endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
@@ -16,6 +17,7 @@ use headway_common::{
 
 use crate::{
     accounting::{count_connect, count_decision, count_steer, pod_of},
+    kernel_log::{self, event},
     maps::{ADDR_FILTER, CONFIG, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
     sock_state::Steering,
 };
@@ -200,6 +202,9 @@ fn decide<C: EbpfContext>(
 
     let Some(backend) = choose(service_id, &service, is_v4_mapped(&req.dst)) else {
         kept(Some(service_id), steer_counter::NO_ELIGIBLE_POD);
+        if kernel_log::due(event::NO_ELIGIBLE_POD) {
+            log_no_eligible_pod(ctx, service_id, &req.dst);
+        }
         return None;
     };
     let moved = backend.addr != req.dst;
@@ -214,6 +219,27 @@ fn decide<C: EbpfContext>(
         moved,
         service_id,
     })
+}
+
+/// The log line for a fail-open connect (see `kernel_log`). The service
+/// is named by id: `headway status --json` maps ids to names.
+#[inline(never)]
+fn log_no_eligible_pod<C: EbpfContext>(ctx: &C, service_id: u32, dst: &AddrKey) {
+    if is_v4_mapped(dst) {
+        warn!(
+            ctx,
+            "service id {}: no eligible pod; a connect to {:i} went to the address asked for",
+            service_id,
+            u32::from_be(dst.addr[3])
+        );
+    } else {
+        warn!(
+            ctx,
+            "service id {}: no eligible pod; a connect to {:i} went to the address asked for",
+            service_id,
+            dst.octets()
+        );
+    }
 }
 
 /// Whether `req` goes to a port the service declares (always, when it

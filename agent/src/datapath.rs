@@ -196,6 +196,14 @@ impl Datapath {
         })
     }
 
+    /// The reader of the programs' log records (see `kernel_log`). Can be
+    /// called once.
+    pub fn take_logger(
+        &mut self,
+    ) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+
     /// Hands the maps to a writer. Can be called once.
     pub fn take_maps(&mut self) -> Result<Maps, PinnedError> {
         Maps::from_maps(|name| {

@@ -477,8 +477,10 @@ fn no_eligible_pod_fails_open() {
         ),
     )
     .unwrap();
-    let node = cluster.client_ns("node");
-    let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+    // Its log in a file: the kernel programs report the fail-open there.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("agent.log");
+    let mut agent = Agent::start_with_log(manifests.path(), cg.path(), &bpffs, &[], &log).unwrap();
     wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
         s["services"].as_array().is_some_and(|v| v.len() == 1)
     })
@@ -491,5 +493,30 @@ fn no_eligible_pod_fails_open() {
     assert_eq!(report.answers.get("web-2"), Some(&4), "goes where asked");
     let s = steering(&status_json(&bpffs).unwrap());
     assert_eq!(s["no_eligible_pod"], 4, "{s:?}");
+
+    // One line, not one per connect: at most one per second per CPU.
+    let fail_open_lines = || {
+        fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("no eligible pod") && l.contains("10.77.0.12"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fail_open_lines() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let lines = fail_open_lines();
+    for line in fs::read_to_string(&log).unwrap().lines() {
+        if line.contains("no eligible pod") {
+            println!("agent log: {line}");
+        }
+    }
+    assert!(
+        (1..=cpus.min(4)).contains(&lines),
+        "{lines} fail-open lines for 4 connects:\n{}",
+        fs::read_to_string(&log).unwrap()
+    );
     agent.stop().unwrap();
 }
