@@ -24,6 +24,7 @@ use anyhow::{Context, bail};
 use headway_testbed::{
     Cgroup, Cluster, ResolvConf, Zone,
     agent::{Agent, Bpffs, status_json, wait_for_status},
+    manifests::{HeadlessService, PodEndpoint},
     resolve_in, run_client, start_dns_server, start_pod_servers,
 };
 use serde_json::Value;
@@ -53,16 +54,11 @@ fn v6(last: u8) -> Ipv6Addr {
 }
 
 fn manifest(policy: &str) -> String {
-    let mut out = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo, annotations: {{headway.dev/policy: {policy}}}}}\nspec: {{clusterIP: None}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-v4, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints:\n"
-    );
+    let mut web = HeadlessService::new("demo", "web").policy(policy);
     for (name, last) in PODS {
-        out.push_str(&format!(
-            "  - {{addresses: [\"{}\"], hostname: {name}, conditions: {{ready: true}}, targetRef: {{kind: Pod, namespace: demo, name: {name}}}}}\n",
-            v4(last)
-        ));
+        web = web.endpoint(PodEndpoint::new(name, [IpAddr::V4(v4(last))]));
     }
-    out
+    web.to_yaml()
 }
 
 /// One case's result: ns per run of each hook that ran.
