@@ -15,12 +15,12 @@ use crate::maps::DNS_PENDING;
 
 #[cgroup_skb(egress)]
 pub fn hw_dns_egress(ctx: SkBuffContext) -> i32 {
-    record_query(&ctx);
+    on_query(&ctx);
     ALLOW
 }
 
 #[inline(always)]
-fn record_query(ctx: &SkBuffContext) -> Option<()> {
+pub(crate) fn on_query(ctx: &SkBuffContext) -> Option<()> {
     let d = dns_datagram(ctx, Direction::Egress)?;
     let s = Scratch::get()?;
     copy_payload(ctx, &d, s, MAX_QUERY_COPY)?;
