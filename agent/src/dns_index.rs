@@ -18,10 +18,12 @@
 //! as current ones before the oldest gone one gives its slot away.
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::borrow::{Borrow, BorrowMut};
+
 use aya::maps::{HashMap, MapData, MapError};
 use headway_common::{
     ADDR_MAX_SERVICES, AddrIndex, AddrKey, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
-    map_names,
+    Observation, ObservationKey, ObservationPage, map_names, obs_kind, obs_stamp, obs_time,
 };
 
 use crate::{map_writer::WriteError, pinned::Maps};
@@ -117,7 +119,7 @@ fn family(addr: &AddrKey) -> u16 {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -398,6 +400,86 @@ impl DnsIndex {
             }
         }
         changed
+    }
+}
+
+/// What client netns `netns_cookie` learned about `addr`, read the way
+/// connect() reads it (`dns::observation` in the kernel): the newest stamp
+/// among the address's slots that is not older than the slot's holder.
+pub fn read_observation<T: Borrow<MapData>, U: Borrow<MapData>>(
+    dns_obs: &HashMap<T, ObservationKey, ObservationPage>,
+    dns_addrs: &HashMap<U, AddrKey, AddrIndex>,
+    netns_cookie: u64,
+    addr: &AddrKey,
+) -> Option<Observation> {
+    let index = dns_addrs.get(addr, 0).ok()?;
+    let mut best: Option<Observation> = None;
+    for e in index.slots.iter().take(index.n as usize) {
+        let Ok(page) = dns_obs.get(&page_key(netns_cookie, e, addr), 0) else {
+            continue;
+        };
+        let stamp = page.stamps[e.slot as usize % OBS_PAGE_SLOTS];
+        let learned_ns = obs_time(stamp);
+        if stamp == 0
+            || learned_ns < obs_time(e.since_ns)
+            || best.is_some_and(|b| learned_ns <= b.learned_ns)
+        {
+            continue;
+        }
+        best = Some(Observation {
+            service_id: e.service_id,
+            kind: obs_kind(stamp),
+            learned_ns,
+        });
+    }
+    best
+}
+
+/// Every address client netns `netns_cookie` learned something about.
+pub fn observations_of<T: Borrow<MapData>, U: Borrow<MapData>>(
+    dns_obs: &HashMap<T, ObservationKey, ObservationPage>,
+    dns_addrs: &HashMap<U, AddrKey, AddrIndex>,
+    netns_cookie: u64,
+) -> Vec<(AddrKey, Observation)> {
+    dns_addrs
+        .keys()
+        .filter_map(Result::ok)
+        .filter_map(|addr| {
+            read_observation(dns_obs, dns_addrs, netns_cookie, &addr).map(|o| (addr, o))
+        })
+        .collect()
+}
+
+/// Records "netns `netns_cookie` got `addr` from a name of kind `kind` of
+/// service `service_id`, now", as the interceptor would. For tests and
+/// tools: `addr` must have a slot in the service (`dns_addrs`).
+pub fn stamp_observation<T: BorrowMut<MapData>, U: Borrow<MapData>>(
+    dns_obs: &mut HashMap<T, ObservationKey, ObservationPage>,
+    dns_addrs: &HashMap<U, AddrKey, AddrIndex>,
+    netns_cookie: u64,
+    addr: &AddrKey,
+    service_id: u32,
+    kind: u32,
+) -> Result<(), MapError> {
+    let index = dns_addrs.get(addr, 0)?;
+    let e = index
+        .slots
+        .iter()
+        .take(index.n as usize)
+        .find(|e| e.service_id == service_id)
+        .ok_or(MapError::KeyNotFound)?;
+    let key = page_key(netns_cookie, e, addr);
+    let mut page = dns_obs.get(&key, 0).unwrap_or_default();
+    page.stamps[e.slot as usize % OBS_PAGE_SLOTS] = obs_stamp(monotonic_ns(), kind);
+    dns_obs.insert(key, page, 0)
+}
+
+fn page_key(netns_cookie: u64, e: &AddrSlot, addr: &AddrKey) -> ObservationKey {
+    ObservationKey {
+        netns_cookie,
+        service_id: e.service_id,
+        family: family(addr),
+        page: (e.slot as usize / OBS_PAGE_SLOTS) as u16,
     }
 }
 

@@ -365,7 +365,8 @@ fn stamp_pages(
         }
         count_dns_answer(load!((*c).pod_ids[i]));
         if load!((*c).slots[i]) != NO_SLOT {
-            store!(s.todo, load!(s.todo) | 1 << i);
+            let todo = load!(s.todo);
+            store!(s.todo, todo | 1 << i);
         }
     }
     for _ in 0..OBS_MAX_PAGES {
@@ -431,7 +432,8 @@ fn take_slot(s: &mut Scratch, c: *mut CachedAnswer, i: usize, page: usize) -> Op
         return None;
     }
     store!(s.todo, todo & !(1 << i));
-    store!(s.stamped, load!(s.stamped) + 1);
+    let stamped = load!(s.stamped);
+    store!(s.stamped, stamped + 1);
     Some(slot % OBS_PAGE_SLOTS)
 }
 
