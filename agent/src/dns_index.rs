@@ -243,7 +243,10 @@ impl DnsIndex {
         errors
     }
 
-    fn set_pods(&mut self, pods: impl IntoIterator<Item = (AddrKey, Option<u32>)>) -> BTreeSet<AddrKey> {
+    fn set_pods(
+        &mut self,
+        pods: impl IntoIterator<Item = (AddrKey, Option<u32>)>,
+    ) -> BTreeSet<AddrKey> {
         let mut touched = BTreeSet::new();
         for (addr, pod) in pods {
             let old = match pod {
@@ -351,7 +354,7 @@ impl DnsIndex {
         }
         // More services than an entry holds: current ones first, then the
         // most recently handed out.
-        slots.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        slots.sort_by_key(|s| std::cmp::Reverse((s.0, s.1)));
         let mut value = AddrIndex {
             pod_id,
             ..AddrIndex::default()
@@ -508,7 +511,12 @@ mod tests {
     fn plan(index: &mut DnsIndex, service: u32, addrs: &[AddrKey]) -> BTreeSet<AddrKey> {
         let mut touched = BTreeSet::new();
         let mut handed = BTreeSet::new();
-        index.plan(service, &addrs.iter().copied().collect(), &mut touched, &mut handed);
+        index.plan(
+            service,
+            &addrs.iter().copied().collect(),
+            &mut touched,
+            &mut handed,
+        );
         for table in index.tables.values_mut() {
             for owner in table.owners.values_mut() {
                 if owner.since_ns == PENDING {
@@ -533,7 +541,10 @@ mod tests {
         let mut index = DnsIndex::default();
         let addrs: Vec<_> = (1..=16).map(v4).collect();
         plan(&mut index, 1, &addrs);
-        let mut slots: Vec<_> = addrs.iter().map(|a| slot_of(&index, 1, *a).unwrap()).collect();
+        let mut slots: Vec<_> = addrs
+            .iter()
+            .map(|a| slot_of(&index, 1, *a).unwrap())
+            .collect();
         slots.sort();
         assert_eq!(slots, (0..16).collect::<Vec<_>>());
     }

@@ -11,8 +11,8 @@ use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, Pe
 use headway_common::{
     AccountedSocket, AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry,
     ObservationKey, ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta,
-    PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
-    SteeredSocket, capacity, dns_counter, map_names, steer_counter,
+    PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket,
+    capacity, dns_counter, map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;

@@ -251,7 +251,6 @@ impl Interceptor {
         generation.set(0, now + 1, 0).expect("write pod_addrs_gen");
     }
 
-
     /// `dns_counters[index]`, summed over CPUs.
     fn counter(&self, index: u32) -> u64 {
         let map = self
@@ -1240,8 +1239,7 @@ fn address_relearned_under_the_other_kind_follows_the_latest_answer() {
 
 #[test]
 fn address_reused_by_another_service_follows_the_latest_answer() {
-    let Some(mut ix) = setup("address_reused_by_another_service_follows_the_latest_answer")
-    else {
+    let Some(mut ix) = setup("address_reused_by_another_service_follows_the_latest_answer") else {
         return;
     };
     const OTHER: u32 = 8;
@@ -1285,7 +1283,12 @@ fn a_stamp_older_than_the_slot_holder_says_nothing_about_it() {
             ..AddrIndex::default()
         },
     );
-    ix.add_slot(newcomer.into(), SERVICE_ID, 0, headway::dns_index::monotonic_ns());
+    ix.add_slot(
+        newcomer.into(),
+        SERVICE_ID,
+        0,
+        headway::dns_index::monotonic_ns(),
+    );
     ix.bump_generation();
     assert_eq!(ix.learned(), service_obs([pod_v4(1)]));
     // Until the client gets it from DNS.

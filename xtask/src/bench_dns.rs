@@ -167,7 +167,10 @@ fn bench_learning(
         ("CNAME + 3 A", response(&pod_ips(3), true)),
         ("4 A", response(&pod_ips(4), false)),
         ("16 A", response(&pod_ips(16), false)),
-        ("16 A, no headless addresses", response(&other_ips(16), false)),
+        (
+            "16 A, no headless addresses",
+            response(&other_ips(16), false),
+        ),
         ("32 A", response(&pod_ips(32), false)),
     ];
     for (name, (payload, ips)) in cases {

@@ -441,7 +441,11 @@ pub fn query_id(s: &Scratch) -> u16 {
 #[inline(always)]
 pub fn observation(netns_cookie: u64, addr: &AddrKey) -> Option<Observation> {
     let index = DNS_ADDRS.get_ptr(addr)?;
-    let family: u16 = if crate::steer::is_v4_mapped(addr) { 4 } else { 6 };
+    let family: u16 = if crate::steer::is_v4_mapped(addr) {
+        4
+    } else {
+        6
+    };
     // SAFETY: a field of a live map value (agent-written; a torn read of an
     // entry being rewritten fails the checks below or names a real slot).
     let n = (unsafe { (*index).n } as usize).min(ADDR_MAX_SERVICES);

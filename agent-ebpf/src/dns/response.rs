@@ -70,8 +70,7 @@ pub struct CachedAnswer {
 // Not pinned: a per-CPU cache (no locking: one program runs on a CPU at a
 // time), rebuilt from `dns_addrs` whenever it misses.
 #[btf_map(name = "dns_answers")]
-static DNS_ANSWERS: PerCpuArray<CachedAnswer, { ANSWER_CACHE_SLOTS as usize }> =
-    PerCpuArray::new();
+static DNS_ANSWERS: PerCpuArray<CachedAnswer, { ANSWER_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
 #[cgroup_skb(ingress)]
 pub fn hw_dns_ingress(ctx: SkBuffContext) -> i32 {
