@@ -10,6 +10,7 @@ pub mod choice_table;
 pub mod datapath;
 pub mod dns_index;
 pub mod http;
+pub mod kernel_log;
 pub mod log_once;
 pub mod map_plan;
 pub mod map_writer;

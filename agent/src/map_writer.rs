@@ -594,7 +594,7 @@ fn write_keys(
 }
 
 /// Tells the DNS interceptor that pod ids it cached per address may be
-/// stale (`dns_resp`): called after `pod_addrs` changed, never before.
+/// stale (the answer cache): called after `pod_addrs` changed, never before.
 /// Adds `addr` to the address filter (before `pod_addrs` can hold it).
 fn add_to_filter(maps: &mut Maps, addr: &AddrKey) -> Result<(), WriteError> {
     maps.addr_filter

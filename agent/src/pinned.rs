@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
-    AccountedSocket, AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry,
-    ObservationKey, ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta,
-    PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SteeredSocket,
-    capacity, dns_counter, map_names, steer_counter,
+    AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
+    ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, capacity,
+    dns_counter, map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -84,7 +84,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 19] = {
+pub const MAP_SHAPES: [MapShape; 18] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -132,8 +132,6 @@ pub const MAP_SHAPES: [MapShape; 19] = {
             steer_counter::COUNT,
         ),
         shape::<u32, ServiceCounters>(map_names::SVC_STATS, MapType::Array, capacity::SERVICES),
-        // Socket storage: keyed by socket fd from userspace, no capacity.
-        shape::<i32, SteeredSocket>(map_names::STEERED_SOCKS, MapType::SkStorage, 0),
         shape::<ServicePortKey, u32>(map_names::SVC_PORTS, MapType::Hash, capacity::SVC_PORTS),
         // A bloom filter has no key.
         shape::<(), AddrKey>(
@@ -143,7 +141,8 @@ pub const MAP_SHAPES: [MapShape; 19] = {
         ),
         shape::<AddrKey, AddrIndex>(map_names::DNS_ADDRS, MapType::Hash, capacity::DNS_ADDRS),
         shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
-        shape::<i32, AccountedSocket>(map_names::ACCT_SOCKS, MapType::SkStorage, 0),
+        // Socket storage: keyed by socket fd from userspace, no capacity.
+        shape::<i32, SocketState>(map_names::SOCK_STATE, MapType::SkStorage, 0),
     ]
 };
 

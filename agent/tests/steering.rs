@@ -11,70 +11,47 @@ use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
 use headway::{map_plan::addr_key, pinned::Maps};
 use headway_common::{AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, name_kind};
 use headway_testbed::{
-    Cgroup, Cluster, ConnectReport,
+    Cgroup, Child, Cluster, ConnectReport,
     agent::{Agent, Bpffs, netns_cookie, status_json, wait_for_status},
+    manifests::{HeadlessService, PodEndpoint},
     require_root, run_client, start_pod_servers,
 };
 use serde_json::Value;
 
 const PORT: u16 = 8080;
 
-fn endpoint(cluster: &Cluster, pod: &str, ipv6: bool, ready: bool) -> String {
-    let addr = cluster.pod(pod).addr(ipv6).unwrap();
-    format!(
-        "  - addresses: [\"{addr}\"]\n    hostname: {pod}\n    conditions: {{ready: {ready}}}\n    targetRef: {{kind: Pod, namespace: demo, name: {pod}}}\n"
-    )
-}
-
-fn service(name: &str, policy: &str, v4: &str, v6: &str) -> String {
-    let mut yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\n  annotations: {{headway.dev/policy: {policy}}}\n\
-         spec: {{clusterIP: None}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: {name}-v4\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\n\
-         addressType: IPv4\nendpoints:\n{v4}"
-    );
-    if !v6.is_empty() {
-        yaml.push_str(&format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata:\n  name: {name}-v6\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {name}}}\n\
-             addressType: IPv6\nendpoints:\n{v6}"
-        ));
+/// Service `name` (policy `policy`) over `pods` (name, ready), with each
+/// pod's IPv4 address and, with `ipv6`, its IPv6 address.
+fn service(
+    c: &Cluster,
+    name: &str,
+    policy: &str,
+    pods: &[(&str, bool)],
+    ipv6: bool,
+) -> HeadlessService {
+    let mut svc = HeadlessService::new("demo", name).policy(policy);
+    for (pod, ready) in pods {
+        let p = c.pod(pod);
+        let addrs = p
+            .addr(false)
+            .into_iter()
+            .chain(p.addr(true).filter(|_| ipv6));
+        svc = svc.endpoint(PodEndpoint::new(pod, addrs).ready(*ready));
     }
-    yaml
+    svc
 }
 
 fn write_manifests(dir: &Path, c: &Cluster) {
-    let web_v4 = endpoint(c, "web-0", false, true)
-        + &endpoint(c, "web-1", false, true)
-        + &endpoint(c, "web-2", false, false);
-    let web_v6 = endpoint(c, "web-0", true, true)
-        + &endpoint(c, "web-1", true, true)
-        + &endpoint(c, "web-2", true, false);
-    fs::write(
-        dir.join("web.yaml"),
-        service("web", "failover", &web_v4, &web_v6),
-    )
-    .unwrap();
-    fs::write(
-        dir.join("other.yaml"),
-        service(
-            "other",
-            "failover",
-            &endpoint(c, "other-0", false, true),
-            "",
-        ),
-    )
-    .unwrap();
-    fs::write(
-        dir.join("watch.yaml"),
-        service(
-            "watch",
-            "observe",
-            &endpoint(c, "watch-0", false, false),
-            "",
-        ),
-    )
-    .unwrap();
+    let web = [("web-0", true), ("web-1", true), ("web-2", false)];
+    service(c, "web", "failover", &web, true)
+        .write_to(dir)
+        .unwrap();
+    service(c, "other", "failover", &[("other-0", true)], false)
+        .write_to(dir)
+        .unwrap();
+    service(c, "watch", "observe", &[("watch-0", false)], false)
+        .write_to(dir)
+        .unwrap();
 }
 
 fn build_cluster() -> Cluster {
@@ -89,6 +66,43 @@ fn build_cluster() -> Cluster {
         .client("node")
         .build()
         .expect("build the test cluster")
+}
+
+/// The cluster with its pod servers, and the agent (in the "node"
+/// namespace, which it therefore treats as the host's) following
+/// `write_manifests`, synced.
+struct Bed {
+    cluster: Cluster,
+    _servers: Vec<Child>,
+    cg: Cgroup,
+    bpffs: Bpffs,
+    manifests: tempfile::TempDir,
+    agent: Agent,
+}
+
+impl Bed {
+    fn start(cgroup: &str) -> Bed {
+        let cluster = build_cluster();
+        let servers = start_pod_servers(&cluster, PORT).expect("start pod servers");
+        let cg = Cgroup::new(cgroup).unwrap();
+        let bpffs = Bpffs::new().unwrap();
+        let manifests = tempfile::tempdir().unwrap();
+        write_manifests(manifests.path(), &cluster);
+        let node = cluster.client_ns("node");
+        let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+        wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
+            s["services"].as_array().is_some_and(|v| v.len() == 3)
+        })
+        .unwrap();
+        Bed {
+            cluster,
+            _servers: servers,
+            cg,
+            bpffs,
+            manifests,
+            agent,
+        }
+    }
 }
 
 /// Plants "netns `cookie` got `addr` from a name of `service`".
@@ -223,18 +237,15 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
     if !require_root("failover_steers_only_service_name_lookups_of_ineligible_addresses") {
         return;
     }
-    let cluster = build_cluster();
-    let _servers = start_pod_servers(&cluster, PORT).expect("start pod servers");
-    let cg = Cgroup::new("steering").unwrap();
-    let bpffs = Bpffs::new().unwrap();
-    let manifests = tempfile::tempdir().unwrap();
-    write_manifests(manifests.path(), &cluster);
+    let Bed {
+        cluster,
+        _servers,
+        cg,
+        bpffs,
+        manifests: _manifests,
+        agent,
+    } = Bed::start("steering");
     let node = cluster.client_ns("node");
-    let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
-    wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
-        s["services"].as_array().is_some_and(|v| v.len() == 3)
-    })
-    .unwrap();
 
     let client = netns_cookie(cluster.client_ns("client")).unwrap();
     let host = netns_cookie(node).unwrap();
@@ -358,6 +369,118 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
     agent.stop().unwrap();
 }
 
+/// The state names of pod `pod` of service `service` in `headway status`
+/// (None while the pod is not there).
+fn pod_state(status: &Value, service: &str, pod: &str) -> Option<Vec<String>> {
+    let services = status["services"].as_array().cloned().unwrap_or_default();
+    let pods = services
+        .iter()
+        .find(|s| s["name"] == service)
+        .map(|s| s["pods"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default();
+    pods.iter()
+        .find(|p| p["name"] == pod)
+        .map(|p| serde_json::from_value(p["state"].clone()).unwrap())
+}
+
+#[test]
+fn unconnected_udp_socket_leaves_a_pod_that_becomes_ineligible() {
+    if !require_root("unconnected_udp_socket_leaves_a_pod_that_becomes_ineligible") {
+        return;
+    }
+    let Bed {
+        cluster,
+        _servers,
+        cg,
+        bpffs,
+        manifests,
+        mut agent,
+    } = Bed::start("udp-move");
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
+
+    // One socket, three datagrams; then it waits for `go` and sends three
+    // more. Files in a shared directory pace it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let script = format!(
+        "import os, socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         def ask():\n\
+         \x20   s.sendto(b'hi', ('10.77.0.99', {PORT}))\n\
+         \x20   data, src = s.recvfrom(100)\n\
+         \x20   return f'{{src[0]}}:{{src[1]}} {{data.decode().strip()}}'\n\
+         first = [ask() for _ in range(3)]\n\
+         open('{d}/first.tmp', 'w').write('\\n'.join(first))\n\
+         os.rename('{d}/first.tmp', '{d}/first')\n\
+         deadline = time.time() + 30\n\
+         while not os.path.exists('{d}/go'):\n\
+         \x20   if time.time() > deadline: raise SystemExit('never told to go on')\n\
+         \x20   time.sleep(0.05)\n\
+         for _ in range(3): print(ask())\n"
+    );
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", &script]);
+    let mut child = cluster
+        .client_ns("client")
+        .spawn(Some(&cg), &cmd)
+        .expect("start the UDP client");
+    let first_path = dir.path().join("first");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !first_path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client never got its first replies"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let replies = |text: &str| -> Vec<(String, String)> {
+        text.lines()
+            .map(|l| {
+                let (src, pod) = l.split_once(' ').unwrap();
+                (src.to_string(), pod.to_string())
+            })
+            .collect()
+    };
+    let first = replies(&fs::read_to_string(&first_path).unwrap());
+    assert_eq!(first.len(), 3, "{first:?}");
+    let chosen = first[0].1.clone();
+    assert!(["web-0", "web-1"].contains(&chosen.as_str()), "{first:?}");
+    assert!(
+        first
+            .iter()
+            .all(|(src, pod)| src == "10.77.0.99:8080" && *pod == chosen),
+        "{first:?}"
+    );
+
+    // The chosen pod stops being ready.
+    let other = if chosen == "web-0" { "web-1" } else { "web-0" };
+    let web = [(chosen.as_str(), false), (other, true), ("web-2", false)];
+    service(&cluster, "web", "failover", &web, false)
+        .write_to(manifests.path())
+        .unwrap();
+    wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
+        pod_state(s, "web", &chosen).is_some_and(|state| !state.iter().any(|f| f == "eligible"))
+    })
+    .unwrap();
+    fs::write(dir.path().join("go"), "").unwrap();
+    let (status, out) = child.wait_output(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "UDP client failed: {out}");
+    let after = replies(&out);
+    // The socket's next datagram chooses again: the other live pod, still
+    // seen as the address asked for.
+    assert_eq!(
+        after,
+        vec![("10.77.0.99:8080".to_string(), other.to_string()); 3],
+        "moved off {chosen}"
+    );
+    let s = steering(&status_json(&bpffs).unwrap());
+    assert_eq!(s["steered_gone"], 2, "one choice per socket and pod: {s:?}");
+    agent.stop().unwrap();
+}
+
 #[test]
 fn no_eligible_pod_fails_open() {
     if !require_root("no_eligible_pod_fails_open") {
@@ -369,18 +492,13 @@ fn no_eligible_pod_fails_open() {
     let bpffs = Bpffs::new().unwrap();
     let manifests = tempfile::tempdir().unwrap();
     // web has only its not-ready pod.
-    fs::write(
-        manifests.path().join("web.yaml"),
-        service(
-            "web",
-            "failover",
-            &endpoint(&cluster, "web-2", false, false),
-            "",
-        ),
-    )
-    .unwrap();
-    let node = cluster.client_ns("node");
-    let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+    service(&cluster, "web", "failover", &[("web-2", false)], false)
+        .write_to(manifests.path())
+        .unwrap();
+    // Its log in a file: the kernel programs report the fail-open there.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("agent.log");
+    let mut agent = Agent::start_with_log(manifests.path(), cg.path(), &bpffs, &[], &log).unwrap();
     wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
         s["services"].as_array().is_some_and(|v| v.len() == 1)
     })
@@ -393,5 +511,30 @@ fn no_eligible_pod_fails_open() {
     assert_eq!(report.answers.get("web-2"), Some(&4), "goes where asked");
     let s = steering(&status_json(&bpffs).unwrap());
     assert_eq!(s["no_eligible_pod"], 4, "{s:?}");
+
+    // One line, not one per connect: at most one per second per CPU.
+    let fail_open_lines = || {
+        fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("no eligible pod") && l.contains("10.77.0.12"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fail_open_lines() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let lines = fail_open_lines();
+    for line in fs::read_to_string(&log).unwrap().lines() {
+        if line.contains("no eligible pod") {
+            println!("agent log: {line}");
+        }
+    }
+    assert!(
+        (1..=cpus.min(4)).contains(&lines),
+        "{lines} fail-open lines for 4 connects:\n{}",
+        fs::read_to_string(&log).unwrap()
+    );
     agent.stop().unwrap();
 }

@@ -19,6 +19,8 @@ mod cluster;
 pub mod dns;
 /// A fake Kubernetes API server (list/watch over HTTP) for the kube source.
 pub mod fake_api;
+/// Service and EndpointSlice manifests for the `dir:` source.
+pub mod manifests;
 mod netns;
 mod peer;
 

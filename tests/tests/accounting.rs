@@ -7,7 +7,7 @@
 //! Privileged: needs root (CI runs it as root). Every address lives in
 //! namespaces the test creates; clients (and, where said, servers) run
 //! inside the test's cgroup.
-use std::{fs, net::IpAddr, path::Path, time::Duration};
+use std::{net::IpAddr, path::Path, time::Duration};
 
 use headway_testbed::{
     Cgroup, Child, Cluster,
@@ -16,6 +16,7 @@ use headway_testbed::{
         status_json, wait_for_status,
     },
     bulk::{Bulk, BulkReport, HEADER_LEN, run_bulk, start_holder, start_sinks},
+    manifests::{HeadlessService, PodEndpoint},
     require_root, run_client,
 };
 use serde_json::Value;
@@ -32,32 +33,13 @@ const MB: u64 = 1024 * KB;
 /// A headless `web` service in namespace `demo` with `pods` (IPv4 and IPv6
 /// slices), written to `dir/web.yaml`.
 fn write_manifests(dir: &Path, cluster: &Cluster, pods: &[&str]) {
-    let mut v4 = String::new();
-    let mut v6 = String::new();
+    let mut web = HeadlessService::new("demo", "web").port("http", PORT);
     for name in pods {
         let pod = cluster.pod(name);
-        let endpoint = |addr: IpAddr| {
-            format!(
-                "  - addresses: [\"{addr}\"]\n    hostname: {name}\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, namespace: demo, name: {name}}}\n"
-            )
-        };
-        v4.push_str(&endpoint(pod.addr(false).unwrap()));
-        v6.push_str(&endpoint(pod.addr(true).unwrap()));
+        let addrs = [pod.addr(false).unwrap(), pod.addr(true).unwrap()];
+        web = web.endpoint(PodEndpoint::new(name, addrs));
     }
-    let yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
-         spec:\n  clusterIP: None\n  ports: [{{name: http, port: {PORT}}}]\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: web-v4\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v4}\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: web-v6\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
-         addressType: IPv6\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v6}"
-    );
-    // Written whole and renamed, so the agent never reads half a file.
-    let tmp = dir.join(".web.yaml.tmp");
-    fs::write(&tmp, yaml).unwrap();
-    fs::rename(&tmp, dir.join("web.yaml")).unwrap();
+    web.write_to(dir).unwrap();
 }
 
 /// Cluster, cgroup, private bpffs and a running agent with /metrics.

@@ -4,7 +4,7 @@
 //!
 //! Privileged: needs root (CI runs it as root). Every address lives in
 //! namespaces the test creates; the client runs inside one of them.
-use std::{fs, net::IpAddr, path::Path, time::Duration};
+use std::{fs, path::Path, time::Duration};
 
 use headway_testbed::{
     Cgroup, Cluster, ConnectReport,
@@ -12,6 +12,7 @@ use headway_testbed::{
         Agent, Bpffs, bpftool_dump, cgroup_programs, free_port, http_get, parse_openmetrics,
         pod_counters, status_json, wait_for_status,
     },
+    manifests::{HeadlessService, PodEndpoint},
     require_root, run_client, start_pod_servers,
 };
 use serde_json::Value;
@@ -19,33 +20,23 @@ use serde_json::Value;
 const PORT: u16 = 8080;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The headless `web` service over `pods`, IPv4 and IPv6.
+fn web_service(cluster: &Cluster, pods: &[&str]) -> HeadlessService {
+    let mut web = HeadlessService::new("demo", "web").port("http", PORT);
+    for name in pods {
+        let pod = cluster.pod(name);
+        let addrs = [pod.addr(false).unwrap(), pod.addr(true).unwrap()];
+        web = web.endpoint(PodEndpoint::new(name, addrs));
+    }
+    web
+}
+
 /// Manifests for the cluster: a headless `web` service (three pods, IPv4
 /// and IPv6 slices) and a ClusterIP `api` service that must be ignored.
 fn write_manifests(dir: &Path, cluster: &Cluster) {
-    let web = ["web-0", "web-1", "web-2"];
-    let mut v4 = String::new();
-    let mut v6 = String::new();
-    for name in web {
-        let pod = cluster.pod(name);
-        let endpoint = |addr: IpAddr| {
-            format!(
-                "  - addresses: [\"{addr}\"]\n    hostname: {name}\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, namespace: demo, name: {name}}}\n"
-            )
-        };
-        v4.push_str(&endpoint(pod.addr(false).unwrap()));
-        v6.push_str(&endpoint(pod.addr(true).unwrap()));
-    }
-    let web_yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
-         spec:\n  clusterIP: None\n  ports: [{{name: http, port: {PORT}}}]\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: web-v4\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v4}\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: web-v6\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
-         addressType: IPv6\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{v6}"
-    );
-    fs::write(dir.join("web.yaml"), web_yaml).unwrap();
+    web_service(cluster, &["web-0", "web-1", "web-2"])
+        .write_to(dir)
+        .unwrap();
     let api = cluster.pod("api-0").addr(false).unwrap();
     let api_yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: demo}}\n\
@@ -154,18 +145,16 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(
         progs,
         [
-            "hw_bytes_egress",
-            "hw_bytes_ingress",
             "hw_connect4",
             "hw_connect6",
-            "hw_dns_egress",
-            "hw_dns_ingress",
             "hw_getpeer4",
             "hw_getpeer6",
             "hw_recvmsg4",
             "hw_recvmsg6",
             "hw_sendmsg4",
             "hw_sendmsg6",
+            "hw_skb_egress",
+            "hw_skb_ingress",
             "hw_sock_ops",
         ]
     );
@@ -268,7 +257,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     agent.stop().expect("agent stops cleanly on SIGTERM");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        13,
+        11,
         "links stay pinned"
     );
     connect(&cluster, &cg, "web-2", false, false, 2);
@@ -284,6 +273,18 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     );
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
 
+    // A map an older headway pinned (socket storage now merged into
+    // `sock_state`): the new agent has no use for it and removes it.
+    let retired = bpffs.pin("acct_socks");
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&retired)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1"])
+        .args(["name", "acct_socks"])
+        .status()
+        .expect("run bpftool");
+    assert!(created.success() && retired.exists(), "bpftool map create");
+
     // A new agent takes over: nothing reset, nothing attached twice.
     let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("restart agent");
     std::thread::sleep(Duration::from_millis(500));
@@ -293,9 +294,16 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        13,
+        11,
         "no second attachment"
     );
+    // The status above reads the pins, so it can be ready before the new
+    // agent is: give it time to load and attach.
+    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+    while retired.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!retired.exists(), "a retired map pin is removed");
     connect(&cluster, &cg, "web-0", false, false, 1);
     assert_eq!(counts(&status_json(&bpffs).unwrap(), "web-0"), (6, 0));
 
@@ -308,7 +316,13 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         .output()
         .unwrap();
     assert!(out.status.success(), "reset: {out:?}");
-    assert!(cgroup_programs(cg.path()).unwrap().is_empty());
+    // The kernel lets go of an unpinned link after an RCU grace period
+    // (the bpffs inode is freed from an RCU callback): give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cgroup_programs(cg.path()).unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cgroup_programs(cg.path()).unwrap(), Vec::<String>::new());
     assert!(!bpffs.pin("pod_stats").exists());
     let err = status_json(&bpffs).unwrap_err().to_string();
     assert!(err.contains("nothing is pinned"), "{err}");
@@ -329,9 +343,9 @@ fn pod_removed_from_manifests_disappears_from_maps() {
     let generation_before = pod_addrs_gen(&bpffs);
 
     // Drop web-2 from both slices.
-    let yaml = fs::read_to_string(manifests.path().join("web.yaml")).unwrap();
-    let without_web2 = remove_endpoint(&yaml, "web-2");
-    fs::write(manifests.path().join("web.yaml"), without_web2).unwrap();
+    web_service(&cluster, &["web-0", "web-1"])
+        .write_to(manifests.path())
+        .unwrap();
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 2).unwrap();
     let addrs = bpftool_dump(&bpffs.pin("pod_addrs")).unwrap();
     assert_eq!(addrs.len(), 4, "two pods x two families: {addrs:#?}");
@@ -353,24 +367,4 @@ fn pod_addrs_gen(bpffs: &Bpffs) -> u64 {
     entries[0]["value"]
         .as_u64()
         .unwrap_or_else(|| panic!("pod_addrs_gen: {entries:#?}"))
-}
-
-/// Removes the endpoint block (4 lines) that names `pod` from every slice.
-fn remove_endpoint(yaml: &str, pod: &str) -> String {
-    let lines: Vec<&str> = yaml.lines().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let block_names_pod = lines[i].starts_with("  - addresses:")
-            && lines
-                .get(i + 1)
-                .is_some_and(|l| l.trim() == format!("hostname: {pod}"));
-        if block_names_pod {
-            i += 4;
-        } else {
-            out.push(lines[i]);
-            i += 1;
-        }
-    }
-    out.join("\n") + "\n"
 }

@@ -22,6 +22,7 @@ use headway_testbed::{
         Agent, Bpffs, Sample, free_port, headway_bin, http_get, metric_families, parse_openmetrics,
         status_json, wait_for_status,
     },
+    manifests::{HeadlessService, PodEndpoint},
     require_root, run_client, start_pod_servers, unique_suffix,
 };
 use serde_json::Value;
@@ -30,22 +31,17 @@ const PORT: u16 = 8080;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(15);
 const DASHBOARD: &str = "deploy/grafana/headway-dashboard.json";
 
-/// A headless service `demo/web` over `pods` (name, IPv4), with optional
-/// Service annotations.
-fn web_manifest(pods: &[(&str, IpAddr)], annotations: &str) -> String {
-    let mut endpoints = String::new();
-    for (name, addr) in pods {
-        endpoints.push_str(&format!(
-            "  - addresses: [\"{addr}\"]\n    conditions: {{ready: true}}\n    targetRef: {{kind: Pod, namespace: demo, name: {name}}}\n"
-        ));
+/// A headless service `demo/web` over `pods` (name, IPv4), with an
+/// optional `headway.dev/policy`.
+fn web_manifest(pods: &[(&str, IpAddr)], policy: Option<&str>) -> String {
+    let mut web = HeadlessService::new("demo", "web").port("http", PORT);
+    if let Some(policy) = policy {
+        web = web.policy(policy);
     }
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: demo\n  annotations: {{{annotations}}}\n\
-         spec:\n  clusterIP: None\n  ports: [{{name: http, port: {PORT}}}]\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: web-v4\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
-         addressType: IPv4\nports: [{{name: http, port: {PORT}}}]\nendpoints:\n{endpoints}"
-    )
+    for (name, addr) in pods {
+        web = web.endpoint(PodEndpoint::new(name, [*addr]).without_hostname());
+    }
+    web.to_yaml()
 }
 
 /// Pods that only exist as map entries (no namespace, never connected to).
@@ -118,7 +114,7 @@ fn metrics_keep_a_deleted_pods_series_for_the_grace_period() {
     let manifests = tempfile::tempdir().unwrap();
     let addr = |pod: &str| cluster.pod(pod).addr(false).unwrap();
     let both = [("web-0", addr("web-0")), ("web-1", addr("web-1"))];
-    fs::write(manifests.path().join("web.yaml"), web_manifest(&both, "")).unwrap();
+    fs::write(manifests.path().join("web.yaml"), web_manifest(&both, None)).unwrap();
 
     let port = free_port().unwrap();
     let flags = [
@@ -184,12 +180,12 @@ fn metrics_keep_a_deleted_pods_series_for_the_grace_period() {
         .filter(|(n, _, _)| n == "headway_program_attached")
         .map(|s| s.2)
         .collect();
-    assert_eq!(attached, [1.0; 13], "{body}");
+    assert_eq!(attached, [1.0; 11], "{body}");
 
     // web-1 is deleted: the maps forget it at once...
     fs::write(
         manifests.path().join("web.yaml"),
-        web_manifest(&both[..1], ""),
+        web_manifest(&both[..1], None),
     )
     .unwrap();
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| {
@@ -252,7 +248,7 @@ fn healthz_fails_when_a_hook_is_detached_behind_the_agents_back() {
     let manifests = tempfile::tempdir().unwrap();
     fs::write(
         manifests.path().join("web.yaml"),
-        web_manifest(&paper_pods(), ""),
+        web_manifest(&paper_pods(), None),
     )
     .unwrap();
     let (mut agent, port) = start_healthy(manifests.path(), &cg, &bpffs, &[]);
@@ -339,9 +335,9 @@ fn readyz_waits_for_the_first_sync() {
 
     // Deliver the manifest, then put a plain file in the FIFO's place so
     // later reads never block.
-    fs::write(&fifo, web_manifest(&paper_pods(), "")).unwrap();
+    fs::write(&fifo, web_manifest(&paper_pods(), None)).unwrap();
     let plain = manifests.path().join(".web.yaml.tmp");
-    fs::write(&plain, web_manifest(&paper_pods(), "")).unwrap();
+    fs::write(&plain, web_manifest(&paper_pods(), None)).unwrap();
     fs::rename(&plain, &fifo).unwrap();
 
     let ready = eventually(SYNC_TIMEOUT, || {
@@ -378,10 +374,9 @@ fn unknown_annotation_is_logged_once_per_change_in_json() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("agent.log");
     let write = |policy: &str| {
-        let annotation = format!("headway.dev/policy: {policy}");
         fs::write(
             manifests.path().join("web.yaml"),
-            web_manifest(&paper_pods(), &annotation),
+            web_manifest(&paper_pods(), Some(policy)),
         )
         .unwrap();
     };
@@ -517,7 +512,7 @@ fn top_shows_the_pods_live_and_quits_on_q() {
     let manifests = tempfile::tempdir().unwrap();
     let addr = |pod: &str| cluster.pod(pod).addr(false).unwrap();
     let pods = [("web-0", addr("web-0")), ("web-1", addr("web-1"))];
-    fs::write(manifests.path().join("web.yaml"), web_manifest(&pods, "")).unwrap();
+    fs::write(manifests.path().join("web.yaml"), web_manifest(&pods, None)).unwrap();
     let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).unwrap();
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pods(s).len() == 2).unwrap();
     let connect = |pod: &str, count: u32| {
@@ -564,7 +559,7 @@ fn top_shows_the_pods_live_and_quits_on_q() {
     assert!(shows("web-0", 5), "screen:\n{}", tmux.screen());
     let screen = tmux.screen();
     assert!(screen.contains("demo/web"), "{screen}");
-    assert!(screen.contains("hooks 13/13 attached"), "{screen}");
+    assert!(screen.contains("hooks 11/11 attached"), "{screen}");
     println!("headway top, captured with tmux capture-pane:\n{screen}");
 
     tmux.run(&["send-keys", "-t", "top", "q"]);
@@ -671,7 +666,7 @@ fn dashboard_asks_only_for_metrics_the_agent_exports() {
     let manifests = tempfile::tempdir().unwrap();
     fs::write(
         manifests.path().join("web.yaml"),
-        web_manifest(&paper_pods(), ""),
+        web_manifest(&paper_pods(), None),
     )
     .unwrap();
     let (mut agent, port) = start_healthy(manifests.path(), &cg, &bpffs, &[]);

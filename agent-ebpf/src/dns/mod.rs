@@ -2,9 +2,10 @@
 //! believe"): `query` records every A/AAAA query a socket in the cgroup
 //! sends, `response` learns from the answer to it, and only from that.
 //!
-//! Both programs are cgroup_skb hooks, so they see packets from the IP
-//! header on. They never drop anything: whatever they cannot parse is let
-//! through and, on ingress, counted in `dns_counters` under its reason.
+//! Both run inside the cgroup_skb programs (see `skb`), so they see
+//! packets from the IP header on. They never drop anything: whatever they
+//! cannot parse is let through and, on ingress, counted in `dns_counters`
+//! under its reason.
 //!
 //! The parsers work on a copy of the DNS payload in a per-CPU scratch
 //! buffer. kernel-notes.md, "DNS parsing in the kernel": every exit of a
@@ -19,9 +20,6 @@ use headway_common::{
 };
 
 use crate::maps::{DNS_ADDRS, DNS_COUNTERS, DNS_OBS};
-
-/// cgroup_skb verdict that lets the packet pass. The only one we return.
-const ALLOW: i32 = 1;
 
 const DNS_PORT: u16 = 53;
 const IPPROTO_UDP: u8 = 17;
@@ -140,10 +138,9 @@ macro_rules! store {
     };
 }
 
-// After the macros, which the parsers use too. The per-packet functions
-// (`query::on_query`, `response::on_response`) are the crate's way in.
-pub(crate) mod query;
-pub(crate) mod response;
+// After the macros, which the parsers use too.
+pub mod query;
+pub mod response;
 
 impl Scratch {
     /// This CPU's scratch space.

@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     btf_maps::PerCpuArray,
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
-    macros::{btf_map, cgroup_skb},
+    macros::btf_map,
     programs::SkBuffContext,
 };
 use headway_common::{
@@ -28,9 +28,9 @@ use headway_common::{
 };
 
 use super::{
-    ALLOW, ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN,
-    MAX_NAME_LEN, MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, bump, copy_payload,
-    dns_datagram, query_id, question,
+    ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN, MAX_NAME_LEN,
+    MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, bump, copy_payload, dns_datagram,
+    query_id, question,
 };
 use crate::{
     accounting::count_dns_answer,
@@ -72,16 +72,10 @@ pub struct CachedAnswer {
 #[btf_map(name = "dns_answers")]
 static DNS_ANSWERS: PerCpuArray<CachedAnswer, { ANSWER_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
-#[cgroup_skb(ingress)]
-pub fn hw_dns_ingress(ctx: SkBuffContext) -> i32 {
-    on_response(&ctx);
-    ALLOW
-}
-
-/// Learns from `ctx` if it is the answer to a query `query::on_query`
-/// recorded; anything else passes untouched.
+/// A packet arriving at a socket of the cgroup: if it is the answer to a
+/// recorded query, learn from it.
 #[inline(always)]
-pub(crate) fn on_response(ctx: &SkBuffContext) -> Option<()> {
+pub fn on_response(ctx: &SkBuffContext) -> Option<()> {
     let d = dns_datagram(ctx, Direction::Ingress)?;
     bump(dns_counter::RESPONSES);
     let s = Scratch::get()?;
