@@ -6,10 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use headway_common::{
-    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
-    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey, ResponseRecord,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, capacity,
-    dns_counter, steer_counter,
+    AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
+    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
+    ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, capacity, dns_counter,
+    steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -42,8 +42,9 @@ pub static SVC_ENDPOINTS: HashMap<
     { capacity::SVC_ENDPOINTS as usize },
 > = HashMap::new();
 
-// DNS: the names of headless services (agent-written), queries in flight and
-// what each client network namespace learned (kernel-written).
+// DNS: the names of headless services and the slots of their addresses
+// (agent-written), queries in flight and what each client network namespace
+// learned (kernel-written).
 #[btf_map(name = "dns_names")]
 pub static DNS_NAMES: HashMap<u64, NameEntry, { capacity::DNS_NAMES as usize }> = HashMap::new();
 
@@ -55,12 +56,12 @@ pub static DNS_PENDING: LruHashMap<
 > = LruHashMap::new();
 
 #[btf_map(name = "dns_obs")]
-pub static DNS_OBS: LruHashMap<ObservationKey, Observation, { capacity::DNS_OBS as usize }> =
+pub static DNS_OBS: LruHashMap<ObservationKey, ObservationPage, { capacity::DNS_OBS as usize }> =
     LruHashMap::new();
 
-#[btf_map(name = "dns_resp")]
-pub static DNS_RESP: LruHashMap<ResponseKey, ResponseRecord, { capacity::DNS_RESP as usize }> =
-    LruHashMap::new();
+#[btf_map(name = "dns_addrs")]
+pub static DNS_ADDRS: HashMap<AddrKey, AddrIndex, { capacity::DNS_ADDRS as usize }> =
+    HashMap::new();
 
 #[btf_map(name = "pod_addrs_gen")]
 pub static POD_ADDRS_GEN: Array<u64, 1> = Array::new();

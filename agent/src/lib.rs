@@ -8,6 +8,7 @@ pub mod bpf_sys;
 pub mod cgroup;
 pub mod choice_table;
 pub mod datapath;
+pub mod dns_index;
 pub mod http;
 pub mod kernel_log;
 pub mod log_once;

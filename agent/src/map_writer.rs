@@ -24,7 +24,7 @@ use headway_common::{
     ServiceEndpointKey, ServicePortKey, map_names,
 };
 
-use crate::{map_plan::MapContents, pinned::Maps};
+use crate::{dns_index::DnsIndex, map_plan::MapContents, pinned::Maps};
 
 /// A `PodCounters::generation` no slot had before: the wall clock in ns
 /// (it moves on between agent runs), and past the last one this process
@@ -151,6 +151,8 @@ pub struct MapWriter {
     /// What each service (by id) last asked for.
     fragments: BTreeMap<u32, MapContents>,
     shared: SharedClaims,
+    /// `dns_addrs`: each service's address slots for DNS observations.
+    dns_index: DnsIndex,
 }
 
 impl MapWriter {
@@ -163,11 +165,13 @@ impl MapWriter {
     /// from it would skip the connect hooks entirely.
     pub fn new(maps: Maps) -> Result<MapWriter, crate::pinned::PinnedError> {
         let current = maps.read_contents()?;
+        let dns_index = DnsIndex::load(&maps.dns_addrs);
         let mut writer = MapWriter {
             maps,
             current,
             fragments: BTreeMap::new(),
             shared: SharedClaims::default(),
+            dns_index,
         };
         for addr in writer.current.pod_addrs.keys() {
             if let Err(e) = add_to_filter(&mut writer.maps, addr) {
@@ -231,6 +235,7 @@ impl MapWriter {
     /// service is gone), touching only the keys its old or new fragment
     /// mentions. Entries that fail are skipped (and returned).
     pub fn apply_service(&mut self, service_id: u32, wanted: Option<MapContents>) -> Written {
+        let gone = wanted.is_none();
         let old = self.fragments.remove(&service_id).unwrap_or_default();
         let new = wanted.unwrap_or_default();
         let shared = &mut self.shared;
@@ -267,6 +272,18 @@ impl MapWriter {
             &|k| new.svc_backends.get(k).copied(),
             &|k| new.svc_ports.get(k).copied(),
         );
+        // The service's address slots, once `pod_addrs` is written.
+        let current: BTreeSet<AddrKey> = new.pod_addrs.keys().copied().collect();
+        let pods = keys
+            .pod_addrs
+            .iter()
+            .map(|a| (*a, self.shared.pod_addrs.winner(a).map(|p| p.pod_id)));
+        let errors = self
+            .dns_index
+            .sync_service(&mut self.maps, service_id, gone, &current, pods);
+        let mut written = written;
+        written.summary.failed += errors.len();
+        written.errors.extend(errors);
         if !new.is_empty() {
             self.fragments.insert(service_id, new);
         }
@@ -312,6 +329,14 @@ impl MapWriter {
             &|_| None,
         );
         written.unclaimed_pods = keys.pods.into_iter().collect();
+        let fragments = &self.fragments;
+        let errors = self.dns_index.retain_services(
+            &mut self.maps,
+            |id| fragments.contains_key(&id),
+            keys.pod_addrs.iter().map(|a| (*a, None)),
+        );
+        written.summary.failed += errors.len();
+        written.errors.extend(errors);
         written
     }
 }
@@ -569,7 +594,7 @@ fn write_keys(
 }
 
 /// Tells the DNS interceptor that pod ids it cached per address may be
-/// stale (`dns_resp`): called after `pod_addrs` changed, never before.
+/// stale (the answer cache): called after `pod_addrs` changed, never before.
 /// Adds `addr` to the address filter (before `pod_addrs` can hold it).
 fn add_to_filter(maps: &mut Maps, addr: &AddrKey) -> Result<(), WriteError> {
     maps.addr_filter

@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
-    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
-    PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey,
-    ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState,
-    capacity, dns_counter, map_names, steer_counter,
+    AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
+    ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, capacity,
+    dns_counter, map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -110,7 +110,7 @@ pub const MAP_SHAPES: [MapShape; 18] = {
             MapType::LruHash,
             capacity::DNS_PENDING,
         ),
-        shape::<ObservationKey, Observation>(
+        shape::<ObservationKey, ObservationPage>(
             map_names::DNS_OBS,
             MapType::LruHash,
             capacity::DNS_OBS,
@@ -139,11 +139,7 @@ pub const MAP_SHAPES: [MapShape; 18] = {
             MapType::BloomFilter,
             capacity::ADDR_FILTER,
         ),
-        shape::<ResponseKey, ResponseRecord>(
-            map_names::DNS_RESP,
-            MapType::LruHash,
-            capacity::DNS_RESP,
-        ),
+        shape::<AddrKey, AddrIndex>(map_names::DNS_ADDRS, MapType::Hash, capacity::DNS_ADDRS),
         shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
         // Socket storage: keyed by socket fd from userspace, no capacity.
         shape::<i32, SocketState>(map_names::SOCK_STATE, MapType::SkStorage, 0),
@@ -178,7 +174,11 @@ impl MapSizes {
         let e = self.max_endpoints;
         Some(match name {
             map_names::POD_ADDRS | map_names::PODS | map_names::POD_STATS => e,
-            map_names::SVC_ENDPOINTS | map_names::SVC_BACKENDS => e.saturating_mul(2),
+            // `dns_addrs` keeps gone addresses too, until their slots are
+            // needed.
+            map_names::SVC_ENDPOINTS | map_names::SVC_BACKENDS | map_names::DNS_ADDRS => {
+                e.saturating_mul(2)
+            }
             map_names::DNS_NAMES => e.saturating_mul(4),
             map_names::SERVICES | map_names::SVC_STATS => self.max_services,
             _ => return None,
@@ -276,7 +276,9 @@ pub struct Maps {
     pub addr_filter: BloomFilter<MapData, AddrKey>,
     pub dns_names: HashMap<MapData, u64, NameEntry>,
     /// Kernel-written (LRU): what each client netns learned from DNS.
-    pub dns_obs: HashMap<MapData, ObservationKey, Observation>,
+    pub dns_obs: HashMap<MapData, ObservationKey, ObservationPage>,
+    /// Agent-written: each address's pod and slots (`crate::dns_index`).
+    pub dns_addrs: HashMap<MapData, AddrKey, AddrIndex>,
     pub config: Array<MapData, Config>,
     pub dns_counters: PerCpuArray<MapData, u64>,
     pub steer_counters: PerCpuArray<MapData, u64>,
@@ -327,6 +329,7 @@ impl Maps {
             addr_filter: typed(map_names::ADDR_FILTER, take(map_names::ADDR_FILTER)?)?,
             dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
             dns_obs: typed(map_names::DNS_OBS, take(map_names::DNS_OBS)?)?,
+            dns_addrs: typed(map_names::DNS_ADDRS, take(map_names::DNS_ADDRS)?)?,
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
             dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,
@@ -364,6 +367,7 @@ impl Maps {
             (map_names::SVC_PORTS, count(&self.svc_ports)),
             (map_names::DNS_NAMES, count(&self.dns_names)),
             (map_names::DNS_OBS, count(&self.dns_obs)),
+            (map_names::DNS_ADDRS, count(&self.dns_addrs)),
         ]
         .into_iter()
         .collect())

@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
 
 use headway::{map_plan::addr_key, pinned::Maps};
-use headway_common::{Observation, ObservationKey, name_kind};
+use headway_common::{AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, name_kind};
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
     agent::{Agent, Bpffs, netns_cookie, status_json, wait_for_status},
@@ -114,20 +114,42 @@ fn plant(maps: &mut Maps, cookie: u64, addr: &str, service: &str, kind: u32) {
         .find(|(_, m)| headway::map_plan::decode_name(&m.name) == service)
         .map(|(id, _)| *id)
         .unwrap_or_else(|| panic!("service {service} not in the maps"));
-    let key = ObservationKey {
-        netns_cookie: cookie,
-        addr: addr_key(addr.parse().unwrap()),
-    };
-    let value = Observation {
+    let addr = addr_key(addr.parse().unwrap());
+    // An address a headless name handed out was an endpoint of its service
+    // when it did, so the agent gave it a slot there (and kept it after the
+    // pod was gone). 10.77.0.99 stands for such a pod; it gets a slot at
+    // the top of the range, which the agent does not reach here.
+    let has_slot = maps.dns_addrs.get(&addr, 0).is_ok_and(|i| {
+        i.slots[..i.n as usize]
+            .iter()
+            .any(|s| s.service_id == service_id)
+    });
+    if !has_slot {
+        let mut index = maps.dns_addrs.get(&addr, 0).unwrap_or(AddrIndex {
+            pod_id: NO_POD,
+            ..AddrIndex::default()
+        });
+        let i = index.n as usize;
+        index.slots[i] = AddrSlot {
+            service_id,
+            slot: (OBS_PAGE_SLOTS * OBS_MAX_PAGES - 1 - i) as u32,
+            since_ns: 1,
+        };
+        index.n += 1;
+        maps.dns_addrs.insert(addr, index, 0).unwrap();
+    }
+    headway::dns_index::stamp_observation(
+        &mut maps.dns_obs,
+        &maps.dns_addrs,
+        cookie,
+        &addr,
         service_id,
         kind,
-        learned_ns: 1,
-    };
-    maps.dns_obs.insert(key, value, 0).unwrap();
-    // An address a headless name handed out was a pod's when it did, so
-    // the agent had it in `pod_addrs`, and in the address filter, which
-    // keeps it after the pod is gone (10.77.0.99 stands for such a pod).
-    maps.addr_filter.insert(key.addr, 0).unwrap();
+    )
+    .unwrap();
+    // ... and in `pod_addrs`, and in the address filter, which keeps it
+    // after the pod is gone.
+    maps.addr_filter.insert(addr, 0).unwrap();
 }
 
 fn connect(c: &Cluster, client: &str, cg: &Cgroup, addr: &str, count: u32) -> ConnectReport {

@@ -32,15 +32,20 @@ pub mod map_names {
     /// [`crate::PendingQueryKey`] → [`crate::PendingQuery`]: DNS queries sent
     /// and not yet answered (LRU), so only real answers teach anything.
     pub const DNS_PENDING: &str = "dns_pending";
-    /// [`crate::ObservationKey`] → [`crate::Observation`]: which client
-    /// network namespace got which address from which name (LRU).
+    /// [`crate::ObservationKey`] → [`crate::ObservationPage`]: what each
+    /// client network namespace learned from one service's names, one
+    /// stamp (time and kind of name) per address slot of the service (LRU).
+    /// A response costs one write here, not one per address.
     pub const DNS_OBS: &str = "dns_obs";
-    /// [`crate::ResponseKey`] → [`crate::ResponseRecord`]: the last answer
-    /// each client netns got for each service and kind of name (LRU), so a
-    /// repeated answer costs one lookup rather than one per address.
-    pub const DNS_RESP: &str = "dns_resp";
+    /// [`crate::AddrKey`] → [`crate::AddrIndex`] (agent-written): the pod of
+    /// each address and, for every headless service it was ever an endpoint
+    /// of (kept after it left, until its slot is needed), its slot there.
+    /// The interceptor finds where to stamp an answer; connect() finds
+    /// where to read what a client learned.
+    pub const DNS_ADDRS: &str = "dns_addrs";
     /// index 0 → u64: bumped by the agent after every change of
-    /// `pod_addrs`, so the kernel knows when pod ids it cached are stale.
+    /// `pod_addrs` or `dns_addrs`, so the kernel knows when the pod ids and
+    /// slots it cached per answer are stale.
     pub const POD_ADDRS_GEN: &str = "pod_addrs_gen";
     /// index ([`crate::dns_counter`]) → u64, per CPU: DNS interceptor outcomes.
     pub const DNS_COUNTERS: &str = "dns_counters";
@@ -87,7 +92,7 @@ pub mod map_names {
         SVC_STATS,
         SVC_PORTS,
         ADDR_FILTER,
-        DNS_RESP,
+        DNS_ADDRS,
         POD_ADDRS_GEN,
         SOCK_STATE,
     ];
@@ -141,9 +146,12 @@ pub mod capacity {
     /// Service-wide names, pod names and dashed-IP names.
     pub const DNS_NAMES: u32 = 262_144;
     pub const DNS_PENDING: u32 = 16_384;
-    pub const DNS_OBS: u32 = 262_144;
-    /// One per client netns, service, kind of name and family asked.
-    pub const DNS_RESP: u32 = 65_536;
+    /// One per client netns, service, family and page of 64 address
+    /// slots it resolved.
+    pub const DNS_OBS: u32 = 65_536;
+    /// Addresses of pods behind headless services, current and recently
+    /// gone (slots are kept for gone ones until needed).
+    pub const DNS_ADDRS: u32 = 131_072;
     /// Choice-table slots: one per eligible pod, more under `weighted`,
     /// twice for the pods a topology preference picks.
     pub const SVC_BACKENDS: u32 = 262_144;
@@ -529,13 +537,96 @@ pub struct PendingQuery {
     pub _pad: u32,
 }
 
+/// Address slots in one [`ObservationPage`]. Slot `s` of a service and
+/// family lives in page `s / OBS_PAGE_SLOTS`.
+pub const OBS_PAGE_SLOTS: usize = 64;
+/// Pages per service and family: at most this many writes per response,
+/// and the most slots the agent hands out per service and family.
+pub const OBS_MAX_PAGES: usize = 4;
+/// Headless services one address keeps a slot in at once.
+pub const ADDR_MAX_SERVICES: usize = 4;
+/// Most addresses one response teaches (`MAX_ANSWERS` in the parser).
+pub const RESPONSE_MAX_ADDRS: usize = 32;
+/// An address with no pod (gone), or an answer address that is none.
+pub const NO_POD: u32 = u32::MAX;
+/// An answer address with no slot in the service that handed it out.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// Key of `dns_obs`: a client network namespace's view of one page of a
+/// service's address slots, for one family.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObservationKey {
     pub netns_cookie: u64,
-    pub addr: AddrKey,
+    pub service_id: u32,
+    /// 4 or 6.
+    pub family: u16,
+    pub page: u16,
 }
 
+/// What a client netns learned about the addresses of one page: per slot,
+/// an [`obs_stamp`] (0: nothing). A stamp counts for the address holding
+/// the slot only if it is not older than [`AddrSlot::since_ns`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObservationPage {
+    pub stamps: [u64; OBS_PAGE_SLOTS],
+}
+
+impl Default for ObservationPage {
+    fn default() -> Self {
+        ObservationPage {
+            stamps: [0; OBS_PAGE_SLOTS],
+        }
+    }
+}
+
+/// A stamp: `bpf_ktime_get_ns` with its two low bits replaced by the
+/// [`name_kind`] that handed the address out, so one aligned u64 store
+/// says both (a reader never sees the time of one and the kind of another).
+#[inline(always)]
+pub const fn obs_stamp(now_ns: u64, kind: u32) -> u64 {
+    (now_ns & !3) | (kind as u64 & 3)
+}
+
+/// The time part of a stamp.
+#[inline(always)]
+pub const fn obs_time(stamp: u64) -> u64 {
+    stamp & !3
+}
+
+/// The [`name_kind`] part of a stamp.
+#[inline(always)]
+pub const fn obs_kind(stamp: u64) -> u32 {
+    (stamp & 3) as u32
+}
+
+/// An address's slot in one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrSlot {
+    pub service_id: u32,
+    /// Index among the service's slots for the address's family.
+    pub slot: u32,
+    /// CLOCK_MONOTONIC (= `bpf_ktime_get_ns`) when the agent gave the slot
+    /// to this address: older stamps in it were about a previous holder.
+    pub since_ns: u64,
+}
+
+/// Value of `dns_addrs`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrIndex {
+    /// The pod that has the address now, or [`NO_POD`].
+    pub pod_id: u32,
+    /// Entries of `slots` in use.
+    pub n: u32,
+    pub slots: [AddrSlot; ADDR_MAX_SERVICES],
+}
+
+/// What a client network namespace learned about an address (what the
+/// connect hooks ask `dns::observation`): the newest stamp among the
+/// services the address has a slot in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Observation {
@@ -543,51 +634,8 @@ pub struct Observation {
     pub service_id: u32,
     /// [`name_kind`] value.
     pub kind: u32,
-    /// `bpf_ktime_get_ns` of the last answer that wrote or re-checked this
-    /// entry (a repeated answer within `dns_resp`'s trust window does not).
+    /// `bpf_ktime_get_ns` of the last answer that handed it out.
     pub learned_ns: u64,
-}
-
-/// Key of `dns_resp`: a client network namespace's view of one service
-/// through one kind of name, for one address family.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ResponseKey {
-    pub netns_cookie: u64,
-    pub service_id: u32,
-    /// [`name_kind`] value.
-    pub kind: u16,
-    /// QTYPE asked (1 = A, 28 = AAAA): the family of the addresses.
-    pub qtype: u16,
-}
-
-/// Most addresses one response teaches (`MAX_ANSWERS` in the parser).
-pub const RESPONSE_MAX_ADDRS: usize = 32;
-
-/// `ResponseRecord::pod_ids` entry of an address that is no pod.
-pub const NO_POD: u32 = u32::MAX;
-
-/// The last answer a client netns got for a [`ResponseKey`], kept so that
-/// the same answer again costs one lookup. The invariant that makes this
-/// safe: while `verified_ns` is recent, every address of the answer has a
-/// `dns_obs` entry saying this key's service and kind (the kernel
-/// invalidates the record whenever it rewrites one of them to say
-/// something else).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ResponseRecord {
-    /// Order-independent hash of the multiset of answer addresses.
-    pub fingerprint: u64,
-    /// `bpf_ktime_get_ns` when every address's `dns_obs` entry was last
-    /// checked; 0 when invalidated.
-    pub verified_ns: u64,
-    /// `pod_addrs_gen` when `pod_ids` were looked up.
-    pub pod_gen: u64,
-    pub n_addrs: u32,
-    pub _pad: u32,
-    /// The pod of each address (in some order), or [`NO_POD`]; only the
-    /// first `n_addrs` mean anything.
-    pub pod_ids: [u32; RESPONSE_MAX_ADDRS],
 }
 
 /// Indexes of `dns_counters`.
@@ -613,7 +661,8 @@ pub mod dns_counter {
     pub const ERR_QUESTION_MISMATCH: u32 = 8;
     /// Queries recorded on egress.
     pub const QUERIES: u32 = 9;
-    /// A full map refused an observation.
+    /// An observation could not be written (a map error, or more pages
+    /// than one response may touch).
     pub const ERR_MAP_FULL: u32 = 10;
     /// Answered lookups of a service-wide name.
     pub const LOOKUPS_SERVICE: u32 = 11;
@@ -688,8 +737,9 @@ mod user {
     unsafe impl aya::Pod for super::PendingQuery {}
     unsafe impl aya::Pod for super::ObservationKey {}
     unsafe impl aya::Pod for super::Observation {}
-    unsafe impl aya::Pod for super::ResponseKey {}
-    unsafe impl aya::Pod for super::ResponseRecord {}
+    unsafe impl aya::Pod for super::ObservationPage {}
+    unsafe impl aya::Pod for super::AddrSlot {}
+    unsafe impl aya::Pod for super::AddrIndex {}
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ServiceCounters {}
@@ -733,10 +783,11 @@ mod tests {
         assert_eq!(size_of::<NameEntry>(), 8);
         assert_eq!(size_of::<PendingQueryKey>(), 8 + 16 + 8);
         assert_eq!(size_of::<PendingQuery>(), 16);
-        assert_eq!(size_of::<ObservationKey>(), 24);
+        assert_eq!(size_of::<ObservationKey>(), 16);
+        assert_eq!(size_of::<ObservationPage>(), 8 * OBS_PAGE_SLOTS);
+        assert_eq!(size_of::<AddrSlot>(), 16);
+        assert_eq!(size_of::<AddrIndex>(), 8 + 16 * ADDR_MAX_SERVICES);
         assert_eq!(size_of::<Observation>(), 16);
-        assert_eq!(size_of::<ResponseKey>(), 16);
-        assert_eq!(size_of::<ResponseRecord>(), 32 + 4 * RESPONSE_MAX_ADDRS);
     }
 
     #[test]

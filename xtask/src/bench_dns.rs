@@ -16,21 +16,24 @@
 //!   estimated as single-run median minus repeat mean of the non-DNS
 //!   packet and is subtracted in the "net" column.
 //!
-//! Each learning case runs in three states of the client's netns: the same
-//! answer came a moment ago (its `dns_resp` record is fresh: the common
-//! case of a client asking again), the addresses are known but the record
-//! is gone (older than the trust window, or evicted), and the first time.
+//! Each learning case runs in four states: the same answer came a moment
+//! ago (the common case of a client asking again); the client's first
+//! answer from the service, about addresses this CPU's answer cache knows
+//! (another client got them before); the client's first answer with the
+//! cache cold too (the agent just changed `dns_addrs`, or the answer is new
+//! to the node): one `dns_addrs` lookup per address and one insert; and a
+//! known client with the cache cold.
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData},
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use headway_common::{
-    AddrKey, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey, PodRef,
-    ResponseKey, ResponseRecord, dns_name_hash, map_names, name_kind, program_names,
+    AddrIndex, AddrKey, AddrSlot, NameEntry, OBS_MAX_PAGES, ObservationKey, ObservationPage,
+    PendingQuery, PendingQueryKey, PodRef, dns_name_hash, map_names, name_kind, program_names,
 };
 use hickory_proto::{
     op::{Message, OpCode, Query},
@@ -164,26 +167,27 @@ fn bench_learning(
         ("CNAME + 3 A", response(&pod_ips(3), true)),
         ("4 A", response(&pod_ips(4), false)),
         ("16 A", response(&pod_ips(16), false)),
-        ("16 A, not pod addresses", response(&other_ips(16), false)),
+        (
+            "16 A, no headless addresses",
+            response(&other_ips(16), false),
+        ),
         ("32 A", response(&pod_ips(32), false)),
     ];
     for (name, (payload, ips)) in cases {
         let frame = udp_frame(53, CLIENT_PORT, &payload);
+        let _ = ips;
         for state in [
             State::Repeated,
-            State::Expired,
-            State::NoRecord,
+            State::FirstCached,
             State::FirstTime,
+            State::KnownCold,
         ] {
             let raw = bench.single_median(&frame, opts.samples, |b| {
-                if state == State::Expired {
-                    b.expire_record()?;
+                if matches!(state, State::FirstCached | State::FirstTime) {
+                    b.forget_pages()?;
                 }
-                if matches!(state, State::NoRecord | State::FirstTime) {
-                    b.forget_record()?;
-                }
-                if state == State::FirstTime {
-                    b.forget_observations(&ips)?;
+                if matches!(state, State::FirstTime | State::KnownCold) {
+                    b.bump_generation()?;
                 }
                 b.expect_query()
             })?;
@@ -197,28 +201,28 @@ fn bench_learning(
     Ok(())
 }
 
-/// What the client netns knew before the benchmarked response.
+/// What the client netns and this CPU knew before the benchmarked response.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// The same answer a moment ago: its `dns_resp` record is fresh.
+    /// The same answer a moment ago: its page exists, the cache holds it.
     Repeated,
-    /// The same answer, but longer ago than the trust window of its
-    /// `dns_resp` record: each address's `dns_obs` entry is checked.
-    Expired,
-    /// Every address known (`dns_obs`), but no `dns_resp` record (evicted):
-    /// each address is checked and its pod looked up, the record written.
-    NoRecord,
-    /// Nothing known: each address is written.
+    /// The client's first answer from the service (no `dns_obs` page); the
+    /// answer cache holds the addresses (another client got them).
+    FirstCached,
+    /// The client's first answer, and the cache is cold: every address is
+    /// looked up in `dns_addrs`, the page inserted.
     FirstTime,
+    /// The page exists, the cache is cold (the agent changed `dns_addrs`).
+    KnownCold,
 }
 
 impl State {
     fn label(self) -> &'static str {
         match self {
             State::Repeated => "repeated",
-            State::Expired => "repeated, record expired",
-            State::NoRecord => "known, no record",
-            State::FirstTime => "first time",
+            State::FirstCached => "first time, answer cached",
+            State::FirstTime => "first time, cold",
+            State::KnownCold => "known, cache cold",
         }
     }
 }
@@ -290,6 +294,19 @@ impl Bench {
                 pod,
                 0,
             )?;
+            // What the agent writes for an endpoint: its pod and its slot.
+            let mut index = AddrIndex {
+                pod_id: i as u32,
+                n: 1,
+                ..AddrIndex::default()
+            };
+            index.slots[0] = AddrSlot {
+                service_id: SERVICE_ID,
+                slot: i as u32,
+                since_ns: 1,
+            };
+            self.map::<AddrKey, AddrIndex>(map_names::DNS_ADDRS)?
+                .insert(addr_key(pod_ip(i)), index, 0)?;
         }
         Ok(())
     }
@@ -313,46 +330,33 @@ impl Bench {
         Ok(())
     }
 
-    /// Makes the `dns_resp` record of the benchmark's client and name look
-    /// older than its trust window (the kernel reads 0 as "check again").
-    fn expire_record(&mut self) -> anyhow::Result<()> {
-        let key = self.record_key();
-        let mut records = self.map::<ResponseKey, ResponseRecord>(map_names::DNS_RESP)?;
-        let mut record = records.get(&key, 0).context("no dns_resp record")?;
-        record.verified_ns = 0;
-        records.insert(key, record, 0)?;
-        Ok(())
-    }
-
-    fn record_key(&self) -> ResponseKey {
-        ResponseKey {
-            netns_cookie: self.netns_cookie,
-            service_id: SERVICE_ID,
-            kind: name_kind::SERVICE as u16,
-            qtype: 1,
-        }
-    }
-
-    /// Removes the `dns_resp` record of the benchmark's client and name.
-    fn forget_record(&mut self) -> anyhow::Result<()> {
-        let key = self.record_key();
-        let mut records = self.map::<ResponseKey, ResponseRecord>(map_names::DNS_RESP)?;
-        // Absent before the first run of a case: nothing to forget.
-        let _ = records.remove(&key);
-        Ok(())
-    }
-
-    fn forget_observations(&mut self, ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+    /// Removes the client's `dns_obs` pages of the benchmark's service.
+    fn forget_pages(&mut self) -> anyhow::Result<()> {
         let cookie = self.netns_cookie;
-        let mut obs = self.map::<ObservationKey, Observation>(map_names::DNS_OBS)?;
-        for ip in ips {
+        let mut pages = self.map::<ObservationKey, ObservationPage>(map_names::DNS_OBS)?;
+        for page in 0..OBS_MAX_PAGES as u16 {
             let key = ObservationKey {
                 netns_cookie: cookie,
-                addr: addr_key(*ip),
+                service_id: SERVICE_ID,
+                family: 4,
+                page,
             };
-            // Absent after the first round: nothing to forget.
-            let _ = obs.remove(&key);
+            // Absent before the first run of a case: nothing to forget.
+            let _ = pages.remove(&key);
         }
+        Ok(())
+    }
+
+    /// What the agent does after changing `dns_addrs`: every cached
+    /// answer is stale.
+    fn bump_generation(&mut self) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::POD_ADDRS_GEN)
+            .context("no pod_addrs_gen")?;
+        let mut generation: Array<&mut MapData, u64> = Array::try_from(map)?;
+        let now = generation.get(&0, 0)?;
+        generation.set(0, now.wrapping_add(1), 0)?;
         Ok(())
     }
 
@@ -405,7 +409,8 @@ fn pod_ips(n: usize) -> Vec<Ipv4Addr> {
     (0..n).map(pod_ip).collect()
 }
 
-/// Addresses 10.77.2.1 and up: not pods, so no per-pod accounting.
+/// Addresses 10.77.2.1 and up: no headless service's (not in `dns_addrs`),
+/// so nothing to count or stamp.
 fn other_ips(n: usize) -> Vec<Ipv4Addr> {
     (0..n)
         .map(|i| Ipv4Addr::new(10, 77, 2, i as u8 + 1))

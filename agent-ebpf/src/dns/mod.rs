@@ -15,11 +15,11 @@
 //! track, so the exits merge; bounds are checked again after each pass.
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map, programs::SkBuffContext};
 use headway_common::{
-    AddrKey, DNS_HASH_INIT, Observation, ObservationKey, RESPONSE_MAX_ADDRS, ResponseRecord,
-    dns_hash_byte,
+    ADDR_MAX_SERVICES, AddrKey, DNS_HASH_INIT, OBS_PAGE_SLOTS, Observation, ObservationKey,
+    ObservationPage, RESPONSE_MAX_ADDRS, dns_hash_byte, obs_kind, obs_time,
 };
 
-use crate::maps::{DNS_COUNTERS, DNS_OBS};
+use crate::maps::{DNS_ADDRS, DNS_COUNTERS, DNS_OBS};
 
 const DNS_PORT: u16 = 53;
 const IPPROTO_UDP: u8 = 17;
@@ -109,8 +109,13 @@ pub struct Scratch {
     /// any order (DNS servers rotate them).
     fingerprint: u64,
     addrs: [AddrKey; MAX_ANSWERS],
-    /// The `dns_resp` record being built for this response.
-    pub record: ResponseRecord,
+    /// A `dns_obs` page being built for a client's first answer about it.
+    pub page: ObservationPage,
+    /// Bit i: answer address i is still to be stamped. In memory, so the
+    /// verifier does not carry one state per bit pattern through the loops.
+    todo: u64,
+    /// Addresses stamped so far (in memory for the same reason).
+    stamped: u64,
 }
 
 // Not pinned: per-CPU scratch space, its contents mean nothing between runs.
@@ -426,15 +431,52 @@ pub fn query_id(s: &Scratch) -> u16 {
 }
 
 /// What the client network namespace `netns_cookie` learned about `addr`
-/// from DNS, if anything (read by the connect-time decision).
+/// from DNS, if anything (read by the connect-time decision): the newest
+/// stamp among the services `dns_addrs` gives the address a slot in. A
+/// stamp older than the slot's `since_ns` was about the slot's previous
+/// address and says nothing about this one.
 #[inline(always)]
 pub fn observation(netns_cookie: u64, addr: &AddrKey) -> Option<Observation> {
-    let key = ObservationKey {
-        netns_cookie,
-        addr: *addr,
+    let index = DNS_ADDRS.get_ptr(addr)?;
+    let family: u16 = if crate::steer::is_v4_mapped(addr) {
+        4
+    } else {
+        6
     };
-    // SAFETY: copied out at once.
-    unsafe { DNS_OBS.get(&key) }.copied()
+    // SAFETY: a field of a live map value (agent-written; a torn read of an
+    // entry being rewritten fails the checks below or names a real slot).
+    let n = (unsafe { (*index).n } as usize).min(ADDR_MAX_SERVICES);
+    let mut best = Observation::default();
+    for i in 0..ADDR_MAX_SERVICES {
+        if i >= n {
+            break;
+        }
+        // SAFETY: as above; `i` is in bounds.
+        let entry = unsafe { (*index).slots[i] };
+        let key = ObservationKey {
+            netns_cookie,
+            service_id: entry.service_id,
+            family,
+            page: (entry.slot as usize / OBS_PAGE_SLOTS) as u16,
+        };
+        let Some(page) = DNS_OBS.get_ptr(&key) else {
+            continue;
+        };
+        // One aligned u64: time and kind always belong together.
+        let slot = entry.slot as usize % OBS_PAGE_SLOTS;
+        // SAFETY: a field of a live map value; `slot` is in bounds.
+        let stamp = unsafe { core::ptr::read_volatile(&raw const (*page).stamps[slot]) };
+        let learned_ns = obs_time(stamp);
+        if stamp == 0 || learned_ns < obs_time(entry.since_ns) || learned_ns <= best.learned_ns {
+            continue;
+        }
+        best = Observation {
+            service_id: entry.service_id,
+            kind: obs_kind(stamp),
+            learned_ns,
+        };
+    }
+    (best.learned_ns != 0).then_some(best)
 }
 
 /// Adds one to `dns_counters[index]`.

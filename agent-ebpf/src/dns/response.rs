@@ -5,25 +5,26 @@
 //! namespace, server, client port and ID; the entry is consumed), have a
 //! sane header, repeat the question that was asked, be about a name of a
 //! headless service, and parse to the end of its answer section. Only then
-//! are its addresses written to `dns_obs`, so a malformed packet teaches
-//! nothing, not even its first answers.
+//! is anything written, so a malformed packet teaches nothing, not even its
+//! first answers.
 //!
-//! Most answers repeat what the client was told a moment ago. `dns_resp`
-//! remembers the last answer per client netns, service, kind of name and
-//! family (a fingerprint of its addresses and their pods), so such an
-//! answer costs one lookup and one counter add per address instead of two
-//! hash lookups per address; see `learn`.
+//! What a response teaches is stamped into the client's `dns_obs` page of
+//! the service's address slots (the agent gives every address of a
+//! headless service a slot, in `dns_addrs`): one map write per response,
+//! whatever the number of answers; see `learn`.
 use core::intrinsics::{AtomicOrdering, atomic_xchg};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_ANY,
+    bindings::BPF_NOEXIST,
+    btf_maps::PerCpuArray,
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    macros::btf_map,
     programs::SkBuffContext,
 };
 use headway_common::{
-    AddrKey, NO_POD, NameEntry, Observation, ObservationKey, PendingQuery, PendingQueryKey,
-    ResponseKey, ResponseRecord, dns_counter, name_kind,
+    ADDR_MAX_SERVICES, AddrKey, NO_POD, NO_SLOT, NameEntry, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
+    ObservationKey, PendingQuery, PendingQueryKey, dns_counter, name_kind, obs_stamp,
 };
 
 use super::{
@@ -32,23 +33,16 @@ use super::{
     query_id, question,
 };
 use crate::{
-    accounting::{count_dns_answer, pod_of},
-    maps::{DNS_NAMES, DNS_OBS, DNS_PENDING, DNS_RESP, POD_ADDRS_GEN},
+    accounting::count_dns_answer,
+    maps::{DNS_ADDRS, DNS_NAMES, DNS_OBS, DNS_PENDING, POD_ADDRS_GEN},
 };
 
 /// Labels walked in one owner name before giving up (ERR_BAD_LABEL). Owner
 /// names are usually a single compression pointer; 32 labels is far more
 /// than any Kubernetes name has (`a.b.c.svc.cluster.local` is 6).
 const MAX_LABELS: usize = 32;
-/// How long a `dns_resp` record vouches for the `dns_obs` entries of its
-/// addresses. Within it a repeated answer does not look them up; after
-/// it, they are checked again (and restored if LRU pressure evicted one).
-const TRUST_NS: u64 = 1_000_000_000;
-/// An observation that already says the same thing is rewritten only to
-/// move `learned_ns` on, and not more often than this: most answers repeat
-/// what the client learned a moment ago, and a lookup is cheaper than an
-/// update.
-const REFRESH_NS: u64 = 1_000_000_000;
+/// Entries of the per-CPU answer cache (`dns_answers`).
+const ANSWER_CACHE_SLOTS: u32 = 64;
 
 const FLAG_QR: u16 = 0x8000;
 const FLAG_TC: u16 = 0x0200;
@@ -57,6 +51,26 @@ const RCODE_MASK: u16 = 0x000F;
 /// Fixed part of a resource record after its name: TYPE, CLASS, TTL,
 /// RDLENGTH.
 const RR_FIXED_LEN: usize = 10;
+
+/// The slots and pods of one answer's addresses, as `dns_addrs` gave them
+/// under `pod_gen`: the same answer again (any order: the fingerprint is a
+/// sum) needs no per-address lookup. Nothing in it is per client, so one
+/// client's answer serves the next one's first.
+#[repr(C)]
+pub struct CachedAnswer {
+    fingerprint: u64,
+    pod_gen: u64,
+    service_id: u32,
+    qtype: u16,
+    n: u16,
+    slots: [u32; MAX_ANSWERS],
+    pod_ids: [u32; MAX_ANSWERS],
+}
+
+// Not pinned: a per-CPU cache (no locking: one program runs on a CPU at a
+// time), rebuilt from `dns_addrs` whenever it misses.
+#[btf_map(name = "dns_answers")]
+static DNS_ANSWERS: PerCpuArray<CachedAnswer, { ANSWER_CACHE_SLOTS as usize }> = PerCpuArray::new();
 
 /// A packet arriving at a socket of the cgroup: if it is the answer to a
 /// recorded query, learn from it.
@@ -238,18 +252,15 @@ fn collect(s: &mut Scratch, rdata: usize, rdlen: usize, qtype: u16) -> Result<()
     Ok(())
 }
 
-/// Records every collected address as handed out to this client network
+/// Stamps every collected address as handed out to this client network
 /// namespace by `entry`'s name, and counts each for the pod it belongs to.
 ///
-/// The common case is a client asking again and getting what it got a
-/// moment ago. `dns_resp` keeps, per client netns, service, kind of name
-/// and family, the last answer's fingerprint and the pods of its
-/// addresses; when this answer has the same addresses, every `dns_obs`
-/// entry was checked within `TRUST_NS` and no pod address changed since,
-/// the response costs that one lookup plus one counter add per address.
-/// Otherwise each address is checked (and written if new or different),
-/// its pod looked up, and the record rewritten: one map update for the
-/// response.
+/// Per address this needs its pod and its slot in the service: one
+/// `dns_addrs` lookup, or none when this CPU's answer cache already holds
+/// the same answer (the common case: clients ask again, and every client of
+/// a service gets the same addresses). Then one aligned store per address
+/// into the client's `dns_obs` page, which is looked up once, or created
+/// with one insert the first time.
 #[inline(always)]
 fn learn(s: &mut Scratch, netns_cookie: u64, entry: NameEntry, qtype: u16) {
     // One lookup of a headless name answered, by kind of name.
@@ -266,155 +277,175 @@ fn learn(s: &mut Scratch, netns_cookie: u64, entry: NameEntry, qtype: u16) {
     }
     // SAFETY: no arguments, no side effects.
     let now = unsafe { bpf_ktime_get_ns() };
-    // Read before any pod lookup: an agent change after this read bumps
-    // the generation past what the record stores.
+    // Read before any `dns_addrs` lookup: an agent change after this read
+    // bumps the generation past what the cache stores.
     let pod_gen = POD_ADDRS_GEN.get(0).copied().unwrap_or(0);
-    let key = response_key(netns_cookie, entry.service_id, entry.kind, qtype);
     let fingerprint = s.fingerprint();
-    let mut obs_fresh = false;
-    let mut pods_fresh = false;
-    let mut verified_ns = now;
-    let record = DNS_RESP.get_ptr_mut(&key);
-    if let Some(r) = record {
-        // Fields of a live map value, read one by one.
-        if load!((*r).fingerprint) == fingerprint && load!((*r).n_addrs) as usize == n {
-            let verified = load!((*r).verified_ns);
-            obs_fresh = verified != 0 && now.wrapping_sub(verified) < TRUST_NS;
-            pods_fresh = load!((*r).pod_gen) == pod_gen;
-            if obs_fresh {
-                verified_ns = verified;
-            }
-        }
-    }
-    if let (true, true, Some(r)) = (obs_fresh, pods_fresh, record) {
-        count_cached_pods(r, n);
-        add(dns_counter::ADDRS_LEARNED, n as u64);
+    let index = (fingerprint ^ u64::from(entry.service_id)) as u32 % ANSWER_CACHE_SLOTS;
+    let Some(c) = DNS_ANSWERS.get_ptr_mut(index) else {
         return;
+    };
+    let hit = load!((*c).fingerprint) == fingerprint
+        && load!((*c).pod_gen) == pod_gen
+        && load!((*c).service_id) == entry.service_id
+        && load!((*c).qtype) == qtype
+        && load!((*c).n) as usize == n;
+    if !hit {
+        fill_cache(s, c, entry.service_id, n);
+        store!((*c).fingerprint, fingerprint);
+        store!((*c).pod_gen, pod_gen);
+        store!((*c).service_id, entry.service_id);
+        store!((*c).qtype, qtype);
+        store!((*c).n, n as u16);
     }
-
-    let mut learned = n as u64;
-    if !obs_fresh {
-        learned = 0;
-        for i in 0..MAX_ANSWERS {
-            if i >= s.n_addrs() {
-                break;
-            }
-            let Some(addr) = s.addr(i) else {
-                break;
-            };
-            if observe(netns_cookie, addr, entry, qtype, now) {
-                learned += 1;
-            } else {
-                bump(dns_counter::ERR_MAP_FULL);
-            }
-        }
-    }
+    let family = if qtype == TYPE_A { 4 } else { 6 };
+    let learned = stamp_pages(s, c, n, netns_cookie, entry, family, now);
     add(dns_counter::ADDRS_LEARNED, learned);
-    // A map that refused an address must not be vouched for: the next
-    // answer checks them all again.
-    let vouch = learned == n as u64;
-    if let (true, Some(r)) = (pods_fresh, record) {
-        count_cached_pods(r, n);
-        // Same addresses, same pods, each entry just checked: only the
-        // time of the check moves on (one aligned store, no map update).
-        if vouch {
-            store!((*r).verified_ns, now);
-        }
-        return;
-    }
-    look_up_pods(s);
-    if !vouch {
-        return;
-    }
-    store!(s.record.fingerprint, fingerprint);
-    store!(s.record.verified_ns, verified_ns);
-    store!(s.record.pod_gen, pod_gen);
-    store!(s.record.n_addrs, n as u32);
-    // An LRU map: a full one evicts the least recently used record.
-    if DNS_RESP
-        .insert(&key, &s.record, u64::from(BPF_ANY))
-        .is_err()
-    {
-        bump(dns_counter::ERR_MAP_FULL);
-    }
 }
 
+/// Looks up every collected address in `dns_addrs`: its pod (counted) and
+/// its slot in `service_id` (or `NO_SLOT`: never an endpoint of it, as far
+/// as the agent knows, so connect() would not look for it there either).
 #[inline(always)]
-fn response_key(netns_cookie: u64, service_id: u32, kind: u32, qtype: u16) -> ResponseKey {
-    ResponseKey {
-        netns_cookie,
-        service_id,
-        kind: kind as u16,
-        qtype,
-    }
-}
-
-/// Counts one DNS answer for each pod a record remembers.
-#[inline(always)]
-fn count_cached_pods(r: *mut ResponseRecord, n: usize) {
+fn fill_cache(s: &Scratch, c: *mut CachedAnswer, service_id: u32, n: usize) {
     for i in 0..MAX_ANSWERS {
         if i >= n {
             break;
         }
-        // A field of a live map value; `i` is in bounds.
-        let pod_id = load!((*r).pod_ids[i]);
-        count_dns_answer(pod_id);
+        let mut pod_id = NO_POD;
+        let mut slot = NO_SLOT;
+        if let Some(index) = s.addr(i).and_then(|addr| DNS_ADDRS.get_ptr(&addr)) {
+            // SAFETY: fields of a live map value, read one by one.
+            pod_id = unsafe { (*index).pod_id };
+            let entries = (unsafe { (*index).n } as usize).min(ADDR_MAX_SERVICES);
+            for j in 0..ADDR_MAX_SERVICES {
+                if j >= entries {
+                    break;
+                }
+                // SAFETY: as above; `j` is in bounds.
+                let e = unsafe { (*index).slots[j] };
+                if e.service_id == service_id {
+                    slot = e.slot;
+                    break;
+                }
+            }
+        }
+        store!((*c).pod_ids[i], pod_id);
+        store!((*c).slots[i], slot);
     }
 }
 
-/// Looks up the pod of every collected address, counts the answer for it
-/// and notes it in the record being built.
+/// Counts each address for its pod and stamps it into the client's page of
+/// its slot; returns how many were stamped. A page the client has no entry
+/// for yet is built in the scratch space and inserted whole: the one map
+/// update of a first answer.
 #[inline(always)]
-fn look_up_pods(s: &mut Scratch) {
+fn stamp_pages(
+    s: &mut Scratch,
+    c: *mut CachedAnswer,
+    n: usize,
+    netns_cookie: u64,
+    entry: NameEntry,
+    family: u16,
+    now: u64,
+) -> u64 {
+    let stamp = obs_stamp(now, entry.kind);
+    store!(s.todo, 0);
+    store!(s.stamped, 0);
     for i in 0..MAX_ANSWERS {
-        if i >= s.n_addrs() {
+        if i >= n {
             break;
         }
-        let pod_id = s.addr(i).and_then(|addr| pod_of(&addr)).unwrap_or(NO_POD);
-        count_dns_answer(pod_id);
-        if let Some(slot) = s.record.pod_ids.get_mut(i) {
-            *slot = pod_id;
+        count_dns_answer(load!((*c).pod_ids[i]));
+        if load!((*c).slots[i]) != NO_SLOT {
+            let todo = load!(s.todo);
+            store!(s.todo, todo | 1 << i);
         }
     }
-}
-
-/// Writes one observation, unless the map already says the same thing
-/// (the lookup alone refreshes the entry's LRU position). False if the map
-/// refused it.
-#[inline(always)]
-fn observe(netns_cookie: u64, addr: AddrKey, entry: NameEntry, qtype: u16, now: u64) -> bool {
-    let key = ObservationKey { netns_cookie, addr };
-    if let Some(obs) = DNS_OBS.get_ptr_mut(&key) {
-        // SAFETY: a live map value; the fields are read and written one
-        // by one (the u64 store is atomic for a concurrent reader).
-        let (service_id, kind) = unsafe {
-            if (*obs).service_id == entry.service_id && (*obs).kind == entry.kind {
-                if now.wrapping_sub((*obs).learned_ns) > REFRESH_NS {
-                    (*obs).learned_ns = now;
-                }
-                return true;
+    for _ in 0..OBS_MAX_PAGES {
+        if load!(s.todo) == 0 {
+            break;
+        }
+        // The page of the first address still to stamp; the others in the
+        // same page go with it.
+        let mut page = 0;
+        for i in 0..MAX_ANSWERS {
+            if load!(s.todo) & (1 << i) != 0 {
+                page = load!((*c).slots[i]) as usize / OBS_PAGE_SLOTS;
+                break;
             }
-            ((*obs).service_id, (*obs).kind)
+        }
+        let key = ObservationKey {
+            netns_cookie,
+            service_id: entry.service_id,
+            family,
+            page: page as u16,
         };
-        // The address now says something else: the record that vouched
-        // for it under its old service and kind must check again.
-        invalidate(response_key(netns_cookie, service_id, kind, qtype));
+        if let Some(p) = DNS_OBS.get_ptr_mut(&key) {
+            for i in 0..MAX_ANSWERS {
+                if let Some(slot) = take_slot(s, c, i, page) {
+                    // One aligned store: a concurrent connect() reads the
+                    // old stamp or the new one.
+                    store!((*p).stamps[slot], stamp);
+                }
+            }
+        } else {
+            for slot in 0..OBS_PAGE_SLOTS {
+                store!(s.page.stamps[slot], 0);
+            }
+            for i in 0..MAX_ANSWERS {
+                if let Some(slot) = take_slot(s, c, i, page) {
+                    store!(s.page.stamps[slot], stamp);
+                }
+            }
+            if !insert_page(s, &key) {
+                bump(dns_counter::ERR_MAP_FULL);
+                return 0;
+            }
+        }
     }
-    // New, or learned from another name: replace the whole value at once
-    // so a concurrent connect() never sees half of each.
-    let obs = Observation {
-        service_id: entry.service_id,
-        kind: entry.kind,
-        learned_ns: now,
-    };
-    DNS_OBS.insert(key, obs, u64::from(BPF_ANY)).is_ok()
+    // Slots beyond the pages one response may touch (the agent keeps a
+    // service's slots within them): not learned, and said so.
+    if load!(s.todo) != 0 {
+        bump(dns_counter::ERR_MAP_FULL);
+    }
+    load!(s.stamped)
 }
 
-/// Makes a `dns_resp` record vouch for nothing until its next rewrite.
+/// If answer address `i` is still to stamp and its slot is in `page`,
+/// marks it done and returns its index in the page.
 #[inline(always)]
-fn invalidate(key: ResponseKey) {
-    if let Some(r) = DNS_RESP.get_ptr_mut(&key) {
-        // An aligned u64 of a live map value: one atomic store.
-        store!((*r).verified_ns, 0);
+fn take_slot(s: &mut Scratch, c: *mut CachedAnswer, i: usize, page: usize) -> Option<usize> {
+    let todo = load!(s.todo);
+    if todo & (1 << i) == 0 {
+        return None;
     }
+    let slot = load!((*c).slots[i]) as usize;
+    if slot / OBS_PAGE_SLOTS != page {
+        return None;
+    }
+    store!(s.todo, todo & !(1 << i));
+    let stamped = load!(s.stamped);
+    store!(s.stamped, stamped + 1);
+    Some(slot % OBS_PAGE_SLOTS)
+}
+
+/// Inserts the page built in the scratch space. If another CPU created it
+/// meanwhile, its stamps stay and ours are added to them.
+#[inline(always)]
+fn insert_page(s: &Scratch, key: &ObservationKey) -> bool {
+    // An LRU map: a full one evicts the least recently used page.
+    if DNS_OBS.insert(key, &s.page, u64::from(BPF_NOEXIST)).is_ok() {
+        return true;
+    }
+    let Some(p) = DNS_OBS.get_ptr_mut(key) else {
+        return false;
+    };
+    for slot in 0..OBS_PAGE_SLOTS {
+        let stamp = load!(s.page.stamps[slot]);
+        if stamp != 0 {
+            store!((*p).stamps[slot], stamp);
+        }
+    }
+    true
 }
