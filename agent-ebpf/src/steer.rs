@@ -16,7 +16,8 @@ use headway_common::{
 };
 
 use crate::{
-    accounting::{count_connect, count_decision, count_steer, pod_of},
+    accounting::{count_connect, count_decision, count_steer},
+    dns::{KnownAddress, observation},
     kernel_log::{self, event},
     maps::{ADDR_FILTER, CONFIG, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
     sock_state::Steering,
@@ -68,8 +69,12 @@ pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Connect {
             pod: None,
         };
     }
-    let pod = pod_of(&req.dst);
-    match decide(ctx, req, pod, true) {
+    // The agent's index of the address: its pod and what DNS may have
+    // taught about it, in one lookup. An address it does not index (gone
+    // long ago) is no pod's and cannot have been learned.
+    let known = KnownAddress::of(&req.dst);
+    let pod = known.and_then(|k| k.pod());
+    match decide(ctx, req, pod, known, true) {
         Some(c) if c.moved => {
             count_connect(c.backend.pod_id, req.protocol);
             count_steer(pod, c.backend.pod_id);
@@ -109,8 +114,9 @@ pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<Steering> {
     if never_known(&req.dst) {
         return None;
     }
-    let pod = pod_of(&req.dst);
-    let c = decide(ctx, req, pod, false)?;
+    let known = KnownAddress::of(&req.dst);
+    let pod = known.and_then(|k| k.pod());
+    let c = decide(ctx, req, pod, known, false)?;
     count_connect(c.backend.pod_id, IPPROTO_UDP);
     if c.moved {
         count_steer(pod, c.backend.pod_id);
@@ -140,6 +146,7 @@ fn decide<C: EbpfContext>(
     ctx: &C,
     req: &Request,
     pod: Option<u32>,
+    known: Option<KnownAddress>,
     count_kept: bool,
 ) -> Option<Choice> {
     // Decisions that make no choice are counted per connect, not per
@@ -151,7 +158,7 @@ fn decide<C: EbpfContext>(
     };
     // SAFETY: the helper only reads the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(obs) = crate::dns::observation(netns_cookie, &req.dst) else {
+    let Some(obs) = known.and_then(|k| observation(netns_cookie, &req.dst, k)) else {
         // Never resolved by this client (a hard-coded IP, a scraper using
         // API addresses, a cache older than the agent): never steered.
         if pod.is_some() {

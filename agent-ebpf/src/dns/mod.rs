@@ -15,8 +15,8 @@
 //! track, so the exits merge; bounds are checked again after each pass.
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map, programs::SkBuffContext};
 use headway_common::{
-    ADDR_MAX_SERVICES, AddrKey, DNS_HASH_INIT, OBS_PAGE_SLOTS, Observation, ObservationKey,
-    ObservationPage, RESPONSE_MAX_ADDRS, dns_hash_byte, obs_kind, obs_time,
+    ADDR_MAX_SERVICES, AddrIndex, AddrKey, DNS_HASH_INIT, NO_POD, OBS_PAGE_SLOTS, Observation,
+    ObservationKey, ObservationPage, RESPONSE_MAX_ADDRS, dns_hash_byte, obs_kind, obs_time,
 };
 
 use crate::maps::{DNS_ADDRS, DNS_COUNTERS, DNS_OBS};
@@ -430,14 +430,35 @@ pub fn query_id(s: &Scratch) -> u16 {
     u16::from_ne_bytes([s.buf[0], s.buf[1]])
 }
 
+/// What the agent says of an address (`dns_addrs`): the pod that has it
+/// now and its slots in the services it is or was an endpoint of. The
+/// connect hooks take both from this one lookup.
+#[derive(Clone, Copy)]
+pub struct KnownAddress(*const AddrIndex);
+
+impl KnownAddress {
+    #[inline(always)]
+    pub fn of(addr: &AddrKey) -> Option<KnownAddress> {
+        DNS_ADDRS.get_ptr(addr).map(KnownAddress)
+    }
+
+    /// The pod that has the address now, if any.
+    #[inline(always)]
+    pub fn pod(&self) -> Option<u32> {
+        // SAFETY: a field of a live map value (agent-written).
+        let pod_id = unsafe { (*self.0).pod_id };
+        (pod_id != NO_POD).then_some(pod_id)
+    }
+}
+
 /// What the client network namespace `netns_cookie` learned about `addr`
-/// from DNS, if anything (read by the connect-time decision): the newest
-/// stamp among the services `dns_addrs` gives the address a slot in. A
-/// stamp older than the slot's `since_ns` was about the slot's previous
-/// address and says nothing about this one.
+/// (whose index is `known`) from DNS, if anything (read by the
+/// connect-time decision): the newest stamp among the services `dns_addrs`
+/// gives the address a slot in. A stamp older than the slot's `since_ns`
+/// was about the slot's previous address and says nothing about this one.
 #[inline(always)]
-pub fn observation(netns_cookie: u64, addr: &AddrKey) -> Option<Observation> {
-    let index = DNS_ADDRS.get_ptr(addr)?;
+pub fn observation(netns_cookie: u64, addr: &AddrKey, known: KnownAddress) -> Option<Observation> {
+    let index = known.0;
     let family: u16 = if crate::steer::is_v4_mapped(addr) {
         4
     } else {
