@@ -157,7 +157,19 @@ fn measure(bin: &Path, services: usize, endpoints: usize, events: usize) -> anyh
     let port = free_port()?;
 
     let started = Instant::now();
-    let mut agent = Command::new(bin)
+    // A profiler may wrap the agent (`HEADWAY_BENCH_WRAP="heaptrack -o
+    // /tmp/cp"`); its figures are then the wrapper's, not the agent's.
+    let wrap = std::env::var("HEADWAY_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut agent = match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
+    let mut agent = agent
         .arg("agent")
         .arg("--source=kube")
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
