@@ -226,14 +226,17 @@ async fn run_kube(
         if synced {
             syncer.update_services(&affected, source.store());
         } else if source.ready() {
-            let (desired, warnings) = source.store().desired_state();
-            for w in &warnings {
-                warn!(object = %w.object, "{}", w.message);
-            }
-            syncer.full_sync(&desired);
+            let store = source.store();
+            syncer.full_sync_with(&store.service_keys(), |key| {
+                let (spec, warnings) = store.service_spec(key);
+                for w in &warnings {
+                    warn!(object = %w.object, "{}", w.message);
+                }
+                spec
+            });
             syncer.http.mark_synced();
             synced = true;
-            info!(services = desired.services.len(), metrics = %cfg.metrics_addr, "stores synced; agent running");
+            info!(services = store.service_count(), metrics = %cfg.metrics_addr, "stores synced; agent running");
         }
     }
 }
@@ -289,8 +292,19 @@ impl Syncer {
 
     /// Writes the whole desired state (only what differs reaches the maps).
     fn full_sync(&mut self, desired: &DesiredState) {
+        let keys = desired.services.keys().cloned().collect();
+        self.full_sync_with(&keys, |k| desired.services.get(k).cloned());
+    }
+
+    /// Writes the services `keys`, each spec computed by `spec_of` when
+    /// its turn comes.
+    fn full_sync_with(
+        &mut self,
+        keys: &std::collections::BTreeSet<model::ServiceKey>,
+        spec_of: impl FnMut(&model::ServiceKey) -> Option<model::ServiceSpec>,
+    ) {
         let started = Instant::now();
-        let written = self.reconciler.full_sync(desired);
+        let written = self.reconciler.full_sync_with(keys, spec_of);
         self.record(started, &written);
         let s = written.summary;
         info!(

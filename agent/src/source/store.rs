@@ -112,6 +112,11 @@ impl ClusterStore {
         self.services.len()
     }
 
+    /// Every headless service's key.
+    pub fn service_keys(&self) -> std::collections::BTreeSet<ServiceKey> {
+        self.services.keys().cloned().collect()
+    }
+
     /// The services whose choice tables depend on this node's zone.
     pub fn prefer_zone_services(&self) -> Affected {
         self.services
