@@ -33,7 +33,7 @@ fn main() {
         None => {
             println!(
                 "cargo:warning=kernel object not built; the agent will refuse to start. \
-                 Run `cargo xtask build-ebpf --release` and build again."
+                 Run `cargo xtask build-ebpf` and build again."
             );
             fs::write(&out, []).expect("write an empty kernel object");
         }

@@ -1,5 +1,5 @@
-//! Bytes per pod: cgroup_skb egress and ingress count the packets of
-//! client sockets marked in `acct_socks` (see `acct_socks`) towards the
+//! Bytes per pod: the cgroup_skb programs (see `skb`) count the packets of
+//! client sockets marked in `sock_state` (see `sock_state`) towards the
 //! pod the mark names. Unmarked sockets (servers, anything not talking to
 //! a pod) cost one storage lookup and count nothing.
 //!
@@ -11,41 +11,22 @@
 //! `bytes_received` of the socket), read on each of its packets, so a
 //! retransmitted or reordered segment counts once; from the established
 //! state on.
-use aya_ebpf::{
-    macros::cgroup_skb,
-    programs::{SkBuffContext, sk_buff::SkBuff},
-};
-
-use aya_ebpf::{bindings::bpf_sock, helpers::bpf_tcp_sock};
-use headway_common::AccountedSocket;
+use aya_ebpf::{bindings::bpf_sock, helpers::bpf_tcp_sock, programs::sk_buff::SkBuff};
+use headway_common::{SocketState, sock_flags};
 
 use crate::{
     accounting::count_bytes,
-    acct_socks::{IPPROTO_TCP, IPPROTO_UDP, mark_of},
+    sock_state::{IPPROTO_TCP, IPPROTO_UDP, state_of},
 };
-
-/// cgroup_skb verdict that lets the packet pass. The only one we return.
-const ALLOW: i32 = 1;
 
 const IPV6_HDR_LEN: u32 = 40;
 const UDP_HDR_LEN: u32 = 8;
 /// Offset of the data-offset nibble in the TCP header.
 const TCP_DOFF_BYTE: usize = 12;
 
-#[cgroup_skb(egress)]
-pub fn hw_bytes_egress(ctx: SkBuffContext) -> i32 {
-    count(&ctx.skb, true);
-    ALLOW
-}
-
-#[cgroup_skb(ingress)]
-pub fn hw_bytes_ingress(ctx: SkBuffContext) -> i32 {
-    count(&ctx.skb, false);
-    ALLOW
-}
-
+/// Counts the packet's bytes to the pod its socket is marked for.
 #[inline(always)]
-fn count(skb: &SkBuff, sent: bool) {
+pub fn count(skb: &SkBuff, sent: bool) {
     // SAFETY: the packet's socket as the kernel hands it (may be null, or
     // not a full socket: then the helper returns null).
     let sk = unsafe { (*skb.skb).__bindgen_anon_2.sk };
@@ -53,12 +34,15 @@ fn count(skb: &SkBuff, sent: bool) {
         return;
     }
     // SAFETY: as above.
-    let slot = unsafe { mark_of(sk) };
+    let slot = unsafe { state_of(sk) };
     if slot.is_null() {
         return;
     }
     // SAFETY: non-null storage of this socket; copied out at once.
     let mark = unsafe { *slot };
+    if mark.flags & sock_flags::ACCOUNTED == 0 {
+        return;
+    }
     if mark.protocol == IPPROTO_TCP {
         // SAFETY: the storage of this (TCP) socket.
         if let Some((out, got)) = unsafe { tcp_delivered(sk, slot) } {
@@ -88,7 +72,7 @@ fn count(skb: &SkBuff, sent: bool) {
 /// # Safety
 /// `slot` is the non-null storage of `sk`, a TCP socket.
 #[inline(always)]
-unsafe fn tcp_delivered(sk: *mut bpf_sock, slot: *mut AccountedSocket) -> Option<(u64, u64)> {
+unsafe fn tcp_delivered(sk: *mut bpf_sock, slot: *mut SocketState) -> Option<(u64, u64)> {
     // SAFETY: `sk` is the packet's socket; the helper checks it is TCP.
     let tp = unsafe { bpf_tcp_sock(sk) };
     if tp.is_null() {

@@ -3,32 +3,28 @@
 //! when `steer` says so, rewrite its destination; the port is never
 //! touched. They always let the call proceed.
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use headway_common::AddrKey;
+use headway_common::{AddrKey, sock_flags};
 
 use crate::{
-    acct_socks,
     sock_addr::{set_user_ip6, user_ip6, user_port},
+    sock_state::{IPPROTO_UDP, drop_state, mark, set_steered},
     steer::{Request, on_connect},
-    transparency::{forget, remember},
+    transparency::socket,
 };
 
 /// Return value of a sock_addr hook that lets the call proceed.
 const ALLOW: i32 = 1;
 
-const IPPROTO_UDP: u32 = 17;
-
-/// A UDP socket can connect again, elsewhere: drop what an earlier
-/// steering left. A TCP socket connects once, so it skips the lookup.
-#[inline(always)]
-fn forget_if_udp(ctx: &SockAddrContext, protocol: u32) {
-    if protocol == IPPROTO_UDP {
-        forget(ctx);
-    }
-}
-
-/// What both hooks do once the destination is read: decide, account,
-/// and on a steering remember it and let `write` put the new address in
-/// the context.
+/// What both hooks do once the destination is read: decide, account, keep
+/// the socket's record up to date, and on a steering let `write` put the
+/// new address in the context.
+///
+/// The record: a steered socket remembers (asked, chosen) for
+/// getpeername/recvmsg. A connected UDP socket is marked for the pod it
+/// talks to (its bytes are counted from here on); TCP is marked once
+/// established (`sock_ops`). A UDP socket can connect again, elsewhere, so
+/// an unsteered UDP connect clears what an earlier one left; a TCP socket
+/// connects once and needs no such care.
 ///
 /// # Safety
 /// `ctx` is the hook's context.
@@ -44,13 +40,28 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
         }
     };
     let to = on_connect(ctx, &req);
-    acct_socks::on_connect(ctx, to.as_ref().unwrap_or(&req.dst), req.protocol);
-    match to {
-        Some(new) => {
-            remember(ctx, &req.dst, &new);
-            write(&new);
+    let udp = req.protocol == u32::from(IPPROTO_UDP);
+    let sk = socket(ctx);
+    // SAFETY: the hook's own socket, valid for the hook's duration; the
+    // records returned are this socket's storage (or null).
+    unsafe {
+        if let Some(steering) = to.steered {
+            if udp && let Some(pod_id) = to.pod {
+                mark(sk, pod_id, IPPROTO_UDP);
+            }
+            set_steered(sk, &steering);
+            write(&steering.chosen);
+        } else if udp {
+            match to.pod {
+                Some(pod_id) => {
+                    let state = mark(sk, pod_id, IPPROTO_UDP);
+                    if !state.is_null() {
+                        (*state).flags &= !sock_flags::STEERED;
+                    }
+                }
+                None => drop_state(sk),
+            }
         }
-        None => forget_if_udp(ctx, req.protocol),
     }
 }
 

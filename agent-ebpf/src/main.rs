@@ -6,14 +6,16 @@
 #![allow(internal_features)]
 
 mod accounting;
-mod acct_socks;
 mod bytes;
 mod connect;
 mod dns;
+mod kernel_log;
 mod maps;
 mod sendmsg;
+mod skb;
 mod sock_addr;
 mod sock_ops;
+mod sock_state;
 mod steer;
 mod transparency;
 

@@ -6,10 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use headway_common::{
-    AccountedSocket, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation,
-    ObservationKey, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey,
-    ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
-    SteeredSocket, capacity, dns_counter, steer_counter,
+    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
+    PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey, ResponseRecord,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, capacity,
+    dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -87,9 +87,7 @@ pub static STEER_COUNTERS: PerCpuArray<u64, { steer_counter::COUNT as usize }> =
 #[btf_map(name = "svc_stats")]
 pub static SVC_STATS: Array<ServiceCounters, { capacity::SERVICES as usize }> = Array::new();
 
-#[btf_map(name = "steered_socks")]
-pub static STEERED_SOCKS: SkStorage<SteeredSocket> = SkStorage::new();
-
-// Accounting: the pod each client socket talks to (see `sock_ops`, `bytes`).
-#[btf_map(name = "acct_socks")]
-pub static ACCT_SOCKS: SkStorage<AccountedSocket> = SkStorage::new();
+// What headway keeps on each client socket: steering and accounting (see
+// `sock_state`).
+#[btf_map(name = "sock_state")]
+pub static SOCK_STATE: SkStorage<SocketState> = SkStorage::new();

@@ -1,14 +1,17 @@
 //! sendmsg4/sendmsg6: datagrams of unconnected UDP sockets (sendto without
 //! connect). The first datagram to a steered address picks a pod; the
-//! socket keeps that choice for the address afterwards, and recvmsg makes
-//! the replies come from the address asked for (see `transparency`).
+//! socket keeps that choice for the address afterwards, as long as the pod
+//! stays eligible in the service (then the next datagram chooses again),
+//! and recvmsg makes the replies come from the address asked for (see
+//! `transparency`).
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
 use crate::{
     sock_addr::{set_user_ip6, user_ip6, user_port},
-    steer::{Request, on_sendmsg},
-    transparency::{remember, steered},
+    sock_state::set_steered,
+    steer::{Request, on_sendmsg, still_eligible},
+    transparency::{socket, steered},
 };
 
 const IPPROTO_UDP: u32 = 17;
@@ -22,6 +25,7 @@ const ALLOW: i32 = 1;
 fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey> {
     if let Some(s) = steered(ctx)
         && s.asked == dst
+        && still_eligible(s.service_id, &s.chosen)
     {
         return Some(s.chosen);
     }
@@ -30,9 +34,11 @@ fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey
         port,
         protocol: IPPROTO_UDP,
     };
-    let chosen = on_sendmsg(ctx, &req)?;
-    remember(ctx, &dst, &chosen);
-    Some(chosen)
+    let steering = on_sendmsg(ctx, &req)?;
+    // SAFETY: the hook's own socket. Without storage the choice is made
+    // again for the next datagram (fail open).
+    unsafe { set_steered(socket(ctx), &steering) };
+    Some(steering.chosen)
 }
 
 #[cgroup_sock_addr(sendmsg4)]

@@ -1,7 +1,7 @@
 //! sock_ops: the exact number of established TCP connections per pod.
 //!
 //! ACTIVE_ESTABLISHED (a connect() on this node completed its handshake)
-//! to a pod address marks the socket (`acct_socks`), asks the kernel for
+//! to a pod address marks the socket (`sock_state`), asks the kernel for
 //! state-change callbacks and adds one to the pod's `active_tcp`. The
 //! callback for the move to TCP_CLOSE takes it back, once: the mark's
 //! `active` flag is cleared on the way. Every end of a connection goes
@@ -22,7 +22,7 @@ use headway_common::AddrKey;
 
 use crate::{
     accounting::{close_active, open_active, pod_of},
-    acct_socks::{IPPROTO_TCP, mark, mark_of},
+    sock_state::{IPPROTO_TCP, mark, state_of},
 };
 
 const AF_INET: u32 = 2;
@@ -102,7 +102,7 @@ fn closed(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: as above; a lookup without create.
-    let slot = unsafe { mark_of(sk) };
+    let slot = unsafe { state_of(sk) };
     if slot.is_null() {
         return;
     }

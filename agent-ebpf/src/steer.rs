@@ -9,16 +9,17 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32},
 };
+use aya_log_ebpf::warn;
 use headway_common::{
-    AddrKey, Backend, BackendKey, ObservationKey, ServiceEndpointKey, ServiceMeta, ServicePortKey,
-    config_flags, endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
+    AddrKey, Backend, BackendKey, ServiceEndpointKey, ServiceMeta, ServicePortKey, config_flags,
+    endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
 };
 
 use crate::{
     accounting::{count_connect, count_decision, count_steer, pod_of},
-    maps::{
-        ADDR_FILTER, CONFIG, DNS_OBS, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS,
-    },
+    kernel_log::{self, event},
+    maps::{ADDR_FILTER, CONFIG, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
+    sock_state::Steering,
 };
 
 /// The fast path (product.md, rule 1): an address that was never a
@@ -45,42 +46,66 @@ struct Choice {
     backend: Backend,
     /// The chosen address differs from the one asked for.
     moved: bool,
+    /// The service whose name the client resolved.
+    service_id: u32,
 }
 
-/// Accounts a connect() and returns the address to use instead, if the
-/// connection is steered elsewhere.
+/// Where a connect() goes, as decided and accounted.
+pub struct Connect {
+    /// Where the connection goes instead of the address asked for, if it
+    /// is steered.
+    pub steered: Option<Steering>,
+    /// The pod the connection goes to, if it goes to one.
+    pub pod: Option<u32>,
+}
+
+/// Accounts a connect() and says where it goes.
 #[inline(always)]
-pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+pub fn on_connect<C: EbpfContext>(ctx: &C, req: &Request) -> Connect {
     if never_known(&req.dst) {
-        return None;
+        return Connect {
+            steered: None,
+            pod: None,
+        };
     }
     let pod = pod_of(&req.dst);
     match decide(ctx, req, pod, true) {
         Some(c) if c.moved => {
             count_connect(c.backend.pod_id, req.protocol);
             count_steer(pod, c.backend.pod_id);
-            Some(c.backend.addr)
+            Connect {
+                steered: Some(Steering {
+                    asked: req.dst,
+                    chosen: c.backend.addr,
+                    service_id: c.service_id,
+                }),
+                pod: Some(c.backend.pod_id),
+            }
         }
         Some(c) => {
-            count_connect(pod.unwrap_or(c.backend.pod_id), req.protocol);
-            None
+            let pod_id = pod.unwrap_or(c.backend.pod_id);
+            count_connect(pod_id, req.protocol);
+            Connect {
+                steered: None,
+                pod: Some(pod_id),
+            }
         }
         None => {
             if let Some(pod_id) = pod {
                 count_connect(pod_id, req.protocol);
             }
-            None
+            Connect { steered: None, pod }
         }
     }
 }
 
 /// sendmsg on an unconnected UDP socket: a datagram to `req.dst`. Returns
-/// the pod the socket should keep using for that address when the policy
+/// the steering the socket should keep for that address when the policy
 /// made a choice (even the address asked for, so that later datagrams stick
 /// to it). Only a choice is counted (as one UDP connection), not every
 /// datagram.
 #[inline(always)]
-pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
+pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<Steering> {
     if never_known(&req.dst) {
         return None;
     }
@@ -90,7 +115,24 @@ pub fn on_sendmsg<C: EbpfContext>(ctx: &C, req: &Request) -> Option<AddrKey> {
     if c.moved {
         count_steer(pod, c.backend.pod_id);
     }
-    Some(c.backend.addr)
+    Some(Steering {
+        asked: req.dst,
+        chosen: c.backend.addr,
+        service_id: c.service_id,
+    })
+}
+
+/// Whether `addr` is still an eligible pod of service `service_id` (a
+/// socket that keeps a choice checks it before reusing it).
+#[inline(always)]
+pub fn still_eligible(service_id: u32, addr: &AddrKey) -> bool {
+    let key = ServiceEndpointKey {
+        service_id,
+        _pad: 0,
+        addr: *addr,
+    };
+    // SAFETY: copied out at once.
+    unsafe { SVC_ENDPOINTS.get(&key) }.is_some_and(|ep| ep.flags & endpoint_flags::ELIGIBLE != 0)
 }
 
 #[inline(always)]
@@ -109,12 +151,7 @@ fn decide<C: EbpfContext>(
     };
     // SAFETY: the helper only reads the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = ObservationKey {
-        netns_cookie,
-        addr: req.dst,
-    };
-    // SAFETY: copied out at once.
-    let Some(obs) = (unsafe { DNS_OBS.get(&key) }).copied() else {
+    let Some(obs) = crate::dns::observation(netns_cookie, &req.dst) else {
         // Never resolved by this client (a hard-coded IP, a scraper using
         // API addresses, a cache older than the agent): never steered.
         if pod.is_some() {
@@ -165,6 +202,9 @@ fn decide<C: EbpfContext>(
 
     let Some(backend) = choose(service_id, &service, is_v4_mapped(&req.dst)) else {
         kept(Some(service_id), steer_counter::NO_ELIGIBLE_POD);
+        if kernel_log::due(event::NO_ELIGIBLE_POD) {
+            log_no_eligible_pod(ctx, service_id, &req.dst);
+        }
         return None;
     };
     let moved = backend.addr != req.dst;
@@ -174,7 +214,32 @@ fn decide<C: EbpfContext>(
         steer_counter::KEPT_BALANCED
     };
     count_decision(Some(service_id), reason);
-    Some(Choice { backend, moved })
+    Some(Choice {
+        backend,
+        moved,
+        service_id,
+    })
+}
+
+/// The log line for a fail-open connect (see `kernel_log`). The service
+/// is named by id: `headway status --json` maps ids to names.
+#[inline(never)]
+fn log_no_eligible_pod<C: EbpfContext>(ctx: &C, service_id: u32, dst: &AddrKey) {
+    if is_v4_mapped(dst) {
+        warn!(
+            ctx,
+            "service id {}: no eligible pod; a connect to {:i} went to the address asked for",
+            service_id,
+            u32::from_be(dst.addr[3])
+        );
+    } else {
+        warn!(
+            ctx,
+            "service id {}: no eligible pod; a connect to {:i} went to the address asked for",
+            service_id,
+            dst.octets()
+        );
+    }
 }
 
 /// Whether `req` goes to a port the service declares (always, when it

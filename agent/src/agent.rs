@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     datapath::Datapath,
     http::{self, HttpState},
+    kernel_log,
     log_once::SyncLogs,
     map_plan::PlanSettings,
     map_writer::Written,
@@ -111,6 +112,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut datapath = Datapath::start_with_sizes(&cfg.bpffs, &cfg.cgroup_path, &cfg.map_sizes)?;
     for (program, how) in &datapath.attachments {
         info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
+    }
+    for pin in &datapath.retired {
+        info!(pin = %pin.display(), "removed a pin an older headway left");
+    }
+    // The kernel's rare events (fail-open, no socket storage) in our log.
+    // Without it the datapath works the same, only quieter.
+    match datapath.take_logger() {
+        Ok(logger) => {
+            if let Err(e) = kernel_log::forward(logger) {
+                warn!(error = %e, "cannot follow the kernel programs' log");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot follow the kernel programs' log"),
     }
     let settings = PlanSettings {
         default_policy: cfg.default_policy,

@@ -42,7 +42,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub enum DatapathError {
     #[error(
         "this headway binary was built without its kernel object: run \
-         `cargo xtask build-ebpf --release`, then build headway again"
+         `cargo xtask build-ebpf`, then build headway again"
     )]
     NoObject,
     #[error("cannot mount bpffs at {path}: {source}")]
@@ -113,6 +113,9 @@ pub enum Attachment {
 pub struct Datapath {
     ebpf: Ebpf,
     pub attachments: Vec<(&'static str, Attachment)>,
+    /// Pins an older headway left that this one has no use for (a program
+    /// or map that was merged or renamed), removed after attaching.
+    pub retired: Vec<PathBuf>,
 }
 
 /// Mounts bpffs at `path` unless one is already there.
@@ -185,7 +188,20 @@ impl Datapath {
             let how = attach(&mut ebpf, name, &cgroup_dir, cgroup_id, bpffs)?;
             attachments.push((name, how));
         }
-        Ok(Datapath { ebpf, attachments })
+        let retired = remove_retired_pins(bpffs)?;
+        Ok(Datapath {
+            ebpf,
+            attachments,
+            retired,
+        })
+    }
+
+    /// The reader of the programs' log records (see `kernel_log`). Can be
+    /// called once.
+    pub fn take_logger(
+        &mut self,
+    ) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
     }
 
     /// Hands the maps to a writer. Can be called once.
@@ -313,6 +329,39 @@ fn attach(
     Ok(how)
 }
 
+/// Removes the pins under `<bpffs>/headway` that this build does not know:
+/// links of programs an older headway had (detaching them: after an
+/// upgrade they would keep running next to their replacements), then maps
+/// only those programs used. Runs after this build's programs are
+/// attached, so the upgrade leaves no gap. Returns the paths removed.
+fn remove_retired_pins(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let dir = pinned::pin_dir(bpffs);
+    let known: Vec<PathBuf> = program_names::ALL
+        .iter()
+        .map(|p| pinned::link_pin(bpffs, p))
+        .chain(map_names::ALL.iter().map(|m| pinned::map_pin(bpffs, m)))
+        .collect();
+    let mut retired: Vec<PathBuf> = fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io_err(&dir))?
+        .into_iter()
+        .filter(|p| !known.contains(p))
+        .collect();
+    // Links first (see `reset`).
+    retired.sort_by_key(|p| (!is_link_pin(p), p.clone()));
+    for path in &retired {
+        fs::remove_file(path).map_err(io_err(path))?;
+    }
+    Ok(retired)
+}
+
+fn is_link_pin(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+}
+
 /// Detaches the programs and removes every pin under `<bpffs>/headway`.
 /// Returns the paths removed. Idempotent.
 pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
@@ -327,12 +376,7 @@ pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()
         .map_err(io_err(&dir))?;
-    entries.sort_by_key(|p| {
-        let is_link = p
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("link_"));
-        (!is_link, p.clone())
-    });
+    entries.sort_by_key(|p| (!is_link_pin(p), p.clone()));
     for path in entries {
         fs::remove_file(&path).map_err(io_err(&path))?;
         removed.push(path);

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod choice_table;
 pub mod datapath;
 pub mod http;
+pub mod kernel_log;
 pub mod log_once;
 pub mod map_plan;
 pub mod map_writer;

@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
-    AccountedSocket, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation,
-    ObservationKey, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
-    ResponseKey, ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
-    SteeredSocket, capacity, dns_counter, map_names, steer_counter,
+    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, Observation, ObservationKey,
+    PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ResponseKey,
+    ResponseRecord, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState,
+    capacity, dns_counter, map_names, steer_counter,
 };
 
 use crate::map_plan::MapContents;
@@ -84,7 +84,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 19] = {
+pub const MAP_SHAPES: [MapShape; 18] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -132,8 +132,6 @@ pub const MAP_SHAPES: [MapShape; 19] = {
             steer_counter::COUNT,
         ),
         shape::<u32, ServiceCounters>(map_names::SVC_STATS, MapType::Array, capacity::SERVICES),
-        // Socket storage: keyed by socket fd from userspace, no capacity.
-        shape::<i32, SteeredSocket>(map_names::STEERED_SOCKS, MapType::SkStorage, 0),
         shape::<ServicePortKey, u32>(map_names::SVC_PORTS, MapType::Hash, capacity::SVC_PORTS),
         // A bloom filter has no key.
         shape::<(), AddrKey>(
@@ -147,7 +145,8 @@ pub const MAP_SHAPES: [MapShape; 19] = {
             capacity::DNS_RESP,
         ),
         shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
-        shape::<i32, AccountedSocket>(map_names::ACCT_SOCKS, MapType::SkStorage, 0),
+        // Socket storage: keyed by socket fd from userspace, no capacity.
+        shape::<i32, SocketState>(map_names::SOCK_STATE, MapType::SkStorage, 0),
     ]
 };
 

@@ -1,6 +1,6 @@
 //! The DNS interceptor's kernel programs on the real kernel: the object is
 //! loaded (not attached: nothing here touches a cgroup or sends a packet)
-//! and `hw_dns_egress` / `hw_dns_ingress` are driven with
+//! and `hw_skb_egress` / `hw_skb_ingress` are driven with
 //! BPF_PROG_TEST_RUN on hand-made Ethernet frames. The maps are then read
 //! back: what was learned (`dns_obs`), what is pending (`dns_pending`),
 //! what was counted (`dns_counters`, `pod_stats`).
@@ -60,7 +60,7 @@ impl Interceptor {
         let mut ebpf = EbpfLoader::new()
             .load(object)
             .unwrap_or_else(|e| panic!("loading the kernel object: {e:?}"));
-        for name in [program_names::DNS_EGRESS, program_names::DNS_INGRESS] {
+        for name in [program_names::SKB_EGRESS, program_names::SKB_INGRESS] {
             let program: &mut CgroupSkb = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("{name} is not in the object"))
@@ -94,11 +94,11 @@ impl Interceptor {
     }
 
     fn egress(&self, frame: &[u8]) {
-        self.run(program_names::DNS_EGRESS, frame);
+        self.run(program_names::SKB_EGRESS, frame);
     }
 
     fn ingress(&self, frame: &[u8]) {
-        self.run(program_names::DNS_INGRESS, frame);
+        self.run(program_names::SKB_INGRESS, frame);
     }
 
     fn hash_map<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> HashMap<&MapData, K, V> {

@@ -336,6 +336,126 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
     agent.stop().unwrap();
 }
 
+/// The state names of pod `pod` of service `service` in `headway status`
+/// (None while the pod is not there).
+fn pod_state(status: &Value, service: &str, pod: &str) -> Option<Vec<String>> {
+    let services = status["services"].as_array().cloned().unwrap_or_default();
+    let pods = services
+        .iter()
+        .find(|s| s["name"] == service)
+        .map(|s| s["pods"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default();
+    pods.iter()
+        .find(|p| p["name"] == pod)
+        .map(|p| serde_json::from_value(p["state"].clone()).unwrap())
+}
+
+#[test]
+fn unconnected_udp_socket_leaves_a_pod_that_becomes_ineligible() {
+    if !require_root("unconnected_udp_socket_leaves_a_pod_that_becomes_ineligible") {
+        return;
+    }
+    let cluster = build_cluster();
+    let _servers = start_pod_servers(&cluster, PORT).expect("start pod servers");
+    let cg = Cgroup::new("udp-move").unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let manifests = tempfile::tempdir().unwrap();
+    write_manifests(manifests.path(), &cluster);
+    let node = cluster.client_ns("node");
+    let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+    wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
+        s["services"].as_array().is_some_and(|v| v.len() == 3)
+    })
+    .unwrap();
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
+
+    // One socket, three datagrams; then it waits for `go` and sends three
+    // more. Files in a shared directory pace it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let script = format!(
+        "import os, socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         def ask():\n\
+         \x20   s.sendto(b'hi', ('10.77.0.99', {PORT}))\n\
+         \x20   data, src = s.recvfrom(100)\n\
+         \x20   return f'{{src[0]}}:{{src[1]}} {{data.decode().strip()}}'\n\
+         first = [ask() for _ in range(3)]\n\
+         open('{d}/first.tmp', 'w').write('\\n'.join(first))\n\
+         os.rename('{d}/first.tmp', '{d}/first')\n\
+         deadline = time.time() + 30\n\
+         while not os.path.exists('{d}/go'):\n\
+         \x20   if time.time() > deadline: raise SystemExit('never told to go on')\n\
+         \x20   time.sleep(0.05)\n\
+         for _ in range(3): print(ask())\n"
+    );
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", &script]);
+    let mut child = cluster
+        .client_ns("client")
+        .spawn(Some(&cg), &cmd)
+        .expect("start the UDP client");
+    let first_path = dir.path().join("first");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !first_path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client never got its first replies"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let replies = |text: &str| -> Vec<(String, String)> {
+        text.lines()
+            .map(|l| {
+                let (src, pod) = l.split_once(' ').unwrap();
+                (src.to_string(), pod.to_string())
+            })
+            .collect()
+    };
+    let first = replies(&fs::read_to_string(&first_path).unwrap());
+    assert_eq!(first.len(), 3, "{first:?}");
+    let chosen = first[0].1.clone();
+    assert!(["web-0", "web-1"].contains(&chosen.as_str()), "{first:?}");
+    assert!(
+        first
+            .iter()
+            .all(|(src, pod)| src == "10.77.0.99:8080" && *pod == chosen),
+        "{first:?}"
+    );
+
+    // The chosen pod stops being ready.
+    let other = if chosen == "web-0" { "web-1" } else { "web-0" };
+    let web_v4 = endpoint(&cluster, &chosen, false, false)
+        + &endpoint(&cluster, other, false, true)
+        + &endpoint(&cluster, "web-2", false, false);
+    fs::write(
+        manifests.path().join("web.yaml"),
+        service("web", "failover", &web_v4, ""),
+    )
+    .unwrap();
+    wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
+        pod_state(s, "web", &chosen).is_some_and(|state| !state.iter().any(|f| f == "eligible"))
+    })
+    .unwrap();
+    fs::write(dir.path().join("go"), "").unwrap();
+    let (status, out) = child.wait_output(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "UDP client failed: {out}");
+    let after = replies(&out);
+    // The socket's next datagram chooses again: the other live pod, still
+    // seen as the address asked for.
+    assert_eq!(
+        after,
+        vec![("10.77.0.99:8080".to_string(), other.to_string()); 3],
+        "moved off {chosen}"
+    );
+    let s = steering(&status_json(&bpffs).unwrap());
+    assert_eq!(s["steered_gone"], 2, "one choice per socket and pod: {s:?}");
+    agent.stop().unwrap();
+}
+
 #[test]
 fn no_eligible_pod_fails_open() {
     if !require_root("no_eligible_pod_fails_open") {
@@ -357,8 +477,10 @@ fn no_eligible_pod_fails_open() {
         ),
     )
     .unwrap();
-    let node = cluster.client_ns("node");
-    let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+    // Its log in a file: the kernel programs report the fail-open there.
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("agent.log");
+    let mut agent = Agent::start_with_log(manifests.path(), cg.path(), &bpffs, &[], &log).unwrap();
     wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
         s["services"].as_array().is_some_and(|v| v.len() == 1)
     })
@@ -371,5 +493,30 @@ fn no_eligible_pod_fails_open() {
     assert_eq!(report.answers.get("web-2"), Some(&4), "goes where asked");
     let s = steering(&status_json(&bpffs).unwrap());
     assert_eq!(s["no_eligible_pod"], 4, "{s:?}");
+
+    // One line, not one per connect: at most one per second per CPU.
+    let fail_open_lines = || {
+        fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("no eligible pod") && l.contains("10.77.0.12"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fail_open_lines() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let lines = fail_open_lines();
+    for line in fs::read_to_string(&log).unwrap().lines() {
+        if line.contains("no eligible pod") {
+            println!("agent log: {line}");
+        }
+    }
+    assert!(
+        (1..=cpus.min(4)).contains(&lines),
+        "{lines} fail-open lines for 4 connects:\n{}",
+        fs::read_to_string(&log).unwrap()
+    );
     agent.stop().unwrap();
 }

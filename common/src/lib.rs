@@ -53,10 +53,6 @@ pub mod map_names {
     pub const STEER_COUNTERS: &str = "steer_counters";
     /// service id (array index) → [`crate::ServiceCounters`].
     pub const SVC_STATS: &str = "svc_stats";
-    /// socket storage → [`crate::SteeredSocket`]: where a steered socket
-    /// really goes, so getpeername/recvmsg can report the address the client
-    /// asked for. Freed with the socket.
-    pub const STEERED_SOCKS: &str = "steered_socks";
     /// [`crate::ServicePortKey`] → u32 (unused): the ports a service
     /// declares; only connections to them are steered.
     pub const SVC_PORTS: &str = "svc_ports";
@@ -65,13 +61,17 @@ pub mod map_names {
     /// an address it has never held is no headless service's, and no
     /// headless name can have handed it out, so nothing more is looked up.
     pub const ADDR_FILTER: &str = "addr_filter";
-    /// socket storage → [`crate::AccountedSocket`]: the pod a client
-    /// socket talks to, so its bytes and its close are counted to that pod.
-    /// Pinned so a restarted agent's programs find what the old ones set.
-    pub const ACCT_SOCKS: &str = "acct_socks";
+    /// socket storage → [`crate::SocketState`]: what headway keeps on a
+    /// client socket, freed with it. A steered socket's address asked for
+    /// and pod chosen (getpeername/recvmsg report the former); the pod a
+    /// socket talks to, so its bytes and its close are counted to that
+    /// pod. One record per socket: a steered TCP connection allocates
+    /// storage once, not once per concern. Pinned so a restarted agent's
+    /// programs find what the old ones set.
+    pub const SOCK_STATE: &str = "sock_state";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 18] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -85,12 +85,11 @@ pub mod map_names {
         CONFIG,
         STEER_COUNTERS,
         SVC_STATS,
-        STEERED_SOCKS,
         SVC_PORTS,
         ADDR_FILTER,
         DNS_RESP,
         POD_ADDRS_GEN,
-        ACCT_SOCKS,
+        SOCK_STATE,
     ];
 }
 
@@ -98,10 +97,14 @@ pub mod map_names {
 pub mod program_names {
     pub const CONNECT4: &str = "hw_connect4";
     pub const CONNECT6: &str = "hw_connect6";
-    /// cgroup_skb egress: records DNS queries in flight (`dns_pending`).
-    pub const DNS_EGRESS: &str = "hw_dns_egress";
-    /// cgroup_skb ingress: learns from the answers to them (`dns_obs`).
-    pub const DNS_INGRESS: &str = "hw_dns_ingress";
+    /// cgroup_skb egress, every packet sent: records DNS queries in
+    /// flight (`dns_pending`) and counts bytes sent by client sockets
+    /// talking to a pod. One program per direction: each run costs the
+    /// packet a program dispatch, whatever the program does.
+    pub const SKB_EGRESS: &str = "hw_skb_egress";
+    /// cgroup_skb ingress, every packet received: learns from the answers
+    /// to those queries (`dns_obs`) and counts bytes received.
+    pub const SKB_INGRESS: &str = "hw_skb_ingress";
     /// getpeername4/6: a steered socket reports the address asked for.
     pub const GETPEERNAME4: &str = "hw_getpeer4";
     pub const GETPEERNAME6: &str = "hw_getpeer6";
@@ -113,15 +116,12 @@ pub mod program_names {
     pub const SENDMSG6: &str = "hw_sendmsg6";
     /// sock_ops: active TCP connections per pod (established → closed).
     pub const SOCK_OPS: &str = "hw_sock_ops";
-    /// cgroup_skb egress/ingress: bytes of client sockets talking to a pod.
-    pub const BYTES_EGRESS: &str = "hw_bytes_egress";
-    pub const BYTES_INGRESS: &str = "hw_bytes_ingress";
 
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 11] = [
         CONNECT4,
         CONNECT6,
-        DNS_EGRESS,
-        DNS_INGRESS,
+        SKB_EGRESS,
+        SKB_INGRESS,
         GETPEERNAME4,
         GETPEERNAME6,
         RECVMSG4,
@@ -129,8 +129,6 @@ pub mod program_names {
         SENDMSG4,
         SENDMSG6,
         SOCK_OPS,
-        BYTES_EGRESS,
-        BYTES_INGRESS,
     ];
 }
 
@@ -361,40 +359,50 @@ pub struct ServiceCounters {
     pub lookups_pod: u64,
 }
 
-/// What a steered socket asked for and where it goes instead (per-socket
-/// storage in `steered_socks`).
+/// What headway keeps on a client socket (socket storage in
+/// `sock_state`, freed with the socket). Two concerns share the record so
+/// that a socket needs one storage allocation, which costs more than the
+/// rest of a steered connect() together; [`sock_flags`] says which parts
+/// are set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SteeredSocket {
-    /// The address the client connected to.
+pub struct SocketState {
+    /// Steering: the address the client connected (or sent) to.
     pub asked: AddrKey,
-    /// The pod it was steered to.
+    /// Steering: the pod it goes to instead.
     pub chosen: AddrKey,
-}
-
-/// What the accounting hooks keep on a client socket that talks to a pod
-/// (socket storage in `acct_socks`, freed with the socket).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AccountedSocket {
-    /// [`PodCounters::generation`] of the pod's slot when the socket was
-    /// marked.
+    /// Steering: the service whose name the client resolved `asked` from
+    /// (an unconnected UDP socket checks `chosen` is still eligible in it
+    /// before each datagram).
+    pub service_id: u32,
+    pub _pad: u32,
+    /// Accounting: [`PodCounters::generation`] of the pod's slot when the
+    /// socket was marked.
     pub generation: u64,
-    /// The pod (its `pod_stats` slot).
+    /// Accounting: the pod (its `pod_stats` slot).
     pub pod_id: u32,
-    /// 6 (TCP) or 17 (UDP).
+    /// Accounting: 6 (TCP) or 17 (UDP).
     pub protocol: u8,
     /// 1 while the socket is counted in `active_tcp` (established, not yet
     /// closed): the close takes it back exactly once.
     pub active: u8,
     /// TCP: 1 once `sent_seen`/`received_seen` hold the socket's counters.
     pub seen_known: u8,
-    pub _pad: u8,
+    /// [`sock_flags`] bits.
+    pub flags: u8,
     /// TCP: the kernel's `bytes_acked` / `bytes_received` of the socket
     /// when last counted: each packet adds what they grew by since, so
     /// every byte counts once, retransmitted or reordered.
     pub sent_seen: u64,
     pub received_seen: u64,
+}
+
+/// Bits of [`SocketState::flags`].
+pub mod sock_flags {
+    /// `asked`/`chosen` hold a steering.
+    pub const STEERED: u8 = 1 << 0;
+    /// `pod_id`/`generation`/`protocol` name the pod the socket talks to.
+    pub const ACCOUNTED: u8 = 1 << 1;
 }
 
 /// Key of `svc_backends`.
@@ -685,10 +693,9 @@ mod user {
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ServiceCounters {}
-    unsafe impl aya::Pod for super::SteeredSocket {}
     unsafe impl aya::Pod for super::ServicePortKey {}
     unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::AccountedSocket {}
+    unsafe impl aya::Pod for super::SocketState {}
 }
 
 #[cfg(test)]
@@ -713,7 +720,7 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 16);
         assert_eq!(size_of::<PodRef>(), 8);
         assert_eq!(size_of::<PodCounters>(), 72);
-        assert_eq!(size_of::<AccountedSocket>(), 32);
+        assert_eq!(size_of::<SocketState>(), 72);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);

@@ -184,7 +184,7 @@ fn metrics_keep_a_deleted_pods_series_for_the_grace_period() {
         .filter(|(n, _, _)| n == "headway_program_attached")
         .map(|s| s.2)
         .collect();
-    assert_eq!(attached, [1.0; 13], "{body}");
+    assert_eq!(attached, [1.0; 11], "{body}");
 
     // web-1 is deleted: the maps forget it at once...
     fs::write(
@@ -564,7 +564,7 @@ fn top_shows_the_pods_live_and_quits_on_q() {
     assert!(shows("web-0", 5), "screen:\n{}", tmux.screen());
     let screen = tmux.screen();
     assert!(screen.contains("demo/web"), "{screen}");
-    assert!(screen.contains("hooks 13/13 attached"), "{screen}");
+    assert!(screen.contains("hooks 11/11 attached"), "{screen}");
     println!("headway top, captured with tmux capture-pane:\n{screen}");
 
     tmux.run(&["send-keys", "-t", "top", "q"]);

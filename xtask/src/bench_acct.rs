@@ -106,11 +106,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             }
             let after = bpf_stats::program_stats(&bpffs)?;
             for name in [
-                program_names::BYTES_EGRESS,
-                program_names::BYTES_INGRESS,
+                program_names::SKB_EGRESS,
+                program_names::SKB_INGRESS,
                 program_names::SOCK_OPS,
-                program_names::DNS_EGRESS,
-                program_names::DNS_INGRESS,
             ] {
                 let (r0, t0) = before.get(name).copied().unwrap_or_default();
                 let (r1, t1) = after.get(name).copied().unwrap_or_default();

@@ -99,7 +99,7 @@ pub fn measure(opts: &Options) -> anyhow::Result<DnsFigures> {
 
 fn print_verified(bench: &Bench, figures: &mut DnsFigures) -> anyhow::Result<()> {
     println!("verified instructions (ProgramInfo::verified_instruction_count):");
-    for name in [program_names::DNS_EGRESS, program_names::DNS_INGRESS] {
+    for name in [program_names::SKB_EGRESS, program_names::SKB_INGRESS] {
         let count = bench.program(name)?.info()?.verified_instruction_count();
         figures.verified_instructions.push((name.to_owned(), count));
         let count = count.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
@@ -128,7 +128,7 @@ fn bench_repeatable(
         ),
     ];
     println!(
-        "\nhw_dns_ingress, ns per packet (repeat = {}):",
+        "\nhw_skb_ingress, ns per packet (repeat = {}):",
         opts.repeat
     );
     for (case, cost) in cases {
@@ -154,7 +154,7 @@ fn bench_learning(
     figures: &mut DnsFigures,
 ) -> anyhow::Result<()> {
     println!(
-        "\nhw_dns_ingress, learning path: median of {} single runs, pending query \
+        "\nhw_skb_ingress, learning path: median of {} single runs, pending query \
          re-inserted before each; net = raw - harness cost",
         opts.samples
     );
@@ -239,7 +239,7 @@ impl Bench {
         let mut ebpf = EbpfLoader::new()
             .load(object)
             .context("loading the object")?;
-        for name in [program_names::DNS_EGRESS, program_names::DNS_INGRESS] {
+        for name in [program_names::SKB_EGRESS, program_names::SKB_INGRESS] {
             let program: &mut CgroupSkb = ebpf
                 .program_mut(name)
                 .with_context(|| format!("{name} missing"))?
@@ -364,7 +364,7 @@ impl Bench {
             repeat,
             ..TestRunOptions::new()
         };
-        let result = self.program(program_names::DNS_INGRESS)?.test_run(opts)?;
+        let result = self.program(program_names::SKB_INGRESS)?.test_run(opts)?;
         if result.return_value != 1 {
             bail!("the program dropped a packet ({})", result.return_value);
         }

@@ -12,13 +12,16 @@ pub const BPF_TARGET: &str = "bpfel-unknown-none";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Build with the release profile (what the agent embeds by default).
+    /// Accepted for older command lines: the object is always built with
+    /// the release profile, which the agent embeds. The dev profile's
+    /// unoptimized programs overflow the 512-byte BPF stack and cannot be
+    /// linked at all.
     #[arg(long)]
     pub release: bool,
 }
 
 /// Builds the object and returns its path.
-pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
+pub fn run(_opts: &Options) -> anyhow::Result<PathBuf> {
     let linker = toolchain::ensure()?;
     let linker_dir = linker.parent().context("bpf-linker has no directory")?;
     // Make sure the linker we checked is the one rustc finds.
@@ -41,14 +44,14 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         .env_remove("RUSTDOC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("CARGO");
-    if opts.release {
-        cmd.arg("--release");
-    }
+    cmd.arg("--release");
     util::run(&mut cmd).context("building the kernel object failed")?;
-    Ok(object_path(opts.release))
+    Ok(object_path())
 }
 
-pub fn object_path(release: bool) -> PathBuf {
-    let profile = if release { "release" } else { "debug" };
-    target_dir().join(BPF_TARGET).join(profile).join("headway")
+pub fn object_path() -> PathBuf {
+    target_dir()
+        .join(BPF_TARGET)
+        .join("release")
+        .join("headway")
 }

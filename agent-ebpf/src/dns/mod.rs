@@ -2,9 +2,10 @@
 //! believe"): `query` records every A/AAAA query a socket in the cgroup
 //! sends, `response` learns from the answer to it, and only from that.
 //!
-//! Both programs are cgroup_skb hooks, so they see packets from the IP
-//! header on. They never drop anything: whatever they cannot parse is let
-//! through and, on ingress, counted in `dns_counters` under its reason.
+//! Both run inside the cgroup_skb programs (see `skb`), so they see
+//! packets from the IP header on. They never drop anything: whatever they
+//! cannot parse is let through and, on ingress, counted in `dns_counters`
+//! under its reason.
 //!
 //! The parsers work on a copy of the DNS payload in a per-CPU scratch
 //! buffer. kernel-notes.md, "DNS parsing in the kernel": every exit of a
@@ -13,12 +14,12 @@
 //! through a map field with volatile accesses, which the verifier does not
 //! track, so the exits merge; bounds are checked again after each pass.
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map, programs::SkBuffContext};
-use headway_common::{AddrKey, DNS_HASH_INIT, RESPONSE_MAX_ADDRS, ResponseRecord, dns_hash_byte};
+use headway_common::{
+    AddrKey, DNS_HASH_INIT, Observation, ObservationKey, RESPONSE_MAX_ADDRS, ResponseRecord,
+    dns_hash_byte,
+};
 
-use crate::maps::DNS_COUNTERS;
-
-/// cgroup_skb verdict that lets the packet pass. The only one we return.
-const ALLOW: i32 = 1;
+use crate::maps::{DNS_COUNTERS, DNS_OBS};
 
 const DNS_PORT: u16 = 53;
 const IPPROTO_UDP: u8 = 17;
@@ -133,8 +134,8 @@ macro_rules! store {
 }
 
 // After the macros, which the parsers use too.
-mod query;
-mod response;
+pub mod query;
+pub mod response;
 
 impl Scratch {
     /// This CPU's scratch space.
@@ -422,6 +423,18 @@ pub fn question(s: &mut Scratch) -> Result<Question, Fault> {
 #[inline(always)]
 pub fn query_id(s: &Scratch) -> u16 {
     u16::from_ne_bytes([s.buf[0], s.buf[1]])
+}
+
+/// What the client network namespace `netns_cookie` learned about `addr`
+/// from DNS, if anything (read by the connect-time decision).
+#[inline(always)]
+pub fn observation(netns_cookie: u64, addr: &AddrKey) -> Option<Observation> {
+    let key = ObservationKey {
+        netns_cookie,
+        addr: *addr,
+    };
+    // SAFETY: copied out at once.
+    unsafe { DNS_OBS.get(&key) }.copied()
 }
 
 /// Adds one to `dns_counters[index]`.

@@ -2,25 +2,20 @@
 //! by what only that socket's real answer will match (network namespace,
 //! server, client port, query ID). `response` learns from nothing else.
 use aya_ebpf::{
-    EbpfContext, bindings::BPF_ANY, helpers::bpf_get_netns_cookie, macros::cgroup_skb,
-    programs::SkBuffContext,
+    EbpfContext, bindings::BPF_ANY, helpers::bpf_get_netns_cookie, programs::SkBuffContext,
 };
 use headway_common::{PendingQuery, PendingQueryKey, dns_counter};
 
 use super::{
-    ALLOW, ANSWERED, CLASS_IN, Direction, MAX_QUERY_COPY, Scratch, TYPE_A, TYPE_AAAA, bump,
-    copy_payload, dns_datagram, query_id, question,
+    ANSWERED, CLASS_IN, Direction, MAX_QUERY_COPY, Scratch, TYPE_A, TYPE_AAAA, bump, copy_payload,
+    dns_datagram, query_id, question,
 };
 use crate::maps::DNS_PENDING;
 
-#[cgroup_skb(egress)]
-pub fn hw_dns_egress(ctx: SkBuffContext) -> i32 {
-    record_query(&ctx);
-    ALLOW
-}
-
+/// A packet leaving a socket of the cgroup: if it is an A/AAAA query,
+/// remember it until its answer comes.
 #[inline(always)]
-fn record_query(ctx: &SkBuffContext) -> Option<()> {
+pub fn record_query(ctx: &SkBuffContext) -> Option<()> {
     let d = dns_datagram(ctx, Direction::Egress)?;
     let s = Scratch::get()?;
     copy_payload(ctx, &d, s, MAX_QUERY_COPY)?;

@@ -19,7 +19,6 @@ use aya_ebpf::{
     EbpfContext,
     bindings::BPF_ANY,
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
-    macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use headway_common::{
@@ -28,9 +27,9 @@ use headway_common::{
 };
 
 use super::{
-    ALLOW, ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN,
-    MAX_NAME_LEN, MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, bump, copy_payload,
-    dns_datagram, query_id, question,
+    ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN, MAX_NAME_LEN,
+    MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, bump, copy_payload, dns_datagram,
+    query_id, question,
 };
 use crate::{
     accounting::{count_dns_answer, pod_of},
@@ -59,14 +58,10 @@ const RCODE_MASK: u16 = 0x000F;
 /// RDLENGTH.
 const RR_FIXED_LEN: usize = 10;
 
-#[cgroup_skb(ingress)]
-pub fn hw_dns_ingress(ctx: SkBuffContext) -> i32 {
-    on_response(&ctx);
-    ALLOW
-}
-
+/// A packet arriving at a socket of the cgroup: if it is the answer to a
+/// recorded query, learn from it.
 #[inline(always)]
-fn on_response(ctx: &SkBuffContext) -> Option<()> {
+pub fn on_response(ctx: &SkBuffContext) -> Option<()> {
     let d = dns_datagram(ctx, Direction::Ingress)?;
     bump(dns_counter::RESPONSES);
     let s = Scratch::get()?;

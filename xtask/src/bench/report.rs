@@ -509,7 +509,7 @@ pub fn markdown(results: &Results) -> String {
         Some(d) => {
             let _ = writeln!(
                 out,
-                "hw_dns_ingress, ns per packet (repeat method: mean of {} runs; learning path: \
+                "hw_skb_ingress, ns per packet (repeat method: mean of {} runs; learning path: \
                  median of {} single runs, net of {:.1} ns harness cost).\n\n| case | ns |\n|---|---|",
                 d.repeat, d.samples, d.harness_ns
             );
