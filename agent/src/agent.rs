@@ -27,7 +27,7 @@ use crate::{
     reconcile::Reconciler,
     source::{
         dir::{self, DirWatcher},
-        kube::{self, KubeSource},
+        kube::{self, KubeOptions, KubeSource},
         store::{Affected, ClusterStore},
     },
 };
@@ -80,6 +80,8 @@ pub struct AgentConfig {
     pub metrics_grace: std::time::Duration,
     /// Sizes of the maps that grow with the cluster.
     pub map_sizes: MapSizes,
+    /// The kube source starts its watches with streaming lists.
+    pub streaming_lists: bool,
 }
 
 /// Runs until a termination signal arrives.
@@ -107,17 +109,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         SourceSpec::Kube => Some(kube::client(cfg.kubeconfig.as_deref()).await?),
         SourceSpec::Dir(_) => None,
     };
-    let zone = match (&client, &cfg.node_name) {
-        (Some(client), Some(node)) => match kube::node_zone(client, node).await {
-            Ok(zone) => zone,
-            Err(e) => {
-                warn!(node, error = %e, "cannot read this node's zone; prefer-zone acts as none");
-                None
-            }
-        },
-        _ => None,
-    };
-
     let mut datapath = Datapath::start_with_sizes(&cfg.bpffs, &cfg.cgroup_path, &cfg.map_sizes)?;
     for (program, how) in &datapath.attachments {
         info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
@@ -139,7 +130,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         default_policy: cfg.default_policy,
         cluster_domain: cfg.cluster_domain.clone(),
         node_name: cfg.node_name.clone(),
-        zone,
+        // The kube source watches the Node, the dir source reads it.
+        zone: None,
     };
     let reconciler = Reconciler::new(datapath.take_maps()?, settings, cfg.namespaces.clone())
         .context("cannot read the pinned maps")?;
@@ -202,17 +194,22 @@ async fn run_dir(
 }
 
 /// Follows the API: nothing is written until every watcher has listed
-/// (a restarted agent keeps the previous maps meanwhile, so the datapath
-/// never sees a partial or empty state); then one full sync writes what
-/// differs, and every later batch of events updates only the services it
-/// affects.
+/// (this node's zone included; a restarted agent keeps the previous maps
+/// meanwhile, so the datapath never sees a partial or empty state); then
+/// one full sync writes what differs, and every later batch of events
+/// updates only the services it affects.
 async fn run_kube(
     client: ::kube::Client,
     syncer: &mut Syncer,
     cfg: &AgentConfig,
     stop: impl Future<Output = ()>,
 ) {
-    let mut source = KubeSource::start(client, &cfg.namespaces);
+    let options = KubeOptions {
+        namespaces: cfg.namespaces.clone(),
+        node_name: cfg.node_name.clone(),
+        streaming_lists: cfg.streaming_lists,
+    };
+    let mut source = KubeSource::start(client, &options);
     let mut synced = false;
     tokio::pin!(stop);
     loop {
@@ -234,17 +231,26 @@ async fn run_kube(
         for w in source.store_mut().take_warnings() {
             warn!(object = %w.object, "{}", w.message);
         }
+        let mut affected = batch.affected;
+        if let Some(zone) = batch.zone {
+            // Every prefer-zone service's preferred tables follow the zone.
+            syncer.reconciler.settings_mut().zone = zone;
+            affected.extend(source.store().prefer_zone_services());
+        }
         if synced {
-            syncer.update_services(&batch.affected, source.store());
+            syncer.update_services(&affected, source.store());
         } else if source.ready() {
-            let (desired, warnings) = source.store().desired_state();
-            for w in &warnings {
-                warn!(object = %w.object, "{}", w.message);
-            }
-            syncer.full_sync(&desired);
+            let store = source.store();
+            syncer.full_sync_with(&store.service_keys(), |key| {
+                let (spec, warnings) = store.service_spec(key);
+                for w in &warnings {
+                    warn!(object = %w.object, "{}", w.message);
+                }
+                spec
+            });
             syncer.http.mark_synced();
             synced = true;
-            info!(services = desired.services.len(), metrics = %cfg.metrics_addr, "stores synced; agent running");
+            info!(services = store.service_count(), metrics = %cfg.metrics_addr, "stores synced; agent running");
         }
     }
 }
@@ -300,8 +306,19 @@ impl Syncer {
 
     /// Writes the whole desired state (only what differs reaches the maps).
     fn full_sync(&mut self, desired: &DesiredState) {
+        let keys = desired.services.keys().cloned().collect();
+        self.full_sync_with(&keys, |k| desired.services.get(k).cloned());
+    }
+
+    /// Writes the services `keys`, each spec computed by `spec_of` when
+    /// its turn comes.
+    fn full_sync_with(
+        &mut self,
+        keys: &std::collections::BTreeSet<model::ServiceKey>,
+        spec_of: impl FnMut(&model::ServiceKey) -> Option<model::ServiceSpec>,
+    ) {
         let started = Instant::now();
-        let written = self.reconciler.full_sync(desired);
+        let written = self.reconciler.full_sync_with(keys, spec_of);
         self.record(started, &written);
         let s = written.summary;
         info!(

@@ -1,7 +1,9 @@
 //! The few BPF syscalls aya 0.14 does not expose: opening a pinned link as a
-//! plain fd, reading which cgroup a link is attached to, and swapping the
+//! plain fd, reading which cgroup a link is attached to, swapping the
 //! program behind a link in place (BPF_LINK_UPDATE), which is how a
-//! restarted agent replaces its programs without a gap or an overlap.
+//! restarted agent replaces its programs without a gap or an overlap, and
+//! batched map updates and deletes (one syscall for many entries: a full
+//! sync of 100,000 endpoints writes about 800,000 entries).
 use std::{
     ffi::CString,
     io,
@@ -14,6 +16,8 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// `union bpf_attr` is large; every command reads only its own prefix.
 #[repr(C, align(8))]
@@ -95,4 +99,73 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
     attr.put_u32(0, link.as_raw_fd() as u32);
     attr.put_u32(4, new_prog.as_raw_fd() as u32);
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// A batch stopped at entry `done` (every entry before it went through).
+#[derive(Debug)]
+pub struct BatchError {
+    pub done: usize,
+    pub error: io::Error,
+}
+
+/// `struct { u64 in_batch, out_batch, keys, values; u32 count, map_fd;
+/// u64 elem_flags, flags; } batch`; the kernel writes back in `count` how
+/// many entries it processed.
+fn map_batch(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> Result<(), BatchError> {
+    let mut attr = Attr::new();
+    attr.put_u64(16, keys as u64);
+    attr.put_u64(24, values as u64);
+    attr.put_u32(32, count as u32);
+    attr.put_u32(36, map.as_raw_fd() as u32);
+    match sys_bpf(cmd, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            let done = u32::from_ne_bytes(attr.0[32..36].try_into().expect("4 bytes"));
+            Err(BatchError {
+                done: (done as usize).min(count),
+                error,
+            })
+        }
+    }
+}
+
+/// Writes `keys[i] → values[i]` (BPF_MAP_UPDATE_BATCH, kernel ≥ 5.6).
+/// `K` and `V` must be the map's key and value types (`#[repr(C)]`, sizes
+/// equal to the map's).
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), BatchError> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    map_batch(
+        BPF_MAP_UPDATE_BATCH,
+        map,
+        keys.as_ptr().cast(),
+        values.as_ptr().cast(),
+        keys.len(),
+    )
+}
+
+/// Deletes `keys` (BPF_MAP_DELETE_BATCH); stops at a missing key (ENOENT).
+pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), BatchError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    map_batch(
+        BPF_MAP_DELETE_BATCH,
+        map,
+        keys.as_ptr().cast(),
+        std::ptr::null(),
+        keys.len(),
+    )
 }

@@ -116,6 +116,11 @@ struct AgentArgs {
     /// object's `topology.kubernetes.io/zone` label gives the zone).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Start the kube source's watches with streaming lists
+    /// (`sendInitialEvents`; API servers with the WatchList feature)
+    /// instead of paged lists.
+    #[arg(long, env = "HEADWAY_STREAMING_LISTS")]
+    streaming_lists: bool,
     /// How long /metrics keeps exporting the last values of a deleted pod
     /// or service before its series go (e.g. `5m`, `30s`).
     #[arg(long, env = "HEADWAY_METRICS_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
@@ -166,6 +171,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr: args.metrics_addr,
                 node_name: args.node_name.filter(|n| !n.is_empty()),
                 metrics_grace: args.metrics_grace,
+                streaming_lists: args.streaming_lists,
                 map_sizes: MapSizes {
                     max_endpoints: args.max_endpoints,
                     max_services: args.max_services,

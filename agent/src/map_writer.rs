@@ -18,13 +18,20 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, MapData, MapError};
+use std::os::fd::AsFd;
+
+use aya::maps::{HashMap, IterableMap, MapData, MapError};
 use headway_common::{
-    AddrKey, Backend, BackendKey, Config, NameEntry, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServicePortKey, map_names,
+    AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, PodCounters, PodMeta, PodRef,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, map_names,
 };
 
-use crate::{dns_index::DnsIndex, map_plan::MapContents, pinned::Maps};
+use crate::{
+    bpf_sys::{self, BatchError},
+    dns_index::DnsIndex,
+    map_plan::MapContents,
+    pinned::Maps,
+};
 
 /// A `PodCounters::generation` no slot had before: the wall clock in ns
 /// (it moves on between agent runs), and past the last one this process
@@ -93,8 +100,24 @@ pub struct Written {
     pub unclaimed_pods: Vec<u32>,
 }
 
-/// Which services want a key, and with which value; sorted by service id.
-struct Claims<K, V>(BTreeMap<K, Vec<(u32, V)>>);
+/// The services that want a key, with their values, sorted by service id.
+/// One owner (the common case) costs no allocation of its own.
+enum Owners<V> {
+    One([(u32, V); 1]),
+    Many(Vec<(u32, V)>),
+}
+
+impl<V> Owners<V> {
+    fn as_slice(&self) -> &[(u32, V)] {
+        match self {
+            Owners::One(one) => one,
+            Owners::Many(list) => list,
+        }
+    }
+}
+
+/// Which services want a key, and with which value.
+struct Claims<K, V>(BTreeMap<K, Owners<V>>);
 
 impl<K, V> Default for Claims<K, V> {
     fn default() -> Self {
@@ -104,44 +127,123 @@ impl<K, V> Default for Claims<K, V> {
 
 impl<K: Ord + Copy, V: Copy> Claims<K, V> {
     fn set(&mut self, key: K, owner: u32, value: V) {
-        let claims = self.0.entry(key).or_default();
-        match claims.binary_search_by_key(&owner, |(o, _)| *o) {
-            Ok(i) => claims[i].1 = value,
-            Err(i) => claims.insert(i, (owner, value)),
+        let Some(owners) = self.0.get_mut(&key) else {
+            self.0.insert(key, Owners::One([(owner, value)]));
+            return;
+        };
+        let mut list = match std::mem::replace(owners, Owners::Many(Vec::new())) {
+            Owners::One(one) => one.to_vec(),
+            Owners::Many(list) => list,
+        };
+        match list.binary_search_by_key(&owner, |(o, _)| *o) {
+            Ok(i) => list[i].1 = value,
+            Err(i) => list.insert(i, (owner, value)),
         }
+        *owners = match list.as_slice() {
+            [one] => Owners::One([*one]),
+            _ => Owners::Many(list),
+        };
     }
 
     fn release(&mut self, key: &K, owner: u32) {
-        if let Some(claims) = self.0.get_mut(key) {
-            claims.retain(|(o, _)| *o != owner);
-            if claims.is_empty() {
+        let Some(owners) = self.0.get_mut(key) else {
+            return;
+        };
+        let rest: Vec<(u32, V)> = owners
+            .as_slice()
+            .iter()
+            .filter(|(o, _)| *o != owner)
+            .copied()
+            .collect();
+        match rest.as_slice() {
+            [] => {
                 self.0.remove(key);
             }
+            [one] => *owners = Owners::One([*one]),
+            _ => *owners = Owners::Many(rest),
         }
     }
 
     fn winner(&self, key: &K) -> Option<V> {
-        self.0.get(key).and_then(|c| c.first()).map(|(_, v)| *v)
+        self.0.get(key).map(|o| o.as_slice()[0].1)
     }
 
-    /// Moves `owner`'s claims from `old` to `new`; returns every key
-    /// either mentions.
-    fn replace(&mut self, owner: u32, old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> BTreeSet<K> {
-        for k in old.keys().filter(|k| !new.contains_key(k)) {
-            self.release(k, owner);
+    fn owners(&self, key: &K) -> &[(u32, V)] {
+        self.0.get(key).map_or(&[], Owners::as_slice)
+    }
+
+    /// Moves `owner`'s claims from the keys `old` to the entries `new`;
+    /// returns every key either mentions.
+    fn replace<'a>(
+        &mut self,
+        owner: u32,
+        old: impl Iterator<Item = &'a K>,
+        new: impl Iterator<Item = (K, V)> + Clone,
+    ) -> BTreeSet<K>
+    where
+        K: 'a,
+    {
+        let wanted: BTreeSet<K> = new.clone().map(|(k, _)| k).collect();
+        let mut touched = wanted.clone();
+        for k in old {
+            if !wanted.contains(k) {
+                self.release(k, owner);
+            }
+            touched.insert(*k);
         }
         for (k, v) in new {
-            self.set(*k, owner, *v);
+            self.set(k, owner, v);
         }
-        old.keys().chain(new.keys()).copied().collect()
+        touched
     }
 }
 
 #[derive(Default)]
 struct SharedClaims {
-    pods: Claims<u32, PodMeta>,
+    /// A pod's entry is the same whichever service lists it (it names
+    /// the pod): only who claims it is kept.
+    pods: Claims<u32, ()>,
     pod_addrs: Claims<AddrKey, PodRef>,
     dns_names: Claims<u64, NameEntry>,
+}
+
+/// What one service last asked for, as sorted slices: a map per service
+/// and kind of entry would cost a tree node each, and pods' entries (192
+/// bytes of names) are only needed while writing.
+#[derive(Default)]
+struct Fragment {
+    services: Box<[(u32, ServiceMeta)]>,
+    pods: Box<[u32]>,
+    pod_addrs: Box<[(AddrKey, PodRef)]>,
+    svc_endpoints: Box<[(ServiceEndpointKey, EndpointState)]>,
+    svc_backends: Box<[(BackendKey, Backend)]>,
+    svc_ports: Box<[(ServicePortKey, u32)]>,
+    dns_names: Box<[(u64, NameEntry)]>,
+}
+
+impl Fragment {
+    fn of(c: &MapContents) -> Fragment {
+        fn pairs<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Box<[(K, V)]> {
+            m.iter().map(|(k, v)| (*k, *v)).collect()
+        }
+        Fragment {
+            services: pairs(&c.services),
+            pods: c.pods.keys().copied().collect(),
+            pod_addrs: pairs(&c.pod_addrs),
+            svc_endpoints: pairs(&c.svc_endpoints),
+            svc_backends: pairs(&c.svc_backends),
+            svc_ports: pairs(&c.svc_ports),
+            dns_names: pairs(&c.dns_names),
+        }
+    }
+}
+
+fn keys<K, V>(entries: &[(K, V)]) -> impl Iterator<Item = &K> + '_ {
+    entries.iter().map(|(k, _)| k)
+}
+
+fn holds<K: Ord, V>(entries: &[(K, V)], key: &K) -> bool {
+    entries.binary_search_by(|(k, _)| k.cmp(key)).is_ok()
 }
 
 pub struct MapWriter {
@@ -149,7 +251,7 @@ pub struct MapWriter {
     /// Mirror of what the agent-owned maps hold.
     current: MapContents,
     /// What each service (by id) last asked for.
-    fragments: BTreeMap<u32, MapContents>,
+    fragments: BTreeMap<u32, Fragment>,
     shared: SharedClaims,
     /// `dns_addrs`: each service's address slots for DNS observations.
     dns_index: DnsIndex,
@@ -202,13 +304,10 @@ impl MapWriter {
         };
         fragment
             .pods
-            .keys()
+            .iter()
             .filter(|id| {
-                self.shared
-                    .pods
-                    .0
-                    .get(id)
-                    .is_some_and(|c| c.iter().all(|(owner, _)| *owner == service_id))
+                let owners = self.shared.pods.owners(id);
+                !owners.is_empty() && owners.iter().all(|(owner, _)| *owner == service_id)
             })
             .copied()
             .collect()
@@ -239,13 +338,30 @@ impl MapWriter {
         let old = self.fragments.remove(&service_id).unwrap_or_default();
         let new = wanted.unwrap_or_default();
         let shared = &mut self.shared;
-        let pods = shared.pods.replace(service_id, &old.pods, &new.pods);
-        let pod_addrs = shared
-            .pod_addrs
-            .replace(service_id, &old.pod_addrs, &new.pod_addrs);
-        let dns_names = shared
-            .dns_names
-            .replace(service_id, &old.dns_names, &new.dns_names);
+        let pods = shared.pods.replace(
+            service_id,
+            old.pods.iter(),
+            new.pods.keys().map(|k| (*k, ())),
+        );
+        let pod_addrs = shared.pod_addrs.replace(
+            service_id,
+            keys(&old.pod_addrs),
+            new.pod_addrs.iter().map(|(k, v)| (*k, *v)),
+        );
+        let dns_names = shared.dns_names.replace(
+            service_id,
+            keys(&old.dns_names),
+            new.dns_names.iter().map(|(k, v)| (*k, *v)),
+        );
+        // A pod another service still claims keeps the entry it has.
+        let pod_values: BTreeMap<u32, PodMeta> = pods
+            .iter()
+            .filter(|id| shared.pods.winner(id).is_some())
+            .filter_map(|id| {
+                let meta = new.pods.get(id).or_else(|| self.current.pods.get(id))?;
+                Some((*id, *meta))
+            })
+            .collect();
         let keys = Touched {
             unclaimed_pods: pods
                 .iter()
@@ -255,16 +371,16 @@ impl MapWriter {
             pods,
             pod_addrs,
             dns_names,
-            services: union(&old.services, &new.services),
-            svc_endpoints: union(&old.svc_endpoints, &new.svc_endpoints),
-            svc_backends: union(&old.svc_backends, &new.svc_backends),
-            svc_ports: union(&old.svc_ports, &new.svc_ports),
+            services: union(keys(&old.services), new.services.keys()),
+            svc_endpoints: union(keys(&old.svc_endpoints), new.svc_endpoints.keys()),
+            svc_backends: union(keys(&old.svc_backends), new.svc_backends.keys()),
+            svc_ports: union(keys(&old.svc_ports), new.svc_ports.keys()),
         };
         let written = write_keys(
             &mut self.maps,
             &mut self.current,
             &keys,
-            &|k| self.shared.pods.winner(k),
+            &|k| pod_values.get(k).copied(),
             &|k| self.shared.pod_addrs.winner(k),
             &|k| self.shared.dns_names.winner(k),
             &|k| new.services.get(k).copied(),
@@ -285,7 +401,7 @@ impl MapWriter {
         written.summary.failed += errors.len();
         written.errors.extend(errors);
         if !new.is_empty() {
-            self.fragments.insert(service_id, new);
+            self.fragments.insert(service_id, Fragment::of(&new));
         }
         written
     }
@@ -306,13 +422,13 @@ impl MapWriter {
             }),
             services: unclaimed(&cur.services, |k| frag(*k).is_none()),
             svc_endpoints: unclaimed(&cur.svc_endpoints, |k| {
-                frag(k.service_id).is_none_or(|f| !f.svc_endpoints.contains_key(k))
+                frag(k.service_id).is_none_or(|f| !holds(&f.svc_endpoints, k))
             }),
             svc_backends: unclaimed(&cur.svc_backends, |k| {
-                frag(k.service_id).is_none_or(|f| !f.svc_backends.contains_key(k))
+                frag(k.service_id).is_none_or(|f| !holds(&f.svc_backends, k))
             }),
             svc_ports: unclaimed(&cur.svc_ports, |k| {
-                frag(k.service_id).is_none_or(|f| !f.svc_ports.contains_key(k))
+                frag(k.service_id).is_none_or(|f| !holds(&f.svc_ports, k))
             }),
             unclaimed_pods: Vec::new(),
         };
@@ -353,8 +469,11 @@ struct Touched {
     unclaimed_pods: Vec<u32>,
 }
 
-fn union<K: Ord + Copy, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> BTreeSet<K> {
-    a.keys().chain(b.keys()).copied().collect()
+fn union<'a, K: Ord + Copy + 'a>(
+    a: impl Iterator<Item = &'a K>,
+    b: impl Iterator<Item = &'a K>,
+) -> BTreeSet<K> {
+    a.chain(b).copied().collect()
 }
 
 fn unclaimed<K: Ord + Copy, V>(
@@ -378,8 +497,8 @@ fn write_keys(
     pods_wanted: &dyn Fn(&u32) -> Option<PodMeta>,
     pod_addrs_wanted: &dyn Fn(&AddrKey) -> Option<PodRef>,
     dns_names_wanted: &dyn Fn(&u64) -> Option<NameEntry>,
-    services_wanted: &dyn Fn(&u32) -> Option<headway_common::ServiceMeta>,
-    svc_endpoints_wanted: &dyn Fn(&ServiceEndpointKey) -> Option<headway_common::EndpointState>,
+    services_wanted: &dyn Fn(&u32) -> Option<ServiceMeta>,
+    svc_endpoints_wanted: &dyn Fn(&ServiceEndpointKey) -> Option<EndpointState>,
     svc_backends_wanted: &dyn Fn(&BackendKey) -> Option<Backend>,
     svc_ports_wanted: &dyn Fn(&ServicePortKey) -> Option<u32>,
 ) -> Written {
@@ -397,28 +516,35 @@ fn write_keys(
     // makes counters survive agent restarts. A pod whose counters cannot
     // exist (its id lies beyond `pod_stats`) is not written either: readers
     // find every pod's counters.
-    let mut no_counters = BTreeSet::new();
-    for pod_id in &keys.pods {
-        let Some(meta) = pods_wanted(pod_id) else {
-            continue;
-        };
-        if cur.pods.get(pod_id) == Some(&meta) {
-            continue;
-        }
-        let fresh = PodCounters {
+    let fresh: Vec<u32> = keys
+        .pods
+        .iter()
+        .filter(|id| pods_wanted(id).is_some_and(|meta| cur.pods.get(id) != Some(&meta)))
+        .copied()
+        .collect();
+    let counters: Vec<PodCounters> = fresh
+        .iter()
+        .map(|_| PodCounters {
             generation: new_generation(),
             ..PodCounters::default()
-        };
-        if let Err(source) = m.pod_stats.set(*pod_id, fresh, 0) {
-            no_counters.insert(*pod_id);
+        })
+        .collect();
+    let mut no_counters = BTreeSet::new();
+    let stats = m.pod_stats.map().fd().as_fd();
+    for_each_batch(
+        &fresh,
+        |from| bpf_sys::map_update_batch(stats, &fresh[from..], &counters[from..]),
+        |_| {},
+        |i, source| {
+            no_counters.insert(fresh[i]);
             errors.push(WriteError {
                 object: None,
                 op: "zero",
                 map: map_names::POD_STATS,
                 source: Box::new(source),
             });
-        }
-    }
+        },
+    );
     let pods_to_write: BTreeSet<u32> = keys.pods.difference(&no_counters).copied().collect();
     upsert(
         &mut m.pods,
@@ -619,6 +745,42 @@ fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
     }
 }
 
+/// Runs `batch(from)` over `items[from..]` until every item has been
+/// tried: an item the kernel refuses is reported to `failed` and skipped,
+/// the ones it took to `done`.
+fn for_each_batch<T>(
+    items: &[T],
+    mut batch: impl FnMut(usize) -> Result<(), BatchError>,
+    mut done: impl FnMut(std::ops::Range<usize>),
+    mut failed: impl FnMut(usize, MapError),
+) {
+    let mut from = 0;
+    while from < items.len() {
+        match batch(from) {
+            Ok(()) => {
+                done(from..items.len());
+                return;
+            }
+            Err(BatchError { done: n, error }) => {
+                done(from..from + n);
+                let at = from + n;
+                if at < items.len() {
+                    failed(
+                        at,
+                        MapError::SyscallError(aya::sys::SyscallError {
+                            call: "bpf_map_batch",
+                            io_error: error,
+                        }),
+                    );
+                }
+                from = at + 1;
+            }
+        }
+    }
+}
+
+/// Writes every key of `keys` whose wanted value differs from the map's,
+/// in batches.
 fn upsert<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
@@ -628,26 +790,34 @@ fn upsert<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
     sum: &mut WriteSummary,
     errors: &mut Vec<WriteError>,
 ) {
-    for k in keys {
-        let Some(v) = wanted(k) else { continue };
-        if current.get(k) == Some(&v) {
-            continue;
-        }
-        match map.insert(k, v, 0) {
-            Ok(()) => {
-                current.insert(*k, v);
-                sum.upserted += 1;
+    let (ks, vs): (Vec<K>, Vec<V>) = keys
+        .iter()
+        .filter_map(|k| Some((*k, wanted(k)?)))
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .unzip();
+    let fd = map.map().fd().as_fd();
+    for_each_batch(
+        &ks,
+        |from| bpf_sys::map_update_batch(fd, &ks[from..], &vs[from..]),
+        |range| {
+            sum.upserted += range.len();
+            for i in range {
+                current.insert(ks[i], vs[i]);
             }
-            Err(source) => errors.push(WriteError {
+        },
+        |_, source| {
+            errors.push(WriteError {
                 object: None,
                 op: "write",
                 map: name,
                 source: Box::new(source),
-            }),
-        }
-    }
+            })
+        },
+    );
 }
 
+/// Deletes every key of `keys` that the map holds and nobody wants, in
+/// batches; a key already gone counts as removed.
 fn remove<K: aya::Pod + Ord, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
@@ -657,22 +827,34 @@ fn remove<K: aya::Pod + Ord, V: aya::Pod>(
     sum: &mut WriteSummary,
     errors: &mut Vec<WriteError>,
 ) {
-    for k in keys {
-        if wanted(k).is_some() || !current.contains_key(k) {
-            continue;
-        }
-        match map.remove(k) {
-            Ok(()) | Err(MapError::KeyNotFound) => {
-                current.remove(k);
-                sum.removed += 1;
+    let ks: Vec<K> = keys
+        .iter()
+        .filter(|k| wanted(k).is_none() && current.contains_key(k))
+        .copied()
+        .collect();
+    let fd = map.map().fd().as_fd();
+    let mut gone = Vec::new();
+    let mut missing = Vec::new();
+    for_each_batch(
+        &ks,
+        |from| bpf_sys::map_delete_batch(fd, &ks[from..]),
+        |range| gone.extend(range),
+        |i, source| match &source {
+            MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                missing.push(i)
             }
-            Err(source) => errors.push(WriteError {
+            _ => errors.push(WriteError {
                 object: None,
                 op: "remove",
                 map: name,
                 source: Box::new(source),
             }),
-        }
+        },
+    );
+    gone.extend(missing);
+    sum.removed += gone.len();
+    for i in gone {
+        current.remove(&ks[i]);
     }
 }
 

@@ -304,13 +304,134 @@ pub fn desired_state(
     let mut by_service = slices_by_service(slices, &headless);
     let services = headless
         .into_iter()
-        .map(|(key, svc)| {
-            let slices = by_service.remove(&key).unwrap_or_default();
-            let spec = service_spec(key.clone(), svc, &slices, &pods, &mut warnings);
-            (key, spec)
+        .filter_map(|(key, svc)| {
+            // Always a record: `headless_services` kept headless ones only.
+            let record = ServiceRecord::of(svc, &mut warnings)?;
+            // Slice warnings after the service's own (annotations, ports).
+            let mut slice_warnings = Vec::new();
+            let slices: Vec<SliceRecord> = by_service
+                .remove(&key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| SliceRecord::of(s, &mut slice_warnings))
+                .collect();
+            let slices: Vec<&SliceRecord> = slices.iter().collect();
+            let spec = service_spec(key.clone(), &record, &slices, &pods, &mut warnings);
+            warnings.extend(slice_warnings);
+            Some((key, spec))
         })
         .collect();
     (DesiredState { services }, warnings)
+}
+
+/// What headway reads of a headless Service. Sources keep this, not the
+/// object: a Service's status, managedFields and other annotations are
+/// never needed again, and a change to them is no change here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRecord {
+    /// From [`ANNOTATION_POLICY`]; `None` means the agent's default.
+    pub policy: Option<Policy>,
+    /// From [`ANNOTATION_TOPOLOGY`].
+    pub topology: Topology,
+    pub ports: Vec<DeclaredPort>,
+    pub publish_not_ready: bool,
+}
+
+/// A port as the Service declares it (its target may be a name that the
+/// EndpointSlices resolve).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredPort {
+    pub name: Option<String>,
+    pub port: i32,
+    pub target_port: Option<IntOrString>,
+    pub protocol: String,
+}
+
+impl ServiceRecord {
+    /// The record of a Service; `None` if it is not headless. Bad
+    /// annotations warn and fall back to the defaults.
+    pub fn of(svc: &Service, warnings: &mut Vec<Warning>) -> Option<ServiceRecord> {
+        if !is_headless(svc) {
+            return None;
+        }
+        let spec = svc.spec.as_ref();
+        let ports = spec
+            .and_then(|s| s.ports.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| DeclaredPort {
+                name: p.name.clone(),
+                port: p.port,
+                target_port: p.target_port.clone(),
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+            })
+            .collect();
+        Some(ServiceRecord {
+            policy: annotation(svc, ANNOTATION_POLICY, warnings),
+            topology: annotation(svc, ANNOTATION_TOPOLOGY, warnings).unwrap_or_default(),
+            ports,
+            publish_not_ready: spec
+                .and_then(|s| s.publish_not_ready_addresses)
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// What headway reads of an EndpointSlice: its service, its named ports
+/// and one record per address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceRecord {
+    /// From the [`LABEL_SERVICE_NAME`] label (same namespace).
+    pub service: Option<String>,
+    /// `(name, protocol, port)`, for Service ports with a named target.
+    pub ports: Vec<(Option<String>, String, i32)>,
+    pub endpoints: Vec<EndpointRecord>,
+}
+
+/// One address of an EndpointSlice endpoint: an [`Endpoint`] without what
+/// the Pod's labels say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub addr: IpAddr,
+    pub pod: Option<PodKey>,
+    pub hostname: Option<String>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl SliceRecord {
+    /// The record of a slice: FQDN slices and unparsable addresses yield
+    /// no endpoints (the latter and unknown address types warn).
+    pub fn of(slice: &EndpointSlice, warnings: &mut Vec<Warning>) -> SliceRecord {
+        let ports = slice
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| {
+                let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".to_owned());
+                Some((p.name.clone(), protocol, p.port?))
+            })
+            .collect();
+        SliceRecord {
+            service: slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                .cloned(),
+            ports,
+            endpoints: slice_endpoints(slice, warnings),
+        }
+    }
+
+    /// The pods this slice's endpoints name.
+    pub fn pods(&self) -> impl Iterator<Item = &PodKey> {
+        self.endpoints.iter().filter_map(|e| e.pod.as_ref())
+    }
 }
 
 /// The zone of node `node_name`, from its [`LABEL_ZONE`] label.
@@ -387,25 +508,23 @@ fn slices_by_service<'a>(
     out
 }
 
-/// One headless service's spec from its Service, its EndpointSlices
-/// (sorted by name) and the labels of the pods they name. Both sources end
-/// up here: [`desired_state`] for a snapshot, the kube store per service.
+/// One headless service's spec from its record, its EndpointSlices'
+/// records (sorted by slice name) and the labels of the pods they name.
+/// Both sources end up here: [`desired_state`] for a snapshot, the kube
+/// store per service.
 pub fn service_spec(
     key: ServiceKey,
-    svc: &Service,
-    slices: &[&EndpointSlice],
+    svc: &ServiceRecord,
+    slices: &[&SliceRecord],
     pods: &BTreeMap<PodKey, PodLabels>,
     warnings: &mut Vec<Warning>,
 ) -> ServiceSpec {
-    let spec = svc.spec.as_ref();
     ServiceSpec {
-        policy: annotation(svc, ANNOTATION_POLICY, warnings),
-        topology: annotation(svc, ANNOTATION_TOPOLOGY, warnings).unwrap_or_default(),
-        ports: service_ports(svc, slices, warnings),
-        publish_not_ready: spec
-            .and_then(|s| s.publish_not_ready_addresses)
-            .unwrap_or(false),
-        endpoints: merged_endpoints(slices, pods, warnings),
+        policy: svc.policy,
+        topology: svc.topology,
+        ports: service_ports(&key, svc, slices, warnings),
+        publish_not_ready: svc.publish_not_ready,
+        endpoints: merged_endpoints(slices, pods),
         key,
     }
 }
@@ -429,28 +548,25 @@ where
 /// The declared ports as pod ports (see [`ServicePort::port`]), without
 /// duplicates, in declaration order.
 fn service_ports(
-    svc: &Service,
-    slices: &[&EndpointSlice],
+    key: &ServiceKey,
+    svc: &ServiceRecord,
+    slices: &[&SliceRecord],
     warnings: &mut Vec<Warning>,
 ) -> Vec<ServicePort> {
-    let declared = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_deref())
-        .unwrap_or_default();
     let mut out: Vec<ServicePort> = Vec::new();
-    for port in declared {
-        let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".to_owned());
-        for number in target_ports(port, &protocol, slices) {
+    for port in &svc.ports {
+        for number in target_ports(port, slices) {
             let Some(number) = valid_port(number) else {
-                let message = format!("port {number} out of range, ignored");
-                warnings.push(Warning::new("Service", &svc.metadata, message));
+                warnings.push(Warning {
+                    object: format!("Service {key}"),
+                    message: format!("port {number} out of range, ignored"),
+                });
                 continue;
             };
             let entry = ServicePort {
                 name: port.name.clone(),
                 port: number,
-                protocol: protocol.clone(),
+                protocol: port.protocol.clone(),
             };
             if !out.contains(&entry) {
                 out.push(entry);
@@ -464,21 +580,16 @@ fn service_ports(
 /// may resolve to different numbers on different pods; the EndpointSlices
 /// carry the resolved numbers under the Service port's name. With no slices
 /// yet there is nothing to steer to, so an unresolved name yields nothing.
-fn target_ports(
-    port: &k8s_openapi::api::core::v1::ServicePort,
-    protocol: &str,
-    slices: &[&EndpointSlice],
-) -> Vec<i32> {
+fn target_ports(port: &DeclaredPort, slices: &[&SliceRecord]) -> Vec<i32> {
     match &port.target_port {
         None => vec![port.port],
         Some(IntOrString::Int(n)) => vec![*n],
         Some(IntOrString::String(_)) => {
             let mut numbers: Vec<i32> = slices
                 .iter()
-                .flat_map(|s| s.ports.as_deref().unwrap_or_default())
-                .filter(|p| p.name == port.name)
-                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == protocol)
-                .filter_map(|p| p.port)
+                .flat_map(|s| &s.ports)
+                .filter(|(name, protocol, _)| *name == port.name && *protocol == port.protocol)
+                .map(|(_, _, number)| *number)
                 .collect();
             numbers.sort_unstable();
             numbers.dedup();
@@ -556,33 +667,48 @@ pub fn pod_labels(meta: &ObjectMeta, warnings: &mut Vec<Warning>) -> PodLabels {
 /// All addresses of all slices (already sorted by slice name). For an
 /// address listed twice the first ready entry wins, else the first entry.
 fn merged_endpoints(
-    slices: &[&EndpointSlice],
+    slices: &[&SliceRecord],
     pods: &BTreeMap<PodKey, PodLabels>,
-    warnings: &mut Vec<Warning>,
 ) -> BTreeMap<IpAddr, Endpoint> {
     let mut out: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
-    for slice in slices {
-        for endpoint in slice_endpoints(slice, pods, warnings) {
-            match out.entry(endpoint.addr) {
-                Entry::Vacant(slot) => {
-                    slot.insert(endpoint);
-                }
-                Entry::Occupied(mut slot) if endpoint.ready && !slot.get().ready => {
-                    slot.insert(endpoint);
-                }
-                Entry::Occupied(_) => {}
+    for record in slices.iter().flat_map(|s| &s.endpoints) {
+        match out.entry(record.addr) {
+            Entry::Vacant(slot) => {
+                slot.insert(endpoint(record, pods));
             }
+            Entry::Occupied(mut slot) if record.ready && !slot.get().ready => {
+                slot.insert(endpoint(record, pods));
+            }
+            Entry::Occupied(_) => {}
         }
     }
     out
 }
 
-/// One [`Endpoint`] per address of an IPv4 or IPv6 slice.
-fn slice_endpoints(
-    slice: &EndpointSlice,
-    pods: &BTreeMap<PodKey, PodLabels>,
-    warnings: &mut Vec<Warning>,
-) -> Vec<Endpoint> {
+/// An endpoint record with its pod's labels applied.
+pub fn endpoint(record: &EndpointRecord, pods: &BTreeMap<PodKey, PodLabels>) -> Endpoint {
+    let labels = record
+        .pod
+        .as_ref()
+        .and_then(|k| pods.get(k))
+        .copied()
+        .unwrap_or_default();
+    Endpoint {
+        addr: record.addr,
+        pod: record.pod.clone(),
+        hostname: record.hostname.clone(),
+        node_name: record.node_name.clone(),
+        zone: record.zone.clone(),
+        ready: record.ready,
+        serving: record.serving,
+        terminating: record.terminating,
+        drained: labels.drained,
+        weight: labels.weight,
+    }
+}
+
+/// One [`EndpointRecord`] per address of an IPv4 or IPv6 slice.
+fn slice_endpoints(slice: &EndpointSlice, warnings: &mut Vec<Warning>) -> Vec<EndpointRecord> {
     match slice.address_type.as_str() {
         "IPv4" | "IPv6" => {}
         // FQDN slices name hosts, not addresses: nothing to steer to.
@@ -596,10 +722,10 @@ fn slice_endpoints(
     let namespace = namespace_of(&slice.metadata);
     let mut out = Vec::new();
     for ep in &slice.endpoints {
-        let template = endpoint_template(namespace, ep, pods);
+        let template = endpoint_template(namespace, ep);
         for address in &ep.addresses {
             match address.parse::<IpAddr>() {
-                Ok(addr) => out.push(Endpoint {
+                Ok(addr) => out.push(EndpointRecord {
                     addr,
                     ..template.clone()
                 }),
@@ -614,11 +740,7 @@ fn slice_endpoints(
 }
 
 /// Everything about an endpoint except its address.
-fn endpoint_template(
-    slice_namespace: &str,
-    ep: &discovery::Endpoint,
-    pods: &BTreeMap<PodKey, PodLabels>,
-) -> Endpoint {
+fn endpoint_template(slice_namespace: &str, ep: &discovery::Endpoint) -> EndpointRecord {
     let pod = ep
         .target_ref
         .as_ref()
@@ -627,25 +749,18 @@ fn endpoint_template(
             let namespace = r.namespace.as_deref().unwrap_or(slice_namespace);
             Some(PodKey::new(namespace, r.name.as_deref()?))
         });
-    let labels = pod
-        .as_ref()
-        .and_then(|k| pods.get(k))
-        .copied()
-        .unwrap_or_default();
-    let conditions = ep.conditions.clone().unwrap_or_default();
+    let conditions = ep.conditions.as_ref();
     // Kubernetes API semantics for unset conditions.
-    let ready = conditions.ready.unwrap_or(true);
-    Endpoint {
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    EndpointRecord {
         addr: IpAddr::from([0, 0, 0, 0]),
         pod,
         hostname: ep.hostname.clone(),
         node_name: ep.node_name.clone(),
         zone: ep.zone.clone(),
         ready,
-        serving: conditions.serving.unwrap_or(ready),
-        terminating: conditions.terminating.unwrap_or(false),
-        drained: labels.drained,
-        weight: labels.weight,
+        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
     }
 }
 

@@ -137,6 +137,18 @@ impl Reconciler {
     /// entries are not written, so a restarted agent's first sync leaves a
     /// steady datapath untouched.
     pub fn full_sync(&mut self, desired: &DesiredState) -> Written {
+        let keys = desired.services.keys().cloned().collect();
+        self.full_sync_with(&keys, |k| desired.services.get(k).cloned())
+    }
+
+    /// [`Self::full_sync`] to the services `keys`, whose specs `spec_of`
+    /// computes one at a time (a whole desired state of 10,000 services
+    /// is never held at once).
+    pub fn full_sync_with(
+        &mut self,
+        keys: &BTreeSet<ServiceKey>,
+        mut spec_of: impl FnMut(&ServiceKey) -> Option<ServiceSpec>,
+    ) -> Written {
         let mut total = Written::default();
         let mut add = |w: Written| {
             total.summary += w.summary;
@@ -145,14 +157,15 @@ impl Reconciler {
         let gone: Vec<ServiceKey> = self
             .applied
             .iter()
-            .filter(|k| !desired.services.contains_key(k))
+            .filter(|k| !keys.contains(k))
             .cloned()
             .collect();
         for key in &gone {
             add(self.update_service(key, None));
         }
-        for (key, spec) in &desired.services {
-            add(self.update_service(key, Some(spec)));
+        for key in keys {
+            let spec = spec_of(key);
+            add(self.update_service(key, spec.as_ref()));
         }
         if !self.swept {
             add(self.writer.sweep());

@@ -10,9 +10,13 @@
 //! - A resourceVersion older than the last [`FakeApi::expire`] is answered
 //!   with an ERROR event (code 410) inside a 200 stream, as the API server
 //!   does, which makes the watcher relist.
-//! - Label selectors (`key`, `!key`, `key=value`, `key!=value`) are honoured
-//!   on lists and watches; an object that stops (starts) matching a watch's
+//! - Label selectors (`key`, `!key`, `key=value`, `key!=value`) and field
+//!   selectors on `metadata.name` / `metadata.namespace` are honoured on
+//!   lists and watches; an object that stops (starts) matching a watch's
 //!   selector is DELETED (ADDED) on it.
+//! - Objects are kept serialized too, so a list of 10,000 objects costs
+//!   the server a copy, not a re-encoding (the control-plane benchmark
+//!   times the agent, not this server).
 //! - Faults: [`FakeApi::drop_watches`] ends every open watch,
 //!   [`FakeApi::set_down`] closes the listener and every connection.
 //!
@@ -70,18 +74,33 @@ struct Change {
     new: Option<Value>,
 }
 
+/// An object and its JSON encoding.
+struct Stored {
+    value: Value,
+    json: Bytes,
+}
+
+impl Stored {
+    fn new(value: Value) -> Stored {
+        let json = Bytes::from(value.to_string());
+        Stored { value, json }
+    }
+}
+
 #[derive(Default)]
 struct State {
     rv: u64,
     /// plural → (namespace, name) → object.
-    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Stored>>,
     history: Vec<Change>,
     /// Watches from a resourceVersion below this get 410.
     expired_below: u64,
-    /// Requests served, by (plural, "list" | "watch"), and the label
-    /// selectors they asked for.
+    /// Requests served, by (plural, "list" | "watch" | "stream" (a
+    /// streaming list: a watch with `sendInitialEvents`)), and the label
+    /// and field selectors they asked for.
     requests: BTreeMap<(String, &'static str), u64>,
     selectors: Vec<(String, String)>,
+    field_selectors: Vec<(String, String)>,
 }
 
 struct Shared {
@@ -180,7 +199,8 @@ impl FakeApi {
             .objects
             .entry(plural)
             .or_default()
-            .insert((namespace, name), object.clone());
+            .insert((namespace, name), Stored::new(object.clone()))
+            .map(|o| o.value);
         self.record(
             &mut state,
             Change {
@@ -200,7 +220,9 @@ impl FakeApi {
         };
         let mut state = self.shared.state.lock().expect("fake API state");
         let key = (namespace.to_string(), name.to_string());
-        let Some(mut old) = state.objects.entry(plural).or_default().remove(&key) else {
+        let Some(Stored { value: mut old, .. }) =
+            state.objects.entry(plural).or_default().remove(&key)
+        else {
             return false;
         };
         state.rv += 1;
@@ -263,7 +285,8 @@ impl FakeApi {
         Ok(())
     }
 
-    /// How many list or watch (`what`) requests for `plural` were served.
+    /// How many list, watch or stream (`what`: a watch that starts with a
+    /// streaming list) requests for `plural` were served.
     pub fn requests(&self, plural: &str, what: &str) -> u64 {
         let state = self.shared.state.lock().expect("fake API state");
         state
@@ -279,6 +302,17 @@ impl FakeApi {
         let state = self.shared.state.lock().expect("fake API state");
         state
             .selectors
+            .iter()
+            .filter(|(p, _)| p == plural)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// The field selectors requested for `plural`, in order.
+    pub fn field_selectors(&self, plural: &str) -> Vec<String> {
+        let state = self.shared.state.lock().expect("fake API state");
+        state
+            .field_selectors
             .iter()
             .filter(|(p, _)| p == plural)
             .map(|(_, s)| s.clone())
@@ -345,6 +379,17 @@ struct Query {
     namespace: Option<String>,
     name: Option<String>,
     params: BTreeMap<String, String>,
+    labels: Selector,
+    fields: Selector,
+}
+
+impl Query {
+    /// Whether `object` is in what this request selects.
+    fn selects(&self, object: &Value) -> bool {
+        in_namespace(object, &self.namespace)
+            && self.labels.matches(object)
+            && self.fields.matches_fields(object)
+    }
 }
 
 fn parse_request(req: &Request<hyper::body::Incoming>) -> Option<Query> {
@@ -361,7 +406,7 @@ fn parse_request(req: &Request<hyper::body::Incoming>) -> Option<Query> {
         _ => return None,
     };
     let (plural, ..) = kind_of_plural(plural)?;
-    let params = req
+    let params: BTreeMap<String, String> = req
         .uri()
         .query()
         .unwrap_or("")
@@ -372,10 +417,13 @@ fn parse_request(req: &Request<hyper::body::Incoming>) -> Option<Query> {
             Some((decode(k)?, decode(v)?))
         })
         .collect();
+    let selector = |name: &str| Selector::parse(params.get(name).map_or("", String::as_str));
     Some(Query {
         plural,
         namespace,
         name,
+        labels: selector("labelSelector"),
+        fields: selector("fieldSelector"),
         params,
     })
 }
@@ -432,8 +480,28 @@ impl Selector {
         )
     }
 
+    /// Whether `object`'s labels match.
     fn matches(&self, object: &Value) -> bool {
-        let labels = &object["metadata"]["labels"];
+        self.matches_in(&object["metadata"]["labels"])
+    }
+
+    /// Whether `object`'s fields match; only `metadata.name` and
+    /// `metadata.namespace` are selectable here (as for every kind).
+    fn matches_fields(&self, object: &Value) -> bool {
+        self.0.iter().all(|(key, value, positive)| {
+            let actual = match key.as_str() {
+                "metadata.name" => object["metadata"]["name"].as_str(),
+                "metadata.namespace" => object["metadata"]["namespace"].as_str(),
+                _ => None,
+            };
+            match value {
+                Some(v) => (actual == Some(v.as_str())) == *positive,
+                None => false,
+            }
+        })
+    }
+
+    fn matches_in(&self, labels: &Value) -> bool {
         self.0.iter().all(|(key, value, positive)| {
             let actual = labels.get(key).and_then(Value::as_str);
             match (value, positive) {
@@ -466,10 +534,14 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response
         q.params.get("watch").map(String::as_str),
         Some("true" | "1")
     );
-    let selector = Selector::parse(q.params.get("labelSelector").map_or("", String::as_str));
+    let streaming = q.params.get("sendInitialEvents").map(String::as_str) == Some("true");
     {
         let mut state = shared.state.lock().expect("fake API state");
-        let what = if watching { "watch" } else { "list" };
+        let what = match (watching, streaming) {
+            (true, true) => "stream",
+            (true, false) => "watch",
+            (false, _) => "list",
+        };
         *state
             .requests
             .entry((q.plural.to_string(), what))
@@ -477,23 +549,28 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response
         if let Some(s) = q.params.get("labelSelector") {
             state.selectors.push((q.plural.to_string(), s.clone()));
         }
+        if let Some(s) = q.params.get("fieldSelector") {
+            state
+                .field_selectors
+                .push((q.plural.to_string(), s.clone()));
+        }
     }
     if let Some(name) = &q.name {
         let state = shared.state.lock().expect("fake API state");
         let key = (q.namespace.clone().unwrap_or_default(), name.clone());
         return match state.objects.get(q.plural).and_then(|o| o.get(&key)) {
-            Some(object) => full(200, object.clone()),
+            Some(object) => json_response(200, object.json.clone()),
             None => full(404, status_object(404, "NotFound", "not found")),
         };
     }
     if watching {
-        watch_response(q, selector, shared)
+        watch_response(q, shared)
     } else {
-        list_response(&q, &selector, shared)
+        list_response(&q, shared)
     }
 }
 
-fn list_response(q: &Query, selector: &Selector, shared: &Arc<Shared>) -> Response<Body> {
+fn list_response(q: &Query, shared: &Arc<Shared>) -> Response<Body> {
     let state = shared.state.lock().expect("fake API state");
     let (_, kind, api_version, _) = kind_of_plural(q.plural).expect("known plural");
     // Pages (`limit`, `continue`): the token is the offset into the
@@ -516,27 +593,51 @@ fn list_response(q: &Query, selector: &Selector, shared: &Arc<Shared>) -> Respon
         .get(q.plural)
         .into_iter()
         .flat_map(|o| o.values())
-        .filter(|o| in_namespace(o, &q.namespace) && selector.matches(o))
+        .filter(|o| q.selects(&o.value))
         .skip(offset);
-    let items: Vec<Value> = matching.by_ref().take(limit).cloned().collect();
+    let items: Vec<&Bytes> = matching.by_ref().take(limit).map(|o| &o.json).collect();
     let mut metadata = json!({"resourceVersion": state.rv.to_string()});
     if matching.next().is_some() {
         metadata["continue"] = json!((offset + items.len()).to_string());
     }
-    full(
-        200,
-        json!({
-            "kind": format!("{kind}List"),
-            "apiVersion": api_version,
-            "metadata": metadata,
-            "items": items,
-        }),
-    )
+    // The list object around the stored encodings.
+    let head =
+        json!({"kind": format!("{kind}List"), "apiVersion": api_version, "metadata": metadata})
+            .to_string();
+    let mut body =
+        Vec::with_capacity(head.len() + 16 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    json_response(200, Bytes::from(body))
+}
+
+fn json_response(status: u16, body: Bytes) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(body).boxed_unsync())
+        .expect("valid response")
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
     let mut line = json!({"type": kind, "object": object}).to_string();
     line.push('\n');
+    Bytes::from(line)
+}
+
+/// An event line around an object's stored encoding.
+fn event_line_json(kind: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + 32);
+    line.extend_from_slice(format!("{{\"type\":\"{kind}\",\"object\":").as_bytes());
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
     Bytes::from(line)
 }
 
@@ -549,19 +650,15 @@ fn bookmark(plural: &str, rv: u64, initial_events_end: bool) -> Value {
     json!({"kind": kind, "apiVersion": api_version, "metadata": meta})
 }
 
-/// The event a watch with `selector` sees for `change` (None: nothing).
-fn event_for(change: &Change, q: &Query, selector: &Selector) -> Option<Bytes> {
+/// The event watch `q` sees for `change` (None: nothing).
+fn event_for(change: &Change, q: &Query) -> Option<Bytes> {
     if change.plural != q.plural {
         return None;
     }
-    fn visible<'a>(o: &'a Option<Value>, q: &Query, selector: &Selector) -> Option<&'a Value> {
-        o.as_ref()
-            .filter(|o| in_namespace(o, &q.namespace) && selector.matches(o))
+    fn visible<'a>(o: &'a Option<Value>, q: &Query) -> Option<&'a Value> {
+        o.as_ref().filter(|o| q.selects(o))
     }
-    match (
-        visible(&change.old, q, selector),
-        visible(&change.new, q, selector),
-    ) {
+    match (visible(&change.old, q), visible(&change.new, q)) {
         (None, Some(new)) => Some(event_line("ADDED", new)),
         (Some(_), Some(new)) => Some(event_line("MODIFIED", new)),
         (Some(old), None) => {
@@ -575,7 +672,7 @@ fn event_for(change: &Change, q: &Query, selector: &Selector) -> Option<Bytes> {
     }
 }
 
-fn watch_response(q: Query, selector: Selector, shared: &Arc<Shared>) -> Response<Body> {
+fn watch_response(q: Query, shared: &Arc<Shared>) -> Response<Body> {
     let bookmarks = q.params.get("allowWatchBookmarks").map(String::as_str) == Some("true");
     let initial = q.params.get("sendInitialEvents").map(String::as_str) == Some("true");
     let from: u64 = q
@@ -598,8 +695,8 @@ fn watch_response(q: Query, selector: Selector, shared: &Arc<Shared>) -> Respons
                 .into_iter()
                 .flat_map(|o| o.values())
             {
-                if in_namespace(o, &q.namespace) && selector.matches(o) {
-                    first.push(event_line("ADDED", o));
+                if q.selects(&o.value) {
+                    first.push(event_line_json("ADDED", &o.json));
                 }
             }
             last = state.rv;
@@ -614,7 +711,7 @@ fn watch_response(q: Query, selector: Selector, shared: &Arc<Shared>) -> Respons
             return streaming(BodyExt::boxed_unsync(StreamBody::new(stream)));
         } else {
             for change in state.history.iter().filter(|c| c.rv > from) {
-                if let Some(line) = event_for(change, &q, &selector) {
+                if let Some(line) = event_for(change, &q) {
                     first.push(line);
                 }
                 last = change.rv;
@@ -641,7 +738,7 @@ fn watch_response(q: Query, selector: Selector, shared: &Arc<Shared>) -> Respons
                         continue;
                     }
                     last = change.rv;
-                    if let Some(line) = event_for(&change, &q, &selector)
+                    if let Some(line) = event_for(&change, &q)
                         && tx.send(line).await.is_err()
                     {
                         return;

@@ -2,7 +2,9 @@
 //! in-test fake API server (headway_testbed::fake_api): initial sync,
 //! add/update/delete of services, slices and labelled pods, namespace
 //! filter, watch dropped, 410 Gone and relist, API server down for a
-//! while, and an agent restart that writes only what differs.
+//! while (with paged lists and with streaming lists), an endpoint moving
+//! between slices removal first, the node's zone label changing, and an
+//! agent restart that writes only what differs.
 //!
 //! Privileged: the agent loads and attaches its programs (to a cgroup the
 //! test creates; no traffic is sent here). The API server is on loopback.
@@ -157,13 +159,17 @@ struct Setup {
 }
 
 fn start(test: &str) -> Setup {
+    start_with(test, &[])
+}
+
+fn start_with(test: &str, extra: &[&str]) -> Setup {
     let api = seeded_api();
     let dir = tempfile::tempdir().unwrap();
     let source = Source::Kube(api.write_kubeconfig(dir.path()).unwrap());
     let bpffs = Bpffs::new().expect("mount a private bpffs");
     let cg = Cgroup::new(test).expect("create a cgroup");
     let port = free_port().unwrap();
-    let agent = start_agent(&source, &cg, &bpffs, port);
+    let agent = start_agent_with(&source, &cg, &bpffs, port, extra);
     Setup {
         api,
         bpffs,
@@ -176,19 +182,25 @@ fn start(test: &str) -> Setup {
 }
 
 fn start_agent(source: &Source, cg: &Cgroup, bpffs: &Bpffs, port: u16) -> Agent {
+    start_agent_with(source, cg, bpffs, port, &[])
+}
+
+fn start_agent_with(
+    source: &Source,
+    cg: &Cgroup,
+    bpffs: &Bpffs,
+    port: u16,
+    extra: &[&str],
+) -> Agent {
     let metrics = format!("--metrics-addr=127.0.0.1:{port}");
-    Agent::start_with(
-        source,
-        cg.path(),
-        bpffs,
-        &[
-            &metrics,
-            "--namespace=data",
-            "--namespace=shop",
-            "--node-name=node-1",
-        ],
-    )
-    .expect("start the agent")
+    let mut args = vec![
+        metrics.as_str(),
+        "--namespace=data",
+        "--namespace=shop",
+        "--node-name=node-1",
+    ];
+    args.extend_from_slice(extra);
+    Agent::start_with(source, cg.path(), bpffs, &args).expect("start the agent")
 }
 
 fn initial_view(v: &View) -> bool {
@@ -326,9 +338,42 @@ fn kube_source_survives_watch_drops_expiry_and_api_outage() {
     if !require_root("kube_source_survives_watch_drops_expiry_and_api_outage") {
         return;
     }
-    let mut s = start("kube-faults");
+    survives_faults(false);
+}
+
+/// The same faults with `--streaming-lists`: every (re)list is a watch
+/// with `sendInitialEvents` ending at the `k8s.io/initial-events-end`
+/// bookmark, and no list request is made at all.
+#[test]
+fn kube_source_with_streaming_lists_survives_watch_drops_expiry_and_api_outage() {
+    if !require_root("kube_source_with_streaming_lists_survives_watch_drops_expiry_and_api_outage")
+    {
+        return;
+    }
+    survives_faults(true);
+}
+
+fn survives_faults(streaming: bool) {
+    let (mut s, lists) = if streaming {
+        (
+            start_with("kube-faults-s", &["--streaming-lists"]),
+            "stream",
+        )
+    } else {
+        (start("kube-faults"), "list")
+    };
     wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
-    let lists_before = s.api.requests("services", "list");
+    let lists_before = s.api.requests("services", lists);
+    assert!(lists_before >= 1, "the first list was a {lists} request");
+    if streaming {
+        for plural in ["services", "endpointslices", "pods", "nodes"] {
+            assert_eq!(
+                s.api.requests(plural, "list"),
+                0,
+                "no paged list of {plural}"
+            );
+        }
+    }
 
     // 1. Watches dropped: the watcher resumes from its resourceVersion
     // (no relist) and sees what changed.
@@ -351,7 +396,7 @@ fn kube_source_survives_watch_drops_expiry_and_api_outage() {
         |v| pods_of(v, "shop/cart") == ["cart-0", "cart-1"],
     );
     assert_eq!(
-        s.api.requests("services", "list"),
+        s.api.requests("services", lists),
         lists_before,
         "a dropped watch resumes without relisting"
     );
@@ -387,16 +432,13 @@ fn kube_source_survives_watch_drops_expiry_and_api_outage() {
         "converge after outage and 410",
         |v| !v.contains_key("shop/cart") && pods_of(v, "data/db") == ["db-0", "db-1", "db-3"],
     );
-    assert!(
-        s.api.requests("services", "list") > lists_before,
-        "relisted"
-    );
+    assert!(s.api.requests("services", lists) > lists_before, "relisted");
     assert!(metric(s.port, "headway_relists_total", "services") >= 1.0);
 
     // 3. Expiry alone (server up): a dropped watch resuming from an
     // expired resourceVersion relists too.
     s.api.expire();
-    let lists = s.api.requests("endpointslices", "list");
+    let slice_lists = s.api.requests("endpointslices", lists);
     s.api.drop_watches();
     s.api
         .apply(pod("data", "db-0", json!({"headway.dev/drain": "true"})))
@@ -404,7 +446,10 @@ fn kube_source_survives_watch_drops_expiry_and_api_outage() {
     wait_view(&s.bpffs, &mut s.agent, "converge after 410", |v| {
         state_of(v, "data/db", "db-0") == ["ready", "serving", "drained"]
     });
-    eventually_more(|| s.api.requests("endpointslices", "list"), lists);
+    eventually_more(|| s.api.requests("endpointslices", lists), slice_lists);
+    if streaming {
+        assert_eq!(s.api.requests("services", "list"), 0, "still no paged list");
+    }
     s.agent.stop().expect("agent stops cleanly");
 }
 
@@ -538,4 +583,218 @@ fn kube_source_full_maps_refuse_new_entries_and_count_them() {
         .map(|(_, _, v)| v);
     assert_eq!(capacity, Some(16.0));
     agent.stop().unwrap();
+}
+
+/// What the pinned maps say about one address of service `ns/name`:
+/// (pod id in `pod_addrs`, pod id in the service's `svc_endpoints` entry);
+/// `None` where the entry is missing.
+fn address_entries(
+    maps: &headway::pinned::Maps,
+    service_id: u32,
+    addr: &str,
+) -> (Option<u32>, Option<u32>) {
+    let key = headway::map_plan::addr_key(addr.parse().unwrap());
+    let pod = maps.pod_addrs.get(&key, 0).ok().map(|r| r.pod_id);
+    let endpoint = maps
+        .svc_endpoints
+        .get(
+            &headway_common::ServiceEndpointKey {
+                service_id,
+                _pad: 0,
+                addr: key,
+            },
+            0,
+        )
+        .ok()
+        .map(|e| e.pod_id);
+    (pod, endpoint)
+}
+
+fn service_id(maps: &headway::pinned::Maps, ns: &str, name: &str) -> u32 {
+    let contents = maps.read_contents().unwrap();
+    contents
+        .services
+        .iter()
+        .find(|(_, m)| {
+            headway::map_plan::decode_name(&m.namespace) == ns
+                && headway::map_plan::decode_name(&m.name) == name
+        })
+        .map(|(id, _)| *id)
+        .unwrap_or_else(|| panic!("service {ns}/{name} not in the maps"))
+}
+
+/// Polls one address's entries every millisecond on a thread until told
+/// to stop; returns every distinct state seen, in order.
+struct Watcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Option<u32>, Option<u32>)>>,
+}
+
+impl Watcher {
+    fn start(bpffs: &Bpffs, service_id: u32, addr: &'static str) -> Watcher {
+        let maps = headway::pinned::Maps::open_pinned(bpffs.path()).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen: Vec<(Option<u32>, Option<u32>)> = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = address_entries(&maps, service_id, addr);
+                if seen.last() != Some(&now) {
+                    seen.push(now);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seen
+        });
+        Watcher { stop, thread }
+    }
+
+    fn stop(self) -> Vec<(Option<u32>, Option<u32>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("map poller")
+    }
+}
+
+/// An endpoint moves from one slice of a service to another, and the API
+/// delivers the removal first, in an earlier batch than the addition: the
+/// address keeps its pod id in `pod_addrs` and `svc_endpoints` throughout
+/// (polled every millisecond). A real removal still goes, after the grace
+/// period, and the same poller sees it go.
+#[test]
+fn kube_source_endpoint_moving_between_slices_removal_first_is_not_flapped() {
+    if !require_root("kube_source_endpoint_moving_between_slices_removal_first_is_not_flapped") {
+        return;
+    }
+    let mut s = start("kube-move");
+    wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
+    let maps = headway::pinned::Maps::open_pinned(s.bpffs.path()).unwrap();
+    let db = service_id(&maps, "data", "db");
+    let before = address_entries(&maps, db, "10.70.0.11");
+    assert!(
+        before.0.is_some() && before.0 == before.1,
+        "db-1 in the maps: {before:?}"
+    );
+
+    let watcher = Watcher::start(&s.bpffs, db, "10.70.0.11");
+    // db-1 leaves db-a ...
+    s.api
+        .apply(slice("data", "db-a", "db", &[("10.70.0.10", "db-0", true)]))
+        .unwrap();
+    // ... and arrives in db-b well after the agent handled the removal.
+    std::thread::sleep(Duration::from_millis(300));
+    s.api
+        .apply(slice(
+            "data",
+            "db-b",
+            "db",
+            &[("10.70.0.12", "db-2", true), ("10.70.0.11", "db-1", true)],
+        ))
+        .unwrap();
+    // Past the grace period: a hold that was not cancelled would end now.
+    std::thread::sleep(Duration::from_millis(1800));
+    let seen = watcher.stop();
+    assert_eq!(seen, [before], "db-1's entries while it moved");
+    let v = view(&status_json(&s.bpffs).unwrap());
+    assert_eq!(pods_of(&v, "data/db"), ["db-0", "db-1", "db-2"]);
+
+    // A real removal: held for the grace period, then gone.
+    let watcher = Watcher::start(&s.bpffs, db, "10.70.0.11");
+    s.api
+        .apply(slice("data", "db-b", "db", &[("10.70.0.12", "db-2", true)]))
+        .unwrap();
+    wait_view(&s.bpffs, &mut s.agent, "db-1 removed", |v| {
+        pods_of(v, "data/db") == ["db-0", "db-2"]
+    });
+    let seen = watcher.stop();
+    assert_eq!(seen, [before, (None, None)], "db-1 went, once");
+    s.agent.stop().expect("agent stops cleanly");
+}
+
+/// The pods in the preferred (same-zone) IPv4 table of service `ns/name`.
+fn preferred_pods(bpffs: &Bpffs, ns: &str, name: &str) -> Vec<String> {
+    let maps = headway::pinned::Maps::open_pinned(bpffs.path()).unwrap();
+    let contents = maps.read_contents().unwrap();
+    let id = service_id(&maps, ns, name);
+    let meta = contents.services[&id];
+    let mut pods: Vec<String> = (meta.backends_v4..meta.backends_v4 + meta.preferred_v4)
+        .map(|slot| {
+            let key = headway_common::BackendKey {
+                service_id: id,
+                family: 4,
+                slot,
+            };
+            let pod_id = contents.svc_backends[&key].pod_id;
+            headway::map_plan::decode_name(&contents.pods[&pod_id].name)
+        })
+        .collect();
+    pods.sort();
+    pods
+}
+
+/// The agent watches its own Node (by name): a change of the node's zone
+/// label moves the prefer-zone tables to the new zone; other nodes'
+/// labels do not matter.
+#[test]
+fn kube_source_follows_the_node_zone_label() {
+    if !require_root("kube_source_follows_the_node_zone_label") {
+        return;
+    }
+    let mut s = start("kube-zone");
+    wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
+    s.api
+        .apply(headless_service(
+            "shop",
+            "zonal",
+            json!({"headway.dev/topology": "prefer-zone"}),
+        ))
+        .unwrap();
+    let mut zonal = slice(
+        "shop",
+        "zonal-1",
+        "zonal",
+        &[
+            ("10.70.3.10", "z-0", true),
+            ("10.70.3.11", "z-1", true),
+            ("10.70.3.12", "z-2", true),
+        ],
+    );
+    for (ep, zone) in zonal["endpoints"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .zip(["zone-a", "zone-b", "zone-b"])
+    {
+        ep["zone"] = json!(zone);
+    }
+    s.api.apply(zonal).unwrap();
+    wait_view(&s.bpffs, &mut s.agent, "zonal synced", |v| {
+        pods_of(v, "shop/zonal") == ["z-0", "z-1", "z-2"]
+    });
+    assert_eq!(preferred_pods(&s.bpffs, "shop", "zonal"), ["z-0"], "zone-a");
+    assert_eq!(
+        s.api.field_selectors("nodes"),
+        ["metadata.name=node-1"; 2],
+        "one list and one watch of this node only"
+    );
+
+    // Another node's zone is none of this agent's business.
+    s.api.apply(node("node-2", "zone-b")).unwrap();
+    // This node moves to zone-b.
+    s.api.apply(node("node-1", "zone-b")).unwrap();
+    headway_testbed::fake_api::eventually(SYNC, "preferred table in zone-b", || {
+        preferred_pods(&s.bpffs, "shop", "zonal") == ["z-1", "z-2"]
+    })
+    .unwrap();
+    // Its zone label removed: nothing is preferred.
+    s.api
+        .apply(json!({"kind": "Node", "metadata": {"name": "node-1", "labels": {}}}))
+        .unwrap();
+    headway_testbed::fake_api::eventually(SYNC, "no preferred table", || {
+        preferred_pods(&s.bpffs, "shop", "zonal").is_empty()
+    })
+    .unwrap();
+    // Services without prefer-zone were never touched by it.
+    let v = view(&status_json(&s.bpffs).unwrap());
+    assert!(initial_view(&v), "{v:#?}");
+    s.agent.stop().expect("agent stops cleanly");
 }

@@ -10,6 +10,9 @@
 //!   change (one endpoint's `ready` flips) to the new state being readable
 //!   in the pinned `svc_endpoints` map (polled), p50 and p99;
 //! - *peak RSS*: the agent's VmHWM from /proc after all of that.
+//!
+//! The figures also go to `<out>/control-plane.json`, which `cargo xtask
+//! bench` folds into its report.
 use std::{
     path::Path,
     process::{Command, Stdio},
@@ -30,7 +33,10 @@ use headway_testbed::{
 };
 use serde_json::{Value, json};
 
-use crate::{build_ebpf, util};
+use crate::{
+    bench::report::{ControlPlaneRow, ControlPlaneRun},
+    build_ebpf, util,
+};
 
 const NAMESPACE: &str = "bench";
 
@@ -45,6 +51,9 @@ pub struct Options {
     /// EndpointSlice events timed per size.
     #[arg(long, default_value_t = 300)]
     pub events: usize,
+    /// Where control-plane.json goes (relative to the workspace root).
+    #[arg(long, default_value = "bench/results")]
+    pub out: std::path::PathBuf,
 }
 
 struct Row {
@@ -61,6 +70,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench-control-plane loads and attaches BPF programs: run it as root");
     }
+    let load_average = load_average()?;
     build_ebpf::run(&build_ebpf::Options { release: true })?;
     util::run(util::cargo().args(["build", "--release", "-p", "headway", "--bin", "headway"]))?;
     let bin = util::target_dir().join("release").join("headway");
@@ -88,6 +98,29 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             r.rss_mb
         );
     }
+    let run = ControlPlaneRun {
+        generated_at: util::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?,
+        load_average,
+        events: opts.events,
+        rows: rows
+            .iter()
+            .map(|r| ControlPlaneRow {
+                services: r.services,
+                endpoints_per_service: r.endpoints,
+                synced_ms: ms(r.synced),
+                event_p50_ms: ms(r.p50),
+                event_p99_ms: ms(r.p99),
+                event_max_ms: ms(r.max),
+                peak_rss_mb: r.rss_mb,
+            })
+            .collect(),
+    };
+    let dir = util::workspace_root().join(&opts.out);
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("control-plane.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&run)? + "\n")
+        .with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("wrote {}", file.display());
     println!(
         "\ntargets (issue 5): 10,000 x 10 synced <= 2 s, event p99 <= 5 ms, RSS <= 150 MB.\n\
          event = fake API server accepts the change -> entry readable in svc_endpoints \
@@ -95,6 +128,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         opts.events
     );
     Ok(())
+}
+
+fn load_average() -> anyhow::Result<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg")?;
+    let mut it = text.split_whitespace().map(|v| v.parse::<f64>());
+    let mut out = [0.0; 3];
+    for slot in &mut out {
+        *slot = it.next().context("short /proc/loadavg")??;
+    }
+    Ok(out)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -157,7 +200,19 @@ fn measure(bin: &Path, services: usize, endpoints: usize, events: usize) -> anyh
     let port = free_port()?;
 
     let started = Instant::now();
-    let mut agent = Command::new(bin)
+    // A profiler may wrap the agent (`HEADWAY_BENCH_WRAP="heaptrack -o
+    // /tmp/cp"`); its figures are then the wrapper's, not the agent's.
+    let wrap = std::env::var("HEADWAY_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut agent = match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
+    let mut agent = agent
         .arg("agent")
         .arg("--source=kube")
         .arg(format!("--kubeconfig={}", kubeconfig.display()))

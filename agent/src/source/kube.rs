@@ -1,31 +1,50 @@
 //! The `kube` source: kube-rs watchers over the headless Services, their
-//! EndpointSlices (label `service.kubernetes.io/headless`) and the Pods
-//! carrying a headway label, feeding a [`ClusterStore`] that says which
-//! services each change affects.
+//! EndpointSlices (label `service.kubernetes.io/headless`), the Pods
+//! carrying a headway label and this agent's own Node (its zone label),
+//! feeding a [`ClusterStore`] that says which services each change affects.
+//!
+//! Each object is reduced to its compact record as it arrives: neither the
+//! store nor a list in progress keeps a whole API object.
 //!
 //! Watch errors never end the streams: kube's watcher retries with its
 //! default backoff (and relists after `410 Gone`), the error is logged and
 //! counted, and the store (so the maps) keeps its last good state.
-use std::{collections::BTreeMap, path::Path, pin::Pin};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    path::Path,
+    pin::Pin,
+    time::Duration,
+};
 
 use futures::{FutureExt, Stream, StreamExt, stream::select_all};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
+use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::store::{Affected, ClusterStore};
-use crate::model::{LABEL_DRAIN, LABEL_HEADLESS, LABEL_WEIGHT};
+use super::store::{Affected, ClusterStore, HoldStarted, SliceKey, resource_version};
+use crate::model::{
+    self, LABEL_DRAIN, LABEL_HEADLESS, LABEL_WEIGHT, PodKey, PodLabels, ServiceKey, ServiceRecord,
+    SliceRecord, Warning,
+};
 
 /// Node label naming the node's zone.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// Most events folded into one batch (bounds the latency of the first).
 const MAX_BATCH: usize = 4096;
+
+/// How long an address that left every slice of its service stays in the
+/// maps, as it was: long enough for the slice it moves to to arrive (the
+/// EndpointSlice controller writes both in one pass), short next to a
+/// pod's termination grace, during which it is already not ready.
+pub const MOVE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -60,12 +79,6 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
     Ok(Client::try_from(config)?)
 }
 
-/// The zone label of node `name` (`None` if it has none). One GET.
-pub async fn node_zone(client: &Client, name: &str) -> Result<Option<String>, kube::Error> {
-    let node = Api::<Node>::all(client.clone()).get(name).await?;
-    Ok(node.metadata.labels.and_then(|mut l| l.remove(LABEL_ZONE)))
-}
-
 /// Which resource a watcher follows (metric label and log field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
@@ -73,6 +86,8 @@ pub enum Resource {
     EndpointSlices,
     /// Pods with the drain label (0) or the weight label (1).
     Pods(usize),
+    /// This agent's own Node.
+    Node,
 }
 
 impl Resource {
@@ -81,6 +96,7 @@ impl Resource {
             Resource::Services => "services",
             Resource::EndpointSlices => "endpointslices",
             Resource::Pods(_) => "pods",
+            Resource::Node => "nodes",
         }
     }
 }
@@ -92,14 +108,25 @@ struct WatchId {
     namespace: Option<String>,
 }
 
-/// Boxed: the variants' sizes differ a lot, and events are moved around.
-enum Object {
-    Service(Box<Service>),
-    Slice(Box<EndpointSlice>),
-    Pod(Box<Pod>),
+/// What the agent keeps of one API object: its key and compact record.
+enum Record {
+    /// `None`: not headless (as good as gone).
+    Service(ServiceKey, Option<ServiceRecord>),
+    Slice(SliceKey, SliceRecord),
+    /// With its resourceVersion.
+    Pod(PodKey, u64, PodLabels),
+    /// The zone label of this agent's Node.
+    Node(Option<String>),
 }
 
-type Item = (WatchId, Result<watcher::Event<Object>, watcher::Error>);
+/// Reduces an object to its record; `None` for an object without a name.
+type Reduce<K> = fn(K, &mut Vec<Warning>) -> Option<Record>;
+
+type Item = (
+    WatchId,
+    Result<watcher::Event<Option<Record>>, watcher::Error>,
+    Vec<Warning>,
+);
 type Events = Pin<Box<dyn Stream<Item = Item> + Send>>;
 
 /// What one batch of watch events did.
@@ -111,46 +138,108 @@ pub struct Batch {
     pub errors: Vec<(Resource, String)>,
     /// Relists that completed after the first list, by resource.
     pub relists: Vec<Resource>,
+    /// This node's zone label, when it changed (inner `None`: removed).
+    pub zone: Option<Option<String>>,
+}
+
+/// How the kube source watches.
+#[derive(Debug, Clone, Default)]
+pub struct KubeOptions {
+    /// Only these namespaces (all when empty).
+    pub namespaces: Vec<String>,
+    /// This agent's node: its Node is watched for the zone label.
+    pub node_name: Option<String>,
+    /// Start each watch with a streaming list (`sendInitialEvents`, API
+    /// servers with the WatchList feature) instead of paged lists.
+    pub streaming_lists: bool,
 }
 
 pub struct KubeSource {
     events: Events,
     store: ClusterStore,
-    /// Objects of a list in progress, per watcher.
-    listing: BTreeMap<WatchId, Vec<Object>>,
+    /// Records of a list in progress, per watcher.
+    listing: BTreeMap<WatchId, Vec<Record>>,
     /// Watchers whose first list is done.
     listed: BTreeMap<WatchId, bool>,
+    /// The node's zone as last seen.
+    zone: Option<String>,
+    /// Holds to release, in deadline order (one grace period for all).
+    holds: VecDeque<(Instant, HoldStarted)>,
 }
 
-fn watch<K>(api: Api<K>, config: watcher::Config, id: WatchId, wrap: fn(K) -> Object) -> Events
+fn watch<K>(api: Api<K>, config: watcher::Config, id: WatchId, reduce: Reduce<K>) -> Events
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
 {
     watcher(api, config)
         .default_backoff()
-        .map(move |event| (id.clone(), event.map(|e| wrap_event(e, wrap))))
+        .map(move |event| {
+            let mut warnings = Vec::new();
+            let event = event.map(|e| reduce_event(e, reduce, &mut warnings));
+            (id.clone(), event, warnings)
+        })
         .boxed()
 }
 
-fn wrap_event<K>(event: watcher::Event<K>, wrap: fn(K) -> Object) -> watcher::Event<Object> {
+/// Only applied objects warn: a deleted one was read before.
+fn reduce_event<K>(
+    event: watcher::Event<K>,
+    reduce: Reduce<K>,
+    warnings: &mut Vec<Warning>,
+) -> watcher::Event<Option<Record>> {
     use watcher::Event;
     match event {
-        Event::Apply(k) => Event::Apply(wrap(k)),
-        Event::Delete(k) => Event::Delete(wrap(k)),
+        Event::Apply(k) => Event::Apply(reduce(k, warnings)),
+        Event::Delete(k) => Event::Delete(reduce(k, &mut Vec::new())),
         Event::Init => Event::Init,
-        Event::InitApply(k) => Event::InitApply(wrap(k)),
+        Event::InitApply(k) => Event::InitApply(reduce(k, warnings)),
         Event::InitDone => Event::InitDone,
     }
 }
 
+fn key_of(meta: &ObjectMeta) -> Option<(String, String)> {
+    Some((model::namespace_of(meta).to_owned(), meta.name.clone()?))
+}
+
+fn reduce_service(svc: Service, warnings: &mut Vec<Warning>) -> Option<Record> {
+    let (ns, name) = key_of(&svc.metadata)?;
+    let record = ServiceRecord::of(&svc, warnings);
+    Some(Record::Service(ServiceKey::new(ns, name), record))
+}
+
+fn reduce_slice(slice: EndpointSlice, warnings: &mut Vec<Warning>) -> Option<Record> {
+    let key = key_of(&slice.metadata)?;
+    Some(Record::Slice(key, SliceRecord::of(&slice, warnings)))
+}
+
+fn reduce_pod(pod: Pod, warnings: &mut Vec<Warning>) -> Option<Record> {
+    let (ns, name) = key_of(&pod.metadata)?;
+    let rv = resource_version(pod.metadata.resource_version.as_deref());
+    let labels = model::pod_labels(&pod.metadata, warnings);
+    Some(Record::Pod(PodKey::new(ns, name), rv, labels))
+}
+
+fn reduce_node(node: Node, _: &mut Vec<Warning>) -> Option<Record> {
+    let zone = node.metadata.labels.and_then(|mut l| l.remove(LABEL_ZONE));
+    Some(Record::Node(zone))
+}
+
 impl KubeSource {
-    /// Starts the watchers: per namespace in `namespaces`, or cluster-wide
-    /// when it is empty.
-    pub fn start(client: Client, namespaces: &[String]) -> KubeSource {
-        let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+    /// Starts the watchers: per namespace in `options.namespaces`, or
+    /// cluster-wide when it is empty; and one on this node's Node.
+    pub fn start(client: Client, options: &KubeOptions) -> KubeSource {
+        let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {
             vec![None]
         } else {
-            namespaces.iter().cloned().map(Some).collect()
+            options.namespaces.iter().cloned().map(Some).collect()
+        };
+        let config = || {
+            let config = watcher::Config::default();
+            if options.streaming_lists {
+                config.streaming_lists()
+            } else {
+                config
+            }
         };
         let mut streams = Vec::new();
         let mut listed = BTreeMap::new();
@@ -170,27 +259,27 @@ impl KubeSource {
                 namespace: scope.clone(),
             };
             // Headless is `spec.clusterIP=None`; not every API server
-            // version can select on it, so the store filters instead.
+            // version can select on it, so the records say instead.
             streams.push(watch(
                 api::<Service>(&client, &scope),
-                watcher::Config::default(),
+                config(),
                 id(Resource::Services),
-                |s| Object::Service(Box::new(s)),
+                reduce_service,
             ));
             streams.push(watch(
                 api::<EndpointSlice>(&client, &scope),
-                watcher::Config::default().labels(LABEL_HEADLESS),
+                config().labels(LABEL_HEADLESS),
                 id(Resource::EndpointSlices),
-                |s| Object::Slice(Box::new(s)),
+                reduce_slice,
             ));
             // A selector cannot say "has label A or label B": one watcher
             // per label, merged by the store.
             for (i, label) in [LABEL_DRAIN, LABEL_WEIGHT].into_iter().enumerate() {
                 streams.push(watch(
                     api::<Pod>(&client, &scope),
-                    watcher::Config::default().labels(label),
+                    config().labels(label),
                     id(Resource::Pods(i)),
-                    |p| Object::Pod(Box::new(p)),
+                    reduce_pod,
                 ));
             }
             for r in [
@@ -202,11 +291,26 @@ impl KubeSource {
                 listed.insert(id(r), false);
             }
         }
+        if let Some(node) = &options.node_name {
+            let id = WatchId {
+                resource: Resource::Node,
+                namespace: None,
+            };
+            streams.push(watch(
+                Api::<Node>::all(client.clone()),
+                config().fields(&format!("metadata.name={node}")),
+                id.clone(),
+                reduce_node,
+            ));
+            listed.insert(id, false);
+        }
         KubeSource {
             events: select_all(streams).boxed(),
             store: ClusterStore::new(),
             listing: BTreeMap::new(),
             listed,
+            zone: None,
+            holds: VecDeque::new(),
         }
     }
 
@@ -223,27 +327,47 @@ impl KubeSource {
         self.listed.values().all(|done| *done)
     }
 
-    /// Waits for the next event, then takes every event already waiting
-    /// too (so an endpoint moving between two slices updated together is
-    /// one change, not a remove and an add).
+    /// This node's zone label, as last seen.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
+    /// Waits for the next event or the end of a hold's grace period, then
+    /// takes every event already waiting too (so an endpoint moving
+    /// between two slices updated together is one change, not a remove and
+    /// an add).
     pub async fn next_batch(&mut self) -> Batch {
         let mut batch = Batch::default();
-        let Some(first) = self.events.next().await else {
-            // The watchers never end; an empty batch just loops.
-            return batch;
+        let deadline = self.holds.front().map(|(at, _)| *at);
+        let first = tokio::select! {
+            item = self.events.next() => item,
+            _ = sleep_until(deadline) => None,
         };
-        self.handle(first, &mut batch);
-        for _ in 1..MAX_BATCH {
-            match self.events.next().now_or_never() {
-                Some(Some(item)) => self.handle(item, &mut batch),
-                _ => break,
+        if let Some(first) = first {
+            self.handle(first, &mut batch);
+            for _ in 1..MAX_BATCH {
+                match self.events.next().now_or_never() {
+                    Some(Some(item)) => self.handle(item, &mut batch),
+                    _ => break,
+                }
             }
+        }
+        let now = Instant::now();
+        while let Some((at, _)) = self.holds.front()
+            && *at <= now
+        {
+            let (_, hold) = self.holds.pop_front().expect("front exists");
+            batch.affected.extend(self.store.release_hold(&hold));
+        }
+        for hold in self.store.take_holds_started() {
+            self.holds.push_back((now + MOVE_GRACE, hold));
         }
         batch
     }
 
-    fn handle(&mut self, (id, event): Item, batch: &mut Batch) {
+    fn handle(&mut self, (id, event, warnings): Item, batch: &mut Batch) {
         use watcher::Event;
+        self.store.warn(warnings);
         let event = match event {
             Ok(event) => event,
             Err(e) => {
@@ -253,20 +377,29 @@ impl KubeSource {
                 return;
             }
         };
-        let store = &mut self.store;
         let affected = match event {
             Event::Init => {
                 self.listing.insert(id, Vec::new());
                 return;
             }
-            Event::InitApply(obj) => {
-                self.listing.entry(id).or_default().push(obj);
+            Event::InitApply(record) => {
+                self.listing.entry(id).or_default().extend(record);
                 return;
             }
             Event::InitDone => {
-                let objects = self.listing.remove(&id).unwrap_or_default();
+                let records = self.listing.remove(&id).unwrap_or_default();
                 let scope = id.namespace.as_deref();
-                let affected = replace(store, id.resource, scope, objects);
+                let affected = match id.resource {
+                    Resource::Node => {
+                        let zone = records.into_iter().find_map(|r| match r {
+                            Record::Node(zone) => Some(zone),
+                            _ => None,
+                        });
+                        self.set_zone(zone.flatten(), batch);
+                        Affected::new()
+                    }
+                    resource => replace(&mut self.store, resource, scope, records),
+                };
                 let first = !self.listed.insert(id.clone(), true).unwrap_or(false);
                 if first {
                     info!(resource = id.resource.as_str(), namespace = ?id.namespace, "listed");
@@ -276,20 +409,48 @@ impl KubeSource {
                 }
                 affected
             }
-            Event::Apply(obj) => match (obj, id.resource) {
-                (Object::Service(s), _) => store.apply_service(*s),
-                (Object::Slice(s), _) => store.apply_slice(*s),
-                (Object::Pod(p), Resource::Pods(w)) => store.apply_pod(w, &p),
-                (Object::Pod(_), _) => Affected::new(),
+            Event::Apply(Some(record)) => match (record, id.resource) {
+                (Record::Service(key, r), _) => self.store.apply_service(key, r),
+                (Record::Slice(key, r), _) => self.store.apply_slice(key, r),
+                (Record::Pod(key, rv, labels), Resource::Pods(w)) => {
+                    self.store.apply_pod(w, key, rv, labels)
+                }
+                (Record::Node(zone), _) => {
+                    self.set_zone(zone, batch);
+                    Affected::new()
+                }
+                (Record::Pod(..), _) => Affected::new(),
             },
-            Event::Delete(obj) => match (obj, id.resource) {
-                (Object::Service(s), _) => store.delete_service(&s),
-                (Object::Slice(s), _) => store.delete_slice(&s),
-                (Object::Pod(p), Resource::Pods(w)) => store.delete_pod(w, &p),
-                (Object::Pod(_), _) => Affected::new(),
+            Event::Delete(Some(record)) => match (record, id.resource) {
+                (Record::Service(key, _), _) => self.store.delete_service(&key),
+                (Record::Slice(key, _), _) => self.store.delete_slice(&key),
+                (Record::Pod(key, ..), Resource::Pods(w)) => self.store.delete_pod(w, &key),
+                (Record::Node(_), _) => {
+                    self.set_zone(None, batch);
+                    Affected::new()
+                }
+                (Record::Pod(..), _) => Affected::new(),
             },
+            // An object without a name: nothing to key it by.
+            Event::Apply(None) | Event::Delete(None) => Affected::new(),
         };
         batch.affected.extend(affected);
+    }
+
+    fn set_zone(&mut self, zone: Option<String>, batch: &mut Batch) {
+        if zone != self.zone {
+            info!(zone = ?zone, "this node's zone");
+            self.zone = zone.clone();
+            batch.zone = Some(zone);
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -297,25 +458,25 @@ fn replace(
     store: &mut ClusterStore,
     resource: Resource,
     scope: Option<&str>,
-    objects: Vec<Object>,
+    records: Vec<Record>,
 ) -> Affected {
     match resource {
         Resource::Services => store.replace_services(
             scope,
-            objects
+            records
                 .into_iter()
-                .filter_map(|o| match o {
-                    Object::Service(s) => Some(*s),
+                .filter_map(|r| match r {
+                    Record::Service(k, s) => Some((k, s)),
                     _ => None,
                 })
                 .collect(),
         ),
         Resource::EndpointSlices => store.replace_slices(
             scope,
-            objects
+            records
                 .into_iter()
-                .filter_map(|o| match o {
-                    Object::Slice(s) => Some(*s),
+                .filter_map(|r| match r {
+                    Record::Slice(k, s) => Some((k, s)),
                     _ => None,
                 })
                 .collect(),
@@ -323,13 +484,14 @@ fn replace(
         Resource::Pods(w) => store.replace_pods(
             w,
             scope,
-            objects
+            records
                 .into_iter()
-                .filter_map(|o| match o {
-                    Object::Pod(p) => Some(*p),
+                .filter_map(|r| match r {
+                    Record::Pod(k, rv, l) => Some((k, rv, l)),
                     _ => None,
                 })
                 .collect(),
         ),
+        Resource::Node => Affected::new(),
     }
 }

@@ -39,15 +39,14 @@ impl ApiAccess {
 const WATCH: &[&str] = &["get", "list", "watch"];
 
 /// Every API resource the agent reads from the API server: the kube source
-/// watches Services, EndpointSlices and Pods and gets its own Node (zone
-/// label). The ClusterRole in deploy/base/rbac.yaml must grant these, and
+/// watches Services, EndpointSlices, Pods and its own Node (zone label). The ClusterRole in deploy/base/rbac.yaml must grant these, and
 /// tests/tests/deploy_manifests.rs checks that it does and that no other
 /// type is used with `kube::Api` in the agent: a new watcher belongs here.
 pub const WATCHED_RESOURCES: [ApiAccess; 4] = [
     ApiAccess::of::<Service>(WATCH),
     ApiAccess::of::<EndpointSlice>(WATCH),
     ApiAccess::of::<Pod>(WATCH),
-    ApiAccess::of::<Node>(&["get"]),
+    ApiAccess::of::<Node>(WATCH),
 ];
 
 /// The Kubernetes objects headway reads, as one consistent snapshot.

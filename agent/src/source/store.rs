@@ -1,29 +1,31 @@
 //! The kube source's view of the cluster: the headless Services, their
-//! EndpointSlices and the labels of headway-labelled Pods, indexed so that
-//! each change names the services it affects. Pure (no I/O): the watchers
-//! in [`super::kube`] feed it, and it is unit-tested on its own.
+//! EndpointSlices and the labels of headway-labelled Pods, as compact
+//! records ([`ServiceRecord`], [`SliceRecord`]), indexed so that each change
+//! names the services it affects. Pure (no I/O, no clock): the watchers in
+//! [`super::kube`] feed it, and it is unit-tested on its own.
+//!
+//! An address that leaves every slice of its service is *held* with its
+//! last state until the source releases it ([`ClusterStore::release_hold`]):
+//! an endpoint moving between two slices of a service, whose removal
+//! arrives before its addition, is then never taken out of the maps.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::net::IpAddr;
 
 use crate::model::{
-    self, DesiredState, LABEL_SERVICE_NAME, PodKey, PodLabels, ServiceKey, ServiceSpec, Warning,
+    self, DesiredState, EndpointRecord, PodKey, PodLabels, ServiceKey, ServiceRecord, ServiceSpec,
+    SliceRecord, Topology, Warning,
 };
 
 /// Services whose spec may have changed.
 pub type Affected = BTreeSet<ServiceKey>;
 
 /// An EndpointSlice by namespace and name.
-type SliceKey = (String, String);
+pub type SliceKey = (String, String);
 
 struct SliceEntry {
-    slice: EndpointSlice,
-    /// From its `kubernetes.io/service-name` label.
+    record: SliceRecord,
+    /// Its service (the record's label, in the slice's namespace).
     service: Option<ServiceKey>,
-    /// The pods its endpoints name.
-    pods: BTreeSet<PodKey>,
 }
 
 /// One pod's labels as each pod watcher last saw it. A pod matching both
@@ -43,35 +45,48 @@ impl PodCopies {
     }
 }
 
+/// An address held after it left its service's slices.
+struct Held {
+    record: EndpointRecord,
+    /// Tells this hold from a later one of the same address.
+    seq: u64,
+}
+
+/// A hold the source must release after its grace period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldStarted {
+    pub service: ServiceKey,
+    pub addr: IpAddr,
+    pub seq: u64,
+}
+
 #[derive(Default)]
 pub struct ClusterStore {
-    services: HashMap<ServiceKey, Service>,
+    services: HashMap<ServiceKey, ServiceRecord>,
     slices: HashMap<SliceKey, SliceEntry>,
     /// Slice names per service, sorted (the model merges them in order).
     slices_of: HashMap<ServiceKey, BTreeSet<String>>,
     pods: HashMap<PodKey, PodCopies>,
     /// The effective labels of every pod a watcher reported.
     labels: BTreeMap<PodKey, PodLabels>,
-    /// Which services' slices name each pod, with how many slices.
-    services_of_pod: HashMap<PodKey, BTreeMap<ServiceKey, usize>>,
+    /// Which services' slices name each pod, with how many endpoints (a
+    /// Vec: almost every pod is in one service, and a tree node per pod
+    /// cost 80 MB at 100,000 pods).
+    services_of_pod: HashMap<PodKey, Vec<(ServiceKey, u32)>>,
+    held: HashMap<ServiceKey, BTreeMap<IpAddr, Held>>,
+    holds_started: Vec<HoldStarted>,
+    next_seq: u64,
     warnings: Vec<Warning>,
-}
-
-fn key_of(meta: &ObjectMeta) -> Option<(String, String)> {
-    Some((model::namespace_of(meta).to_owned(), meta.name.clone()?))
-}
-
-fn in_scope(namespace: &str, scope: Option<&str>) -> bool {
-    scope.is_none_or(|s| s == namespace)
 }
 
 /// resourceVersions are opaque strings, but every API server (etcd) hands
 /// out increasing integers; anything else sorts first.
-fn resource_version(meta: &ObjectMeta) -> u64 {
-    meta.resource_version
-        .as_deref()
-        .and_then(|rv| rv.parse().ok())
-        .unwrap_or(0)
+pub fn resource_version(rv: Option<&str>) -> u64 {
+    rv.and_then(|rv| rv.parse().ok()).unwrap_or(0)
+}
+
+fn in_scope(namespace: &str, scope: Option<&str>) -> bool {
+    scope.is_none_or(|s| s == namespace)
 }
 
 impl ClusterStore {
@@ -84,35 +99,51 @@ impl ClusterStore {
         std::mem::take(&mut self.warnings)
     }
 
+    /// Adds warnings raised while reading objects, to be taken with the rest.
+    pub fn warn(&mut self, warnings: impl IntoIterator<Item = Warning>) {
+        self.warnings.extend(warnings);
+    }
+
+    /// Holds started since the last call; each is to be released (with
+    /// [`Self::release_hold`]) once its grace period is over.
+    pub fn take_holds_started(&mut self) -> Vec<HoldStarted> {
+        std::mem::take(&mut self.holds_started)
+    }
+
     pub fn service_count(&self) -> usize {
         self.services.len()
     }
 
-    /// A Service was added or changed. One that is not headless is
-    /// treated as gone.
-    pub fn apply_service(&mut self, svc: Service) -> Affected {
-        let Some((ns, name)) = key_of(&svc.metadata) else {
-            return Affected::new();
+    /// Every headless service's key.
+    pub fn service_keys(&self) -> std::collections::BTreeSet<ServiceKey> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// The services whose choice tables depend on this node's zone.
+    pub fn prefer_zone_services(&self) -> Affected {
+        self.services
+            .iter()
+            .filter(|(_, r)| r.topology == Topology::PreferZone)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// A Service was added or changed (`None`: it is not headless, which
+    /// counts as gone).
+    pub fn apply_service(&mut self, key: ServiceKey, record: Option<ServiceRecord>) -> Affected {
+        let Some(record) = record else {
+            return self.delete_service(&key);
         };
-        let key = ServiceKey::new(ns, name);
-        if !model::is_headless(&svc) {
-            return self.remove_service(&key);
-        }
-        if self.services.get(&key) == Some(&svc) {
+        if self.services.get(&key) == Some(&record) {
             return Affected::new();
         }
-        self.services.insert(key.clone(), svc);
+        self.services.insert(key.clone(), record);
         Affected::from([key])
     }
 
-    pub fn delete_service(&mut self, svc: &Service) -> Affected {
-        match key_of(&svc.metadata) {
-            Some((ns, name)) => self.remove_service(&ServiceKey::new(ns, name)),
-            None => Affected::new(),
-        }
-    }
-
-    fn remove_service(&mut self, key: &ServiceKey) -> Affected {
+    pub fn delete_service(&mut self, key: &ServiceKey) -> Affected {
+        // Its entries go now, held addresses with them.
+        self.held.remove(key);
         match self.services.remove(key) {
             Some(_) => Affected::from([key.clone()]),
             None => Affected::new(),
@@ -121,12 +152,12 @@ impl ClusterStore {
 
     /// A (re)list of services in `scope` (a namespace, or all): whatever
     /// the store held there and the list lacks was deleted meanwhile.
-    pub fn replace_services(&mut self, scope: Option<&str>, list: Vec<Service>) -> Affected {
-        let listed: BTreeSet<ServiceKey> = list
-            .iter()
-            .filter_map(|s| key_of(&s.metadata))
-            .map(|(ns, name)| ServiceKey::new(ns, name))
-            .collect();
+    pub fn replace_services(
+        &mut self,
+        scope: Option<&str>,
+        list: Vec<(ServiceKey, Option<ServiceRecord>)>,
+    ) -> Affected {
+        let listed: BTreeSet<&ServiceKey> = list.iter().map(|(k, _)| k).collect();
         let stale: Vec<ServiceKey> = self
             .services
             .keys()
@@ -135,90 +166,85 @@ impl ClusterStore {
             .collect();
         let mut affected = Affected::new();
         for key in stale {
-            affected.extend(self.remove_service(&key));
+            affected.extend(self.delete_service(&key));
         }
-        for svc in list {
-            affected.extend(self.apply_service(svc));
+        for (key, record) in list {
+            affected.extend(self.apply_service(key, record));
         }
         affected
     }
 
-    pub fn apply_slice(&mut self, slice: EndpointSlice) -> Affected {
-        let Some(key) = key_of(&slice.metadata) else {
-            return Affected::new();
-        };
-        if self.slices.get(&key).is_some_and(|e| e.slice == slice) {
+    pub fn apply_slice(&mut self, key: SliceKey, record: SliceRecord) -> Affected {
+        if self.slices.get(&key).is_some_and(|e| e.record == record) {
             return Affected::new();
         }
-        let mut affected = self.remove_slice(&key);
-        let service = slice
-            .metadata
-            .labels
+        let service = record
+            .service
             .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
             .map(|name| ServiceKey::new(key.0.clone(), name));
-        let pods: BTreeSet<PodKey> = slice
-            .endpoints
-            .iter()
-            .filter_map(|ep| ep.target_ref.as_ref())
-            .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .filter_map(|r| {
-                let ns = r.namespace.clone().unwrap_or_else(|| key.0.clone());
-                Some(PodKey::new(ns, r.name.clone()?))
-            })
-            .collect();
+        // Insert before removing the old version, so an address that stays
+        // in the slice is never seen leaving the service.
         if let Some(service) = &service {
             self.slices_of
                 .entry(service.clone())
                 .or_default()
                 .insert(key.1.clone());
-            for pod in &pods {
-                *self
-                    .services_of_pod
-                    .entry(pod.clone())
-                    .or_default()
-                    .entry(service.clone())
-                    .or_default() += 1;
+            for pod in record.pods() {
+                let services = self.services_of_pod.entry(pod.clone()).or_default();
+                match services.iter_mut().find(|(s, _)| s == service) {
+                    Some((_, count)) => *count += 1,
+                    None => services.push((service.clone(), 1)),
+                }
             }
+            if let Some(held) = self.held.get_mut(service) {
+                for ep in &record.endpoints {
+                    held.remove(&ep.addr);
+                }
+            }
+        }
+        let old = self
+            .slices
+            .insert(key.clone(), SliceEntry { record, service });
+        let mut affected = match old {
+            Some(old) => self.forget_slice(&key, old),
+            None => Affected::new(),
+        };
+        if let Some(service) = &self.slices[&key].service {
             affected.insert(service.clone());
         }
-        self.slices.insert(
-            key,
-            SliceEntry {
-                slice,
-                service,
-                pods,
-            },
-        );
         affected
     }
 
-    pub fn delete_slice(&mut self, slice: &EndpointSlice) -> Affected {
-        match key_of(&slice.metadata) {
-            Some(key) => self.remove_slice(&key),
+    pub fn delete_slice(&mut self, key: &SliceKey) -> Affected {
+        match self.slices.remove(key) {
+            Some(old) => self.forget_slice(key, old),
             None => Affected::new(),
         }
     }
 
-    fn remove_slice(&mut self, key: &SliceKey) -> Affected {
-        let Some(entry) = self.slices.remove(key) else {
+    /// Undoes what slice `old` (no longer in `self.slices` under its old
+    /// version) contributed to the indexes, and holds the addresses its
+    /// service lost with it.
+    fn forget_slice(&mut self, key: &SliceKey, old: SliceEntry) -> Affected {
+        let Some(service) = old.service else {
             return Affected::new();
         };
-        let Some(service) = entry.service else {
-            return Affected::new();
-        };
-        if let Some(names) = self.slices_of.get_mut(&service) {
+        let still_listed = self
+            .slices
+            .get(key)
+            .is_some_and(|e| e.service.as_ref() == Some(&service));
+        if !still_listed && let Some(names) = self.slices_of.get_mut(&service) {
             names.remove(&key.1);
             if names.is_empty() {
                 self.slices_of.remove(&service);
             }
         }
-        for pod in &entry.pods {
+        for pod in old.record.pods() {
             if let Some(services) = self.services_of_pod.get_mut(pod) {
-                if let Some(count) = services.get_mut(&service) {
-                    *count -= 1;
-                    if *count == 0 {
-                        services.remove(&service);
+                if let Some(i) = services.iter().position(|(s, _)| *s == service) {
+                    services[i].1 -= 1;
+                    if services[i].1 == 0 {
+                        services.swap_remove(i);
                     }
                 }
                 if services.is_empty() {
@@ -226,36 +252,91 @@ impl ClusterStore {
                 }
             }
         }
+        if self.services.contains_key(&service) {
+            let live = self.addresses(&service);
+            for ep in old.record.endpoints {
+                if !live.contains(&ep.addr) {
+                    self.hold(&service, ep);
+                }
+            }
+        }
         Affected::from([service])
     }
 
+    /// Every address the service's slices list now.
+    fn addresses(&self, service: &ServiceKey) -> BTreeSet<IpAddr> {
+        self.slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.slices.get(&(service.namespace.clone(), name.clone())))
+            .flat_map(|e| e.record.endpoints.iter().map(|ep| ep.addr))
+            .collect()
+    }
+
+    fn hold(&mut self, service: &ServiceKey, record: EndpointRecord) {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.holds_started.push(HoldStarted {
+            service: service.clone(),
+            addr: record.addr,
+            seq,
+        });
+        self.held
+            .entry(service.clone())
+            .or_default()
+            .insert(record.addr, Held { record, seq });
+    }
+
+    /// Ends a hold (if it is still the one that `hold` started): the
+    /// address leaves its service for good.
+    pub fn release_hold(&mut self, hold: &HoldStarted) -> Affected {
+        let Some(held) = self.held.get_mut(&hold.service) else {
+            return Affected::new();
+        };
+        if held.get(&hold.addr).is_none_or(|h| h.seq != hold.seq) {
+            return Affected::new();
+        }
+        held.remove(&hold.addr);
+        if held.is_empty() {
+            self.held.remove(&hold.service);
+        }
+        Affected::from([hold.service.clone()])
+    }
+
+    /// How many addresses are held (for tests and metrics).
+    pub fn held_count(&self) -> usize {
+        self.held.values().map(BTreeMap::len).sum()
+    }
+
     /// A (re)list of EndpointSlices in `scope`; see [`Self::replace_services`].
-    pub fn replace_slices(&mut self, scope: Option<&str>, list: Vec<EndpointSlice>) -> Affected {
-        let listed: BTreeSet<SliceKey> = list.iter().filter_map(|s| key_of(&s.metadata)).collect();
+    pub fn replace_slices(
+        &mut self,
+        scope: Option<&str>,
+        list: Vec<(SliceKey, SliceRecord)>,
+    ) -> Affected {
+        let listed: BTreeSet<&SliceKey> = list.iter().map(|(k, _)| k).collect();
         let stale: Vec<SliceKey> = self
             .slices
             .keys()
-            .filter(|k| in_scope(&k.0, scope) && !listed.contains(*k))
+            .filter(|k| in_scope(&k.0, scope) && !listed.contains(k))
             .cloned()
             .collect();
         let mut affected = Affected::new();
-        for key in stale {
-            affected.extend(self.remove_slice(&key));
+        // New versions first: an address that moved to a listed slice is
+        // never seen leaving.
+        for (key, record) in list {
+            affected.extend(self.apply_slice(key, record));
         }
-        for slice in list {
-            affected.extend(self.apply_slice(slice));
+        for key in stale {
+            affected.extend(self.delete_slice(&key));
         }
         affected
     }
 
-    /// Pod watcher `watch` saw a pod added or changed.
-    pub fn apply_pod(&mut self, watch: usize, pod: &Pod) -> Affected {
-        let Some((ns, name)) = key_of(&pod.metadata) else {
-            return Affected::new();
-        };
-        let key = PodKey::new(ns, name);
-        let labels = model::pod_labels(&pod.metadata, &mut self.warnings);
-        let rv = resource_version(&pod.metadata);
+    /// Pod watcher `watch` saw a pod added or changed (`rv`: its
+    /// resourceVersion).
+    pub fn apply_pod(&mut self, watch: usize, key: PodKey, rv: u64, labels: PodLabels) -> Affected {
         self.pods
             .entry(key.clone())
             .or_default()
@@ -266,14 +347,7 @@ impl ClusterStore {
 
     /// Pod watcher `watch` no longer sees the pod (deleted, or it lost the
     /// label that watcher selects).
-    pub fn delete_pod(&mut self, watch: usize, pod: &Pod) -> Affected {
-        match key_of(&pod.metadata) {
-            Some((ns, name)) => self.forget_pod(watch, &PodKey::new(ns, name)),
-            None => Affected::new(),
-        }
-    }
-
-    fn forget_pod(&mut self, watch: usize, key: &PodKey) -> Affected {
+    pub fn delete_pod(&mut self, watch: usize, key: &PodKey) -> Affected {
         if let Some(copies) = self.pods.get_mut(key) {
             copies.by_watch.remove(&watch);
             if copies.by_watch.is_empty() {
@@ -284,12 +358,13 @@ impl ClusterStore {
     }
 
     /// A (re)list of pod watcher `watch` in `scope`.
-    pub fn replace_pods(&mut self, watch: usize, scope: Option<&str>, list: Vec<Pod>) -> Affected {
-        let listed: BTreeSet<PodKey> = list
-            .iter()
-            .filter_map(|p| key_of(&p.metadata))
-            .map(|(ns, name)| PodKey::new(ns, name))
-            .collect();
+    pub fn replace_pods(
+        &mut self,
+        watch: usize,
+        scope: Option<&str>,
+        list: Vec<(PodKey, u64, PodLabels)>,
+    ) -> Affected {
+        let listed: BTreeSet<&PodKey> = list.iter().map(|(k, _, _)| k).collect();
         let stale: Vec<PodKey> = self
             .pods
             .iter()
@@ -302,10 +377,10 @@ impl ClusterStore {
             .collect();
         let mut affected = Affected::new();
         for key in stale {
-            affected.extend(self.forget_pod(watch, &key));
+            affected.extend(self.delete_pod(watch, &key));
         }
-        for pod in &list {
-            affected.extend(self.apply_pod(watch, pod));
+        for (key, rv, labels) in list {
+            affected.extend(self.apply_pod(watch, key, rv, labels));
         }
         affected
     }
@@ -323,7 +398,7 @@ impl ClusterStore {
         }
         self.services_of_pod
             .get(key)
-            .map(|s| s.keys().cloned().collect())
+            .map(|s| s.iter().map(|(k, _)| k.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -334,15 +409,20 @@ impl ClusterStore {
         let Some(svc) = self.services.get(key) else {
             return (None, warnings);
         };
-        let slices: Vec<&EndpointSlice> = self
+        let slices: Vec<&SliceRecord> = self
             .slices_of
             .get(key)
             .into_iter()
             .flatten()
             .filter_map(|name| self.slices.get(&(key.namespace.clone(), name.clone())))
-            .map(|e| &e.slice)
+            .map(|e| &e.record)
             .collect();
-        let spec = model::service_spec(key.clone(), svc, &slices, &self.labels, &mut warnings);
+        let mut spec = model::service_spec(key.clone(), svc, &slices, &self.labels, &mut warnings);
+        for (addr, held) in self.held.get(key).into_iter().flatten() {
+            spec.endpoints
+                .entry(*addr)
+                .or_insert_with(|| model::endpoint(&held.record, &self.labels));
+        }
         (Some(spec), warnings)
     }
 
@@ -366,18 +446,21 @@ mod tests {
     use super::*;
     use crate::map_plan::{Ids, PlanSettings, plan_service};
     use crate::model::Policy;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde_json::json;
 
-    fn service(ns: &str, name: &str, headless: bool) -> Service {
+    fn service(headless: bool) -> Option<ServiceRecord> {
         let ip = if headless { "None" } else { "10.96.0.1" };
-        serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "x", "resourceVersion": "1"},
             "spec": {"clusterIP": ip},
         }))
-        .unwrap()
+        .unwrap();
+        ServiceRecord::of(&svc, &mut Vec::new())
     }
 
-    fn slice(ns: &str, name: &str, svc: &str, eps: &[(&str, &str)]) -> EndpointSlice {
+    fn slice(svc: &str, eps: &[(&str, &str)]) -> SliceRecord {
         let endpoints: Vec<_> = eps
             .iter()
             .map(|(addr, pod)| {
@@ -388,24 +471,30 @@ mod tests {
                 })
             })
             .collect();
-        serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": ns,
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "x", "namespace": "a",
                 "labels": {"kubernetes.io/service-name": svc}},
             "addressType": "IPv4",
             "endpoints": endpoints,
         }))
-        .unwrap()
+        .unwrap();
+        SliceRecord::of(&slice, &mut Vec::new())
     }
 
-    fn pod(ns: &str, name: &str, rv: &str, labels: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": ns, "resourceVersion": rv, "labels": labels},
-        }))
-        .unwrap()
+    fn labels(drained: bool, weight: u32) -> PodLabels {
+        PodLabels { drained, weight }
     }
 
     fn key(ns: &str, name: &str) -> ServiceKey {
         ServiceKey::new(ns, name)
+    }
+
+    fn skey(ns: &str, name: &str) -> SliceKey {
+        (ns.to_string(), name.to_string())
+    }
+
+    fn pkey(name: &str) -> PodKey {
+        PodKey::new("a", name)
     }
 
     fn addrs(store: &ClusterStore, svc: &ServiceKey) -> Vec<String> {
@@ -417,52 +506,67 @@ mod tests {
     fn slices_of_a_service_merge_and_each_change_names_its_service() {
         let mut store = ClusterStore::new();
         assert_eq!(
-            store.apply_service(service("a", "db", true)),
+            store.apply_service(key("a", "db"), service(true)),
             Affected::from([key("a", "db")])
         );
-        // The same object again changes nothing.
-        assert!(store.apply_service(service("a", "db", true)).is_empty());
-        store.apply_service(service("a", "web", true));
-        let touched = store.apply_slice(slice("a", "db-1", "db", &[("10.0.0.1", "db-0")]));
+        // The same record again changes nothing.
+        assert!(
+            store
+                .apply_service(key("a", "db"), service(true))
+                .is_empty()
+        );
+        store.apply_service(key("a", "web"), service(true));
+        let touched = store.apply_slice(skey("a", "db-1"), slice("db", &[("10.0.0.1", "db-0")]));
         assert_eq!(touched, Affected::from([key("a", "db")]));
-        store.apply_slice(slice("a", "db-2", "db", &[("10.0.0.2", "db-1")]));
-        store.apply_slice(slice("a", "web-1", "web", &[("10.0.1.1", "web-0")]));
+        store.apply_slice(skey("a", "db-2"), slice("db", &[("10.0.0.2", "db-1")]));
+        store.apply_slice(skey("a", "web-1"), slice("web", &[("10.0.1.1", "web-0")]));
         assert_eq!(addrs(&store, &key("a", "db")), ["10.0.0.1", "10.0.0.2"]);
         assert_eq!(
-            store.delete_slice(&slice("a", "db-1", "db", &[])),
+            store.delete_slice(&skey("a", "db-1")),
             Affected::from([key("a", "db")])
         );
+        // Held until released.
+        assert_eq!(addrs(&store, &key("a", "db")), ["10.0.0.1", "10.0.0.2"]);
+        for hold in store.take_holds_started() {
+            store.release_hold(&hold);
+        }
         assert_eq!(addrs(&store, &key("a", "db")), ["10.0.0.2"]);
         // A slice whose service is unknown (yet) is kept for later.
-        store.apply_slice(slice("a", "late-1", "late", &[("10.0.2.1", "late-0")]));
-        store.apply_service(service("a", "late", true));
+        store.apply_slice(
+            skey("a", "late-1"),
+            slice("late", &[("10.0.2.1", "late-0")]),
+        );
+        store.apply_service(key("a", "late"), service(true));
         assert_eq!(addrs(&store, &key("a", "late")), ["10.0.2.1"]);
         // Not headless: gone.
         assert_eq!(
-            store.apply_service(service("a", "late", false)),
+            store.apply_service(key("a", "late"), service(false)),
             Affected::from([key("a", "late")])
         );
         assert_eq!(store.service_spec(&key("a", "late")).0, None);
+        assert_eq!(store.held_count(), 0);
     }
 
-    #[test]
-    fn an_endpoint_moving_between_slices_never_leaves_the_plan() {
-        let settings = PlanSettings {
+    fn settings() -> PlanSettings {
+        PlanSettings {
             default_policy: Policy::Failover,
             cluster_domain: "cluster.local".into(),
             node_name: None,
             zone: None,
-        };
+        }
+    }
+
+    #[test]
+    fn an_endpoint_moving_between_slices_never_leaves_the_plan() {
+        let settings = settings();
         let mut ids = Ids::default();
         let mut store = ClusterStore::new();
-        store.apply_service(service("a", "db", true));
-        store.apply_slice(slice(
-            "a",
-            "s1",
-            "db",
-            &[("10.0.0.1", "db-0"), ("10.0.0.2", "db-1")],
-        ));
-        store.apply_slice(slice("a", "s2", "db", &[("10.0.0.3", "db-2")]));
+        store.apply_service(key("a", "db"), service(true));
+        store.apply_slice(
+            skey("a", "s1"),
+            slice("db", &[("10.0.0.1", "db-0"), ("10.0.0.2", "db-1")]),
+        );
+        store.apply_slice(skey("a", "s2"), slice("db", &[("10.0.0.3", "db-2")]));
         let plan = |store: &ClusterStore, ids: &mut Ids| {
             let spec = store.service_spec(&key("a", "db")).0.unwrap();
             plan_service(&spec, &settings, ids)
@@ -470,52 +574,83 @@ mod tests {
         let before = plan(&store, &mut ids);
         // The controller adds db-1 to s2 first, then takes it out of s1:
         // every intermediate state plans the same entries.
-        store.apply_slice(slice(
-            "a",
-            "s2",
-            "db",
-            &[("10.0.0.3", "db-2"), ("10.0.0.2", "db-1")],
-        ));
+        store.apply_slice(
+            skey("a", "s2"),
+            slice("db", &[("10.0.0.3", "db-2"), ("10.0.0.2", "db-1")]),
+        );
         assert_eq!(plan(&store, &mut ids), before);
-        store.apply_slice(slice("a", "s1", "db", &[("10.0.0.1", "db-0")]));
+        store.apply_slice(skey("a", "s1"), slice("db", &[("10.0.0.1", "db-0")]));
         assert_eq!(plan(&store, &mut ids), before);
+        assert!(store.take_holds_started().is_empty(), "nothing left");
+
+        // The other way round: out of s1 first (held), into s2 later.
+        store.apply_slice(skey("a", "s1"), slice("db", &[]));
+        let holds = store.take_holds_started();
+        assert_eq!(holds.len(), 1, "{holds:?}");
+        assert_eq!(plan(&store, &mut ids), before, "held");
+        store.apply_slice(
+            skey("a", "s2"),
+            slice(
+                "db",
+                &[
+                    ("10.0.0.3", "db-2"),
+                    ("10.0.0.2", "db-1"),
+                    ("10.0.0.1", "db-0"),
+                ],
+            ),
+        );
+        assert_eq!(plan(&store, &mut ids), before, "arrived");
+        // The grace period ends: the address is listed, nothing changes.
+        assert!(store.release_hold(&holds[0]).is_empty());
+        assert_eq!(plan(&store, &mut ids), before);
+        assert_eq!(store.held_count(), 0);
+    }
+
+    #[test]
+    fn a_stale_hold_release_does_not_end_a_newer_hold() {
+        let mut store = ClusterStore::new();
+        store.apply_service(key("a", "db"), service(true));
+        store.apply_slice(skey("a", "s1"), slice("db", &[("10.0.0.1", "db-0")]));
+        store.delete_slice(&skey("a", "s1"));
+        let first = store.take_holds_started();
+        store.apply_slice(skey("a", "s1"), slice("db", &[("10.0.0.1", "db-0")]));
+        store.delete_slice(&skey("a", "s1"));
+        let second = store.take_holds_started();
+        assert!(store.release_hold(&first[0]).is_empty());
+        assert_eq!(addrs(&store, &key("a", "db")), ["10.0.0.1"]);
+        assert_eq!(
+            store.release_hold(&second[0]),
+            Affected::from([key("a", "db")])
+        );
+        assert!(addrs(&store, &key("a", "db")).is_empty());
     }
 
     #[test]
     fn pod_labels_affect_only_the_services_that_list_the_pod() {
         let mut store = ClusterStore::new();
-        store.apply_service(service("a", "db", true));
-        store.apply_service(service("a", "web", true));
-        store.apply_slice(slice("a", "db-1", "db", &[("10.0.0.1", "db-0")]));
-        store.apply_slice(slice("a", "web-1", "web", &[("10.0.1.1", "web-0")]));
+        store.apply_service(key("a", "db"), service(true));
+        store.apply_service(key("a", "web"), service(true));
+        store.apply_slice(skey("a", "db-1"), slice("db", &[("10.0.0.1", "db-0")]));
+        store.apply_slice(skey("a", "web-1"), slice("web", &[("10.0.1.1", "web-0")]));
         let drained = |store: &ClusterStore| {
             let spec = store.service_spec(&key("a", "db")).0.unwrap();
             spec.endpoints.values().next().unwrap().drained
         };
         // Watcher 0 selects the drain label, watcher 1 the weight label.
-        let touched = store.apply_pod(
-            0,
-            &pod("a", "db-0", "5", json!({"headway.dev/drain": "true"})),
-        );
+        let touched = store.apply_pod(0, pkey("db-0"), 5, labels(true, 100));
         assert_eq!(touched, Affected::from([key("a", "db")]));
         assert!(drained(&store));
         // A pod no slice lists affects nothing.
         assert!(
             store
-                .apply_pod(
-                    0,
-                    &pod("a", "lone", "6", json!({"headway.dev/drain": "true"}))
-                )
+                .apply_pod(0, pkey("lone"), 6, labels(true, 100))
                 .is_empty()
         );
         // The drain label is replaced by a weight label: the weight
         // watcher's newer copy wins even before the drain watcher's delete.
-        store.apply_pod(
-            1,
-            &pod("a", "db-0", "7", json!({"headway.dev/weight": "5"})),
-        );
+        store.apply_pod(1, pkey("db-0"), 7, labels(false, 5));
         assert!(!drained(&store));
-        store.delete_pod(0, &pod("a", "db-0", "7", json!({})));
+        store.delete_pod(0, &pkey("db-0"));
         assert!(!drained(&store));
         // Relisting watcher 1 without the pod forgets it.
         let touched = store.replace_pods(1, Some("a"), vec![]);
@@ -531,16 +666,32 @@ mod tests {
     #[test]
     fn a_relist_removes_what_vanished_in_its_scope_only() {
         let mut store = ClusterStore::new();
-        store.apply_service(service("a", "db", true));
-        store.apply_service(service("b", "db", true));
+        store.apply_service(key("a", "db"), service(true));
+        store.apply_service(key("b", "db"), service(true));
         let touched = store.replace_services(Some("a"), vec![]);
         assert_eq!(touched, Affected::from([key("a", "db")]));
         assert_eq!(store.service_count(), 1);
-        store.apply_slice(slice("b", "s", "db", &[("10.0.0.1", "p")]));
+        store.apply_slice(skey("b", "s"), slice("db", &[("10.0.0.1", "p")]));
         let touched = store.replace_slices(None, vec![]);
         assert_eq!(touched, Affected::from([key("b", "db")]));
+        for hold in store.take_holds_started() {
+            store.release_hold(&hold);
+        }
         assert!(addrs(&store, &key("b", "db")).is_empty());
         let (state, _) = store.desired_state();
         assert_eq!(state.services.len(), 1);
+    }
+
+    #[test]
+    fn a_relist_that_moves_an_address_holds_nothing() {
+        let mut store = ClusterStore::new();
+        store.apply_service(key("a", "db"), service(true));
+        store.apply_slice(skey("a", "s1"), slice("db", &[("10.0.0.1", "db-0")]));
+        store.replace_slices(
+            Some("a"),
+            vec![(skey("a", "s2"), slice("db", &[("10.0.0.1", "db-0")]))],
+        );
+        assert!(store.take_holds_started().is_empty());
+        assert_eq!(addrs(&store, &key("a", "db")), ["10.0.0.1"]);
     }
 }

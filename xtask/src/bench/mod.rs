@@ -18,7 +18,7 @@ mod chart;
 mod contenders;
 mod headway;
 mod kube_proxy;
-mod report;
+pub mod report;
 mod servers;
 mod stats;
 mod workload;
@@ -402,9 +402,16 @@ fn write_results(results: &Results, dir: &Path) -> anyhow::Result<()> {
 /// The slot for `cargo xtask bench-control-plane`'s figures.
 fn control_plane(out: &Path) -> ControlPlane {
     let file = out.join("control-plane.json");
+    // A file of another shape (an older run) is reported, then left out.
     let figures = fs::read_to_string(workspace_root().join(&file))
         .ok()
-        .and_then(|text| serde_json::from_str(&text).ok());
+        .and_then(|text| match serde_json::from_str(&text) {
+            Ok(run) => Some(run),
+            Err(e) => {
+                eprintln!("ignoring {}: {e}", file.display());
+                None
+            }
+        });
     ControlPlane {
         source: file.display().to_string(),
         figures,

@@ -174,12 +174,38 @@ impl HookCost {
     }
 }
 
-/// The control-plane figures come from `cargo xtask bench-control-plane`
-/// (another issue): read from its file if it exists.
+/// The control-plane figures come from `cargo xtask bench-control-plane`,
+/// which writes them to `source`; read from there if it exists.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ControlPlane {
     pub source: String,
-    pub figures: Option<serde_json::Value>,
+    pub figures: Option<ControlPlaneRun>,
+}
+
+/// One run of `cargo xtask bench-control-plane`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlPlaneRun {
+    pub generated_at: String,
+    /// /proc/loadavg before the run (the machine may be shared).
+    pub load_average: [f64; 3],
+    /// EndpointSlice events timed per size.
+    pub events: usize,
+    pub rows: Vec<ControlPlaneRow>,
+}
+
+/// One size: headless services × endpoints per service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlPlaneRow {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    /// Agent start → `/readyz` 200 (every watcher listed, maps written).
+    pub synced_ms: f64,
+    /// Fake API server accepts a slice change → entry readable in the map.
+    pub event_p50_ms: f64,
+    pub event_p99_ms: f64,
+    pub event_max_ms: f64,
+    /// The agent's VmHWM.
+    pub peak_rss_mb: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -498,18 +524,40 @@ pub fn markdown(results: &Results) -> String {
 
     out.push_str("\n## Control plane\n\n");
     match &results.control_plane.figures {
-        Some(v) => {
+        Some(run) => {
             let _ = writeln!(
                 out,
-                "From `{}`:\n\n```json\n{}\n```",
+                "From `{}` ({}, load average {:.1} {:.1} {:.1}; {} EndpointSlice events per size). \
+                 Targets: 10,000 × 10 synced ≤ 2 s, event p99 ≤ 5 ms, peak RSS ≤ 150 MB.\n",
                 results.control_plane.source,
-                serde_json::to_string_pretty(v).unwrap_or_default()
+                run.generated_at,
+                run.load_average[0],
+                run.load_average[1],
+                run.load_average[2],
+                run.events
             );
+            out.push_str(
+                "| services × endpoints | synced | event p50 | event p99 | event max | peak RSS |\n\
+                 |---|---|---|---|---|---|\n",
+            );
+            for r in &run.rows {
+                let _ = writeln!(
+                    out,
+                    "| {} × {} | {:.0} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} MB |",
+                    r.services,
+                    r.endpoints_per_service,
+                    r.synced_ms,
+                    r.event_p50_ms,
+                    r.event_p99_ms,
+                    r.event_max_ms,
+                    r.peak_rss_mb
+                );
+            }
         }
         None => {
             let _ = writeln!(
                 out,
-                "Pending: `cargo xtask bench-control-plane` (not built yet) writes `{}`; \
+                "Not measured yet: `cargo xtask bench-control-plane` writes `{}`; \
                  the next bench run includes it.",
                 results.control_plane.source
             );
@@ -697,7 +745,7 @@ mod tests {
         assert!(lines[2].starts_with("| direct") && lines[2].contains("1,000 [500–1,000]"));
         assert!(lines[3].contains("980 **×0.98** [0.98–0.98]"));
         let md = markdown(&results);
-        assert!(md.contains("Pending: `cargo xtask bench-control-plane`"));
+        assert!(md.contains("Not measured yet: `cargo xtask bench-control-plane`"));
         // The JSON round-trips.
         let json = serde_json::to_string(&results).unwrap();
         let back: Results = serde_json::from_str(&json).unwrap();
