@@ -199,7 +199,12 @@ impl DnsIndex {
         let first: BTreeSet<AddrKey> = touched.difference(&handed_over).copied().collect();
         let mut changed = self.write(maps, &first, &mut errors);
         let now = monotonic_ns();
-        for table in self.tables.values_mut() {
+        // Only this service's tables hand slots out here (walking every
+        // table made each event cost O(all endpoints)).
+        for fam in [4, 6] {
+            let Some(table) = self.tables.get_mut(&(service_id, fam)) else {
+                continue;
+            };
             for owner in table.owners.values_mut() {
                 if owner.since_ns == PENDING {
                     owner.since_ns = now;
