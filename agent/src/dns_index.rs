@@ -16,17 +16,24 @@
 //! uses the first `max(64, 2n)` slots (rounded up to a page), so most
 //! responses touch one page, and gone addresses are kept at least as many
 //! as current ones before the oldest gone one gives its slot away.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd,
+};
 
 use std::borrow::{Borrow, BorrowMut};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, IterableMap, MapData, MapError};
 use headway_common::{
     ADDR_MAX_SERVICES, AddrIndex, AddrKey, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
     Observation, ObservationKey, ObservationPage, map_names, obs_kind, obs_stamp, obs_time,
 };
 
-use crate::{map_writer::WriteError, pinned::Maps};
+use crate::{
+    bpf_sys,
+    map_writer::{WriteError, for_each_batch},
+    pinned::Maps,
+};
 
 /// Slots a service has per family, at most.
 const MAX_SLOTS: usize = OBS_PAGE_SLOTS * OBS_MAX_PAGES;
@@ -372,40 +379,64 @@ impl DnsIndex {
     }
 
     /// Writes the entries of `addrs` that differ; true if any did.
+    /// Writes the entries of `addrs` that differ, in batches; true if any
+    /// did.
     fn write(
         &mut self,
         maps: &mut Maps,
         addrs: &BTreeSet<AddrKey>,
         errors: &mut Vec<WriteError>,
     ) -> bool {
-        let mut changed = false;
+        let mut upserts: (Vec<AddrKey>, Vec<AddrIndex>) = (Vec::new(), Vec::new());
+        let mut removals = Vec::new();
         for addr in addrs {
             let want = self.value(addr);
             if self.written.get(addr) == want.as_ref() {
                 continue;
             }
-            let result = match want {
-                Some(v) => maps.dns_addrs.insert(addr, v, 0).map(|()| "write"),
-                None => match maps.dns_addrs.remove(addr) {
-                    Err(MapError::KeyNotFound) => Ok("remove"),
-                    other => other.map(|()| "remove"),
-                },
-            };
-            match result {
-                Ok(_) => {
-                    changed = true;
-                    match want {
-                        Some(v) => self.written.insert(*addr, v),
-                        None => self.written.remove(addr),
-                    };
+            match want {
+                Some(v) => {
+                    upserts.0.push(*addr);
+                    upserts.1.push(v);
                 }
-                Err(source) => errors.push(WriteError {
-                    object: None,
-                    op: if want.is_some() { "write" } else { "remove" },
-                    map: map_names::DNS_ADDRS,
-                    source: Box::new(source),
-                }),
+                None => removals.push(*addr),
             }
+        }
+        let fd = maps.dns_addrs.map().fd().as_fd();
+        let error = |op: &'static str, source: MapError| WriteError {
+            object: None,
+            op,
+            map: map_names::DNS_ADDRS,
+            source: Box::new(source),
+        };
+        let (keys, values) = &upserts;
+        let mut written = Vec::new();
+        for_each_batch(
+            keys,
+            |from| bpf_sys::map_update_batch(fd, &keys[from..], &values[from..]),
+            |range| written.extend(range),
+            |_, source| errors.push(error("write", source)),
+        );
+        let mut removed = Vec::new();
+        let mut missing = Vec::new();
+        for_each_batch(
+            &removals,
+            |from| bpf_sys::map_delete_batch(fd, &removals[from..]),
+            |range| removed.extend(range),
+            |i, source| match &source {
+                // Already gone: what we wanted.
+                MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                    missing.push(i)
+                }
+                _ => errors.push(error("remove", source)),
+            },
+        );
+        let changed = !(written.is_empty() && removed.is_empty() && missing.is_empty());
+        for i in written {
+            self.written.insert(keys[i], values[i]);
+        }
+        for i in removed.into_iter().chain(missing) {
+            self.written.remove(&removals[i]);
         }
         changed
     }

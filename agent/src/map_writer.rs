@@ -748,7 +748,7 @@ fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
 /// Runs `batch(from)` over `items[from..]` until every item has been
 /// tried: an item the kernel refuses is reported to `failed` and skipped,
 /// the ones it took to `done`.
-fn for_each_batch<T>(
+pub(crate) fn for_each_batch<T>(
     items: &[T],
     mut batch: impl FnMut(usize) -> Result<(), BatchError>,
     mut done: impl FnMut(std::ops::Range<usize>),
