@@ -16,22 +16,18 @@
 //! uses the first `max(64, 2n)` slots (rounded up to a page), so most
 //! responses touch one page, and gone addresses are kept at least as many
 //! as current ones before the oldest gone one gives its slot away.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    os::fd::AsFd,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use std::borrow::{Borrow, BorrowMut};
 
-use aya::maps::{HashMap, IterableMap, MapData, MapError};
+use aya::maps::{HashMap, MapData, MapError};
 use headway_common::{
     ADDR_MAX_SERVICES, AddrIndex, AddrKey, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
     Observation, ObservationKey, ObservationPage, map_names, obs_kind, obs_stamp, obs_time,
 };
 
 use crate::{
-    bpf_sys,
-    map_writer::{WriteError, for_each_batch},
+    map_writer::{WriteError, delete_batch, write_batch},
     pinned::Maps,
 };
 
@@ -402,40 +398,14 @@ impl DnsIndex {
                 None => removals.push(*addr),
             }
         }
-        let fd = maps.dns_addrs.map().fd().as_fd();
-        let error = |op: &'static str, source: MapError| WriteError {
-            object: None,
-            op,
-            map: map_names::DNS_ADDRS,
-            source: Box::new(source),
-        };
         let (keys, values) = &upserts;
-        let mut written = Vec::new();
-        for_each_batch(
-            keys,
-            |from| bpf_sys::map_update_batch(fd, &keys[from..], &values[from..]),
-            |range| written.extend(range),
-            |_, source| errors.push(error("write", source)),
-        );
-        let mut removed = Vec::new();
-        let mut missing = Vec::new();
-        for_each_batch(
-            &removals,
-            |from| bpf_sys::map_delete_batch(fd, &removals[from..]),
-            |range| removed.extend(range),
-            |i, source| match &source {
-                // Already gone: what we wanted.
-                MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                    missing.push(i)
-                }
-                _ => errors.push(error("remove", source)),
-            },
-        );
-        let changed = !(written.is_empty() && removed.is_empty() && missing.is_empty());
+        let written = write_batch(&maps.dns_addrs, map_names::DNS_ADDRS, keys, values, errors);
+        let removed = delete_batch(&maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
+        let changed = !(written.is_empty() && removed.is_empty());
         for i in written {
             self.written.insert(keys[i], values[i]);
         }
-        for i in removed.into_iter().chain(missing) {
+        for i in removed {
             self.written.remove(&removals[i]);
         }
         changed

@@ -748,7 +748,7 @@ fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
 /// Runs `batch(from)` over `items[from..]` until every item has been
 /// tried: an item the kernel refuses is reported to `failed` and skipped,
 /// the ones it took to `done`.
-pub(crate) fn for_each_batch<T>(
+fn for_each_batch<T>(
     items: &[T],
     mut batch: impl FnMut(usize) -> Result<(), BatchError>,
     mut done: impl FnMut(std::ops::Range<usize>),
@@ -779,6 +779,65 @@ pub(crate) fn for_each_batch<T>(
     }
 }
 
+/// Writes `keys[i] = values[i]` into `map` in batches; returns the
+/// indexes written. An entry the kernel refuses is reported to `errors`
+/// and skipped.
+pub(crate) fn write_batch<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+    errors: &mut Vec<WriteError>,
+) -> Vec<usize> {
+    let fd = map.map().fd().as_fd();
+    let mut written = Vec::new();
+    for_each_batch(
+        keys,
+        |from| bpf_sys::map_update_batch(fd, &keys[from..], &values[from..]),
+        |range| written.extend(range),
+        |_, source| {
+            errors.push(WriteError {
+                object: None,
+                op: "write",
+                map: name,
+                source: Box::new(source),
+            })
+        },
+    );
+    written
+}
+
+/// Deletes `keys` from `map` in batches; returns the indexes now gone (a
+/// key that was already gone counts). Other refusals go to `errors`.
+pub(crate) fn delete_batch<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    keys: &[K],
+    errors: &mut Vec<WriteError>,
+) -> Vec<usize> {
+    let fd = map.map().fd().as_fd();
+    let mut gone = Vec::new();
+    let mut missing = Vec::new();
+    for_each_batch(
+        keys,
+        |from| bpf_sys::map_delete_batch(fd, &keys[from..]),
+        |range| gone.extend(range),
+        |i, source| match &source {
+            MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                missing.push(i)
+            }
+            _ => errors.push(WriteError {
+                object: None,
+                op: "remove",
+                map: name,
+                source: Box::new(source),
+            }),
+        },
+    );
+    gone.extend(missing);
+    gone
+}
+
 /// Writes every key of `keys` whose wanted value differs from the map's,
 /// in batches.
 fn upsert<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
@@ -795,25 +854,11 @@ fn upsert<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
         .filter_map(|k| Some((*k, wanted(k)?)))
         .filter(|(k, v)| current.get(k) != Some(v))
         .unzip();
-    let fd = map.map().fd().as_fd();
-    for_each_batch(
-        &ks,
-        |from| bpf_sys::map_update_batch(fd, &ks[from..], &vs[from..]),
-        |range| {
-            sum.upserted += range.len();
-            for i in range {
-                current.insert(ks[i], vs[i]);
-            }
-        },
-        |_, source| {
-            errors.push(WriteError {
-                object: None,
-                op: "write",
-                map: name,
-                source: Box::new(source),
-            })
-        },
-    );
+    let written = write_batch(map, name, &ks, &vs, errors);
+    sum.upserted += written.len();
+    for i in written {
+        current.insert(ks[i], vs[i]);
+    }
 }
 
 /// Deletes every key of `keys` that the map holds and nobody wants, in
@@ -832,26 +877,7 @@ fn remove<K: aya::Pod + Ord, V: aya::Pod>(
         .filter(|k| wanted(k).is_none() && current.contains_key(k))
         .copied()
         .collect();
-    let fd = map.map().fd().as_fd();
-    let mut gone = Vec::new();
-    let mut missing = Vec::new();
-    for_each_batch(
-        &ks,
-        |from| bpf_sys::map_delete_batch(fd, &ks[from..]),
-        |range| gone.extend(range),
-        |i, source| match &source {
-            MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                missing.push(i)
-            }
-            _ => errors.push(WriteError {
-                object: None,
-                op: "remove",
-                map: name,
-                source: Box::new(source),
-            }),
-        },
-    );
-    gone.extend(missing);
+    let gone = delete_batch(map, name, &ks, errors);
     sum.removed += gone.len();
     for i in gone {
         current.remove(&ks[i]);
