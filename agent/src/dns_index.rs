@@ -27,7 +27,7 @@ use headway_common::{
 };
 
 use crate::{
-    map_writer::{WriteError, delete_batch, write_batch},
+    map_writer::{WriteError, bump_pod_addrs_gen, delete_batch, write_batch},
     pinned::Maps,
 };
 
@@ -216,7 +216,7 @@ impl DnsIndex {
         }
         changed |= self.write(maps, &handed_over, &mut errors);
         if changed {
-            bump_generation(maps, &mut errors);
+            bump_pod_addrs_gen(maps, &mut errors);
         }
         errors
     }
@@ -246,7 +246,7 @@ impl DnsIndex {
         }
         let mut errors = Vec::new();
         if self.write(maps, &touched, &mut errors) {
-            bump_generation(maps, &mut errors);
+            bump_pod_addrs_gen(maps, &mut errors);
         }
         errors
     }
@@ -489,20 +489,6 @@ fn page_key(netns_cookie: u64, e: &AddrSlot, addr: &AddrKey) -> ObservationKey {
         service_id: e.service_id,
         family: family(addr),
         page: (e.slot as usize / OBS_PAGE_SLOTS) as u16,
-    }
-}
-
-/// Tells the interceptor that the pods and slots it cached per answer may
-/// be stale: after the map changed, never before.
-pub(crate) fn bump_generation(maps: &mut Maps, errors: &mut Vec<WriteError>) {
-    let generation = maps.pod_addrs_gen.get(&0, 0).unwrap_or(0);
-    if let Err(source) = maps.pod_addrs_gen.set(0, generation.wrapping_add(1), 0) {
-        errors.push(WriteError {
-            object: None,
-            op: "bump",
-            map: map_names::POD_ADDRS_GEN,
-            source: Box::new(source),
-        });
     }
 }
 

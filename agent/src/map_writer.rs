@@ -733,7 +733,9 @@ fn add_to_filter(maps: &mut Maps, addr: &AddrKey) -> Result<(), WriteError> {
         })
 }
 
-fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
+/// Tells the DNS interceptor that the pods and slots it cached per answer
+/// may be stale: after `pod_addrs` or `dns_addrs` changed, never before.
+pub(crate) fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
     let generation = maps.pod_addrs_gen.get(&0, 0).unwrap_or(0);
     if let Err(source) = maps.pod_addrs_gen.set(0, generation.wrapping_add(1), 0) {
         errors.push(WriteError {
