@@ -19,6 +19,9 @@ pub struct PodEndpoint {
     pub hostname: bool,
     pub node: Option<String>,
     pub zone: Option<String>,
+    /// Labels of the pod; a pod with any is also written as a Pod object
+    /// (headway reads `headway.dev/drain` and `headway.dev/weight` there).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodEndpoint {
@@ -32,6 +35,7 @@ impl PodEndpoint {
             hostname: true,
             node: None,
             zone: None,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -44,6 +48,23 @@ impl PodEndpoint {
         self.hostname = false;
         self
     }
+
+    pub fn terminating(mut self, terminating: bool) -> PodEndpoint {
+        self.terminating = terminating;
+        self
+    }
+
+    /// The node the pod runs on, and that node's zone.
+    pub fn on_node(mut self, node: &str, zone: &str) -> PodEndpoint {
+        self.node = Some(node.to_owned());
+        self.zone = Some(zone.to_owned());
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> PodEndpoint {
+        self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
 }
 
 /// A headless Service (`clusterIP: None`) with its endpoints.
@@ -54,6 +75,7 @@ pub struct HeadlessService {
     pub annotations: BTreeMap<String, String>,
     /// (name, port), TCP; declared on the Service and on its slices.
     pub ports: Vec<(String, u16)>,
+    pub publish_not_ready: bool,
     pub endpoints: Vec<PodEndpoint>,
 }
 
@@ -64,8 +86,15 @@ impl HeadlessService {
             name: name.to_owned(),
             annotations: BTreeMap::new(),
             ports: Vec::new(),
+            publish_not_ready: false,
             endpoints: Vec::new(),
         }
+    }
+
+    /// `spec.publishNotReadyAddresses`.
+    pub fn publish_not_ready(mut self, publish: bool) -> HeadlessService {
+        self.publish_not_ready = publish;
+        self
     }
 
     pub fn annotation(mut self, key: &str, value: &str) -> HeadlessService {
@@ -97,6 +126,9 @@ impl HeadlessService {
             .map(|(name, port)| json!({"name": name, "port": port, "protocol": "TCP"}))
             .collect();
         let mut spec = json!({"clusterIP": "None"});
+        if self.publish_not_ready {
+            spec["publishNotReadyAddresses"] = json!(true);
+        }
         if !ports.is_empty() {
             spec["ports"] = json!(ports);
         }
@@ -146,6 +178,13 @@ impl HeadlessService {
             }
             objects.push(slice);
         }
+        for e in self.endpoints.iter().filter(|e| !e.labels.is_empty()) {
+            objects.push(json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": e.pod, "namespace": self.namespace, "labels": e.labels},
+            }));
+        }
         objects
     }
 
@@ -180,6 +219,15 @@ impl HeadlessService {
     pub fn write_to(&self, dir: &Path) -> Result<()> {
         write_whole(&dir.join(format!("{}.yaml", self.name)), &self.to_yaml())
     }
+}
+
+/// A Node in `zone` (label `topology.kubernetes.io/zone`).
+pub fn node(name: &str, zone: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+    })
 }
 
 /// Objects as one multi-document YAML text.

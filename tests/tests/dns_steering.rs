@@ -16,6 +16,7 @@ use std::{
 use headway_testbed::{
     Cgroup, Cluster, ConnectReport, MalformedKind, ResolvConf, Zone,
     agent::{Agent, Bpffs, status_json, wait_for_status},
+    manifests::{HeadlessService, PodEndpoint},
     require_root, resolve_in, run_client, run_client_by_name, start_dns_server, start_pod_servers,
 };
 use serde_json::Value;
@@ -59,32 +60,12 @@ fn build_cluster() -> Cluster {
 /// A headless service whose endpoints are `pods` (name, ready), both families,
 /// with hostnames like a StatefulSet's.
 fn service_yaml(service: &str, pods: &[(&str, bool)]) -> String {
-    let block = |ipv6: bool| -> String {
-        pods.iter()
-            .map(|(pod, ready)| {
-                let addr: IpAddr = if ipv6 { v6(pod).into() } else { v4(pod).into() };
-                format!(
-                    "  - addresses: [\"{addr}\"]\n    hostname: {pod}\n    conditions: {{ready: {ready}}}\n    targetRef: {{kind: Pod, namespace: demo, name: {pod}}}\n"
-                )
-            })
-            .collect()
-    };
-    let slice = |family: &str, body: String| {
-        if body.is_empty() {
-            format!(
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{family}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nendpoints: []\n"
-            )
-        } else {
-            format!(
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{family}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nendpoints:\n{body}"
-            )
-        }
-    };
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {service}, namespace: demo}}\nspec: {{clusterIP: None}}\n{}{}",
-        slice("IPv4", block(false)),
-        slice("IPv6", block(true))
-    )
+    let mut svc = HeadlessService::new("demo", service);
+    for (pod, ready) in pods {
+        let addrs: [IpAddr; 2] = [v4(pod).into(), v6(pod).into()];
+        svc = svc.endpoint(PodEndpoint::new(pod, addrs).ready(*ready));
+    }
+    svc.to_yaml()
 }
 
 /// The zone CoreDNS would serve for `services` (name → pods), plus a

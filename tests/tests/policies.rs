@@ -18,6 +18,7 @@ use std::{
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport, ResolvConf, Zone,
     agent::{Agent, Bpffs, status_json, wait_for_status},
+    manifests::{HeadlessService, PodEndpoint, documents, node},
     require_root, resolve_in, run_client, run_client_by_name, start_dns_server, start_pod_servers,
 };
 use serde_json::Value;
@@ -102,62 +103,34 @@ impl Manifest {
     }
 
     fn yaml(&self) -> String {
-        let mut annotations = format!("headway.dev/policy: {}", self.policy);
+        let mut svc = HeadlessService::new("demo", "web")
+            .policy(self.policy)
+            .publish_not_ready(self.publish_not_ready);
         if let Some(t) = self.topology {
-            annotations.push_str(&format!(", headway.dev/topology: {t}"));
+            svc = svc.annotation("headway.dev/topology", t);
         }
-        let ports: String = self
-            .ports
-            .iter()
-            .map(|p| format!("\n  - {{name: p{p}, port: {p}, protocol: TCP}}"))
-            .collect();
-        let ports = if ports.is_empty() {
-            String::new()
-        } else {
-            format!("  ports:{ports}\n")
-        };
-        let mut out = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: demo\n  annotations: {{{annotations}}}\n\
-             spec:\n  clusterIP: None\n  publishNotReadyAddresses: {}\n{ports}",
-            self.publish_not_ready
-        );
-        for ipv6 in [false, true] {
-            let family = if ipv6 { "IPv6" } else { "IPv4" };
-            out.push_str(&format!(
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-{family}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nendpoints:\n"
-            ));
-            for (name, state) in &self.pods {
-                let (_, _, node, zone) = PODS.iter().find(|p| p.0 == *name).unwrap();
-                let addr: IpAddr = if ipv6 {
-                    v6(name).into()
-                } else {
-                    v4(name).into()
-                };
-                out.push_str(&format!(
-                    "  - addresses: [\"{addr}\"]\n    hostname: {name}\n    nodeName: {node}\n    zone: {zone}\n    conditions: {{ready: {}, terminating: {}}}\n    targetRef: {{kind: Pod, namespace: demo, name: {name}}}\n",
-                    state.ready, state.terminating
-                ));
-            }
+        for p in &self.ports {
+            svc = svc.port(&format!("p{p}"), *p);
         }
         for (name, state) in &self.pods {
-            let mut labels = vec!["app: web".to_owned()];
+            let (_, _, node, zone) = PODS.iter().find(|p| p.0 == *name).unwrap();
+            let addrs: [IpAddr; 2] = [v4(name).into(), v6(name).into()];
+            let mut pod = PodEndpoint::new(name, addrs)
+                .ready(state.ready)
+                .terminating(state.terminating)
+                .on_node(node, zone)
+                .label("app", "web");
             if let Some(w) = state.weight {
-                labels.push(format!("headway.dev/weight: \"{w}\""));
+                pod = pod.label("headway.dev/weight", &w.to_string());
             }
             if state.drain {
-                labels.push("headway.dev/drain: \"true\"".to_owned());
+                pod = pod.label("headway.dev/drain", "true");
             }
-            out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{{}}}\n",
-                labels.join(", ")
-            ));
+            svc = svc.endpoint(pod);
         }
-        for (node, zone) in [("node-a", "zone-1"), ("node-b", "zone-2")] {
-            out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels: {{topology.kubernetes.io/zone: {zone}}}\n"
-            ));
-        }
-        out
+        let mut objects = svc.objects();
+        objects.extend([node("node-a", "zone-1"), node("node-b", "zone-2")]);
+        documents(&objects)
     }
 }
 
