@@ -7,7 +7,7 @@ use headway_common::{AddrKey, sock_flags};
 
 use crate::{
     sock_addr::{set_user_ip6, user_ip6, user_port},
-    sock_state::{IPPROTO_UDP, drop_state, mark, set_steered},
+    sock_state::{IPPROTO_UDP, drop_state, mark, record_steering, set_steered},
     steer::{Request, on_connect},
     transparency::socket,
 };
@@ -46,10 +46,17 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
     // records returned are this socket's storage (or null).
     unsafe {
         if let Some(steering) = to.steered {
-            if udp && let Some(pod_id) = to.pod {
-                mark(sk, pod_id, IPPROTO_UDP);
+            // A UDP socket is marked and steered in the same record: one
+            // storage lookup, not two.
+            let state = match to.pod {
+                Some(pod_id) if udp => mark(sk, pod_id, IPPROTO_UDP),
+                _ => core::ptr::null_mut(),
+            };
+            if state.is_null() {
+                set_steered(sk, &steering);
+            } else {
+                record_steering(state, &steering);
             }
-            set_steered(sk, &steering);
             write(&steering.chosen);
         } else if udp {
             match to.pod {

@@ -140,14 +140,24 @@ pub unsafe fn set_steered(sk: *mut bpf_sock, steering: &Steering) -> *mut Socket
     let state = unsafe { state_or_new(sk) };
     if !state.is_null() {
         // SAFETY: non-null storage of this socket.
-        unsafe {
-            (*state).asked = steering.asked;
-            (*state).chosen = steering.chosen;
-            (*state).service_id = steering.service_id;
-            (*state).flags |= sock_flags::STEERED;
-        }
+        unsafe { record_steering(state, steering) };
     }
     state
+}
+
+/// Writes `steering` into a socket's record.
+///
+/// # Safety
+/// `state` is a non-null record from this socket's storage.
+#[inline(always)]
+pub unsafe fn record_steering(state: *mut SocketState, steering: &Steering) {
+    // SAFETY: caller's contract.
+    unsafe {
+        (*state).asked = steering.asked;
+        (*state).chosen = steering.chosen;
+        (*state).service_id = steering.service_id;
+        (*state).flags |= sock_flags::STEERED;
+    }
 }
 
 /// The steering of `sk`, if it was steered.
