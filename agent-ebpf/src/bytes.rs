@@ -11,6 +11,8 @@
 //! `bytes_received` of the socket), read on each of its packets, so a
 //! retransmitted or reordered segment counts once; from the established
 //! state on.
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
 use aya_ebpf::{bindings::bpf_sock, helpers::bpf_tcp_sock, programs::sk_buff::SkBuff};
 use headway_common::{SocketState, sock_flags};
 
@@ -83,13 +85,44 @@ unsafe fn tcp_delivered(sk: *mut bpf_sock, slot: *mut SocketState) -> Option<(u6
     unsafe {
         let (acked, received) = ((*tp).bytes_acked, (*tp).bytes_received);
         let fresh = (*slot).seen_known == 0;
-        let sent = acked.saturating_sub((*slot).sent_seen);
-        let got = received.saturating_sub((*slot).received_seen);
-        (*slot).sent_seen = acked;
-        (*slot).received_seen = received;
+        // Ingress runs without the socket lock (before TCP takes it), so
+        // the two directions' programs can run at once on two CPUs: each
+        // claims its growth with a compare-and-swap, so none is counted
+        // twice (a plain read-then-write counted ~64 KiB twice now and
+        // then).
+        let sent = advance(&raw mut (*slot).sent_seen, acked);
+        let got = advance(&raw mut (*slot).received_seen, received);
         (*slot).seen_known = 1;
         if fresh { None } else { Some((sent, got)) }
     }
+}
+
+/// Moves `*seen` up to `now` and returns by how much, unless another CPU
+/// moved it first (then that CPU counts its part). Never moves it back.
+///
+/// # Safety
+/// `seen` points into a live map value.
+#[inline(always)]
+unsafe fn advance(seen: *mut u64, now: u64) -> u64 {
+    // SAFETY: caller's contract.
+    let mut old = unsafe { core::ptr::read_volatile(seen) };
+    // A few tries: each failure means another CPU just advanced it.
+    for _ in 0..4 {
+        if now <= old {
+            return 0;
+        }
+        // SAFETY: as above; an atomic compare-and-swap of an aligned u64.
+        let (prev, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                seen, old, now,
+            )
+        };
+        if swapped {
+            return now - old;
+        }
+        old = prev;
+    }
+    0
 }
 
 /// Transport payload bytes of the packet (see the module docs; 0 when the
