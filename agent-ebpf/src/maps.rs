@@ -2,26 +2,21 @@
 //! agent may resize them before loading. Names match
 //! `headway_common::map_names`.
 use aya_ebpf::{
-    btf_maps::{Array, BloomFilter, HashMap, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use headway_common::{
     AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
     ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, capacity, dns_counter,
-    steer_counter,
+    ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter, capacity,
+    dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
 pub static POD_ADDRS: HashMap<AddrKey, PodRef, { capacity::POD_ADDRS as usize }> = HashMap::new();
 
-#[btf_map(name = "addr_filter")]
-pub static ADDR_FILTER: BloomFilter<
-    AddrKey,
-    { capacity::ADDR_FILTER as usize },
-    0,
-    { capacity::ADDR_FILTER_HASHES as usize },
-> = BloomFilter::new();
+#[btf_map(name = "addr_bits")]
+pub static ADDR_FILTER: Array<u64, { addr_filter::WORDS as usize }> = Array::new();
 
 #[btf_map(name = "pod_stats")]
 pub static POD_STATS: Array<PodCounters, { capacity::PODS as usize }> = Array::new();

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use headway_common::{
-    AddrKey, Backend, BackendKey, ServiceEndpointKey, ServiceMeta, ServicePortKey, config_flags,
-    endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
+    AddrKey, Backend, BackendKey, ServiceEndpointKey, ServiceMeta, ServicePortKey, addr_filter,
+    config_flags, endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
 };
 
 use crate::{
@@ -29,7 +29,8 @@ use crate::{
 /// only costs the full path.
 #[inline(always)]
 pub fn never_known(dst: &AddrKey) -> bool {
-    ADDR_FILTER.contains(dst).is_err()
+    let (word, mask) = addr_filter::bits(dst);
+    ADDR_FILTER.get(word).is_some_and(|w| *w & mask != mask)
 }
 
 const IPPROTO_UDP: u32 = 17;

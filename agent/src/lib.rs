@@ -3,6 +3,7 @@
 //! writer that puts the desired state into the pinned maps, and `status`.
 //! The `headway` binary is a thin CLI over these modules.
 
+pub mod addr_filter;
 pub mod agent;
 pub mod bpf_sys;
 pub mod cgroup;

@@ -262,9 +262,10 @@ impl MapWriter {
     /// Nothing is claimed yet: until [`MapWriter::sweep`], entries no
     /// service asked for stay as they are.
     ///
-    /// Every address already in `pod_addrs` goes into the address filter
-    /// again (it may be new, e.g. recreated by hand): an address missing
-    /// from it would skip the connect hooks entirely.
+    /// The address filter is written anew from the addresses in
+    /// `pod_addrs` and `dns_addrs` (see `addr_filter`): an address missing
+    /// from it would skip the connect hooks entirely, and addresses gone
+    /// since it was last written leave it.
     pub fn new(maps: Maps) -> Result<MapWriter, crate::pinned::PinnedError> {
         let current = maps.read_contents()?;
         let dns_index = DnsIndex::load(&maps.dns_addrs);
@@ -275,10 +276,15 @@ impl MapWriter {
             shared: SharedClaims::default(),
             dns_index,
         };
-        for addr in writer.current.pod_addrs.keys() {
-            if let Err(e) = add_to_filter(&mut writer.maps, addr) {
-                tracing::error!(error = %e, "cannot fill the address filter");
-            }
+        let indexed: Vec<AddrKey> = writer
+            .maps
+            .dns_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        let addrs = writer.current.pod_addrs.keys().chain(&indexed);
+        if let Err(e) = writer.maps.addr_filter.rebuild(addrs) {
+            tracing::error!(error = %e, "cannot fill the address filter");
         }
         Ok(writer)
     }
@@ -723,14 +729,12 @@ fn write_keys(
 /// stale (the answer cache): called after `pod_addrs` changed, never before.
 /// Adds `addr` to the address filter (before `pod_addrs` can hold it).
 fn add_to_filter(maps: &mut Maps, addr: &AddrKey) -> Result<(), WriteError> {
-    maps.addr_filter
-        .insert(addr, 0)
-        .map_err(|source| WriteError {
-            object: None,
-            op: "add",
-            map: map_names::ADDR_FILTER,
-            source: Box::new(source),
-        })
+    maps.addr_filter.insert(addr).map_err(|source| WriteError {
+        object: None,
+        op: "add",
+        map: map_names::ADDR_FILTER,
+        source: Box::new(source),
+    })
 }
 
 /// Tells the DNS interceptor that the pods and slots it cached per answer

@@ -7,15 +7,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, BloomFilter, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
     ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, capacity,
-    dns_counter, map_names, steer_counter,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter,
+    capacity, dns_counter, map_names, steer_counter,
 };
 
-use crate::map_plan::MapContents;
+use crate::{addr_filter::AddrFilter, map_plan::MapContents};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinnedError {
@@ -133,12 +133,7 @@ pub const MAP_SHAPES: [MapShape; 18] = {
         ),
         shape::<u32, ServiceCounters>(map_names::SVC_STATS, MapType::Array, capacity::SERVICES),
         shape::<ServicePortKey, u32>(map_names::SVC_PORTS, MapType::Hash, capacity::SVC_PORTS),
-        // A bloom filter has no key.
-        shape::<(), AddrKey>(
-            map_names::ADDR_FILTER,
-            MapType::BloomFilter,
-            capacity::ADDR_FILTER,
-        ),
+        shape::<u32, u64>(map_names::ADDR_FILTER, MapType::Array, addr_filter::WORDS),
         shape::<AddrKey, AddrIndex>(map_names::DNS_ADDRS, MapType::Hash, capacity::DNS_ADDRS),
         shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
         // Socket storage: keyed by socket fd from userspace, no capacity.
@@ -272,8 +267,8 @@ pub struct Maps {
     pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
     pub svc_backends: HashMap<MapData, BackendKey, Backend>,
     pub svc_ports: HashMap<MapData, ServicePortKey, u32>,
-    /// Every address ever in `pod_addrs` (see `map_names::ADDR_FILTER`).
-    pub addr_filter: BloomFilter<MapData, AddrKey>,
+    /// The connect hooks' fast path (see `map_names::ADDR_FILTER`).
+    pub addr_filter: AddrFilter,
     pub dns_names: HashMap<MapData, u64, NameEntry>,
     /// Kernel-written (LRU): what each client netns learned from DNS.
     pub dns_obs: HashMap<MapData, ObservationKey, ObservationPage>,
@@ -326,7 +321,10 @@ impl Maps {
             svc_endpoints: typed(map_names::SVC_ENDPOINTS, take(map_names::SVC_ENDPOINTS)?)?,
             svc_backends: typed(map_names::SVC_BACKENDS, take(map_names::SVC_BACKENDS)?)?,
             svc_ports: typed(map_names::SVC_PORTS, take(map_names::SVC_PORTS)?)?,
-            addr_filter: typed(map_names::ADDR_FILTER, take(map_names::ADDR_FILTER)?)?,
+            addr_filter: AddrFilter::new(typed(
+                map_names::ADDR_FILTER,
+                take(map_names::ADDR_FILTER)?,
+            )?),
             dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
             dns_obs: typed(map_names::DNS_OBS, take(map_names::DNS_OBS)?)?,
             dns_addrs: typed(map_names::DNS_ADDRS, take(map_names::DNS_ADDRS)?)?,

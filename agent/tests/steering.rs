@@ -149,7 +149,7 @@ fn plant(maps: &mut Maps, cookie: u64, addr: &str, service: &str, kind: u32) {
     .unwrap();
     // ... and in `pod_addrs`, and in the address filter, which keeps it
     // after the pod is gone.
-    maps.addr_filter.insert(addr, 0).unwrap();
+    maps.addr_filter.insert(&addr).unwrap();
 }
 
 fn connect(c: &Cluster, client: &str, cg: &Cgroup, addr: &str, count: u32) -> ConnectReport {

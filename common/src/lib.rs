@@ -61,11 +61,14 @@ pub mod map_names {
     /// [`crate::ServicePortKey`] → u32 (unused): the ports a service
     /// declares; only connections to them are steered.
     pub const SVC_PORTS: &str = "svc_ports";
-    /// Bloom filter of [`crate::AddrKey`]s: every address the agent ever
-    /// put in `pod_addrs`. The connect hooks' fast path is one test here:
-    /// an address it has never held is no headless service's, and no
-    /// headless name can have handed it out, so nothing more is looked up.
-    pub const ADDR_FILTER: &str = "addr_filter";
+    /// u32 word index → u64: a Bloom filter of [`crate::AddrKey`]s with
+    /// both of an address's bits in one word ([`crate::addr_filter`]). It
+    /// holds every address the agent put in `pod_addrs` since it started,
+    /// and every address `dns_addrs` held then. The connect hooks' fast
+    /// path is one test here: an address it does not hold is no headless
+    /// service's, and no headless name can have handed it out, so nothing
+    /// more is looked up.
+    pub const ADDR_FILTER: &str = "addr_bits";
     /// socket storage → [`crate::SocketState`]: what headway keeps on a
     /// client socket, freed with it. A steered socket's address asked for
     /// and pod chosen (getpeername/recvmsg report the former); the pod a
@@ -156,11 +159,40 @@ pub mod capacity {
     /// twice for the pods a topology preference picks.
     pub const SVC_BACKENDS: u32 = 262_144;
     pub const SVC_PORTS: u32 = 65_536;
-    /// Addresses the filter is sized for (it only ever grows; past this,
-    /// false positives rise and cost a lookup, never a wrong decision).
-    pub const ADDR_FILTER: u32 = 1 << 20;
-    /// Hash functions of the filter.
-    pub const ADDR_FILTER_HASHES: u32 = 3;
+}
+
+/// The address filter (`map_names::ADDR_FILTER`): a Bloom filter whose
+/// two bits for an address lie in one 64-bit word, so a test is one array
+/// read with no helper call (the fast path of every connect on the node;
+/// a kernel Bloom filter map cost 3 hashes and a call, a hash map miss
+/// more). The agent and the kernel share this function.
+///
+/// 8,192 words (64 KiB, 524,288 bits): about 1% false positives at 20,000
+/// addresses, 5% at 65,536. A false positive only costs the full path's
+/// lookups, never a wrong decision.
+pub mod addr_filter {
+    use crate::AddrKey;
+
+    /// Words in the filter (a power of two).
+    pub const WORDS: u32 = 1 << WORD_INDEX_BITS;
+    const WORD_INDEX_BITS: u32 = 13;
+
+    /// The word of the filter that holds `addr`, and its two bits there.
+    #[inline(always)]
+    pub fn bits(addr: &AddrKey) -> (u32, u64) {
+        let [a, b, c, d] = addr.addr;
+        // Two multiplicative mixes of the address's halves, folded; the
+        // top bits pick the word, the low twelve the two bits.
+        let high = ((u64::from(a) << 32) | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let low = ((u64::from(c) << 32) | u64::from(d)).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let mut h = high ^ low.rotate_left(31);
+        h ^= h >> 29;
+        h = h.wrapping_mul(0x1656_67B1_9E37_79F9);
+        h ^= h >> 32;
+        let word = (h >> (64 - WORD_INDEX_BITS)) as u32;
+        let mask = (1u64 << (h & 63)) | (1u64 << ((h >> 6) & 63));
+        (word, mask)
+    }
 }
 
 pub const NAMESPACE_LEN: usize = 64;

@@ -9,8 +9,10 @@
 //! from the service name under each policy (kept, or chosen afresh). The
 //! per-case figures are the deltas of the counters around the case.
 //!
-//! bpf_stats itself adds a little to every run (two clock reads); the
-//! numbers include it. The old sysctl value is restored at the end. Run it
+//! bpf_stats itself adds to every run (two clock reads, dear in a VM); the
+//! numbers include it. So that they can be read, each hook gets a floor
+//! program beside it (`floor`: `r0 = 1; exit`), timed on the same events:
+//! the report gives each figure net of its hook's floor too. The old sysctl value is restored at the end. Run it
 //! on a quiet machine: a program run can be preempted, and the time it
 //! spends preempted counts too, so load inflates every figure.
 use std::{
@@ -29,7 +31,11 @@ use headway_testbed::{
 };
 use serde_json::Value;
 
-use crate::{bpf_stats, util};
+use crate::{
+    bpf_stats,
+    floor::{self, Floors},
+    util,
+};
 
 const PORT: u16 = 8080;
 const DNS: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 53);
@@ -121,6 +127,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .first()
         .with_context(|| format!("resolving web: {report:?}"))?;
 
+    // Beside each hook, the cheapest program it can run: the floor that
+    // every figure below contains.
+    let floors = Floors::attach(cg.path())?;
+    let programs = || -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        let mut stats = bpf_stats::program_stats(&bpffs)?;
+        for (name, s) in floors.stats()? {
+            stats.insert(name.to_string(), s);
+        }
+        Ok(stats)
+    };
     let _stats = bpf_stats::BpfStats::enable()?;
     let n = opts.connections;
     let mut results = Vec::new();
@@ -136,13 +152,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
                 s["services"][0]["policy"] == want.as_str()
             })?;
         }
-        let before = bpf_stats::program_stats(&bpffs)?;
+        let before = programs()?;
         let decisions_before = decisions(&bpffs)?;
         let r = run_client(&cluster, client, Some(&cg), addr, PORT, n, false)?;
         if r.failures > 0 {
             bail!("{case}: {} of {n} connects failed: {r:?}", r.failures);
         }
-        let after = bpf_stats::program_stats(&bpffs)?;
+        let after = programs()?;
         let per_run = bpf_stats::per_run(&before, &after);
         let decisions = decisions(&bpffs)?
             .into_iter()
@@ -200,21 +216,36 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("\n== Hook cost per run (bpf_stats), {n} TCP connects per case");
     println!("   load average during the run: {}\n", load.trim());
-    println!("| case | hook | runs | ns/run | decisions |");
-    println!("|---|---|---:|---:|---|");
+    println!("   floor: `r0 = 1; exit` attached beside each hook (see xtask/src/floor.rs)\n");
+    println!("| case | hook | runs | ns/run | floor ns/run | net of floor | decisions |");
+    println!("|---|---|---:|---:|---:|---:|---|");
     for r in &results {
         let decisions: Vec<String> = r
             .decisions
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        for (i, (hook, (runs, ns))) in r.per_run.iter().enumerate() {
+        let floor_of = |hook: &str| {
+            r.per_run
+                .iter()
+                .find(|(name, _)| name.starts_with("floor_") && floor::beside(name) == hook)
+                .map(|(_, (_, ns))| *ns)
+        };
+        let hooks = r
+            .per_run
+            .iter()
+            .filter(|(name, _)| !name.starts_with("floor_"));
+        for (i, (hook, (runs, ns))) in hooks.enumerate() {
             let (case, d) = if i == 0 {
                 (r.case, decisions.join(" "))
             } else {
                 ("", String::new())
             };
-            println!("| {case} | {hook} | {runs} | {ns:.0} | {d} |");
+            let (floor, net) = match floor_of(hook) {
+                Some(f) => (format!("{f:.0}"), format!("{:.0}", ns - f)),
+                None => ("–".to_string(), "–".to_string()),
+            };
+            println!("| {case} | {hook} | {runs} | {ns:.0} | {floor} | {net} | {d} |");
         }
     }
     Ok(())

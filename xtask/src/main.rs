@@ -7,6 +7,7 @@ mod bench_hooks;
 mod bpf_stats;
 mod build_ebpf;
 mod demo;
+mod floor;
 mod image;
 mod test;
 mod toolchain;
