@@ -9,19 +9,24 @@
 //! the pinned maps hold (`rebuild`), which drops the bits of addresses
 //! gone meanwhile; every bit still needed is set in both the old and the
 //! new words, so no hook ever misses an address during the rewrite.
-use aya::maps::{Array, MapData, MapError};
-use headway_common::{AddrKey, addr_filter};
+use std::borrow::{Borrow, BorrowMut};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError},
+};
+use headway_common::{AddrIndex, AddrKey, PodRef, addr_filter, map_names};
 
 /// The filter map and the agent's copy of its words (the agent is its
 /// only writer).
-pub struct AddrFilter {
-    map: Array<MapData, u64>,
+pub struct AddrFilter<T = MapData> {
+    map: Array<T, u64>,
     /// Read from the map on first use (`headway status` never needs it).
     words: Option<Vec<u64>>,
 }
 
-impl AddrFilter {
-    pub fn new(map: Array<MapData, u64>) -> AddrFilter {
+impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrFilter<T> {
+    pub fn new(map: Array<T, u64>) -> AddrFilter<T> {
         AddrFilter { map, words: None }
     }
 
@@ -32,7 +37,7 @@ impl AddrFilter {
     }
 
     /// The map and the agent's copy of its words, read on first use.
-    fn parts(&mut self) -> Result<(&mut Array<MapData, u64>, &mut Vec<u64>), MapError> {
+    fn parts(&mut self) -> Result<(&mut Array<T, u64>, &mut Vec<u64>), MapError> {
         if self.words.is_none() {
             let read = (0..addr_filter::WORDS)
                 .map(|i| self.map.get(&i, 0))
@@ -80,6 +85,35 @@ impl AddrFilter {
         }
         Ok(())
     }
+}
+
+/// Writes the filter of a freshly loaded object from the address maps it
+/// took over from pins, before any of its programs is attached: after an
+/// upgrade from a build that kept no such filter, the new programs would
+/// otherwise skip every address until the first sync.
+pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
+    let mut addrs: Vec<AddrKey> = Vec::new();
+    if let Some(map) = ebpf.map(map_names::POD_ADDRS) {
+        let pod_addrs = HashMap::<_, AddrKey, PodRef>::try_from(map)?;
+        addrs.extend(pod_addrs.keys().filter_map(Result::ok));
+    }
+    if let Some(map) = ebpf.map(map_names::DNS_ADDRS) {
+        let dns_addrs = HashMap::<_, AddrKey, AddrIndex>::try_from(map)?;
+        addrs.extend(dns_addrs.keys().filter_map(Result::ok));
+    }
+    let map = ebpf
+        .map_mut(map_names::ADDR_FILTER)
+        .ok_or(FillError::NoFilter)?;
+    AddrFilter::new(Array::try_from(map)?).rebuild(&addrs)?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("the kernel object has no map {}", map_names::ADDR_FILTER)]
+    NoFilter,
+    #[error(transparent)]
+    Map(#[from] MapError),
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use aya::{
 use headway_common::{map_names, program_names};
 
 use crate::{
-    bpf_sys, cgroup,
+    addr_filter, bpf_sys, cgroup,
     pinned::{self, MapSizes, Maps, PinnedError},
 };
 
@@ -45,6 +45,8 @@ pub enum DatapathError {
          `cargo xtask build-ebpf`, then build headway again"
     )]
     NoObject,
+    #[error("cannot fill the address filter before attaching: {0}")]
+    AddrFilter(#[source] addr_filter::FillError),
     #[error("cannot mount bpffs at {path}: {source}")]
     MountBpffs {
         path: PathBuf,
@@ -175,6 +177,9 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(OBJECT)?;
+        // The fast path's filter must hold the pinned addresses before the
+        // programs that read it are attached (an upgrade may bring it new).
+        addr_filter::fill_before_attach(&mut ebpf).map_err(DatapathError::AddrFilter)?;
 
         let cgroup_dir = fs::File::open(cgroup_path).map_err(|source| {
             DatapathError::Cgroup(cgroup::CgroupError::Open {
