@@ -356,6 +356,66 @@ pub fn results_table(results: &Results) -> String {
     table(results, &COLUMNS[..WALL_CLOCK_COLUMNS])
 }
 
+/// headway `random` against `direct-random`, round by round: both spread
+/// every new connection over the pods at random, so their ratio is what
+/// headway's datapath costs, apart from what spreading itself costs
+/// (`direct-random` against `direct`). Empty when either did not run.
+pub fn spread_ratios(samples: &[Sample]) -> Vec<(Workload, Metric, Spread, Spread)> {
+    let mut out = Vec::new();
+    for w in [Workload::Connect, Workload::KeepAlive] {
+        for m in [Metric::RequestsPerSec, Metric::RequestsPerCpuSec] {
+            let direct = series(samples, w, m, Contender::Direct);
+            let spread = series(samples, w, m, Contender::DirectRandom);
+            let headway = series(samples, w, m, Contender::HeadwayRandom);
+            if let (Some(spreading), Some(datapath)) = (
+                Spread::of(&paired_ratios(&spread, &direct)),
+                Spread::of(&paired_ratios(&headway, &spread)),
+            ) {
+                out.push((w, m, spreading, datapath));
+            }
+        }
+    }
+    out
+}
+
+fn spread_section(samples: &[Sample]) -> String {
+    let rows = spread_ratios(samples);
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n## Spreading connections vs steering them\n\n\
+         `direct` keeps each client thread on one pod; a balancer spreads every new \
+         connection. `direct-random` is a client that picks a random pod IP itself for \
+         each new connection (no programs): against `direct` it shows what spreading \
+         costs (more cross-CPU wake-ups), and headway `random` against it shows what \
+         headway's datapath adds. Keep-alive connections are made once per run: there \
+         `direct-random` keeps `direct`'s pods (a control of the method, with one Lua \
+         call per request more), while headway `random` spreads them. Median of \
+         per-round ratios [min–max].\n\n\
+         | workload | metric | direct-random / direct | headway random / direct-random |\n\
+         |---|---|---|---|\n",
+    );
+    for (w, m, spreading, datapath) in rows {
+        let metric = match m {
+            Metric::RequestsPerCpuSec => "per CPU-second",
+            _ => "per second",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {metric} | ×{:.2} [{:.2}–{:.2}] | ×{:.2} [{:.2}–{:.2}] |",
+            w.id(),
+            spreading.median,
+            spreading.min,
+            spreading.max,
+            datapath.median,
+            datapath.min,
+            datapath.max
+        );
+    }
+    out
+}
+
 /// The same per CPU-second of the bench's own processes.
 pub fn cpu_table(results: &Results) -> String {
     table(results, &COLUMNS[WALL_CLOCK_COLUMNS..])
@@ -464,6 +524,8 @@ pub fn markdown(results: &Results) -> String {
             t.margin_points.abs()
         );
     }
+
+    out.push_str(&spread_section(&results.samples));
 
     out.push_str("\n## Kernel cost per hook (BPF stats, separate runs)\n\n");
     if results.hook_costs.is_empty() {
@@ -750,6 +812,42 @@ mod tests {
         let json = serde_json::to_string(&results).unwrap();
         let back: Results = serde_json::from_str(&json).unwrap();
         assert_eq!(back.summary.len(), results.summary.len());
+    }
+
+    #[test]
+    fn spreading_and_steering_are_told_apart_round_by_round() {
+        // Without direct-random there is nothing to tell apart.
+        assert!(spread_ratios(&fixture()).is_empty());
+        assert_eq!(spread_section(&fixture()), "");
+        let mut samples = fixture();
+        for (round, scale) in [(0, 1.0), (1, 0.5), (2, 1.0)] {
+            for w in Workload::ALL {
+                samples.push(sample(
+                    round,
+                    w,
+                    Contender::DirectRandom,
+                    950.0 * scale,
+                    100.0,
+                ));
+            }
+        }
+        let rows = spread_ratios(&samples);
+        // connect and keep-alive, each per second and per CPU-second.
+        assert_eq!(rows.len(), 4);
+        for (_, _, spreading, datapath) in &rows {
+            // Round 1 ran at half speed for everyone: the ratios stay put.
+            assert!((spreading.median - 0.95).abs() < 1e-9, "{spreading:?}");
+            assert!((spreading.max - spreading.min).abs() < 1e-9);
+            assert!(
+                (datapath.median - 980.0 / 950.0).abs() < 1e-9,
+                "{datapath:?}"
+            );
+        }
+        let md = spread_section(&samples);
+        assert!(
+            md.contains("| connect | per second | ×0.95 [0.95–0.95] | ×1.03 [1.03–1.03] |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -87,6 +87,10 @@ impl Workload {
 pub struct Target {
     pub host: String,
     pub spread_over: Vec<String>,
+    /// Every new connection goes to a random address of `spread_over`
+    /// (the script's `request()` picks it), instead of each thread
+    /// keeping one. Costs a Lua call per request.
+    pub pick_per_connection: bool,
 }
 
 /// wrk's errors, by kind (wrk's own counters).
@@ -162,7 +166,24 @@ function setup(thread)
     addrs = target_addrs()
   end
   thread.addr = addrs[(next_thread % #addrs) + 1]
+  thread:set("seed", os.time() * 1000 + next_thread)
   next_thread = next_thread + 1
+end
+
+-- BENCH_PICK=random: a client-side random balancer. wrk (re)connects to
+-- its thread's address, and request() runs before every request, so
+-- each new connection goes to the address the previous request drew.
+-- Defined only then: without request() wrk sends a prebuilt request.
+if os.getenv("BENCH_PICK") == "random" then
+  local pool = nil
+  function init(args)
+    pool = target_addrs()
+    math.randomseed(wrk.thread:get("seed"))
+  end
+  function request()
+    wrk.thread.addr = pool[math.random(#pool)]
+    return wrk.request()
+  end
 end
 
 function done(summary, latency, requests)
@@ -194,6 +215,14 @@ pub fn run_wrk(
         .args(["--timeout", "2s", "-s"])
         .arg(script)
         .env("BENCH_TARGETS", target.spread_over.join(" "))
+        .env(
+            "BENCH_PICK",
+            if target.pick_per_connection {
+                "random"
+            } else {
+                "thread"
+            },
+        )
         .env("BENCH_PORT", HTTP_PORT.to_string());
     if workload == Workload::Connect {
         cmd.args(["-H", "Connection: close"]);
