@@ -391,7 +391,7 @@ fn spread_section(samples: &[Sample]) -> String {
          costs (more cross-CPU wake-ups), and headway `random` against it shows what \
          headway's datapath adds. Keep-alive connections are made once per run: there \
          `direct-random` keeps `direct`'s pods (a control of the method, with one Lua \
-         call per request more), while headway `random` spreads them. Median of \
+         call per response more), while headway `random` spreads them. Median of \
          per-round ratios [min–max].\n\n\
          | workload | metric | direct-random / direct | headway random / direct-random |\n\
          |---|---|---|---|\n",

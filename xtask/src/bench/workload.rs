@@ -88,8 +88,8 @@ pub struct Target {
     pub host: String,
     pub spread_over: Vec<String>,
     /// Every new connection goes to a random address of `spread_over`
-    /// (the script's `request()` picks it), instead of each thread
-    /// keeping one. Costs a Lua call per request.
+    /// (the script's `response()` picks it), instead of each thread
+    /// keeping one. Costs a Lua call per response.
     pub pick_per_connection: bool,
 }
 
@@ -170,19 +170,20 @@ function setup(thread)
   next_thread = next_thread + 1
 end
 
--- BENCH_PICK=random: a client-side random balancer. wrk (re)connects to
--- its thread's address, and request() runs before every request, so
--- each new connection goes to the address the previous request drew.
--- Defined only then: without request() wrk sends a prebuilt request.
+-- BENCH_PICK=random: a client-side random balancer. wrk reconnects to
+-- its thread's address right after it hands a response to response(),
+-- so every new connection goes to an address drawn for it alone (drawn
+-- in request() instead, the connections a thread reopens in one pass of
+-- its event loop would all go to the same pod). Defined only then:
+-- response() makes wrk hand over every response's headers and body.
 if os.getenv("BENCH_PICK") == "random" then
   local pool = nil
   function init(args)
     pool = target_addrs()
     math.randomseed(wrk.thread:get("seed"))
   end
-  function request()
+  function response(status, headers, body)
     wrk.thread.addr = pool[math.random(#pool)]
-    return wrk.request()
   end
 end
 
