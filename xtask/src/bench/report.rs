@@ -360,20 +360,29 @@ pub fn results_table(results: &Results) -> String {
 /// every new connection over the pods at random, so their ratio is what
 /// headway's datapath costs, apart from what spreading itself costs
 /// (`direct-random` against `direct`). Empty when either did not run.
-pub fn spread_ratios(samples: &[Sample]) -> Vec<(Workload, Metric, Spread, Spread)> {
+pub fn spread_ratios(samples: &[Sample]) -> Vec<(Workload, Metric, Spread, Option<Spread>)> {
     let mut out = Vec::new();
-    for w in [Workload::Connect, Workload::KeepAlive] {
-        for m in [Metric::RequestsPerSec, Metric::RequestsPerCpuSec] {
-            let direct = series(samples, w, m, Contender::Direct);
-            let spread = series(samples, w, m, Contender::DirectRandom);
-            let headway = series(samples, w, m, Contender::HeadwayRandom);
-            if let (Some(spreading), Some(datapath)) = (
-                Spread::of(&paired_ratios(&spread, &direct)),
-                Spread::of(&paired_ratios(&headway, &spread)),
-            ) {
-                out.push((w, m, spreading, datapath));
-            }
-        }
+    let rows = [
+        (Workload::Connect, Metric::RequestsPerSec),
+        (Workload::Connect, Metric::RequestsPerCpuSec),
+        (Workload::KeepAlive, Metric::RequestsPerSec),
+        (Workload::KeepAlive, Metric::RequestsPerCpuSec),
+        (Workload::Latency, Metric::P50Us),
+        (Workload::Latency, Metric::P99Us),
+    ];
+    for (w, m) in rows {
+        let direct = series(samples, w, m, Contender::Direct);
+        let spread = series(samples, w, m, Contender::DirectRandom);
+        let headway = series(samples, w, m, Contender::HeadwayRandom);
+        let Some(spreading) = Spread::of(&paired_ratios(&spread, &direct)) else {
+            continue;
+        };
+        // One connection, never reopened: nothing is spread, so there is
+        // no datapath-only ratio to give.
+        let datapath = (w != Workload::Latency)
+            .then(|| Spread::of(&paired_ratios(&headway, &spread)))
+            .flatten();
+        out.push((w, m, spreading, datapath));
     }
     out
 }
@@ -389,28 +398,28 @@ fn spread_section(samples: &[Sample]) -> String {
          connection. `direct-random` is a client that picks a random pod IP itself for \
          each new connection (no programs): against `direct` it shows what spreading \
          costs (more cross-CPU wake-ups), and headway `random` against it shows what \
-         headway's datapath adds. Keep-alive connections are made once per run: there \
-         `direct-random` keeps `direct`'s pods (a control of the method, with one Lua \
-         call per response more), while headway `random` spreads them. Median of \
-         per-round ratios [min–max].\n\n\
+         headway's datapath adds. Keep-alive connections are made once per run, and \
+         the latency connection once: there `direct-random` keeps `direct`'s pods \
+         (with one Lua call per response more), so its ratio to `direct` is the noise \
+         floor of the method, while headway `random` spreads them. Median of per-round \
+         ratios [min–max].\n\n\
          | workload | metric | direct-random / direct | headway random / direct-random |\n\
          |---|---|---|---|\n",
     );
+    let cell = |s: &Spread| format!("×{:.2} [{:.2}–{:.2}]", s.median, s.min, s.max);
     for (w, m, spreading, datapath) in rows {
         let metric = match m {
             Metric::RequestsPerCpuSec => "per CPU-second",
+            Metric::P50Us => "p50",
+            Metric::P99Us => "p99",
             _ => "per second",
         };
         let _ = writeln!(
             out,
-            "| {} | {metric} | ×{:.2} [{:.2}–{:.2}] | ×{:.2} [{:.2}–{:.2}] |",
+            "| {} | {metric} | {} | {} |",
             w.id(),
-            spreading.median,
-            spreading.min,
-            spreading.max,
-            datapath.median,
-            datapath.min,
-            datapath.max
+            cell(&spreading),
+            datapath.as_ref().map_or("–".into(), cell)
         );
     }
     out
@@ -832,12 +841,20 @@ mod tests {
             }
         }
         let rows = spread_ratios(&samples);
-        // connect and keep-alive, each per second and per CPU-second.
-        assert_eq!(rows.len(), 4);
-        for (_, _, spreading, datapath) in &rows {
+        // connect and keep-alive, each per second and per CPU-second; the
+        // latency workload's p50 and p99, without a datapath-only ratio.
+        assert_eq!(rows.len(), 6);
+        for (w, m, spreading, datapath) in &rows {
+            if *w == Workload::Latency {
+                assert_eq!(*datapath, None);
+                // The fixture's latencies are the same for both.
+                assert!((spreading.median - 1.0).abs() < 1e-9, "{m:?} {spreading:?}");
+                continue;
+            }
             // Round 1 ran at half speed for everyone: the ratios stay put.
             assert!((spreading.median - 0.95).abs() < 1e-9, "{spreading:?}");
             assert!((spreading.max - spreading.min).abs() < 1e-9);
+            let datapath = datapath.expect("a datapath ratio");
             assert!(
                 (datapath.median - 980.0 / 950.0).abs() < 1e-9,
                 "{datapath:?}"
@@ -846,6 +863,10 @@ mod tests {
         let md = spread_section(&samples);
         assert!(
             md.contains("| connect | per second | ×0.95 [0.95–0.95] | ×1.03 [1.03–1.03] |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| latency | p99 | ×1.00 [1.00–1.00] | – |"),
             "{md}"
         );
     }
