@@ -144,7 +144,7 @@ impl Bed {
                         ns, &lb_cgroup, &lb_dir, LB_ADDR, &pod_addrs,
                     )?);
                 }
-                Contender::Direct => {}
+                Contender::Direct | Contender::DirectRandom => {}
             }
             cgroups.insert(c, Cgroup::new(&format!("bench-{}", c.id()))?);
         }
@@ -191,22 +191,26 @@ impl Bed {
     /// Where contender `c`'s client sends its load.
     pub fn target(&self, c: Contender) -> Target {
         match c {
-            Contender::Direct => Target {
+            Contender::Direct | Contender::DirectRandom => Target {
                 host: self.pods[0].to_string(),
                 spread_over: self.pods.iter().map(Ipv4Addr::to_string).collect(),
+                pick_per_connection: c == Contender::DirectRandom,
             },
             // The short name, expanded by the search list like in a pod.
             Contender::HeadwayRandom | Contender::HeadwayObserve => Target {
                 host: headway::SERVICE.to_owned(),
                 spread_over: vec![],
+                pick_per_connection: false,
             },
             Contender::Iptables | Contender::Ipvs => Target {
                 host: kube_proxy::SERVICE_VIP.to_string(),
                 spread_over: vec![],
+                pick_per_connection: false,
             },
             Contender::Haproxy => Target {
                 host: LB_ADDR.to_string(),
                 spread_over: vec![],
+                pick_per_connection: false,
             },
         }
     }

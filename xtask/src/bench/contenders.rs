@@ -19,6 +19,12 @@ use serde::{Deserialize, Serialize};
 pub enum Contender {
     /// Clients connect straight to pod IPs; no program attached.
     Direct,
+    /// Clients connect straight to pod IPs, a random one for every new
+    /// connection (a client-side random balancer); no program attached.
+    /// The same spread as headway's `random`, without its datapath: the
+    /// two side by side tell the cost of spreading connections from the
+    /// cost of steering them.
+    DirectRandom,
     /// Clients resolve the service name; headway's `random` policy steers.
     HeadwayRandom,
     /// Clients resolve the service name; headway's `observe` policy counts.
@@ -32,8 +38,9 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 6] = [
+    pub const ALL: [Contender; 7] = [
         Contender::Direct,
+        Contender::DirectRandom,
         Contender::HeadwayRandom,
         Contender::HeadwayObserve,
         Contender::Iptables,
@@ -44,6 +51,7 @@ impl Contender {
     pub fn id(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
+            Contender::DirectRandom => "direct-random",
             Contender::HeadwayRandom => "headway-random",
             Contender::HeadwayObserve => "headway-observe",
             Contender::Iptables => "iptables",
@@ -55,6 +63,7 @@ impl Contender {
     pub fn label(self) -> &'static str {
         match self {
             Contender::Direct => "direct (pod IPs, no programs)",
+            Contender::DirectRandom => "direct, random pod per connection",
             Contender::HeadwayRandom => "headway, policy random",
             Contender::HeadwayObserve => "headway, policy observe",
             Contender::Iptables => "kube-proxy iptables (10k services)",

@@ -79,6 +79,12 @@ pub struct Options {
     /// the baseline of every ratio, always runs.
     #[arg(long, value_delimiter = ',')]
     pub contenders: Vec<Contender>,
+    /// Profile every measured run: `perf record -a -g` (Debian's
+    /// linux-perf) writes DIR/<round>-<workload>-<contender>.data, to
+    /// read with `perf report -i`. System-wide, so other tenants' work is
+    /// in it too (`--comms wrk,nginx` keeps the bench's own).
+    #[arg(long, value_name = "DIR")]
+    pub perf: Option<PathBuf>,
 }
 
 impl Options {
@@ -199,7 +205,11 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
         warm_up(&mut bed, &script, &contenders)?;
         for &w in &workloads {
             for c in contenders::order(&contenders, round) {
-                let sample = run_one(&mut bed, &script, round, w, c, duration)?;
+                let profile = opts
+                    .perf
+                    .as_ref()
+                    .map(|dir| dir.join(format!("{}-{}-{}.data", round + 1, w.id(), c.id())));
+                let sample = run_one(&mut bed, &script, round, w, c, duration, profile)?;
                 let m = &sample.measured;
                 eprintln!(
                     "bench: round {} {:<10} {:<16} {:>10.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs {:>6.2} Gbit/s cpu {:>5.2} s errors {}",
@@ -295,7 +305,8 @@ fn available_contenders(opts: &Options) -> anyhow::Result<(Vec<Contender>, Vec<S
 }
 
 /// One wrk run of workload `w` for contender `c`; for headway, with the
-/// policy set first and the service's connect decisions recorded.
+/// policy set first and the service's connect decisions recorded; profiled
+/// into `profile` when given.
 fn run_one(
     bed: &mut Bed,
     script: &Path,
@@ -303,6 +314,7 @@ fn run_one(
     w: Workload,
     c: Contender,
     duration: Duration,
+    profile: Option<PathBuf>,
 ) -> anyhow::Result<Sample> {
     let before = match (c.headway_policy(), bed.headway.as_mut()) {
         (Some(policy), Some(rig)) => {
@@ -313,10 +325,14 @@ fn run_one(
     };
     let target = bed.target(c);
     let (ns, cgroup) = bed.client(c)?;
+    let recorder = profile.map(|file| Profiler::start(&file)).transpose()?;
     let cpu_before = bed.cpu_usage_us(c)?;
     let measured = run_wrk(ns, cgroup, script, w, bed.pods.len(), &target, duration)
         .with_context(|| format!("{} / {}", w.id(), c.id()))?;
     let cpu_us = bed.cpu_usage_us(c)? - cpu_before;
+    if let Some(recorder) = recorder {
+        recorder.stop(measured.requests)?;
+    }
     if measured.requests == 0 {
         bail!("{} / {}: no request completed", w.id(), c.id());
     }
@@ -346,9 +362,146 @@ fn warm_up(bed: &mut Bed, script: &Path, contenders: &[Contender]) -> anyhow::Re
             Workload::KeepAlive,
             c,
             Duration::from_secs(1),
+            None,
         )?;
     }
     Ok(())
+}
+
+/// `perf record -a -g` around one run (`--perf`), and the system-wide
+/// counters that say how the kernel spent the run (context switches,
+/// IPIs, softirqs, steal), per request, in DIR/counters.tsv.
+struct Profiler {
+    child: std::process::Child,
+    file: PathBuf,
+    counters: BTreeMap<String, u64>,
+}
+
+impl Profiler {
+    fn start(file: &Path) -> anyhow::Result<Profiler> {
+        if let Some(dir) = file.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-q", "-o"])
+            .arg(file)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record (apt-get install linux-perf)")?;
+        // perf needs a moment to open its events on every CPU.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Profiler {
+            child,
+            file: file.to_owned(),
+            counters: kernel_counters()?,
+        })
+    }
+
+    /// Stops the recording (SIGINT makes perf write its file and exit)
+    /// and appends the counters' growth per request to counters.tsv.
+    fn stop(mut self, requests: u64) -> anyhow::Result<()> {
+        let after = kernel_counters()?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        let status = self.child.wait()?;
+        // perf writes its file, then ends itself with the same signal.
+        use std::os::unix::process::ExitStatusExt as _;
+        if !status.success() && status.signal() != Some(libc_sigint()) {
+            bail!("perf record for {} failed: {status}", self.file.display());
+        }
+        let tsv = self.file.with_file_name("counters.tsv");
+        let mut text = String::new();
+        if !tsv.exists() {
+            text.push_str("run\trequests");
+            for key in after.keys() {
+                // Ticks (1/100 s) are too coarse per request: whole run.
+                let per = if key.starts_with("ticks_") {
+                    ""
+                } else {
+                    "/req"
+                };
+                text.push_str(&format!("\t{key}{per}"));
+            }
+            text.push('\n');
+        }
+        let run = self.file.file_stem().unwrap_or_default().to_string_lossy();
+        text.push_str(&format!("{run}\t{requests}"));
+        for (key, value) in &after {
+            let grew = value.saturating_sub(self.counters.get(key).copied().unwrap_or(0));
+            if key.starts_with("ticks_") {
+                text.push_str(&format!("\t{grew}"));
+            } else {
+                text.push_str(&format!("\t{:.3}", grew as f64 / requests.max(1) as f64));
+            }
+        }
+        text.push('\n');
+        use std::io::Write as _;
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&tsv)?
+            .write_all(text.as_bytes())?;
+        Ok(())
+    }
+}
+
+fn libc_sigint() -> i32 {
+    nix::sys::signal::Signal::SIGINT as i32
+}
+
+/// System-wide kernel counters, summed over CPUs: context switches and
+/// time (USER_HZ ticks) from /proc/stat, IPIs from /proc/interrupts,
+/// softirqs from /proc/softirqs.
+fn kernel_counters() -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    let sum = |fields: &[&str]| fields.iter().filter_map(|f| f.parse::<u64>().ok()).sum();
+    for line in fs::read_to_string("/proc/stat")?.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.first() {
+            Some(&"ctxt") => {
+                out.insert("ctxt".into(), sum(&f[1..]));
+            }
+            Some(&"cpu") => {
+                for (i, name) in [
+                    "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
+                ]
+                .iter()
+                .enumerate()
+                {
+                    if let Some(v) = f.get(i + 1).and_then(|v| v.parse().ok()) {
+                        out.insert(format!("ticks_{name}"), v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for line in fs::read_to_string("/proc/interrupts")?.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let Some(&name @ ("RES:" | "CAL:")) = f.first() {
+            out.insert(format!("ipi_{}", name.trim_end_matches(':')), sum(&f[1..]));
+        }
+    }
+    for line in fs::read_to_string("/proc/softirqs")?.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let Some(&name @ ("NET_RX:" | "RCU:" | "SCHED:" | "TIMER:")) = f.first() {
+            out.insert(
+                format!("softirq_{}", name.trim_end_matches(':')),
+                sum(&f[1..]),
+            );
+        }
+    }
+    Ok(out)
+}
+
+impl Drop for Profiler {
+    /// A run that failed midway leaves no perf behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Extra headway runs with BPF run-time statistics on
@@ -526,6 +679,7 @@ mod tests {
             render: None,
             workloads: vec![],
             contenders: vec![],
+            perf: None,
         };
         let results = measure(&opts).expect("the bench runs");
 

@@ -356,6 +356,75 @@ pub fn results_table(results: &Results) -> String {
     table(results, &COLUMNS[..WALL_CLOCK_COLUMNS])
 }
 
+/// headway `random` against `direct-random`, round by round: both spread
+/// every new connection over the pods at random, so their ratio is what
+/// headway's datapath costs, apart from what spreading itself costs
+/// (`direct-random` against `direct`). Empty when either did not run.
+pub fn spread_ratios(samples: &[Sample]) -> Vec<(Workload, Metric, Spread, Option<Spread>)> {
+    let mut out = Vec::new();
+    let rows = [
+        (Workload::Connect, Metric::RequestsPerSec),
+        (Workload::Connect, Metric::RequestsPerCpuSec),
+        (Workload::KeepAlive, Metric::RequestsPerSec),
+        (Workload::KeepAlive, Metric::RequestsPerCpuSec),
+        (Workload::Latency, Metric::P50Us),
+        (Workload::Latency, Metric::P99Us),
+    ];
+    for (w, m) in rows {
+        let direct = series(samples, w, m, Contender::Direct);
+        let spread = series(samples, w, m, Contender::DirectRandom);
+        let headway = series(samples, w, m, Contender::HeadwayRandom);
+        let Some(spreading) = Spread::of(&paired_ratios(&spread, &direct)) else {
+            continue;
+        };
+        // One connection, never reopened: nothing is spread, so there is
+        // no datapath-only ratio to give.
+        let datapath = (w != Workload::Latency)
+            .then(|| Spread::of(&paired_ratios(&headway, &spread)))
+            .flatten();
+        out.push((w, m, spreading, datapath));
+    }
+    out
+}
+
+fn spread_section(samples: &[Sample]) -> String {
+    let rows = spread_ratios(samples);
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n## Spreading connections vs steering them\n\n\
+         `direct` keeps each client thread on one pod; a balancer spreads every new \
+         connection. `direct-random` is a client that picks a random pod IP itself for \
+         each new connection (no programs): against `direct` it shows what spreading \
+         costs (more cross-CPU wake-ups), and headway `random` against it shows what \
+         headway's datapath adds. Keep-alive connections are made once per run, and \
+         the latency connection once: there `direct-random` keeps `direct`'s pods \
+         (with one Lua call per response more), so its ratio to `direct` is the noise \
+         floor of the method, while headway `random` spreads them. Median of per-round \
+         ratios [min–max].\n\n\
+         | workload | metric | direct-random / direct | headway random / direct-random |\n\
+         |---|---|---|---|\n",
+    );
+    let cell = |s: &Spread| format!("×{:.2} [{:.2}–{:.2}]", s.median, s.min, s.max);
+    for (w, m, spreading, datapath) in rows {
+        let metric = match m {
+            Metric::RequestsPerCpuSec => "per CPU-second",
+            Metric::P50Us => "p50",
+            Metric::P99Us => "p99",
+            _ => "per second",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {metric} | {} | {} |",
+            w.id(),
+            cell(&spreading),
+            datapath.as_ref().map_or("–".into(), cell)
+        );
+    }
+    out
+}
+
 /// The same per CPU-second of the bench's own processes.
 pub fn cpu_table(results: &Results) -> String {
     table(results, &COLUMNS[WALL_CLOCK_COLUMNS..])
@@ -464,6 +533,8 @@ pub fn markdown(results: &Results) -> String {
             t.margin_points.abs()
         );
     }
+
+    out.push_str(&spread_section(&results.samples));
 
     out.push_str("\n## Kernel cost per hook (BPF stats, separate runs)\n\n");
     if results.hook_costs.is_empty() {
@@ -750,6 +821,54 @@ mod tests {
         let json = serde_json::to_string(&results).unwrap();
         let back: Results = serde_json::from_str(&json).unwrap();
         assert_eq!(back.summary.len(), results.summary.len());
+    }
+
+    #[test]
+    fn spreading_and_steering_are_told_apart_round_by_round() {
+        // Without direct-random there is nothing to tell apart.
+        assert!(spread_ratios(&fixture()).is_empty());
+        assert_eq!(spread_section(&fixture()), "");
+        let mut samples = fixture();
+        for (round, scale) in [(0, 1.0), (1, 0.5), (2, 1.0)] {
+            for w in Workload::ALL {
+                samples.push(sample(
+                    round,
+                    w,
+                    Contender::DirectRandom,
+                    950.0 * scale,
+                    100.0,
+                ));
+            }
+        }
+        let rows = spread_ratios(&samples);
+        // connect and keep-alive, each per second and per CPU-second; the
+        // latency workload's p50 and p99, without a datapath-only ratio.
+        assert_eq!(rows.len(), 6);
+        for (w, m, spreading, datapath) in &rows {
+            if *w == Workload::Latency {
+                assert_eq!(*datapath, None);
+                // The fixture's latencies are the same for both.
+                assert!((spreading.median - 1.0).abs() < 1e-9, "{m:?} {spreading:?}");
+                continue;
+            }
+            // Round 1 ran at half speed for everyone: the ratios stay put.
+            assert!((spreading.median - 0.95).abs() < 1e-9, "{spreading:?}");
+            assert!((spreading.max - spreading.min).abs() < 1e-9);
+            let datapath = datapath.expect("a datapath ratio");
+            assert!(
+                (datapath.median - 980.0 / 950.0).abs() < 1e-9,
+                "{datapath:?}"
+            );
+        }
+        let md = spread_section(&samples);
+        assert!(
+            md.contains("| connect | per second | ×0.95 [0.95–0.95] | ×1.03 [1.03–1.03] |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| latency | p99 | ×1.00 [1.00–1.00] | – |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -87,6 +87,10 @@ impl Workload {
 pub struct Target {
     pub host: String,
     pub spread_over: Vec<String>,
+    /// Every new connection goes to a random address of `spread_over`
+    /// (the script's `response()` picks it), instead of each thread
+    /// keeping one. Costs a Lua call per response.
+    pub pick_per_connection: bool,
 }
 
 /// wrk's errors, by kind (wrk's own counters).
@@ -162,7 +166,25 @@ function setup(thread)
     addrs = target_addrs()
   end
   thread.addr = addrs[(next_thread % #addrs) + 1]
+  thread:set("seed", os.time() * 1000 + next_thread)
   next_thread = next_thread + 1
+end
+
+-- BENCH_PICK=random: a client-side random balancer. wrk reconnects to
+-- its thread's address right after it hands a response to response(),
+-- so every new connection goes to an address drawn for it alone (drawn
+-- in request() instead, the connections a thread reopens in one pass of
+-- its event loop would all go to the same pod). Defined only then:
+-- response() makes wrk hand over every response's headers and body.
+if os.getenv("BENCH_PICK") == "random" then
+  local pool = nil
+  function init(args)
+    pool = target_addrs()
+    math.randomseed(wrk.thread:get("seed"))
+  end
+  function response(status, headers, body)
+    wrk.thread.addr = pool[math.random(#pool)]
+  end
 end
 
 function done(summary, latency, requests)
@@ -194,6 +216,14 @@ pub fn run_wrk(
         .args(["--timeout", "2s", "-s"])
         .arg(script)
         .env("BENCH_TARGETS", target.spread_over.join(" "))
+        .env(
+            "BENCH_PICK",
+            if target.pick_per_connection {
+                "random"
+            } else {
+                "thread"
+            },
+        )
         .env("BENCH_PORT", HTTP_PORT.to_string());
     if workload == Workload::Connect {
         cmd.args(["-H", "Connection: close"]);
