@@ -20,8 +20,10 @@ const ALLOW: i32 = 1;
 /// new address in the context.
 ///
 /// The record: a steered socket remembers (asked, chosen) for
-/// getpeername/recvmsg. A connected UDP socket is marked for the pod it
-/// talks to (its bytes are counted from here on); TCP is marked once
+/// getpeername/recvmsg, and is marked for the pod chosen in the same
+/// record (sock_ops then finds a steered TCP socket's pod there, with no
+/// lookup). A connected UDP socket is marked for the pod it talks to (its
+/// bytes are counted from here on); an unsteered TCP socket is marked once
 /// established (`sock_ops`). A UDP socket can connect again, elsewhere, so
 /// an unsteered UDP connect clears what an earlier one left; a TCP socket
 /// connects once and needs no such care.
@@ -46,11 +48,11 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
     // records returned are this socket's storage (or null).
     unsafe {
         if let Some(steering) = to.steered {
-            // A UDP socket is marked and steered in the same record: one
-            // storage lookup, not two.
+            // Marked and steered in the same record: one storage lookup,
+            // not two.
             let state = match to.pod {
-                Some(pod_id) if udp => mark(sk, pod_id, IPPROTO_UDP),
-                _ => core::ptr::null_mut(),
+                Some(pod_id) => mark(sk, pod_id, req.protocol as u8),
+                None => core::ptr::null_mut(),
             };
             if state.is_null() {
                 set_steered(sk, &steering);

@@ -1,8 +1,10 @@
 //! sock_ops: the exact number of established TCP connections per pod.
 //!
 //! ACTIVE_ESTABLISHED (a connect() on this node completed its handshake)
-//! to a pod address marks the socket (`sock_state`), asks the kernel for
-//! state-change callbacks and adds one to the pod's `active_tcp`. The
+//! to a pod address marks the socket (`sock_state`; a steered socket was
+//! marked at connect() already), asks the kernel for state-change
+//! callbacks and adds one to the pod's `active_tcp`. An address outside
+//! the address filter costs nothing more than the filter's one read. The
 //! callback for the move to TCP_CLOSE takes it back, once: the mark's
 //! `active` flag is cleared on the way. Every end of a connection goes
 //! through TCP_CLOSE (FIN either way, reset, timeout, the owner exiting);
@@ -10,6 +12,7 @@
 //! counted. The mark and the callback flag live on the socket, so a
 //! program swapped into the pinned link by a restarted agent closes what
 //! the previous one opened.
+use aya_ebpf::bindings::bpf_sock;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
@@ -18,11 +21,12 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use headway_common::AddrKey;
+use headway_common::{AddrKey, SocketState, sock_flags};
 
 use crate::{
     accounting::{close_active, open_active, pod_of},
     sock_state::{IPPROTO_TCP, mark, state_of},
+    steer::never_known,
 };
 
 const AF_INET: u32 = 2;
@@ -65,7 +69,8 @@ fn remote(ctx: &SockOpsContext) -> Option<AddrKey> {
 
 #[inline(always)]
 fn established(ctx: &SockOpsContext) {
-    let Some(pod_id) = remote(ctx).and_then(|a| pod_of(&a)) else {
+    // Most connections on a node go to no pod: one filter read says so.
+    let Some(remote) = remote(ctx).filter(|a| !never_known(a)) else {
         return;
     };
     // SAFETY: the context's socket (null for non-full sockets).
@@ -74,7 +79,7 @@ fn established(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: non-null socket of this context.
-    let slot = unsafe { mark(sk, pod_id, IPPROTO_TCP) };
+    let slot = unsafe { marked_or_mark(sk, &remote) };
     if slot.is_null() {
         return;
     }
@@ -90,8 +95,29 @@ fn established(ctx: &SockOpsContext) {
     // socket's lock, so `active` has one writer at a time.
     unsafe {
         (*slot).active = 1;
-        open_active(pod_id, (*slot).generation);
+        open_active((*slot).pod_id, (*slot).generation);
     }
+}
+
+/// The socket's record, marked for the pod it talks to: as connect() left
+/// it for a steered socket (marked for the pod chosen), else marked now
+/// for the pod that has `remote` (null if none, or no storage).
+///
+/// # Safety
+/// `sk` is the context's non-null full socket.
+#[inline(always)]
+unsafe fn marked_or_mark(sk: *mut bpf_sock, remote: &AddrKey) -> *mut SocketState {
+    // SAFETY: caller's contract; a lookup without create.
+    let slot = unsafe { state_of(sk) };
+    // SAFETY: non-null storage of this socket.
+    if !slot.is_null() && unsafe { (*slot).flags } & sock_flags::ACCOUNTED != 0 {
+        return slot;
+    }
+    let Some(pod_id) = pod_of(remote) else {
+        return core::ptr::null_mut();
+    };
+    // SAFETY: caller's contract.
+    unsafe { mark(sk, pod_id, IPPROTO_TCP) }
 }
 
 #[inline(always)]

@@ -8,8 +8,9 @@
 //! connects, so its bytes and its close always go to the pod it really
 //! talks to, even if the agent gives the address to another pod meanwhile.
 //! Only client sockets are marked for accounting (TCP in `sock_ops` on
-//! ACTIVE_ESTABLISHED, connected UDP at connect()), so a server pod's own
-//! sockets are never counted as traffic to some pod.
+//! ACTIVE_ESTABLISHED, or at connect() when it is steered; connected UDP
+//! at connect()), so a server pod's own sockets are never counted as
+//! traffic to some pod.
 //!
 //! Creating storage is the most expensive thing a hook here does (two
 //! allocations the first time), so a steered TCP socket creates it once,
