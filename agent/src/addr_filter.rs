@@ -87,6 +87,18 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrFilter<T> {
     }
 }
 
+/// Adds `addr` to a filter map with one read and one write of its word,
+/// for tools and tests that fill maps by hand (the agent keeps a copy of
+/// the words instead: [`AddrFilter::insert`]).
+pub fn add_to<T: Borrow<MapData> + BorrowMut<MapData>>(
+    map: &mut Array<T, u64>,
+    addr: &AddrKey,
+) -> Result<(), MapError> {
+    let (word, mask) = addr_filter::bits(addr);
+    let old = map.get(&word, 0)?;
+    map.set(word, old | mask, 0)
+}
+
 /// Writes the filter of a freshly loaded object from the address maps it
 /// took over from pins, before any of its programs is attached: after an
 /// upgrade from a build that kept no such filter, the new programs would

@@ -153,6 +153,14 @@ impl Interceptor {
     }
 
     fn set_index(&mut self, addr: IpAddr, index: AddrIndex) {
+        // The address filter first, as the agent does: the interceptor
+        // looks up no address the filter does not hold.
+        let filter = self
+            .ebpf
+            .map_mut(map_names::ADDR_FILTER)
+            .expect("no address filter");
+        let mut filter = Array::try_from(filter).expect("address filter");
+        headway::addr_filter::add_to(&mut filter, &addr_key(addr)).expect("add to the filter");
         self.hash_map_mut::<AddrKey, AddrIndex>(map_names::DNS_ADDRS)
             .insert(addr_key(addr), index, 0)
             .expect("insert into dns_addrs");

@@ -305,6 +305,12 @@ impl Bench {
                 slot: i as u32,
                 since_ns: 1,
             };
+            // The address filter first, as the agent does.
+            let filter = self
+                .ebpf
+                .map_mut(map_names::ADDR_FILTER)
+                .context("no address filter")?;
+            headway::addr_filter::add_to(&mut Array::try_from(filter)?, &addr_key(pod_ip(i)))?;
             self.map::<AddrKey, AddrIndex>(map_names::DNS_ADDRS)?
                 .insert(addr_key(pod_ip(i)), index, 0)?;
         }

@@ -35,6 +35,7 @@ use super::{
 use crate::{
     accounting::count_dns_answer,
     maps::{DNS_ADDRS, DNS_NAMES, DNS_OBS, DNS_PENDING, POD_ADDRS_GEN},
+    steer::never_known,
 };
 
 /// Labels walked in one owner name before giving up (ERR_BAD_LABEL). Owner
@@ -314,7 +315,13 @@ fn fill_cache(s: &Scratch, c: *mut CachedAnswer, service_id: u32, n: usize) {
         }
         let mut pod_id = NO_POD;
         let mut slot = NO_SLOT;
-        if let Some(index) = s.addr(i).and_then(|addr| DNS_ADDRS.get_ptr(&addr)) {
+        // The address filter holds every key of `dns_addrs`: an address
+        // outside it needs no lookup (one array read instead of a hash walk).
+        let indexed = s
+            .addr(i)
+            .filter(|addr| !never_known(addr))
+            .and_then(|addr| DNS_ADDRS.get_ptr(&addr));
+        if let Some(index) = indexed {
             // SAFETY: fields of a live map value, read one by one.
             pod_id = unsafe { (*index).pod_id };
             let entries = (unsafe { (*index).n } as usize).min(ADDR_MAX_SERVICES);
