@@ -22,10 +22,12 @@ use crate::{
 };
 
 /// Everything the agent owns in the maps (the kernel owns `pod_stats`).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct MapContents {
+/// `P` is what is kept of a pod's entry: the entry itself, or (in the
+/// writer's mirror) a fingerprint of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapContents<P = PodMeta> {
     pub services: BTreeMap<u32, ServiceMeta>,
-    pub pods: BTreeMap<u32, PodMeta>,
+    pub pods: BTreeMap<u32, P>,
     pub pod_addrs: BTreeMap<AddrKey, PodRef>,
     pub svc_endpoints: BTreeMap<ServiceEndpointKey, EndpointState>,
     pub svc_backends: BTreeMap<BackendKey, Backend>,
@@ -33,6 +35,20 @@ pub struct MapContents {
     pub svc_ports: BTreeMap<ServicePortKey, u32>,
     /// name hash → service and kind of name.
     pub dns_names: BTreeMap<u64, NameEntry>,
+}
+
+impl<P> Default for MapContents<P> {
+    fn default() -> Self {
+        MapContents {
+            services: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            pod_addrs: BTreeMap::new(),
+            svc_endpoints: BTreeMap::new(),
+            svc_backends: BTreeMap::new(),
+            svc_ports: BTreeMap::new(),
+            dns_names: BTreeMap::new(),
+        }
+    }
 }
 
 /// What the plan needs besides the desired state.
@@ -196,10 +212,10 @@ impl Ids {
     }
 }
 
-impl MapContents {
+impl<P> MapContents<P> {
     /// Adds `other`'s entries; where both have a key, the entry already
     /// here stays.
-    pub fn merge(&mut self, other: MapContents) {
+    pub fn merge(&mut self, other: MapContents<P>) {
         fn keep_first<K: Ord, V>(into: &mut BTreeMap<K, V>, from: BTreeMap<K, V>) {
             for (k, v) in from {
                 into.entry(k).or_insert(v);
