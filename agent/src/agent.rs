@@ -105,8 +105,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     });
 
     // A bad kubeconfig is a configuration error: fail before attaching.
-    let client = match &cfg.source {
-        SourceSpec::Kube => Some(kube::client(cfg.kubeconfig.as_deref()).await?),
+    // The watchers start listing now, in their own tasks, while the
+    // programs load (at scale both take a while); nothing is written
+    // before both are done.
+    let source = match &cfg.source {
+        SourceSpec::Kube => {
+            let client = kube::client(cfg.kubeconfig.as_deref()).await?;
+            let options = KubeOptions {
+                namespaces: cfg.namespaces.clone(),
+                node_name: cfg.node_name.clone(),
+                streaming_lists: cfg.streaming_lists,
+            };
+            Some(KubeSource::start(client, &options))
+        }
         SourceSpec::Dir(_) => None,
     };
     let mut datapath = Datapath::start_with_sizes(&cfg.bpffs, &cfg.cgroup_path, &cfg.map_sizes)?;
@@ -157,10 +168,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => {}
         }
     };
-    match (&cfg.source, client) {
+    match (&cfg.source, source) {
         (SourceSpec::Dir(dir), _) => run_dir(dir, &mut syncer, &cfg, stop).await?,
-        (SourceSpec::Kube, Some(client)) => run_kube(client, &mut syncer, &cfg, stop).await,
-        (SourceSpec::Kube, None) => unreachable!("the kube source always has a client"),
+        (SourceSpec::Kube, Some(source)) => run_kube(source, &mut syncer, &cfg, stop).await,
+        (SourceSpec::Kube, None) => unreachable!("the kube source is started above"),
     }
     info!("stopping; programs stay attached and maps stay pinned");
     Ok(())
@@ -199,17 +210,11 @@ async fn run_dir(
 /// one full sync writes what differs, and every later batch of events
 /// updates only the services it affects.
 async fn run_kube(
-    client: ::kube::Client,
+    mut source: KubeSource,
     syncer: &mut Syncer,
     cfg: &AgentConfig,
     stop: impl Future<Output = ()>,
 ) {
-    let options = KubeOptions {
-        namespaces: cfg.namespaces.clone(),
-        node_name: cfg.node_name.clone(),
-        streaming_lists: cfg.streaming_lists,
-    };
-    let mut source = KubeSource::start(client, &options);
     let mut synced = false;
     tokio::pin!(stop);
     loop {

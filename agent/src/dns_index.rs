@@ -27,7 +27,7 @@ use headway_common::{
 };
 
 use crate::{
-    map_writer::{WriteError, bump_pod_addrs_gen, delete_batch, write_batch},
+    map_writer::{WriteError, bump_pod_addrs_gen, delete_batch, fingerprint, write_batch},
     pinned::Maps,
 };
 
@@ -134,8 +134,9 @@ pub struct DnsIndex {
     services_of: BTreeMap<AddrKey, ServiceIds>,
     /// The pod of each address, as `pod_addrs` has it.
     pods: BTreeMap<AddrKey, u32>,
-    /// What `dns_addrs` holds.
-    written: BTreeMap<AddrKey, AddrIndex>,
+    /// What `dns_addrs` holds, as fingerprints ([`index_print`]): only
+    /// ever compared, and 24 bytes an address instead of 88.
+    written: BTreeMap<AddrKey, u64>,
     /// Counter for `Owner::left`.
     departures: u64,
 }
@@ -147,6 +148,11 @@ fn family(addr: &AddrKey) -> u16 {
     } else {
         6
     }
+}
+
+fn index_print(v: &AddrIndex) -> u64 {
+    let slots = v.slots.map(|s| (s.service_id, s.slot, s.since_ns));
+    fingerprint(&(v.pod_id, v.n, slots))
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
@@ -169,7 +175,7 @@ impl DnsIndex {
     pub fn load(map: &HashMap<MapData, AddrKey, AddrIndex>) -> DnsIndex {
         let mut index = DnsIndex::default();
         for (addr, value) in map.iter().filter_map(Result::ok) {
-            index.written.insert(addr, value);
+            index.written.insert(addr, index_print(&value));
             if value.pod_id != NO_POD {
                 index.pods.insert(addr, value.pod_id);
             }
@@ -415,7 +421,7 @@ impl DnsIndex {
         let mut removals = Vec::new();
         for addr in addrs {
             let want = self.value(addr);
-            if self.written.get(addr) == want.as_ref() {
+            if self.written.get(addr).copied() == want.as_ref().map(index_print) {
                 continue;
             }
             match want {
@@ -431,7 +437,7 @@ impl DnsIndex {
         let removed = delete_batch(&maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
         let changed = !(written.is_empty() && removed.is_empty());
         for i in written {
-            self.written.insert(keys[i], values[i]);
+            self.written.insert(keys[i], index_print(&values[i]));
         }
         for i in removed {
             self.written.remove(&removals[i]);

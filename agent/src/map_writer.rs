@@ -246,10 +246,28 @@ fn holds<K: Ord, V>(entries: &[(K, V)], key: &K) -> bool {
     entries.binary_search_by(|(k, _)| k.cmp(key)).is_ok()
 }
 
+/// A 64-bit fingerprint of a map value, for a mirror that only compares
+/// values and need not keep them (std's SipHash with fixed keys: the same
+/// value always gives the same print).
+pub(crate) fn fingerprint<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// A pod entry's fingerprint: the writer only ever compares pod entries
+/// (192 bytes of names each, ~36 MB at 100,000 pods), so it keeps this.
+type PodPrint = u64;
+
+fn pod_print(meta: &PodMeta) -> PodPrint {
+    fingerprint(&(meta.namespace, meta.name))
+}
+
 pub struct MapWriter {
     maps: Maps,
-    /// Mirror of what the agent-owned maps hold.
-    current: MapContents,
+    /// Mirror of what the agent-owned maps hold (pods as fingerprints).
+    current: MapContents<PodPrint>,
     /// What each service (by id) last asked for.
     fragments: BTreeMap<u32, Fragment>,
     shared: SharedClaims,
@@ -262,13 +280,34 @@ impl MapWriter {
     /// Nothing is claimed yet: until [`MapWriter::sweep`], entries no
     /// service asked for stay as they are.
     ///
-    /// The address filter is written anew from the addresses in
-    /// `pod_addrs` and `dns_addrs` (see `addr_filter`): an address missing
-    /// from it would skip the connect hooks entirely, and addresses gone
-    /// since it was last written leave it.
-    pub fn new(maps: Maps) -> Result<MapWriter, crate::pinned::PinnedError> {
-        let current = maps.read_contents()?;
+    /// `current` is what the maps hold (read with
+    /// [`Maps::read_contents`]). The address filter is written anew from
+    /// the addresses in `pod_addrs` and `dns_addrs` (see `addr_filter`):
+    /// an address missing from it would skip the connect hooks entirely,
+    /// and addresses gone since it was last written leave it.
+    pub fn new(maps: Maps, current: MapContents) -> MapWriter {
         let dns_index = DnsIndex::load(&maps.dns_addrs);
+        let MapContents {
+            services,
+            pods,
+            pod_addrs,
+            svc_endpoints,
+            svc_backends,
+            svc_ports,
+            dns_names,
+        } = current;
+        let current = MapContents {
+            services,
+            pods: pods
+                .iter()
+                .map(|(id, meta)| (*id, pod_print(meta)))
+                .collect(),
+            pod_addrs,
+            svc_endpoints,
+            svc_backends,
+            svc_ports,
+            dns_names,
+        };
         let mut writer = MapWriter {
             maps,
             current,
@@ -286,11 +325,7 @@ impl MapWriter {
         if let Err(e) = writer.maps.addr_filter.rebuild(addrs) {
             tracing::error!(error = %e, "cannot fill the address filter");
         }
-        Ok(writer)
-    }
-
-    pub fn current(&self) -> &MapContents {
-        &self.current
+        writer
     }
 
     /// The service ids that currently have a fragment.
@@ -359,21 +394,19 @@ impl MapWriter {
             keys(&old.dns_names),
             new.dns_names.iter().map(|(k, v)| (*k, *v)),
         );
-        // A pod another service still claims keeps the entry it has.
-        let pod_values: BTreeMap<u32, PodMeta> = pods
+        // A pod another service still claims keeps the entry it has (an
+        // entry names the pod, whichever service lists it): not touched.
+        let unclaimed_pods: Vec<u32> = pods
             .iter()
-            .filter(|id| shared.pods.winner(id).is_some())
-            .filter_map(|id| {
-                let meta = new.pods.get(id).or_else(|| self.current.pods.get(id))?;
-                Some((*id, *meta))
-            })
+            .copied()
+            .filter(|id| shared.pods.winner(id).is_none())
+            .collect();
+        let pods: BTreeSet<u32> = pods
+            .into_iter()
+            .filter(|id| new.pods.contains_key(id) || shared.pods.winner(id).is_none())
             .collect();
         let keys = Touched {
-            unclaimed_pods: pods
-                .iter()
-                .copied()
-                .filter(|id| shared.pods.winner(id).is_none())
-                .collect(),
+            unclaimed_pods,
             pods,
             pod_addrs,
             dns_names,
@@ -386,7 +419,7 @@ impl MapWriter {
             &mut self.maps,
             &mut self.current,
             &keys,
-            &|k| pod_values.get(k).copied(),
+            &|k| new.pods.get(k).copied(),
             &|k| self.shared.pod_addrs.winner(k),
             &|k| self.shared.dns_names.winner(k),
             &|k| new.services.get(k).copied(),
@@ -498,7 +531,7 @@ fn unclaimed<K: Ord + Copy, V>(
 #[allow(clippy::too_many_arguments)]
 fn write_keys(
     m: &mut Maps,
-    cur: &mut MapContents,
+    cur: &mut MapContents<PodPrint>,
     keys: &Touched,
     pods_wanted: &dyn Fn(&u32) -> Option<PodMeta>,
     pod_addrs_wanted: &dyn Fn(&AddrKey) -> Option<PodRef>,
@@ -525,7 +558,9 @@ fn write_keys(
     let fresh: Vec<u32> = keys
         .pods
         .iter()
-        .filter(|id| pods_wanted(id).is_some_and(|meta| cur.pods.get(id) != Some(&meta)))
+        .filter(|id| {
+            pods_wanted(id).is_some_and(|meta| cur.pods.get(id) != Some(&pod_print(&meta)))
+        })
         .copied()
         .collect();
     let counters: Vec<PodCounters> = fresh
@@ -558,6 +593,7 @@ fn write_keys(
         &mut cur.pods,
         &pods_to_write,
         pods_wanted,
+        pod_print,
         sum,
         errors,
     );
@@ -589,6 +625,7 @@ fn write_keys(
         &mut cur.svc_backends,
         &keys.svc_backends,
         svc_backends_wanted,
+        copy,
         sum,
         errors,
     );
@@ -598,6 +635,7 @@ fn write_keys(
         &mut cur.svc_ports,
         &keys.svc_ports,
         svc_ports_wanted,
+        copy,
         sum,
         errors,
     );
@@ -607,6 +645,7 @@ fn write_keys(
         &mut cur.services,
         &keys.services,
         services_wanted,
+        copy,
         sum,
         errors,
     );
@@ -616,6 +655,7 @@ fn write_keys(
         &mut cur.svc_endpoints,
         &keys.svc_endpoints,
         svc_endpoints_wanted,
+        copy,
         sum,
         errors,
     );
@@ -636,6 +676,7 @@ fn write_keys(
         &mut cur.pod_addrs,
         &keys.pod_addrs,
         pod_addrs_wanted,
+        copy,
         sum,
         errors,
     );
@@ -648,6 +689,7 @@ fn write_keys(
         &mut cur.dns_names,
         &keys.dns_names,
         dns_names_wanted,
+        copy,
         sum,
         errors,
     );
@@ -844,35 +886,42 @@ pub(crate) fn delete_batch<K: aya::Pod, V: aya::Pod>(
     gone
 }
 
-/// Writes every key of `keys` whose wanted value differs from the map's,
-/// in batches.
-fn upsert<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
+/// The mirror of most maps keeps the values themselves.
+fn copy<V: Copy>(v: &V) -> V {
+    *v
+}
+
+/// Writes every key of `keys` whose wanted value differs from the map's
+/// (as the mirror `current` keeps it: `mirror` of the value), in batches.
+#[allow(clippy::too_many_arguments)]
+fn upsert<K: aya::Pod + Ord, V: aya::Pod, M: PartialEq>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    current: &mut BTreeMap<K, V>,
+    current: &mut BTreeMap<K, M>,
     keys: &BTreeSet<K>,
     wanted: &dyn Fn(&K) -> Option<V>,
+    mirror: fn(&V) -> M,
     sum: &mut WriteSummary,
     errors: &mut Vec<WriteError>,
 ) {
     let (ks, vs): (Vec<K>, Vec<V>) = keys
         .iter()
         .filter_map(|k| Some((*k, wanted(k)?)))
-        .filter(|(k, v)| current.get(k) != Some(v))
+        .filter(|(k, v)| current.get(k) != Some(&mirror(v)))
         .unzip();
     let written = write_batch(map, name, &ks, &vs, errors);
     sum.upserted += written.len();
     for i in written {
-        current.insert(ks[i], vs[i]);
+        current.insert(ks[i], mirror(&vs[i]));
     }
 }
 
 /// Deletes every key of `keys` that the map holds and nobody wants, in
 /// batches; a key already gone counts as removed.
-fn remove<K: aya::Pod + Ord, V: aya::Pod>(
+fn remove<K: aya::Pod + Ord, V: aya::Pod, M>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    current: &mut BTreeMap<K, V>,
+    current: &mut BTreeMap<K, M>,
     keys: &BTreeSet<K>,
     wanted: &dyn Fn(&K) -> Option<V>,
     sum: &mut WriteSummary,

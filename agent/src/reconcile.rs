@@ -35,8 +35,9 @@ impl Reconciler {
         settings: PlanSettings,
         namespaces: Vec<String>,
     ) -> Result<Reconciler, PinnedError> {
-        let writer = MapWriter::new(maps)?;
-        let ids = Ids::from_contents(writer.current());
+        let contents = maps.read_contents()?;
+        let ids = Ids::from_contents(&contents);
+        let writer = MapWriter::new(maps, contents);
         Ok(Reconciler {
             writer,
             ids,

@@ -711,24 +711,35 @@ fn kube_source_endpoint_moving_between_slices_removal_first_is_not_flapped() {
 }
 
 /// The pods in the preferred (same-zone) IPv4 table of service `ns/name`.
+/// The maps are read one after the other: a read that straddles one of
+/// the agent's writes (the service's count read before its slots went) is
+/// read again.
 fn preferred_pods(bpffs: &Bpffs, ns: &str, name: &str) -> Vec<String> {
     let maps = headway::pinned::Maps::open_pinned(bpffs.path()).unwrap();
-    let contents = maps.read_contents().unwrap();
-    let id = service_id(&maps, ns, name);
-    let meta = contents.services[&id];
-    let mut pods: Vec<String> = (meta.backends_v4..meta.backends_v4 + meta.preferred_v4)
-        .map(|slot| {
-            let key = headway_common::BackendKey {
-                service_id: id,
-                family: 4,
-                slot,
-            };
-            let pod_id = contents.svc_backends[&key].pod_id;
-            headway::map_plan::decode_name(&contents.pods[&pod_id].name)
-        })
-        .collect();
-    pods.sort();
-    pods
+    for _ in 0..100 {
+        let contents = maps.read_contents().unwrap();
+        let id = service_id(&maps, ns, name);
+        let meta = contents.services[&id];
+        let pods: Option<Vec<String>> = (meta.backends_v4..meta.backends_v4 + meta.preferred_v4)
+            .map(|slot| {
+                let key = headway_common::BackendKey {
+                    service_id: id,
+                    family: 4,
+                    slot,
+                };
+                let pod_id = contents.svc_backends.get(&key)?.pod_id;
+                Some(headway::map_plan::decode_name(
+                    &contents.pods.get(&pod_id)?.name,
+                ))
+            })
+            .collect();
+        if let Some(mut pods) = pods {
+            pods.sort();
+            return pods;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{ns}/{name}: the preferred table never read whole (100 tries)");
 }
 
 /// The agent watches its own Node (by name): a change of the node's zone

@@ -3,8 +3,11 @@
 //! carrying a headway label and this agent's own Node (its zone label),
 //! feeding a [`ClusterStore`] that says which services each change affects.
 //!
-//! Each object is reduced to its compact record as it arrives: neither the
-//! store nor a list in progress keeps a whole API object.
+//! Each watcher runs in its own task (decoding spreads over the runtime's
+//! threads, and the lists start while the agent is still loading its
+//! programs); it reduces each object to its compact record as it arrives
+//! (neither the store nor a list in progress keeps a whole API object) and
+//! hands a finished list over whole.
 //!
 //! Watch errors never end the streams: kube's watcher retries with its
 //! default backoff (and relists after `410 Gone`), the error is logged and
@@ -16,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, Stream, StreamExt, stream::select_all};
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -25,7 +28,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
-use tokio::time::Instant;
+use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 use tracing::{info, warn};
 
 use super::store::{Affected, ClusterStore, HoldStarted, SliceKey, resource_version};
@@ -122,12 +125,32 @@ enum Record {
 /// Reduces an object to its record; `None` for an object without a name.
 type Reduce<K> = fn(K, &mut Vec<Warning>) -> Option<Record>;
 
-type Item = (
-    WatchId,
-    Result<watcher::Event<Option<Record>>, watcher::Error>,
-    Vec<Warning>,
-);
-type Events = Pin<Box<dyn Stream<Item = Item> + Send>>;
+/// What a watcher task hands over.
+enum Change {
+    /// A (re)list finished: every object it listed.
+    Listed(Vec<Record>),
+    /// `None`: an object without a name.
+    Applied(Option<Record>),
+    Deleted(Option<Record>),
+}
+
+/// One watcher's events, reduced to records.
+type Events = Pin<
+    Box<
+        dyn Stream<
+                Item = (
+                    WatchId,
+                    Result<watcher::Event<Option<Record>>, watcher::Error>,
+                    Vec<Warning>,
+                ),
+            > + Send,
+    >,
+>;
+/// What the source receives from the watcher tasks.
+type Item = (WatchId, Result<Change, watcher::Error>, Vec<Warning>);
+
+/// Watch items waiting for the source, at most (a list is one item).
+const CHANNEL: usize = 1024;
 
 /// What one batch of watch events did.
 #[derive(Default)]
@@ -155,10 +178,10 @@ pub struct KubeOptions {
 }
 
 pub struct KubeSource {
-    events: Events,
+    events: mpsc::Receiver<Item>,
+    /// The watcher tasks (aborted when the source is dropped).
+    _watchers: JoinSet<()>,
     store: ClusterStore,
-    /// Records of a list in progress, per watcher.
-    listing: BTreeMap<WatchId, Vec<Record>>,
     /// Watchers whose first list is done.
     listed: BTreeMap<WatchId, bool>,
     /// The node's zone as last seen.
@@ -194,6 +217,40 @@ fn reduce_event<K>(
         Event::Init => Event::Init,
         Event::InitApply(k) => Event::InitApply(reduce(k, warnings)),
         Event::InitDone => Event::InitDone,
+    }
+}
+
+/// Runs one watcher until the source goes away: records a list in
+/// progress and sends it whole when it is done; everything else as it
+/// comes. A list's warnings go with it.
+async fn forward(mut events: Events, to: mpsc::Sender<Item>) {
+    use watcher::Event;
+    let mut listing: Option<(Vec<Record>, Vec<Warning>)> = None;
+    while let Some((id, event, mut warnings)) = events.next().await {
+        let change = match event {
+            Err(e) => Err(e),
+            Ok(Event::Init) => {
+                listing = Some((Vec::new(), warnings));
+                continue;
+            }
+            Ok(Event::InitApply(record)) => {
+                let (records, listed_warnings) = listing.get_or_insert_default();
+                records.extend(record);
+                listed_warnings.append(&mut warnings);
+                continue;
+            }
+            Ok(Event::InitDone) => {
+                let (records, mut listed_warnings) = listing.take().unwrap_or_default();
+                listed_warnings.append(&mut warnings);
+                warnings = listed_warnings;
+                Ok(Change::Listed(records))
+            }
+            Ok(Event::Apply(record)) => Ok(Change::Applied(record)),
+            Ok(Event::Delete(record)) => Ok(Change::Deleted(record)),
+        };
+        if to.send((id, change, warnings)).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -304,10 +361,15 @@ impl KubeSource {
             ));
             listed.insert(id, false);
         }
+        let (to, events) = mpsc::channel(CHANNEL);
+        let mut watchers = JoinSet::new();
+        for stream in streams {
+            watchers.spawn(forward(stream, to.clone()));
+        }
         KubeSource {
-            events: select_all(streams).boxed(),
+            events,
+            _watchers: watchers,
             store: ClusterStore::new(),
-            listing: BTreeMap::new(),
             listed,
             zone: None,
             holds: VecDeque::new(),
@@ -340,15 +402,15 @@ impl KubeSource {
         let mut batch = Batch::default();
         let deadline = self.holds.front().map(|(at, _)| *at);
         let first = tokio::select! {
-            item = self.events.next() => item,
+            item = self.events.recv() => item,
             _ = sleep_until(deadline) => None,
         };
         if let Some(first) = first {
             self.handle(first, &mut batch);
             for _ in 1..MAX_BATCH {
-                match self.events.next().now_or_never() {
-                    Some(Some(item)) => self.handle(item, &mut batch),
-                    _ => break,
+                match self.events.try_recv() {
+                    Ok(item) => self.handle(item, &mut batch),
+                    Err(_) => break,
                 }
             }
         }
@@ -365,11 +427,10 @@ impl KubeSource {
         batch
     }
 
-    fn handle(&mut self, (id, event, warnings): Item, batch: &mut Batch) {
-        use watcher::Event;
+    fn handle(&mut self, (id, change, warnings): Item, batch: &mut Batch) {
         self.store.warn(warnings);
-        let event = match event {
-            Ok(event) => event,
+        let change = match change {
+            Ok(change) => change,
             Err(e) => {
                 warn!(resource = id.resource.as_str(), namespace = ?id.namespace, error = %e,
                     "watch failed; retrying, the maps keep their last state");
@@ -377,17 +438,8 @@ impl KubeSource {
                 return;
             }
         };
-        let affected = match event {
-            Event::Init => {
-                self.listing.insert(id, Vec::new());
-                return;
-            }
-            Event::InitApply(record) => {
-                self.listing.entry(id).or_default().extend(record);
-                return;
-            }
-            Event::InitDone => {
-                let records = self.listing.remove(&id).unwrap_or_default();
+        let affected = match change {
+            Change::Listed(records) => {
                 let scope = id.namespace.as_deref();
                 let affected = match id.resource {
                     Resource::Node => {
@@ -409,7 +461,7 @@ impl KubeSource {
                 }
                 affected
             }
-            Event::Apply(Some(record)) => match (record, id.resource) {
+            Change::Applied(Some(record)) => match (record, id.resource) {
                 (Record::Service(key, r), _) => self.store.apply_service(key, r),
                 (Record::Slice(key, r), _) => self.store.apply_slice(key, r),
                 (Record::Pod(key, rv, labels), Resource::Pods(w)) => {
@@ -421,7 +473,7 @@ impl KubeSource {
                 }
                 (Record::Pod(..), _) => Affected::new(),
             },
-            Event::Delete(Some(record)) => match (record, id.resource) {
+            Change::Deleted(Some(record)) => match (record, id.resource) {
                 (Record::Service(key, _), _) => self.store.delete_service(&key),
                 (Record::Slice(key, _), _) => self.store.delete_slice(&key),
                 (Record::Pod(key, ..), Resource::Pods(w)) => self.store.delete_pod(w, &key),
@@ -432,7 +484,7 @@ impl KubeSource {
                 (Record::Pod(..), _) => Affected::new(),
             },
             // An object without a name: nothing to key it by.
-            Event::Apply(None) | Event::Delete(None) => Affected::new(),
+            Change::Applied(None) | Change::Deleted(None) => Affected::new(),
         };
         batch.affected.extend(affected);
     }
