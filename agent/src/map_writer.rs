@@ -281,10 +281,10 @@ impl MapWriter {
     /// service asked for stay as they are.
     ///
     /// `current` is what the maps hold (read with
-    /// [`Maps::read_contents`]). The address filter is written anew from
-    /// the addresses in `pod_addrs` and `dns_addrs` (see `addr_filter`):
-    /// an address missing from it would skip the connect hooks entirely,
-    /// and addresses gone since it was last written leave it.
+    /// [`Maps::read_contents`]). The address filter already holds every
+    /// address in them: the datapath rewrote it from the pins before
+    /// attaching (`addr_filter::fill_before_attach`), and the writer only
+    /// adds to it from here on.
     pub fn new(maps: Maps, current: MapContents) -> MapWriter {
         let dns_index = DnsIndex::load(&maps.dns_addrs);
         let MapContents {
@@ -308,24 +308,13 @@ impl MapWriter {
             svc_ports,
             dns_names,
         };
-        let mut writer = MapWriter {
+        MapWriter {
             maps,
             current,
             fragments: BTreeMap::new(),
             shared: SharedClaims::default(),
             dns_index,
-        };
-        let indexed: Vec<AddrKey> = writer
-            .maps
-            .dns_addrs
-            .keys()
-            .filter_map(Result::ok)
-            .collect();
-        let addrs = writer.current.pod_addrs.keys().chain(&indexed);
-        if let Err(e) = writer.maps.addr_filter.rebuild(addrs) {
-            tracing::error!(error = %e, "cannot fill the address filter");
         }
-        writer
     }
 
     /// The service ids that currently have a fragment.
