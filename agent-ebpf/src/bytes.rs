@@ -1,60 +1,78 @@
 //! Bytes per pod: the cgroup_skb programs (see `skb`) count the packets of
-//! client sockets marked in `sock_state` (see `sock_state`) towards the
-//! pod the mark names. Unmarked sockets (servers, anything not talking to
-//! a pod) cost one storage lookup and count nothing.
+//! client sockets marked in their records (see `sock_table`) towards the
+//! pod the mark names. A packet whose remote address is outside the
+//! address filter (servers' clients, anything not talking to a pod) costs
+//! one read of the filter and counts nothing.
 //!
 //! What is counted: transport payload, i.e. each packet's length minus its
 //! IP header (IPv4 with options; IPv6 as its fixed 40 bytes) and its TCP
 //! (with options) or UDP header. That is what the application wrote and
 //! read, independent of GSO/GRO batching. UDP: each datagram's payload.
 //! TCP: what the kernel counts as delivered (`bytes_acked`,
-//! `bytes_received` of the socket), read on each of its packets, so a
-//! retransmitted or reordered segment counts once; from the established
-//! state on.
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+//! `bytes_received` of the socket), read on each of its packets and at its
+//! close, so a retransmitted or reordered segment counts once; from the
+//! established state on.
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+};
 
-use aya_ebpf::{bindings::bpf_sock, helpers::bpf_tcp_sock, programs::sk_buff::SkBuff};
-use headway_common::{SocketState, sock_flags};
+use aya_ebpf::{helpers::bpf_get_socket_cookie, helpers::bpf_tcp_sock, programs::sk_buff::SkBuff};
+use headway_common::{AddrKey, SocketState, sock_flags};
 
 use crate::{
     accounting::count_bytes,
-    sock_state::{IPPROTO_TCP, IPPROTO_UDP, state_of},
+    sock_table::{IPPROTO_TCP, IPPROTO_UDP, find},
+    steer::never_known,
 };
 
 const IPV6_HDR_LEN: u32 = 40;
 const UDP_HDR_LEN: u32 = 8;
 /// Offset of the data-offset nibble in the TCP header.
 const TCP_DOFF_BYTE: usize = 12;
+/// Where the addresses sit in the IP headers.
+const IPV4_SADDR: usize = 12;
+const IPV4_DADDR: usize = 16;
+const IPV6_SADDR: usize = 8;
+const IPV6_DADDR: usize = 24;
 
 /// Counts the packet's bytes to the pod its socket is marked for.
 #[inline(always)]
 pub fn count(skb: &SkBuff, sent: bool) {
-    // SAFETY: the packet's socket as the kernel hands it (may be null, or
-    // not a full socket: then the helper returns null).
+    // Only a socket talking to a pod can be marked: the filter turns every
+    // other packet away after one read.
+    let Some(remote) = remote_of(skb, sent) else {
+        return;
+    };
+    if never_known(&remote) {
+        return;
+    }
+    // SAFETY: the packet's socket as the kernel hands it (cgroup_skb runs
+    // only for full sockets; may still be null).
     let sk = unsafe { (*skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return;
     }
-    // SAFETY: as above.
-    let slot = unsafe { state_of(sk) };
-    if slot.is_null() {
+    // SAFETY: the helper reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(skb.skb.cast::<c_void>()) };
+    let Some(entry) = find(cookie) else {
         return;
-    }
-    // SAFETY: non-null storage of this socket; copied out at once.
-    let mark = unsafe { *slot };
-    if mark.flags & sock_flags::ACCOUNTED == 0 {
+    };
+    let record = entry.record;
+    // SAFETY: the socket's record; copied out at once.
+    let mark = unsafe { *record };
+    // A record read while its socket closed may already be another's.
+    if mark.flags & sock_flags::ACCOUNTED == 0 || !entry.still_held() {
         return;
     }
     if mark.protocol == IPPROTO_TCP {
-        // SAFETY: the storage of this (TCP) socket.
-        if let Some((out, got)) = unsafe { tcp_delivered(sk, slot) } {
-            if out > 0 {
-                count_bytes(mark.pod_id, mark.generation, true, out);
-            }
-            if got > 0 {
-                count_bytes(mark.pod_id, mark.generation, false, got);
-            }
+        // SAFETY: `sk` is the packet's socket; the helper checks it is TCP.
+        let tp = unsafe { bpf_tcp_sock(sk) };
+        if tp.is_null() {
+            return;
         }
+        // SAFETY: non-null pointers from the helpers; the socket's record.
+        unsafe { count_delivered(record, (*tp).bytes_acked, (*tp).bytes_received) };
         return;
     }
     let payload = payload_len(skb, mark.protocol).0;
@@ -63,37 +81,87 @@ pub fn count(skb: &SkBuff, sent: bool) {
     }
 }
 
-/// TCP: what the socket delivered each way since it was last counted,
-/// from the kernel's own counters (`bytes_acked`: sent and acknowledged;
-/// `bytes_received`: received in order). A retransmission or a reordered
-/// segment does not move them twice. The packet that makes them grow is
-/// counted on the socket's next packet (either way), which TCP always
-/// sends (an ACK, a FIN). The first packet only records where they stand
-/// (the SYN's sequence number is not a byte).
+/// The packet's remote address: its destination going out, its source
+/// coming in. None when the IP header is not in the linear data (never
+/// for packets the stack built or delivered to a socket).
+#[inline(always)]
+fn remote_of(skb: &SkBuff, sent: bool) -> Option<AddrKey> {
+    // SAFETY: data/data_end are the context's packet bounds; every read is
+    // checked against them first.
+    unsafe {
+        let data = (*skb.skb).data as usize;
+        let end = (*skb.skb).data_end as usize;
+        if data + IPV6_HDR_LEN as usize > end {
+            if data + 20 > end || *(data as *const u8) >> 4 != 4 {
+                return None;
+            }
+            let at = if sent { IPV4_DADDR } else { IPV4_SADDR };
+            return Some(AddrKey::from_v4_be(word_at(data + at)));
+        }
+        match *(data as *const u8) >> 4 {
+            4 => {
+                let at = if sent { IPV4_DADDR } else { IPV4_SADDR };
+                Some(AddrKey::from_v4_be(word_at(data + at)))
+            }
+            6 => {
+                let at = data + if sent { IPV6_DADDR } else { IPV6_SADDR };
+                Some(AddrKey::from_v6_words([
+                    word_at(at),
+                    word_at(at + 4),
+                    word_at(at + 8),
+                    word_at(at + 12),
+                ]))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A 32-bit word of packet data as it lies in memory (network byte
+/// order, as `AddrKey` keeps it).
 ///
 /// # Safety
-/// `slot` is the non-null storage of `sk`, a TCP socket.
+/// `at..at + 4` lies inside the packet bounds the caller checked.
 #[inline(always)]
-unsafe fn tcp_delivered(sk: *mut bpf_sock, slot: *mut SocketState) -> Option<(u64, u64)> {
-    // SAFETY: `sk` is the packet's socket; the helper checks it is TCP.
-    let tp = unsafe { bpf_tcp_sock(sk) };
-    if tp.is_null() {
-        return None;
-    }
-    // SAFETY: non-null pointers from the helpers (caller's contract for
-    // `slot`); raw field access only.
+unsafe fn word_at(at: usize) -> u32 {
+    // SAFETY: caller's contract; IP headers need not be 4-byte aligned.
+    unsafe { core::ptr::read_unaligned(at as *const u32) }
+}
+
+/// TCP: counts what the socket delivered each way since it was last
+/// counted, from the kernel's own counters (`bytes_acked`: sent and
+/// acknowledged; `bytes_received`: received in order; passed in by the
+/// caller, read from the socket). A retransmission or a reordered segment
+/// does not move them twice. The packet that makes them grow is counted
+/// on the socket's next packet (either way) or at its close. Until the
+/// socket is established (`sock_ops` then sets where they stand: the
+/// SYN's sequence number is not a byte) packets only record them.
+///
+/// # Safety
+/// `record` is the record of a TCP socket marked for accounting.
+#[inline(always)]
+pub unsafe fn count_delivered(record: *mut SocketState, acked: u64, received: u64) {
+    // SAFETY: caller's contract; raw field access only.
     unsafe {
-        let (acked, received) = ((*tp).bytes_acked, (*tp).bytes_received);
-        let fresh = (*slot).seen_known == 0;
+        let fresh = (*record).seen_known == 0;
         // Ingress runs without the socket lock (before TCP takes it), so
         // the two directions' programs can run at once on two CPUs: each
         // claims its growth with a compare-and-swap, so none is counted
         // twice (a plain read-then-write counted ~64 KiB twice now and
         // then).
-        let sent = advance(&raw mut (*slot).sent_seen, acked);
-        let got = advance(&raw mut (*slot).received_seen, received);
-        (*slot).seen_known = 1;
-        if fresh { None } else { Some((sent, got)) }
+        let sent = advance(&raw mut (*record).sent_seen, acked);
+        let got = advance(&raw mut (*record).received_seen, received);
+        (*record).seen_known = 1;
+        if fresh {
+            return;
+        }
+        let (pod_id, generation) = ((*record).pod_id, (*record).generation);
+        if sent > 0 {
+            count_bytes(pod_id, generation, true, sent);
+        }
+        if got > 0 {
+            count_bytes(pod_id, generation, false, got);
+        }
     }
 }
 

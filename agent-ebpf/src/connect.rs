@@ -7,9 +7,8 @@ use headway_common::{AddrKey, sock_flags};
 
 use crate::{
     sock_addr::{set_user_ip6, user_ip6, user_port},
-    sock_state::{IPPROTO_UDP, drop_state, mark, record_steering, set_steered},
+    sock_table::{IPPROTO_UDP, cookie_of, find, find_or_take, free, mark, record_steering},
     steer::{Request, on_connect},
-    transparency::socket,
 };
 
 /// Return value of a sock_addr hook that lets the call proceed.
@@ -26,7 +25,9 @@ const ALLOW: i32 = 1;
 /// bytes are counted from here on); an unsteered TCP socket is marked once
 /// established (`sock_ops`). A UDP socket can connect again, elsewhere, so
 /// an unsteered UDP connect clears what an earlier one left; a TCP socket
-/// connects once and needs no such care.
+/// connects once and needs no such care. With no record to be had (table
+/// full) a steering still happens, without transparency: the connection
+/// reaches a live pod either way.
 ///
 /// # Safety
 /// `ctx` is the hook's context.
@@ -43,32 +44,32 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
     };
     let to = on_connect(ctx, &req);
     let udp = req.protocol == u32::from(IPPROTO_UDP);
-    let sk = socket(ctx);
-    // SAFETY: the hook's own socket, valid for the hook's duration; the
-    // records returned are this socket's storage (or null).
+    // SAFETY: each record is this socket's own entry's.
     unsafe {
         if let Some(steering) = to.steered {
-            // Marked and steered in the same record: one storage lookup,
-            // not two.
-            let state = match to.pod {
-                Some(pod_id) => mark(sk, pod_id, req.protocol as u8),
-                None => core::ptr::null_mut(),
-            };
-            if state.is_null() {
-                set_steered(sk, &steering);
-            } else {
-                record_steering(state, &steering);
+            if let Some(entry) = find_or_take(cookie_of(ctx)) {
+                if let Some(pod_id) = to.pod {
+                    mark(entry.record, pod_id, req.protocol as u8);
+                }
+                record_steering(entry.record, &steering);
             }
             write(&steering.chosen);
         } else if udp {
             match to.pod {
                 Some(pod_id) => {
-                    let state = mark(sk, pod_id, IPPROTO_UDP);
-                    if !state.is_null() {
-                        (*state).flags &= !sock_flags::STEERED;
+                    if let Some(entry) = find_or_take(cookie_of(ctx)) {
+                        if mark(entry.record, pod_id, IPPROTO_UDP) {
+                            (*entry.record).flags &= !sock_flags::STEERED;
+                        } else {
+                            free(&entry);
+                        }
                     }
                 }
-                None => drop_state(sk),
+                None => {
+                    if let Some(entry) = find(cookie_of(ctx)) {
+                        free(&entry);
+                    }
+                }
             }
         }
     }

@@ -9,9 +9,9 @@ use aya_ebpf::{btf_maps::PerCpuArray, helpers::bpf_ktime_get_ns, macros::btf_map
 pub mod event {
     /// A connection to be steered found no eligible pod (fail open).
     pub const NO_ELIGIBLE_POD: u32 = 0;
-    /// The kernel could not give a socket its storage (fail open: the
-    /// socket is neither steered transparently nor accounted).
-    pub const NO_SOCKET_STORAGE: u32 = 1;
+    /// A socket found no free record in the socket table (fail open: it
+    /// is neither accounted nor steered transparently).
+    pub const SOCKET_TABLE_FULL: u32 = 1;
     pub const COUNT: u32 = 2;
 }
 

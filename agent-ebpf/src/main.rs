@@ -11,11 +11,12 @@ mod connect;
 mod dns;
 mod kernel_log;
 mod maps;
+mod release;
 mod sendmsg;
 mod skb;
 mod sock_addr;
 mod sock_ops;
-mod sock_state;
+mod sock_table;
 mod steer;
 mod transparency;
 

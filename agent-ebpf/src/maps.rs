@@ -2,14 +2,14 @@
 //! agent may resize them before loading. Names match
 //! `headway_common::map_names`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use headway_common::{
     AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
     ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter, capacity,
-    dns_counter, steer_counter,
+    ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket, SocketState, addr_filter,
+    capacity, dns_counter, sock_counter, sock_table, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -83,7 +83,16 @@ pub static STEER_COUNTERS: PerCpuArray<u64, { steer_counter::COUNT as usize }> =
 #[btf_map(name = "svc_stats")]
 pub static SVC_STATS: Array<ServiceCounters, { capacity::SERVICES as usize }> = Array::new();
 
-// What headway keeps on each client socket: steering and accounting (see
-// `sock_state`).
-#[btf_map(name = "sock_state")]
-pub static SOCK_STATE: SkStorage<SocketState> = SkStorage::new();
+// What headway keeps for each client socket while it lives (see
+// `sock_table`).
+#[btf_map(name = "sock_cookies")]
+pub static SOCK_COOKIES: Array<SockBucket, { sock_table::BUCKETS as usize }> = Array::new();
+
+#[btf_map(name = "sock_records")]
+pub static SOCK_RECORDS: Array<SocketState, { capacity::SOCKETS as usize }> = Array::new();
+
+#[btf_map(name = "sock_spills")]
+pub static SOCK_SPILLS: Array<u32, { sock_table::SPILL_COUNTS as usize }> = Array::new();
+
+#[btf_map(name = "sock_counters")]
+pub static SOCK_COUNTERS: PerCpuArray<u64, { sock_counter::COUNT as usize }> = PerCpuArray::new();

@@ -9,9 +9,8 @@ use headway_common::AddrKey;
 
 use crate::{
     sock_addr::{set_user_ip6, user_ip6, user_port},
-    sock_state::set_steered,
-    steer::{Request, on_sendmsg, still_eligible},
-    transparency::{socket, steered},
+    sock_table::{cookie_of, find_or_take, record_steering, steering},
+    steer::{Request, never_known, on_sendmsg, still_eligible},
 };
 
 const IPPROTO_UDP: u32 = 17;
@@ -23,7 +22,13 @@ const ALLOW: i32 = 1;
 /// a new decision.
 #[inline(always)]
 fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey> {
-    if let Some(s) = steered(ctx)
+    // An address the filter does not hold was never steered from, nor
+    // can be (`on_sendmsg` would say the same).
+    if never_known(&dst) {
+        return None;
+    }
+    let cookie = cookie_of(ctx);
+    if let Some(s) = steering(cookie)
         && s.asked == dst
         && still_eligible(s.service_id, &s.chosen)
     {
@@ -35,9 +40,12 @@ fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey
         protocol: IPPROTO_UDP,
     };
     let steering = on_sendmsg(ctx, &req)?;
-    // SAFETY: the hook's own socket. Without storage the choice is made
-    // again for the next datagram (fail open).
-    unsafe { set_steered(socket(ctx), &steering) };
+    // Without a record the choice is made again for the next datagram
+    // (fail open).
+    if let Some(entry) = find_or_take(cookie) {
+        // SAFETY: this socket's own record.
+        unsafe { record_steering(entry.record, &steering) };
+    }
     Some(steering.chosen)
 }
 

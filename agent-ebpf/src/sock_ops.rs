@@ -1,18 +1,20 @@
 //! sock_ops: the exact number of established TCP connections per pod.
 //!
 //! ACTIVE_ESTABLISHED (a connect() on this node completed its handshake)
-//! to a pod address marks the socket (`sock_state`; a steered socket was
-//! marked at connect() already), asks the kernel for state-change
-//! callbacks and adds one to the pod's `active_tcp`. An address outside
-//! the address filter costs nothing more than the filter's one read. The
-//! callback for the move to TCP_CLOSE takes it back, once: the mark's
-//! `active` flag is cleared on the way. Every end of a connection goes
-//! through TCP_CLOSE (FIN either way, reset, timeout, the owner exiting);
-//! a refused or timed-out connect never reached ESTABLISHED and was never
-//! counted. The mark and the callback flag live on the socket, so a
-//! program swapped into the pinned link by a restarted agent closes what
-//! the previous one opened.
-use aya_ebpf::bindings::bpf_sock;
+//! to a pod address marks the socket's record (`sock_table`; a steered
+//! socket was marked at connect() already), asks the kernel for
+//! state-change callbacks and adds one to the pod's `active_tcp`. An
+//! address outside the address filter costs nothing more than the
+//! filter's one read. The callback for the move to TCP_CLOSE takes it
+//! back, once (the record's `active` flag is cleared on the way), counts
+//! the bytes delivered since the socket's last packet, and gives the
+//! record back. Every end of a connection goes through TCP_CLOSE (FIN
+//! either way, reset, timeout, the owner exiting); a refused or timed-out
+//! connect never reached ESTABLISHED and was never counted (its record, if
+//! connect() took one, goes back when its owner closes it: `release`). The
+//! record and the callback flag outlive the agent, so a program swapped
+//! into the pinned link by a restarted agent closes what the previous one
+//! opened.
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
@@ -21,11 +23,12 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use headway_common::{AddrKey, SocketState, sock_flags};
+use headway_common::{AddrKey, sock_flags};
 
 use crate::{
     accounting::{close_active, open_active, pod_of},
-    sock_state::{IPPROTO_TCP, mark, state_of},
+    bytes::count_delivered,
+    sock_table::{Entry, IPPROTO_TCP, cookie_of, find, find_or_take, free, mark},
     steer::never_known,
 };
 
@@ -73,70 +76,74 @@ fn established(ctx: &SockOpsContext) {
     let Some(remote) = remote(ctx).filter(|a| !never_known(a)) else {
         return;
     };
-    // SAFETY: the context's socket (null for non-full sockets).
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(entry) = marked_or_mark(cookie_of(ctx), &remote) else {
         return;
-    }
-    // SAFETY: non-null socket of this context.
-    let slot = unsafe { marked_or_mark(sk, &remote) };
-    if slot.is_null() {
-        return;
-    }
+    };
     // Without the state callback the close would go unseen: then the
-    // connection is not counted as active at all (its bytes still are).
+    // connection is not counted as active at all (its bytes still are,
+    // and its record goes back when its owner closes it).
     if ctx
         .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
         .is_err()
     {
         return;
     }
-    // SAFETY: non-null storage of this socket; sock_ops runs under the
-    // socket's lock, so `active` has one writer at a time.
+    let record = entry.record;
+    // SAFETY: this socket's record; sock_ops runs under the socket's lock,
+    // so `active` has one writer at a time. Nothing was delivered yet
+    // either way (the SYN counts in `bytes_acked`, and is no byte): from
+    // here on, what the counters grow by is payload.
     unsafe {
-        (*slot).active = 1;
-        open_active((*slot).pod_id, (*slot).generation);
+        (*record).sent_seen = (*ctx.ops).bytes_acked;
+        (*record).received_seen = (*ctx.ops).bytes_received;
+        (*record).seen_known = 1;
+        (*record).active = 1;
+        open_active((*record).pod_id, (*record).generation);
     }
 }
 
 /// The socket's record, marked for the pod it talks to: as connect() left
 /// it for a steered socket (marked for the pod chosen), else marked now
-/// for the pod that has `remote` (null if none, or no storage).
-///
-/// # Safety
-/// `sk` is the context's non-null full socket.
+/// for the pod that has `remote` (None if none, or no record).
 #[inline(always)]
-unsafe fn marked_or_mark(sk: *mut bpf_sock, remote: &AddrKey) -> *mut SocketState {
-    // SAFETY: caller's contract; a lookup without create.
-    let slot = unsafe { state_of(sk) };
-    // SAFETY: non-null storage of this socket.
-    if !slot.is_null() && unsafe { (*slot).flags } & sock_flags::ACCOUNTED != 0 {
-        return slot;
+fn marked_or_mark(cookie: u64, remote: &AddrKey) -> Option<Entry> {
+    if let Some(entry) = find(cookie) {
+        // SAFETY: this socket's record.
+        if unsafe { (*entry.record).flags } & sock_flags::ACCOUNTED != 0 {
+            return Some(entry);
+        }
     }
-    let Some(pod_id) = pod_of(remote) else {
-        return core::ptr::null_mut();
-    };
-    // SAFETY: caller's contract.
-    unsafe { mark(sk, pod_id, IPPROTO_TCP) }
+    let pod_id = pod_of(remote)?;
+    let entry = find_or_take(cookie)?;
+    // SAFETY: this socket's record.
+    if unsafe { mark(entry.record, pod_id, IPPROTO_TCP) } {
+        Some(entry)
+    } else {
+        // SAFETY: as above.
+        if unsafe { (*entry.record).flags } == 0 {
+            free(&entry);
+        }
+        None
+    }
 }
 
 #[inline(always)]
 fn closed(ctx: &SockOpsContext) {
-    // SAFETY: as above.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(entry) = find(cookie_of(ctx)) else {
         return;
-    }
-    // SAFETY: as above; a lookup without create.
-    let slot = unsafe { state_of(sk) };
-    if slot.is_null() {
-        return;
-    }
-    // SAFETY: non-null storage of this socket, under the socket's lock.
+    };
+    let record = entry.record;
+    // SAFETY: this socket's record, under the socket's lock; the context's
+    // counters are the socket's own.
     unsafe {
-        if (*slot).active != 0 {
-            (*slot).active = 0;
-            close_active((*slot).pod_id, (*slot).generation);
+        if (*record).active != 0 {
+            (*record).active = 0;
+            close_active((*record).pod_id, (*record).generation);
+        }
+        if (*record).flags & sock_flags::ACCOUNTED != 0 && (*record).protocol == IPPROTO_TCP {
+            count_delivered(record, (*ctx.ops).bytes_acked, (*ctx.ops).bytes_received);
         }
     }
+    // The socket sends and receives nothing more: its record can go.
+    free(&entry);
 }

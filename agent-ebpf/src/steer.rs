@@ -20,7 +20,7 @@ use crate::{
     dns::{KnownAddress, observation},
     kernel_log::{self, event},
     maps::{ADDR_FILTER, CONFIG, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
-    sock_state::Steering,
+    sock_table::Steering,
 };
 
 /// The fast path (product.md, rule 1): an address that was never a

@@ -15,7 +15,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSockAddr, Program, ProgramError, ProgramFd, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, Program, ProgramError, ProgramFd,
+        SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -225,6 +226,7 @@ enum CgroupProgram<'a> {
     SockAddr(&'a mut CgroupSockAddr),
     Skb(&'a mut CgroupSkb),
     SockOps(&'a mut SockOps),
+    Sock(&'a mut CgroupSock),
 }
 
 impl CgroupProgram<'_> {
@@ -233,6 +235,7 @@ impl CgroupProgram<'_> {
             CgroupProgram::SockAddr(p) => p.load(),
             CgroupProgram::Skb(p) => p.load(),
             CgroupProgram::SockOps(p) => p.load(),
+            CgroupProgram::Sock(p) => p.load(),
         }
     }
 
@@ -241,6 +244,7 @@ impl CgroupProgram<'_> {
             CgroupProgram::SockAddr(p) => p.fd(),
             CgroupProgram::Skb(p) => p.fd(),
             CgroupProgram::SockOps(p) => p.fd(),
+            CgroupProgram::Sock(p) => p.fd(),
         }
     }
 
@@ -266,6 +270,10 @@ impl CgroupProgram<'_> {
                 let id = p.attach(cgroup, mode)?;
                 p.take_link(id)?.try_into()?
             }
+            CgroupProgram::Sock(p) => {
+                let id = p.attach(cgroup, mode)?;
+                p.take_link(id)?.try_into()?
+            }
         })
     }
 }
@@ -285,6 +293,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<CgroupProgram<'
         Some(Program::CgroupSockAddr(p)) => Ok(CgroupProgram::SockAddr(p)),
         Some(Program::CgroupSkb(p)) => Ok(CgroupProgram::Skb(p)),
         Some(Program::SockOps(p)) => Ok(CgroupProgram::SockOps(p)),
+        Some(Program::CgroupSock(p)) => Ok(CgroupProgram::Sock(p)),
         Some(_) => Err(prog_err(ProgramError::UnexpectedProgramType)),
         None => Err(prog_err(ProgramError::NotLoaded)),
     }

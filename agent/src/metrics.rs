@@ -415,9 +415,11 @@ fn register_maps(
     let pods: usize = counts.get(map_names::PODS).copied().unwrap_or(0);
     counts.insert(map_names::POD_STATS, pods);
     counts.insert(map_names::SVC_STATS, status.services.len());
+    // The socket table: records in use.
+    let sockets_in_use = status.sockets.get("in_use").copied().unwrap_or(0);
+    counts.insert(map_names::SOCK_RECORDS, sockets_in_use as usize);
     for shape in &MAP_SHAPES {
         let labels = MapLabels { map: shape.name };
-        // Socket storage has no capacity (it lives in each socket).
         if shape.max_entries > 0 {
             // The size the agent chose (--max-endpoints, --max-services).
             let max = pinned_max_entries(bpffs, shape.name).unwrap_or(shape.max_entries);
@@ -433,6 +435,13 @@ fn register_maps(
         entries,
     );
     registry.register("map_capacity", "Capacity of each map", capacity);
+    let table_full = Counter::<u64>::default();
+    table_full.inc_by(status.sockets.get("full").copied().unwrap_or(0));
+    registry.register(
+        "socket_table_full",
+        "Sockets that found the socket table full: not accounted, and steered without transparency",
+        table_full,
+    );
     Ok(())
 }
 

@@ -11,8 +11,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
     ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter,
-    capacity, dns_counter, map_names, steer_counter,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket, SocketState,
+    addr_filter, capacity, dns_counter, map_names, sock_counter, sock_table, steer_counter,
 };
 
 use crate::{addr_filter::AddrFilter, map_plan::MapContents};
@@ -84,7 +84,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 18] = {
+pub const MAP_SHAPES: [MapShape; 21] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -136,8 +136,18 @@ pub const MAP_SHAPES: [MapShape; 18] = {
         shape::<u32, u64>(map_names::ADDR_FILTER, MapType::Array, addr_filter::WORDS),
         shape::<AddrKey, AddrIndex>(map_names::DNS_ADDRS, MapType::Hash, capacity::DNS_ADDRS),
         shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
-        // Socket storage: keyed by socket fd from userspace, no capacity.
-        shape::<i32, SocketState>(map_names::SOCK_STATE, MapType::SkStorage, 0),
+        shape::<u32, SockBucket>(map_names::SOCK_COOKIES, MapType::Array, sock_table::BUCKETS),
+        shape::<u32, SocketState>(map_names::SOCK_RECORDS, MapType::Array, capacity::SOCKETS),
+        shape::<u32, u32>(
+            map_names::SOCK_SPILLS,
+            MapType::Array,
+            sock_table::SPILL_COUNTS,
+        ),
+        shape::<u32, u64>(
+            map_names::SOCK_COUNTERS,
+            MapType::PerCpuArray,
+            sock_counter::COUNT,
+        ),
     ]
 };
 
@@ -281,6 +291,9 @@ pub struct Maps {
     pub svc_stats: Array<MapData, ServiceCounters>,
     /// Agent-written: bumped after every change of `pod_addrs`.
     pub pod_addrs_gen: Array<MapData, u64>,
+    /// Kernel-written: records of the socket table taken, freed, and
+    /// sockets that found it full.
+    pub sock_counters: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -333,6 +346,7 @@ impl Maps {
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,
             svc_stats: typed(map_names::SVC_STATS, take(map_names::SVC_STATS)?)?,
             pod_addrs_gen: typed(map_names::POD_ADDRS_GEN, take(map_names::POD_ADDRS_GEN)?)?,
+            sock_counters: typed(map_names::SOCK_COUNTERS, take(map_names::SOCK_COUNTERS)?)?,
         })
     }
 

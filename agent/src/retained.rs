@@ -114,6 +114,7 @@ mod tests {
             programs: vec![],
             steering: BTreeMap::new(),
             dns: BTreeMap::new(),
+            sockets: BTreeMap::new(),
             services: services
                 .iter()
                 .map(|(name, pods)| ServiceStatus {

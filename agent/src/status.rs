@@ -3,14 +3,14 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 
 use headway_common::{
-    PodCounters, ServiceCounters, dns_counter, endpoint_flags, map_names, program_names,
-    steer_counter,
+    PodCounters, ServiceCounters, capacity, dns_counter, endpoint_flags, map_names, program_names,
+    sock_counter, steer_counter,
 };
 use serde::Serialize;
 
 use crate::{
     map_plan::{decode_name, key_addr, policy_from_value, topology_from_value},
-    pinned::{self, Maps, PinnedError},
+    pinned::{self, Maps, PinnedError, pinned_max_entries},
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -21,6 +21,9 @@ pub struct Status {
     pub steering: BTreeMap<&'static str, u64>,
     /// DNS interceptor outcomes, summed over CPUs.
     pub dns: BTreeMap<&'static str, u64>,
+    /// The socket table: records in use, its capacity, and the counters
+    /// behind them (`taken`, `freed`, `full`), summed over CPUs.
+    pub sockets: BTreeMap<&'static str, u64>,
     pub services: Vec<ServiceStatus>,
 }
 
@@ -283,16 +286,32 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
         &maps.dns_counters,
         dns_counter::COUNT,
     )?;
+    let sock = Maps::sum_counters(
+        map_names::SOCK_COUNTERS,
+        &maps.sock_counters,
+        sock_counter::COUNT,
+    )?;
     let named = |values: &[u64], names: &[(u32, &'static str)]| {
         names
             .iter()
             .map(|(i, name)| (*name, values.get(*i as usize).copied().unwrap_or(0)))
-            .collect()
+            .collect::<BTreeMap<_, _>>()
     };
+    let mut sockets = named(&sock, &sock_counter::NAMES);
+    // Per-CPU counts are read one CPU after another: a record taken on one
+    // CPU and freed on another may show as freed first.
+    let in_use =
+        sock[sock_counter::TAKEN as usize].saturating_sub(sock[sock_counter::FREED as usize]);
+    sockets.insert("in_use", in_use);
+    sockets.insert(
+        "capacity",
+        u64::from(pinned_max_entries(bpffs, map_names::SOCK_RECORDS).unwrap_or(capacity::SOCKETS)),
+    );
     Ok(Status {
         programs: read_programs(bpffs),
         steering: named(&steer, &steer_counter::NAMES),
         dns: named(&dns, &dns_counter::NAMES),
+        sockets,
         services,
     })
 }
@@ -587,6 +606,7 @@ mod tests {
             programs: vec![],
             steering: BTreeMap::from([("steered_gone", 3)]),
             dns: BTreeMap::new(),
+            sockets: BTreeMap::new(),
             services: vec![svc],
         };
         let table = render_table(&status);

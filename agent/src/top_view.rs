@@ -267,6 +267,7 @@ mod tests {
             programs: vec![],
             steering: BTreeMap::new(),
             dns: BTreeMap::new(),
+            sockets: BTreeMap::new(),
             services: vec![svc],
         }
     }

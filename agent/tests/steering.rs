@@ -366,6 +366,34 @@ fn failover_steers_only_service_name_lookups_of_ineligible_addresses() {
     assert_eq!(counter("web-1", "tcp_connects"), answers("web-1"));
     assert_eq!(counter("web-2", "tcp_connects"), 10, "pod name + host");
     assert_eq!(counter("web-2", "steered_away"), 20);
+
+    // A steered connect that is refused (no server on that port): its
+    // record, taken at connect(), goes back when the client closes the
+    // socket. Then every socket of this test is closed, and the socket
+    // table holds nothing: no record outlives its socket.
+    let refused = run_client(
+        &cluster,
+        "client",
+        Some(&cg),
+        "10.77.0.99".parse().unwrap(),
+        PORT + 1,
+        4,
+        false,
+    )
+    .unwrap();
+    assert_eq!(refused.failures, 4, "{refused:?}");
+    let mut agent = agent;
+    let sockets = |s: &Value, what: &str| s["sockets"][what].as_u64().unwrap();
+    let released = wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
+        sockets(s, "in_use") == 0
+    });
+    let status = status_json(&bpffs).unwrap();
+    assert!(released.is_ok(), "records left: {:#}", status["sockets"]);
+    eprintln!("socket table: {}", status["sockets"]);
+    // 70 steered TCP + 4 refused, 3 UDP, 23 unsteered TCP to pods.
+    assert!(sockets(&status, "taken") >= 100, "{:#}", status["sockets"]);
+    assert_eq!(sockets(&status, "taken"), sockets(&status, "freed"));
+    assert_eq!(sockets(&status, "full"), 0);
     agent.stop().unwrap();
 }
 

@@ -21,6 +21,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+const BPF_PROG_TYPE_CGROUP_SOCK: u32 = 9;
 const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 
@@ -29,6 +30,7 @@ const BPF_CGROUP_INET_EGRESS: u32 = 1;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// `r0 = 1; exit`: every hook here reads 1 as "let it through".
 const RETURN_ONE: [u64; 2] = [
@@ -45,7 +47,7 @@ struct Hook {
     attach_type: u32,
 }
 
-const HOOKS: [Hook; 5] = [
+const HOOKS: [Hook; 6] = [
     Hook {
         name: "floor_connect4",
         prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
@@ -71,6 +73,11 @@ const HOOKS: [Hook; 5] = [
         prog_type: BPF_PROG_TYPE_SOCK_OPS,
         attach_type: BPF_CGROUP_SOCK_OPS,
     },
+    Hook {
+        name: "floor_release",
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK,
+        attach_type: BPF_CGROUP_INET_SOCK_RELEASE,
+    },
 ];
 
 /// The headway program each floor stands beside, for the report.
@@ -80,6 +87,7 @@ pub fn beside(floor: &str) -> &'static str {
         "floor_getpeer4" => "hw_getpeer4",
         "floor_skb_egr" => "hw_skb_egress",
         "floor_skb_ingr" => "hw_skb_ingress",
+        "floor_release" => "hw_sock_release",
         _ => "hw_sock_ops",
     }
 }

@@ -1,0 +1,66 @@
+//! cgroup/sock_release: a socket's owner closed it. Its record in the
+//! socket table goes back, unless the socket is counted as an established
+//! TCP connection: TCP goes on after close() (FIN, the last ACKs), and
+//! `sock_ops` gives that record back on the move to TCP_CLOSE, after the
+//! last bytes.
+//!
+//! Runs for every socket of the cgroup, so a TCP socket connected to an
+//! address outside the address filter (no pod's: it cannot have a record)
+//! costs one filter read. Other sockets look their cookie up: UDP ones (an
+//! unconnected socket that sent to a pod has a record and no peer) and TCP
+//! ones without a peer (a failed connect may have had a record).
+use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock, programs::SockContext};
+use headway_common::AddrKey;
+
+use crate::{
+    sock_table::{IPPROTO_TCP, cookie_of, find, free},
+    steer::never_known,
+};
+
+/// The hook's return value is ignored for release; 1 is "ok".
+const OK: i32 = 1;
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[cgroup_sock(sock_release)]
+pub fn hw_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the socket the kernel handed the hook.
+    if unsafe { talks_to_no_pod(ctx.sock) } {
+        return OK;
+    }
+    if let Some(entry) = find(cookie_of(&ctx)) {
+        // SAFETY: this socket's record; its owner is closing it.
+        if unsafe { (*entry.record).active } == 0 {
+            free(&entry);
+        }
+    }
+    OK
+}
+
+/// A TCP socket connected to an address the filter does not hold.
+///
+/// # Safety
+/// `sk` is the hook's socket.
+#[inline(always)]
+unsafe fn talks_to_no_pod(sk: *mut bpf_sock) -> bool {
+    // SAFETY: reads of the context; each word of dst_ip6 on its own, at a
+    // fixed offset, as the verifier wants.
+    unsafe {
+        if (*sk).protocol != u32::from(IPPROTO_TCP) {
+            return false;
+        }
+        let peer = match (*sk).family {
+            AF_INET => AddrKey::from_v4_be((*sk).dst_ip4),
+            AF_INET6 => AddrKey::from_v6_words([
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+            ]),
+            _ => return false,
+        };
+        let unset = peer == AddrKey::from_v4_be(0) || peer == AddrKey::default();
+        !unset && never_known(&peer)
+    }
+}
