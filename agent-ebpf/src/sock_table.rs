@@ -101,14 +101,18 @@ pub fn find(cookie: u64) -> Option<Entry> {
     }
     // Only when some socket of these home buckets spilled (most lookups
     // miss: a socket that has no record), so a miss usually costs one
-    // cache line, and the spill bucket's line (a random one) is not read.
-    if home == spill || spill_count(home).is_none_or(|n| unsafe { ptr::read_volatile(n) } == 0) {
+    // cache line, and the spill buckets' lines (random ones) are not read.
+    // SAFETY: an aligned u32 of a live map value.
+    if spill_count(home).is_none_or(|n| unsafe { ptr::read_volatile(n) } == 0) {
         return None;
     }
-    scan(spill, cookie).map(|entry| Entry {
+    let spilled = |entry: Entry| Entry {
         spilled_from: Some(home),
         ..entry
-    })
+    };
+    scan(spill[0], cookie)
+        .or_else(|| scan(spill[1], cookie))
+        .map(spilled)
 }
 
 /// The count of spilled sockets `home` shares with its neighbours.
@@ -131,13 +135,9 @@ pub fn find_or_take(cookie: u64) -> Option<Entry> {
     // The home bucket while it has room: it is the one the socket's
     // neighbours in time use too (see `headway_common::sock_table`).
     let (home, spill) = sock_table::buckets(cookie);
-    let taken = take_in(home, cookie, None).or_else(|| {
-        if home == spill {
-            None
-        } else {
-            take_in(spill, cookie, Some(home))
-        }
-    });
+    let taken = take_in(home, cookie, None)
+        .or_else(|| take_in(spill[0], cookie, Some(home)))
+        .or_else(|| take_in(spill[1], cookie, Some(home)));
     if taken.is_none() {
         bump(sock_counter::FULL);
         if kernel_log::due(event::SOCKET_TABLE_FULL) {

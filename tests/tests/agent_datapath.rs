@@ -156,6 +156,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
             "hw_skb_egress",
             "hw_skb_ingress",
             "hw_sock_ops",
+            "hw_sock_release",
         ]
     );
 
@@ -257,7 +258,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     agent.stop().expect("agent stops cleanly on SIGTERM");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        11,
+        12,
         "links stay pinned"
     );
     connect(&cluster, &cg, "web-2", false, false, 2);
@@ -273,8 +274,8 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     );
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
 
-    // A map an older headway pinned (socket storage now merged into
-    // `sock_state`): the new agent has no use for it and removes it.
+    // A map an older headway pinned (socket storage, long since replaced
+    // by the socket table): the new agent has no use for it and removes it.
     let retired = bpffs.pin("acct_socks");
     let created = std::process::Command::new("bpftool")
         .args(["map", "create"])
@@ -294,7 +295,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert_eq!(counts(&status, "web-2"), (3, 0), "{status:#}");
     assert_eq!(
         cgroup_programs(cg.path()).unwrap().len(),
-        11,
+        12,
         "no second attachment"
     );
     // The status above reads the pins, so it can be ready before the new

@@ -180,7 +180,7 @@ fn metrics_keep_a_deleted_pods_series_for_the_grace_period() {
         .filter(|(n, _, _)| n == "headway_program_attached")
         .map(|s| s.2)
         .collect();
-    assert_eq!(attached, [1.0; 11], "{body}");
+    assert_eq!(attached, [1.0; 12], "{body}");
 
     // web-1 is deleted: the maps forget it at once...
     fs::write(
@@ -559,7 +559,7 @@ fn top_shows_the_pods_live_and_quits_on_q() {
     assert!(shows("web-0", 5), "screen:\n{}", tmux.screen());
     let screen = tmux.screen();
     assert!(screen.contains("demo/web"), "{screen}");
-    assert!(screen.contains("hooks 11/11 attached"), "{screen}");
+    assert!(screen.contains("hooks 12/12 attached"), "{screen}");
     println!("headway top, captured with tmux capture-pane:\n{screen}");
 
     tmux.run(&["send-keys", "-t", "top", "q"]);
