@@ -232,7 +232,7 @@ fn bump(index: u32) {
 fn log_table_full() {
     warn!(
         &(),
-        "socket table full: a socket is neither accounted nor steered transparently (raise the table size)"
+        "socket table full: a socket is neither accounted nor steered transparently"
     );
 }
 

@@ -8,8 +8,12 @@
 //! it therefore treats as the host's.
 use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
 
+use aya::maps::{Array, Map, MapData};
 use headway::{map_plan::addr_key, pinned::Maps};
-use headway_common::{AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, name_kind};
+use headway_common::{
+    AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, SockBucket, map_names, name_kind,
+    sock_table,
+};
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
     agent::{Agent, Bpffs, netns_cookie, status_json, wait_for_status},
@@ -563,6 +567,71 @@ fn no_eligible_pod_fails_open() {
         (1..=cpus.min(4)).contains(&lines),
         "{lines} fail-open lines for 4 connects:\n{}",
         fs::read_to_string(&log).unwrap()
+    );
+    agent.stop().unwrap();
+}
+
+/// The socket table full (every bucket filled with cookies no socket has):
+/// a steered connect still reaches a live pod, only without transparency
+/// (fail open), and the full table is counted; once there is room again,
+/// steered sockets are transparent again.
+#[test]
+fn a_full_socket_table_fails_open() {
+    if !require_root("a_full_socket_table_fails_open") {
+        return;
+    }
+    let Bed {
+        cluster,
+        _servers,
+        cg,
+        bpffs,
+        manifests: _manifests,
+        agent,
+    } = Bed::start("socktable-full");
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
+
+    let pin = headway::pinned::map_pin(bpffs.path(), map_names::SOCK_COOKIES);
+    let data = MapData::from_pin(&pin).expect("open the socket table's index");
+    let mut cookies: Array<MapData, SockBucket> =
+        Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    // Cookies far above any the kernel has handed out.
+    let fake = |b: u32| SockBucket {
+        cookies: std::array::from_fn(|i| (1u64 << 62) + u64::from(b) * 8 + i as u64),
+    };
+    for b in 0..sock_table::BUCKETS {
+        cookies.set(b, fake(b), 0).unwrap();
+    }
+    let live = ["web-0", "web-1"];
+    let full = connect(&cluster, "client", &cg, "10.77.0.99", 5);
+    assert!(answered_only_by(&full, &live), "{full:?}");
+    // No record: getpeername reports the pod the connection went to.
+    assert!(
+        full.peer_addrs
+            .keys()
+            .all(|a| a == "10.77.0.10:8080" || a == "10.77.0.11:8080"),
+        "{full:?}"
+    );
+    let status = status_json(&bpffs).unwrap();
+    eprintln!("socket table full: {}", status["sockets"]);
+    assert!(
+        status["sockets"]["full"].as_u64().unwrap() >= 5,
+        "{:#}",
+        status["sockets"]
+    );
+    assert_eq!(steering(&status)["steered_gone"], 5);
+
+    // Room again.
+    for b in 0..sock_table::BUCKETS {
+        cookies.set(b, SockBucket::default(), 0).unwrap();
+    }
+    let again = connect(&cluster, "client", &cg, "10.77.0.99", 5);
+    assert!(answered_only_by(&again, &live), "{again:?}");
+    assert_eq!(
+        again.peer_addrs,
+        BTreeMap::from([("10.77.0.99:8080".to_string(), 5)]),
+        "{again:?}"
     );
     agent.stop().unwrap();
 }
