@@ -59,13 +59,20 @@ pub fn count(skb: &SkBuff, sent: bool) {
         return;
     };
     let record = entry.record;
-    // SAFETY: the socket's record; copied out at once.
-    let mark = unsafe { *record };
+    // SAFETY: the socket's record; the fields needed, read at once.
+    let (flags, protocol, pod_id, generation) = unsafe {
+        (
+            (*record).flags,
+            (*record).protocol,
+            (*record).pod_id,
+            (*record).generation,
+        )
+    };
     // A record read while its socket closed may already be another's.
-    if mark.flags & sock_flags::ACCOUNTED == 0 || !entry.still_held() {
+    if flags & sock_flags::ACCOUNTED == 0 || !entry.still_held() {
         return;
     }
-    if mark.protocol == IPPROTO_TCP {
+    if protocol == IPPROTO_TCP {
         // SAFETY: `sk` is the packet's socket; the helper checks it is TCP.
         let tp = unsafe { bpf_tcp_sock(sk) };
         if tp.is_null() {
@@ -75,9 +82,9 @@ pub fn count(skb: &SkBuff, sent: bool) {
         unsafe { count_delivered(record, (*tp).bytes_acked, (*tp).bytes_received) };
         return;
     }
-    let payload = payload_len(skb, mark.protocol).0;
+    let payload = payload_len(skb, protocol).0;
     if payload > 0 {
-        count_bytes(mark.pod_id, mark.generation, sent, u64::from(payload));
+        count_bytes(pod_id, generation, sent, u64::from(payload));
     }
 }
 
@@ -151,8 +158,10 @@ pub unsafe fn count_delivered(record: *mut SocketState, acked: u64, received: u6
         // then).
         let sent = advance(&raw mut (*record).sent_seen, acked);
         let got = advance(&raw mut (*record).received_seen, received);
-        (*record).seen_known = 1;
         if fresh {
+            // Written once: a write on every packet would bounce the
+            // record's cache line between the CPUs of the two directions.
+            (*record).seen_known = 1;
             return;
         }
         let (pod_id, generation) = ((*record).pod_id, (*record).generation);

@@ -290,6 +290,15 @@ fn active_tcp_connections_are_exact_and_return_to_zero() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(bed.counter("web-0", "active_tcp"), 0);
     assert_eq!(bed.counter("web-1", "active_tcp"), 0);
+    // Every record those sockets took in the socket table went back with
+    // them (given back on TCP_CLOSE, after the last bytes).
+    let sockets = &bed.status()["sockets"];
+    eprintln!("socket table: {sockets}");
+    assert_eq!(sockets["in_use"], 0, "{sockets:#}");
+    assert_eq!(sockets["taken"], sockets["freed"], "{sockets:#}");
+    // 9 held, 1 reset, 10 short: one record each (a refused connect
+    // never got one).
+    assert_eq!(sockets["taken"], 20, "{sockets:#}");
 }
 
 #[test]
