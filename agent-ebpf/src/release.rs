@@ -29,11 +29,19 @@ pub fn hw_sock_release(ctx: SockContext) -> i32 {
     if unsafe { talks_to_no_pod(ctx.sock) } {
         return OK;
     }
-    if let Some(entry) = find(cookie_of(&ctx)) {
+    let cookie = cookie_of(&ctx);
+    // Twice: two threads sending on one unconnected UDP socket at once
+    // can each have taken a record for it (sendmsg runs without the
+    // socket's lock).
+    for _ in 0..2 {
+        let Some(entry) = find(cookie) else {
+            break;
+        };
         // SAFETY: this socket's record; its owner is closing it.
-        if unsafe { (*entry.record).active } == 0 {
-            free(&entry);
+        if unsafe { (*entry.record).active } != 0 {
+            break;
         }
+        free(&entry);
     }
     OK
 }

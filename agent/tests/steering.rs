@@ -123,11 +123,24 @@ fn plant(maps: &mut Maps, cookie: u64, addr: &str, service: &str, kind: u32) {
     // when it did, so the agent gave it a slot there (and kept it after the
     // pod was gone). 10.77.0.99 stands for such a pod; it gets a slot at
     // the top of the range, which the agent does not reach here.
-    let has_slot = maps.dns_addrs.get(&addr, 0).is_ok_and(|i| {
-        i.slots[..i.n as usize]
-            .iter()
-            .any(|s| s.service_id == service_id)
-    });
+    let has_slot = |maps: &Maps| {
+        maps.dns_addrs.get(&addr, 0).is_ok_and(|i| {
+            i.slots[..i.n as usize]
+                .iter()
+                .any(|s| s.service_id == service_id)
+        })
+    };
+    // A pod's own address gets its slot when the agent writes the
+    // endpoint, which may come just after the service shows in status: an
+    // observation planted before would predate the slot, and say nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while maps.pod_addrs.get(&addr, 0).is_ok()
+        && !has_slot(maps)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let has_slot = has_slot(maps);
     if !has_slot {
         let mut index = maps.dns_addrs.get(&addr, 0).unwrap_or(AddrIndex {
             pod_id: NO_POD,
@@ -531,8 +544,12 @@ fn no_eligible_pod_fails_open() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("agent.log");
     let mut agent = Agent::start_with_log(manifests.path(), cg.path(), &bpffs, &[], &log).unwrap();
+    // Synced with its pod: an observation planted before the agent gave
+    // the pod's address its slot would predate the slot, and say nothing.
     wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
-        s["services"].as_array().is_some_and(|v| v.len() == 1)
+        s["services"]
+            .as_array()
+            .is_some_and(|v| v.len() == 1 && v[0]["pods"].as_array().is_some_and(|p| p.len() == 1))
     })
     .unwrap();
     let client = netns_cookie(cluster.client_ns("client")).unwrap();
