@@ -490,6 +490,14 @@ pub fn render_table(status: &Status) -> String {
     };
     let _ = writeln!(out, "steering: {}", nonzero(&status.steering));
     let _ = writeln!(out, "dns: {}", nonzero(&status.dns));
+    let socket = |what: &str| status.sockets.get(what).copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "sockets: {} of {} records in use, {} sockets found the table full",
+        socket("in_use"),
+        socket("capacity"),
+        socket("full"),
+    );
     out
 }
 
