@@ -4,16 +4,17 @@
 //! `sock_ops` gives that record back on the move to TCP_CLOSE, after the
 //! last bytes.
 //!
-//! Runs for every socket of the cgroup, so a TCP socket connected to an
-//! address outside the address filter (no pod's: it cannot have a record)
-//! costs one filter read. Other sockets look their cookie up: UDP ones (an
-//! unconnected socket that sent to a pod has a record and no peer) and TCP
-//! ones without a peer (a failed connect may have had a record).
+//! Runs for every socket of the cgroup, so a socket connected to an
+//! address outside the address filter costs one filter read: it cannot
+//! have a record (a UDP socket that connects elsewhere gives its record
+//! back at that connect()). Sockets without a peer look their cookie up:
+//! an unconnected UDP socket that sent to a pod has a record, and so may a
+//! TCP socket whose connect() failed.
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock, programs::SockContext};
 use headway_common::AddrKey;
 
 use crate::{
-    sock_table::{IPPROTO_TCP, cookie_of, find, free},
+    sock_table::{cookie_of, find, free},
     steer::never_known,
 };
 
@@ -46,7 +47,7 @@ pub fn hw_sock_release(ctx: SockContext) -> i32 {
     OK
 }
 
-/// A TCP socket connected to an address the filter does not hold.
+/// A socket connected to an address the filter does not hold.
 ///
 /// # Safety
 /// `sk` is the hook's socket.
@@ -55,9 +56,6 @@ unsafe fn talks_to_no_pod(sk: *mut bpf_sock) -> bool {
     // SAFETY: reads of the context; each word of dst_ip6 on its own, at a
     // fixed offset, as the verifier wants.
     unsafe {
-        if (*sk).protocol != u32::from(IPPROTO_TCP) {
-            return false;
-        }
         let peer = match (*sk).family {
             AF_INET => AddrKey::from_v4_be((*sk).dst_ip4),
             AF_INET6 => AddrKey::from_v6_words([

@@ -404,6 +404,20 @@ fn bytes_per_pod_match_what_the_clients_moved() {
             );
         }
     }
+    // Every socket of the run is closed (the UDP one connected to a pod,
+    // elsewhere and back): no record is left in the socket table.
+    let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
+    loop {
+        let sockets = bed.status()["sockets"].clone();
+        if sockets["in_use"] == 0 && sockets["taken"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records left: {sockets:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A python client in the client namespace (and cgroup) whose one UDP
