@@ -92,7 +92,10 @@ pub static SOCK_COOKIES: Array<SockBucket, { sock_table::BUCKETS as usize }> = A
 pub static SOCK_RECORDS: Array<SocketState, { capacity::SOCKETS as usize }> = Array::new();
 
 #[btf_map(name = "sock_spills")]
-pub static SOCK_SPILLS: Array<u32, { sock_table::SPILL_COUNTS as usize }> = Array::new();
+pub static SOCK_SPILLS: Array<
+    u32,
+    { (sock_table::BUCKETS / sock_table::HOMES_PER_SPILL_COUNT) as usize },
+> = Array::new();
 
 #[btf_map(name = "sock_counters")]
 pub static SOCK_COUNTERS: PerCpuArray<u64, { sock_counter::COUNT as usize }> = PerCpuArray::new();

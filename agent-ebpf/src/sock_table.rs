@@ -38,6 +38,19 @@ pub const IPPROTO_UDP: u8 = 17;
 
 const SLOTS: u32 = sock_table::BUCKET_SLOTS;
 
+/// The table's bucket count minus one, as the agent sized the maps
+/// (`--max-sockets`): set before the programs load, so the verifier sees
+/// a constant.
+#[unsafe(no_mangle)]
+static SOCK_BUCKET_MASK: u32 = sock_table::BUCKETS - 1;
+
+#[inline(always)]
+fn bucket_mask() -> u32 {
+    // SAFETY: a read of a read-only global (the volatile read keeps the
+    // compiler from folding in the default).
+    unsafe { ptr::read_volatile(&raw const SOCK_BUCKET_MASK) }
+}
+
 /// The cookie of the socket of a hook's context (the helper takes any
 /// context that has a socket). Never 0 for a socket.
 #[inline(always)]
@@ -95,7 +108,7 @@ pub fn find(cookie: u64) -> Option<Entry> {
     if cookie == 0 {
         return None;
     }
-    let (home, spill) = sock_table::buckets(cookie);
+    let (home, spill) = sock_table::buckets(cookie, bucket_mask());
     if let Some(entry) = scan(home, cookie) {
         return Some(entry);
     }
@@ -134,7 +147,7 @@ pub fn find_or_take(cookie: u64) -> Option<Entry> {
     }
     // The home bucket while it has room: it is the one the socket's
     // neighbours in time use too (see `headway_common::sock_table`).
-    let (home, spill) = sock_table::buckets(cookie);
+    let (home, spill) = sock_table::buckets(cookie, bucket_mask());
     let taken = take_in(home, cookie, None)
         .or_else(|| take_in(spill[0], cookie, Some(home)))
         .or_else(|| take_in(spill[1], cookie, Some(home)));

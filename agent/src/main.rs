@@ -109,6 +109,13 @@ struct AgentArgs {
     #[arg(long, env = "HEADWAY_MAX_SERVICES", default_value_t = MapSizes::default().max_services,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_services: u32,
+    /// Room for this many client sockets talking to pods from this node at
+    /// once (the socket table; rounded up to a power of two). A socket
+    /// that finds it full is neither accounted nor steered transparently.
+    /// Changing it for maps already pinned needs `headway reset`.
+    #[arg(long, env = "HEADWAY_MAX_SOCKETS", default_value_t = MapSizes::default().max_sockets,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_sockets: u32,
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, env = "HEADWAY_METRICS_ADDR", default_value = "0.0.0.0:9970")]
     metrics_addr: std::net::SocketAddr,
@@ -175,6 +182,7 @@ fn main() -> anyhow::Result<()> {
                 map_sizes: MapSizes {
                     max_endpoints: args.max_endpoints,
                     max_services: args.max_services,
+                    max_sockets: args.max_sockets,
                 },
             };
             tokio::runtime::Builder::new_multi_thread()

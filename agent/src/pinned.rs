@@ -141,7 +141,7 @@ pub const MAP_SHAPES: [MapShape; 21] = {
         shape::<u32, u32>(
             map_names::SOCK_SPILLS,
             MapType::Array,
-            sock_table::SPILL_COUNTS,
+            sock_table::BUCKETS / sock_table::HOMES_PER_SPILL_COUNT,
         ),
         shape::<u32, u64>(
             map_names::SOCK_COUNTERS,
@@ -162,6 +162,9 @@ pub struct MapSizes {
     pub max_endpoints: u32,
     /// Services (ids index `svc_stats`).
     pub max_services: u32,
+    /// Client sockets talking to pods at once (records of the socket
+    /// table; rounded up to a power of two, at least 32).
+    pub max_sockets: u32,
 }
 
 impl Default for MapSizes {
@@ -169,6 +172,7 @@ impl Default for MapSizes {
         MapSizes {
             max_endpoints: capacity::POD_ADDRS,
             max_services: capacity::SERVICES,
+            max_sockets: capacity::SOCKETS,
         }
     }
 }
@@ -186,8 +190,16 @@ impl MapSizes {
             }
             map_names::DNS_NAMES => e.saturating_mul(4),
             map_names::SERVICES | map_names::SVC_STATS => self.max_services,
+            map_names::SOCK_COOKIES => self.socket_buckets(),
+            map_names::SOCK_RECORDS => self.socket_buckets() * sock_table::BUCKET_SLOTS,
+            map_names::SOCK_SPILLS => self.socket_buckets() / sock_table::HOMES_PER_SPILL_COUNT,
             _ => return None,
         })
+    }
+
+    /// Buckets of the socket table (the kernel programs get the mask).
+    pub fn socket_buckets(&self) -> u32 {
+        sock_table::buckets_for(self.max_sockets)
     }
 }
 

@@ -187,6 +187,7 @@ fn a_full_map_refuses_new_entries_and_existing_ones_keep_working() {
     let sizes = MapSizes {
         max_endpoints: 1024,
         max_services: 64,
+        ..MapSizes::default()
     };
     let mut datapath = Datapath::start_with_sizes(bpffs.path(), cg.path(), &sizes).unwrap();
     for (map, n) in [

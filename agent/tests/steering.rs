@@ -12,7 +12,6 @@ use aya::maps::{Array, Map, MapData};
 use headway::{map_plan::addr_key, pinned::Maps};
 use headway_common::{
     AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, SockBucket, map_names, name_kind,
-    sock_table,
 };
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
@@ -86,6 +85,11 @@ struct Bed {
 
 impl Bed {
     fn start(cgroup: &str) -> Bed {
+        Bed::start_with(cgroup, &[])
+    }
+
+    /// [`Bed::start`] with more agent flags.
+    fn start_with(cgroup: &str, flags: &[&str]) -> Bed {
         let cluster = build_cluster();
         let servers = start_pod_servers(&cluster, PORT).expect("start pod servers");
         let cg = Cgroup::new(cgroup).unwrap();
@@ -93,7 +97,7 @@ impl Bed {
         let manifests = tempfile::tempdir().unwrap();
         write_manifests(manifests.path(), &cluster);
         let node = cluster.client_ns("node");
-        let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+        let mut agent = Agent::start_in(node, manifests.path(), cg.path(), &bpffs, flags).unwrap();
         wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
             s["services"].as_array().is_some_and(|v| v.len() == 3)
         })
@@ -591,7 +595,10 @@ fn no_eligible_pod_fails_open() {
 /// The socket table full (every bucket filled with cookies no socket has):
 /// a steered connect still reaches a live pod, only without transparency
 /// (fail open), and the full table is counted; once there is room again,
-/// steered sockets are transparent again.
+/// steered sockets are transparent again. The table is sized with
+/// `--max-sockets` (1,000 → 1,024 records in 128 buckets): were the
+/// programs hashing over the default 8,192 buckets, most sockets would
+/// find no bucket even with the table empty.
 #[test]
 fn a_full_socket_table_fails_open() {
     if !require_root("a_full_socket_table_fails_open") {
@@ -604,7 +611,8 @@ fn a_full_socket_table_fails_open() {
         bpffs,
         manifests: _manifests,
         agent,
-    } = Bed::start("socktable-full");
+    } = Bed::start_with("socktable-full", &["--max-sockets=1000"]);
+    let buckets = 128;
     let client = netns_cookie(cluster.client_ns("client")).unwrap();
     let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
     plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
@@ -617,7 +625,7 @@ fn a_full_socket_table_fails_open() {
     let fake = |b: u32| SockBucket {
         cookies: std::array::from_fn(|i| (1u64 << 62) + u64::from(b) * 8 + i as u64),
     };
-    for b in 0..sock_table::BUCKETS {
+    for b in 0..buckets {
         cookies.set(b, fake(b), 0).unwrap();
     }
     let live = ["web-0", "web-1"];
@@ -637,10 +645,11 @@ fn a_full_socket_table_fails_open() {
         "{:#}",
         status["sockets"]
     );
+    assert_eq!(status["sockets"]["capacity"], 1024);
     assert_eq!(steering(&status)["steered_gone"], 5);
 
     // Room again.
-    for b in 0..sock_table::BUCKETS {
+    for b in 0..buckets {
         cookies.set(b, SockBucket::default(), 0).unwrap();
     }
     let again = connect(&cluster, "client", &cg, "10.77.0.99", 5);

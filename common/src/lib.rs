@@ -202,28 +202,49 @@ pub mod capacity {
 pub mod sock_table {
     /// Slots per bucket: one 64-byte cache line of cookies.
     pub const BUCKET_SLOTS: u32 = 8;
-    /// Buckets (a power of two).
-    pub const BUCKETS: u32 = 1 << BUCKET_BITS;
-    const BUCKET_BITS: u32 = 13;
+    /// Buckets by default (a power of two; the agent may choose another,
+    /// `--max-sockets`, and tells the programs its mask before loading
+    /// them).
+    pub const BUCKETS: u32 = 1 << 13;
+    /// The most buckets the hash spreads over (2^24 buckets: 134 million
+    /// sockets).
+    pub const MAX_BUCKETS: u32 = 1 << 24;
     /// Consecutive cookies that share a home bucket (log2).
     const RUN_BITS: u32 = 2;
     /// Home buckets that share a count of their sockets in spill buckets
     /// (`sock_spills`): a lookup that misses in the home bucket reads the
-    /// spill buckets only when the count is not zero. Sized so that the
-    /// counts (2,048 u32) fit one small allocation.
+    /// spill buckets only when the count is not zero. At the default size
+    /// the counts (2,048 u32) fit one small allocation.
     pub const HOMES_PER_SPILL_COUNT: u32 = 4;
-    pub const SPILL_COUNTS: u32 = BUCKETS / HOMES_PER_SPILL_COUNT;
     /// A slot claimed by a hook that is writing its record. No socket has
     /// this cookie (cookies count up from 1).
     pub const RESERVED: u64 = u64::MAX;
 
-    /// The socket's home bucket, and the two it goes to when that is full.
+    /// Buckets for room for `sockets` records: a power of two between
+    /// [`HOMES_PER_SPILL_COUNT`] and [`MAX_BUCKETS`].
+    pub const fn buckets_for(sockets: u32) -> u32 {
+        let wanted = sockets.div_ceil(BUCKET_SLOTS);
+        let rounded = match wanted.checked_next_power_of_two() {
+            Some(n) => n,
+            None => MAX_BUCKETS,
+        };
+        if rounded < HOMES_PER_SPILL_COUNT {
+            HOMES_PER_SPILL_COUNT
+        } else if rounded > MAX_BUCKETS {
+            MAX_BUCKETS
+        } else {
+            rounded
+        }
+    }
+
+    /// The socket's home bucket, and the two it goes to when that is full,
+    /// in a table of `mask + 1` buckets.
     #[inline(always)]
-    pub fn buckets(cookie: u64) -> (u32, [u32; 2]) {
-        let home = (cookie >> RUN_BITS) as u32 & (BUCKETS - 1);
+    pub fn buckets(cookie: u64, mask: u32) -> (u32, [u32; 2]) {
+        let home = (cookie >> RUN_BITS) as u32 & mask;
         let h = cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let first = (h >> (64 - BUCKET_BITS)) as u32;
-        let second = (h >> 20) as u32 & (BUCKETS - 1);
+        let first = (h >> 40) as u32 & mask;
+        let second = (h >> 16) as u32 & mask;
         (home, [first, second])
     }
 }
@@ -920,7 +941,7 @@ mod tests {
         // then the spill buckets in turn.
         let mut load = [0u32; sock_table::BUCKETS as usize];
         let mut place = |cookie: u64| -> bool {
-            let (home, spill) = sock_table::buckets(cookie);
+            let (home, spill) = sock_table::buckets(cookie, sock_table::BUCKETS - 1);
             for b in [home, spill[0], spill[1]] {
                 if load[b as usize] < sock_table::BUCKET_SLOTS {
                     load[b as usize] += 1;
@@ -943,11 +964,25 @@ mod tests {
             full * 10_000 < capacity::SOCKETS / 2,
             "{full} sockets found no slot"
         );
-        let (home, spill) = sock_table::buckets(12345);
+        let mask = sock_table::BUCKETS - 1;
+        let (home, spill) = sock_table::buckets(12345, mask);
         assert!(home < sock_table::BUCKETS && spill.iter().all(|b| *b < sock_table::BUCKETS));
         // Consecutive cookies share a home bucket, four at a time.
-        assert_eq!(sock_table::buckets(80).0, sock_table::buckets(83).0);
-        assert_ne!(sock_table::buckets(80).0, sock_table::buckets(84).0);
+        assert_eq!(
+            sock_table::buckets(80, mask).0,
+            sock_table::buckets(83, mask).0
+        );
+        assert_ne!(
+            sock_table::buckets(80, mask).0,
+            sock_table::buckets(84, mask).0
+        );
+        assert_eq!(sock_table::buckets_for(65_536), 8_192);
+        assert_eq!(sock_table::buckets_for(65_537), 16_384);
+        assert_eq!(
+            sock_table::buckets_for(1),
+            sock_table::HOMES_PER_SPILL_COUNT
+        );
+        assert_eq!(sock_table::buckets_for(u32::MAX), sock_table::MAX_BUCKETS);
     }
 
     #[test]
