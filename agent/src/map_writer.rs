@@ -650,13 +650,12 @@ fn write_keys(
     );
     // An address enters the filter before `pod_addrs` so the hooks never
     // skip an address they could find. The filter only grows.
-    for addr in &keys.pod_addrs {
-        if !cur.pod_addrs.contains_key(addr)
-            && pod_addrs_wanted(addr).is_some()
-            && let Err(e) = add_to_filter(m, addr)
-        {
-            errors.push(e);
-        }
+    let new_addrs = keys
+        .pod_addrs
+        .iter()
+        .filter(|addr| !cur.pod_addrs.contains_key(addr) && pod_addrs_wanted(addr).is_some());
+    if let Err(e) = add_to_filter(m, new_addrs) {
+        errors.push(e);
     }
     let changed = sum.upserted + sum.removed;
     upsert(
@@ -758,14 +757,19 @@ fn write_keys(
 
 /// Tells the DNS interceptor that pod ids it cached per address may be
 /// stale (the answer cache): called after `pod_addrs` changed, never before.
-/// Adds `addr` to the address filter (before `pod_addrs` can hold it).
-fn add_to_filter(maps: &mut Maps, addr: &AddrKey) -> Result<(), WriteError> {
-    maps.addr_filter.insert(addr).map_err(|source| WriteError {
-        object: None,
-        op: "add",
-        map: map_names::ADDR_FILTER,
-        source: Box::new(source),
-    })
+/// Adds `addrs` to the address filter (before `pod_addrs` can hold them).
+fn add_to_filter<'a>(
+    maps: &mut Maps,
+    addrs: impl IntoIterator<Item = &'a AddrKey>,
+) -> Result<(), WriteError> {
+    maps.addr_filter
+        .insert_all(addrs)
+        .map_err(|source| WriteError {
+            object: None,
+            op: "add",
+            map: map_names::ADDR_FILTER,
+            source: Box::new(source),
+        })
 }
 
 /// Tells the DNS interceptor that the pods and slots it cached per answer
