@@ -842,8 +842,6 @@ fn write_keys(
     out
 }
 
-/// Tells the DNS interceptor that pod ids it cached per address may be
-/// stale (the answer cache): called after `pod_addrs` changed, never before.
 /// Adds `addrs` to the address filter (before `pod_addrs` can hold them).
 fn add_to_filter<'a>(
     maps: &mut Maps,
@@ -862,8 +860,7 @@ fn add_to_filter<'a>(
 /// Tells the DNS interceptor that the pods and slots it cached per answer
 /// may be stale: after `pod_addrs` or `dns_addrs` changed, never before.
 pub(crate) fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
-    let generation = maps.pod_addrs_gen.get(&0, 0).unwrap_or(0);
-    if let Err(source) = maps.pod_addrs_gen.set(0, generation.wrapping_add(1), 0) {
+    if let Err(source) = maps.pod_addrs_gen.bump() {
         errors.push(WriteError {
             object: None,
             op: "bump",
