@@ -32,6 +32,9 @@ struct SliceEntry {
     service: Option<Arc<ServiceKey>>,
 }
 
+/// The services whose slices name a pod, with how many of its endpoints.
+type ServicesOfPod = SmallVec<[(Arc<ServiceKey>, u32); 1]>;
+
 /// The names of one service's slices, sorted: almost always one or two,
 /// so a Vec (a set cost a tree node per service).
 #[derive(Default)]
@@ -109,7 +112,7 @@ pub struct ClusterStore {
     /// almost every pod is in one service, so the first is kept inline (a
     /// tree node per pod cost 80 MB at 100,000 pods, a Vec's allocation
     /// ~9 MB); the key shares its strings with the slice's record.
-    services_of_pod: HashMap<PodKey, SmallVec<[(Arc<ServiceKey>, u32); 1]>>,
+    services_of_pod: HashMap<PodKey, ServicesOfPod>,
     held: HashMap<ServiceKey, BTreeMap<IpAddr, Held>>,
     /// One copy of each namespace name, shared by the pod keys of every
     /// slice record (a cluster has few namespaces and many pods). Never
