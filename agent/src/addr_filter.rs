@@ -10,12 +10,16 @@
 //! gone meanwhile; every bit still needed is set in both the old and the
 //! new words, so no hook ever misses an address during the rewrite.
 use std::borrow::{Borrow, BorrowMut};
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{Array, HashMap, IterableMap, MapData, MapError},
 };
 use headway_common::{AddrIndex, AddrKey, PodRef, addr_filter, map_names};
+
+use crate::bpf_sys;
 
 /// The filter map and the agent's copy of its words (the agent is its
 /// only writer).
@@ -50,15 +54,40 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrFilter<T> {
 
     /// Adds `addr` (one map write, none if its bits are already set).
     pub fn insert(&mut self, addr: &AddrKey) -> Result<(), MapError> {
-        let (word, mask) = addr_filter::bits(addr);
+        self.insert_all([addr])
+    }
+
+    /// Adds every address of `addrs` with one batched write of the words
+    /// that change (a sync adds thousands: one syscall each cost ~5% of a
+    /// full sync). On an error, the words written before it are kept.
+    pub fn insert_all<'a>(
+        &mut self,
+        addrs: impl IntoIterator<Item = &'a AddrKey>,
+    ) -> Result<(), MapError> {
         let (map, words) = self.parts()?;
-        let old = words[word as usize];
-        if old & mask == mask {
-            return Ok(());
+        let mut changed: BTreeMap<u32, u64> = BTreeMap::new();
+        for addr in addrs {
+            let (word, mask) = addr_filter::bits(addr);
+            let value = changed.entry(word).or_insert(words[word as usize]);
+            *value |= mask;
         }
-        map.set(word, old | mask, 0)?;
-        words[word as usize] = old | mask;
-        Ok(())
+        changed.retain(|word, value| words[*word as usize] != *value);
+        let (indexes, values): (Vec<u32>, Vec<u64>) = changed.into_iter().unzip();
+        let fd = map.map().fd().as_fd();
+        let result = bpf_sys::map_update_batch(fd, &indexes, &values);
+        let done = match &result {
+            Ok(()) => indexes.len(),
+            Err(e) => e.done,
+        };
+        for (word, value) in indexes.iter().zip(&values).take(done) {
+            words[*word as usize] = *value;
+        }
+        result.map_err(|e| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error: e.error,
+            })
+        })
     }
 
     /// Makes the filter hold exactly `addrs`, writing only the words that

@@ -25,6 +25,7 @@ use headway_common::{
     ADDR_MAX_SERVICES, AddrIndex, AddrKey, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
     Observation, ObservationKey, ObservationPage, map_names, obs_kind, obs_stamp, obs_time,
 };
+use smallvec::SmallVec;
 
 use crate::{
     map_writer::{WriteError, bump_pod_addrs_gen, delete_batch, fingerprint, write_batch},
@@ -97,31 +98,46 @@ impl SlotTable {
     }
 }
 
-/// The services an address has a slot in: almost always one, so a sorted
-/// Vec (one small allocation) rather than a set (a tree node per address:
-/// 100,000 addresses made that ~15 MB).
-#[derive(Debug, Default)]
-struct ServiceIds(Vec<u32>);
+/// What the index keeps of one address: one tree entry per address for
+/// everything (three trees keyed by address cost ~15 MB at 100,000).
+#[derive(Debug)]
+struct AddrState {
+    /// Its pod, as `pod_addrs` has it ([`NO_POD`]: none).
+    pod_id: u32,
+    /// The services it has a slot in, sorted: almost always one, kept
+    /// inline.
+    services: SmallVec<[u32; 2]>,
+    /// What `dns_addrs` holds for it, as a fingerprint ([`index_print`]):
+    /// only ever compared, 8 bytes instead of 72.
+    written: Option<u64>,
+}
 
-impl ServiceIds {
-    fn insert(&mut self, id: u32) {
-        if let Err(at) = self.0.binary_search(&id) {
-            self.0.insert(at, id);
+impl Default for AddrState {
+    fn default() -> Self {
+        AddrState {
+            pod_id: NO_POD,
+            services: SmallVec::new(),
+            written: None,
+        }
+    }
+}
+
+impl AddrState {
+    fn add_service(&mut self, id: u32) {
+        if let Err(at) = self.services.binary_search(&id) {
+            self.services.insert(at, id);
         }
     }
 
-    fn remove(&mut self, id: u32) {
-        if let Ok(at) = self.0.binary_search(&id) {
-            self.0.remove(at);
+    fn remove_service(&mut self, id: u32) {
+        if let Ok(at) = self.services.binary_search(&id) {
+            self.services.remove(at);
         }
     }
 
+    /// Nothing left worth keeping.
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &u32> {
-        self.0.iter()
+        self.pod_id == NO_POD && self.services.is_empty() && self.written.is_none()
     }
 }
 
@@ -130,13 +146,8 @@ impl ServiceIds {
 pub struct DnsIndex {
     /// By (service id, family).
     tables: BTreeMap<(u32, u16), SlotTable>,
-    /// The services each address has a slot in.
-    services_of: BTreeMap<AddrKey, ServiceIds>,
-    /// The pod of each address, as `pod_addrs` has it.
-    pods: BTreeMap<AddrKey, u32>,
-    /// What `dns_addrs` holds, as fingerprints ([`index_print`]): only
-    /// ever compared, and 24 bytes an address instead of 88.
-    written: BTreeMap<AddrKey, u64>,
+    /// Each address's pod, services and written entry.
+    addrs: BTreeMap<AddrKey, AddrState>,
     /// Counter for `Owner::left`.
     departures: u64,
 }
@@ -175,10 +186,9 @@ impl DnsIndex {
     pub fn load(map: &HashMap<MapData, AddrKey, AddrIndex>) -> DnsIndex {
         let mut index = DnsIndex::default();
         for (addr, value) in map.iter().filter_map(Result::ok) {
-            index.written.insert(addr, index_print(&value));
-            if value.pod_id != NO_POD {
-                index.pods.insert(addr, value.pod_id);
-            }
+            let state = index.addrs.entry(addr).or_default();
+            state.written = Some(index_print(&value));
+            state.pod_id = value.pod_id;
             for e in value.slots.iter().take(value.n as usize) {
                 let table = index
                     .tables
@@ -194,11 +204,7 @@ impl DnsIndex {
                     },
                 );
                 table.by_addr.insert(addr, e.slot);
-                index
-                    .services_of
-                    .entry(addr)
-                    .or_default()
-                    .insert(e.service_id);
+                state.add_service(e.service_id);
             }
         }
         index
@@ -291,23 +297,28 @@ impl DnsIndex {
     ) -> BTreeSet<AddrKey> {
         let mut touched = BTreeSet::new();
         for (addr, pod) in pods {
-            let old = match pod {
-                Some(id) => self.pods.insert(addr, id),
-                None => self.pods.remove(&addr),
-            };
-            if old != pod {
+            let pod_id = pod.unwrap_or(NO_POD);
+            let state = self.addrs.entry(addr).or_default();
+            if state.pod_id != pod_id {
+                state.pod_id = pod_id;
                 touched.insert(addr);
             }
+            self.tidy(&addr);
         }
         touched
     }
 
     fn forget(&mut self, addr: &AddrKey, service_id: u32) {
-        if let Some(services) = self.services_of.get_mut(addr) {
-            services.remove(service_id);
-            if services.is_empty() {
-                self.services_of.remove(addr);
-            }
+        if let Some(state) = self.addrs.get_mut(addr) {
+            state.remove_service(service_id);
+            self.tidy(addr);
+        }
+    }
+
+    /// Drops the state of an address the index no longer knows anything of.
+    fn tidy(&mut self, addr: &AddrKey) {
+        if self.addrs.get(addr).is_some_and(AddrState::is_empty) {
+            self.addrs.remove(addr);
         }
     }
 
@@ -361,7 +372,7 @@ impl DnsIndex {
                 touched.insert(old);
             }
             for addr in added {
-                self.services_of.entry(addr).or_default().insert(service_id);
+                self.addrs.entry(addr).or_default().add_service(service_id);
                 touched.insert(addr);
                 handed_over.insert(addr);
             }
@@ -370,12 +381,11 @@ impl DnsIndex {
 
     /// The entry `addr` should have, if any.
     fn value(&self, addr: &AddrKey) -> Option<AddrIndex> {
-        let pod_id = self.pods.get(addr).copied().unwrap_or(NO_POD);
-        let mut slots: Vec<(bool, u64, AddrSlot)> = self
-            .services_of
-            .get(addr)
+        let state = self.addrs.get(addr);
+        let pod_id = state.map_or(NO_POD, |s| s.pod_id);
+        let mut slots: Vec<(bool, u64, AddrSlot)> = state
             .into_iter()
-            .flat_map(ServiceIds::iter)
+            .flat_map(|s| s.services.iter())
             .filter_map(|id| {
                 let table = self.tables.get(&(*id, family(addr)))?;
                 let slot = *table.by_addr.get(addr)?;
@@ -421,7 +431,8 @@ impl DnsIndex {
         let mut removals = Vec::new();
         for addr in addrs {
             let want = self.value(addr);
-            if self.written.get(addr).copied() == want.as_ref().map(index_print) {
+            let written = self.addrs.get(addr).and_then(|s| s.written);
+            if written == want.as_ref().map(index_print) {
                 continue;
             }
             match want {
@@ -437,10 +448,13 @@ impl DnsIndex {
         let removed = delete_batch(&maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
         let changed = !(written.is_empty() && removed.is_empty());
         for i in written {
-            self.written.insert(keys[i], index_print(&values[i]));
+            self.addrs.entry(keys[i]).or_default().written = Some(index_print(&values[i]));
         }
         for i in removed {
-            self.written.remove(&removals[i]);
+            if let Some(state) = self.addrs.get_mut(&removals[i]) {
+                state.written = None;
+                self.tidy(&removals[i]);
+            }
         }
         changed
     }

@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod choice_table;
 pub mod datapath;
 pub mod dns_index;
+pub mod generation;
 pub mod http;
 pub mod kernel_log;
 pub mod log_once;

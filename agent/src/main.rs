@@ -149,6 +149,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// glibc gives each thread that allocates its own arena, and memory freed
+/// in one arena serves only that arena: the lists decoded on the runtime's
+/// workers left garbage the sync (on the main thread) could not reuse. One
+/// arena for the agent's three threads: 10,000 services x 10 endpoints
+/// peaked at 150.6 MB instead of 162-164 MB.
+fn one_malloc_arena() {
+    // SAFETY: mallopt only sets a tunable; called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -185,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                     max_sockets: args.max_sockets,
                 },
             };
+            one_malloc_arena();
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

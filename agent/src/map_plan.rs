@@ -158,10 +158,7 @@ impl Ids {
             (key, *id)
         });
         let pods = contents.pods.iter().map(|(id, meta)| {
-            let key = PodKey {
-                namespace: decode_name(&meta.namespace),
-                name: decode_name(&meta.name),
-            };
+            let key = PodKey::new(decode_name(&meta.namespace), decode_name(&meta.name));
             (key, *id)
         });
         Ids {
@@ -356,10 +353,9 @@ pub fn plan_service(svc: &ServiceSpec, settings: &PlanSettings, ids: &mut Ids) -
 /// The pod an endpoint stands for: its targetRef, or its address when the
 /// slice names no pod (hand-made slices).
 pub fn pod_key(service: &ServiceKey, ep: &Endpoint) -> PodKey {
-    ep.pod.clone().unwrap_or_else(|| PodKey {
-        namespace: service.namespace.clone(),
-        name: ep.addr.to_string(),
-    })
+    ep.pod
+        .clone()
+        .unwrap_or_else(|| PodKey::new(service.namespace.as_str(), ep.addr.to_string()))
 }
 
 pub fn addr_key(addr: IpAddr) -> AddrKey {

@@ -207,9 +207,15 @@ struct SharedClaims {
     dns_names: Claims<u64, NameEntry>,
 }
 
-/// What one service last asked for, as sorted slices: a map per service
-/// and kind of entry would cost a tree node each, and pods' entries (192
-/// bytes of names) are only needed while writing.
+/// One service's entries, as sorted slices: a map per service and kind of
+/// entry would cost a tree node each, and pods' entries (192 bytes of
+/// names) are only needed while writing.
+///
+/// The shared kinds (`pods`, `pod_addrs`, `dns_names`) say what the
+/// service last asked for (its claims). The kinds keyed by its id say what
+/// the maps hold for it: they are the writer's mirror of those entries
+/// (a second copy in one big tree per map cost ~15 MB at 10,000 services),
+/// so a write the kernel refused leaves the old value here.
 #[derive(Default)]
 struct Fragment {
     services: Box<[(u32, ServiceMeta)]>,
@@ -222,20 +228,45 @@ struct Fragment {
 }
 
 impl Fragment {
-    fn of(c: &MapContents) -> Fragment {
+    /// From what the service asked for (`wanted`) and what the maps now
+    /// hold for its own keys (`held`).
+    fn of<P>(wanted: &MapContents, held: &MapContents<P>) -> Fragment {
         fn pairs<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Box<[(K, V)]> {
             m.iter().map(|(k, v)| (*k, *v)).collect()
         }
         Fragment {
-            services: pairs(&c.services),
-            pods: c.pods.keys().copied().collect(),
-            pod_addrs: pairs(&c.pod_addrs),
-            svc_endpoints: pairs(&c.svc_endpoints),
-            svc_backends: pairs(&c.svc_backends),
-            svc_ports: pairs(&c.svc_ports),
-            dns_names: pairs(&c.dns_names),
+            services: pairs(&held.services),
+            pods: wanted.pods.keys().copied().collect(),
+            pod_addrs: pairs(&wanted.pod_addrs),
+            svc_endpoints: pairs(&held.svc_endpoints),
+            svc_backends: pairs(&held.svc_backends),
+            svc_ports: pairs(&held.svc_ports),
+            dns_names: pairs(&wanted.dns_names),
         }
     }
+}
+
+/// What the maps hold for `keys`: the fragment's entry where it has one,
+/// else an entry no fragment describes (`loose`).
+fn held<K: Ord + Copy, V: Copy>(
+    keys: &BTreeSet<K>,
+    fragment: &[(K, V)],
+    loose: &BTreeMap<K, V>,
+) -> BTreeMap<K, V> {
+    keys.iter()
+        .filter_map(|k| {
+            let v = match fragment.binary_search_by(|(f, _)| f.cmp(k)) {
+                Ok(i) => fragment[i].1,
+                Err(_) => *loose.get(k)?,
+            };
+            Some((*k, v))
+        })
+        .collect()
+}
+
+/// Moves every entry of `from` into `into`.
+fn move_into<K: Ord, V>(into: &mut BTreeMap<K, V>, from: &mut BTreeMap<K, V>) {
+    into.append(from);
 }
 
 fn keys<K, V>(entries: &[(K, V)]) -> impl Iterator<Item = &K> + '_ {
@@ -266,9 +297,12 @@ fn pod_print(meta: &PodMeta) -> PodPrint {
 
 pub struct MapWriter {
     maps: Maps,
-    /// Mirror of what the agent-owned maps hold (pods as fingerprints).
+    /// Mirror of what the shared maps hold (pods as fingerprints). Of the
+    /// maps keyed by service id, only the entries no fragment describes:
+    /// a previous agent's, until a sync or the sweep takes them over, and
+    /// what a removed service left because the kernel refused to delete.
     current: MapContents<PodPrint>,
-    /// What each service (by id) last asked for.
+    /// Each service's (by id) claims and entries.
     fragments: BTreeMap<u32, Fragment>,
     shared: SharedClaims,
     /// `dns_addrs`: each service's address slots for DNS observations.
@@ -404,9 +438,24 @@ impl MapWriter {
             svc_backends: union(keys(&old.svc_backends), new.svc_backends.keys()),
             svc_ports: union(keys(&old.svc_ports), new.svc_ports.keys()),
         };
+        // What the maps hold for this service's own keys, as a small
+        // mirror the write updates.
+        let loose = &self.current;
+        let mut own = MapContents::<PodPrint> {
+            services: held(&keys.services, &old.services, &loose.services),
+            svc_endpoints: held(
+                &keys.svc_endpoints,
+                &old.svc_endpoints,
+                &loose.svc_endpoints,
+            ),
+            svc_backends: held(&keys.svc_backends, &old.svc_backends, &loose.svc_backends),
+            svc_ports: held(&keys.svc_ports, &old.svc_ports, &loose.svc_ports),
+            ..MapContents::default()
+        };
         let written = write_keys(
             &mut self.maps,
             &mut self.current,
+            &mut own,
             &keys,
             &|k| new.pods.get(k).copied(),
             &|k| self.shared.pod_addrs.winner(k),
@@ -428,8 +477,28 @@ impl MapWriter {
         let mut written = written;
         written.summary.failed += errors.len();
         written.errors.extend(errors);
+        // The touched keys are this service's now (or gone).
+        let loose = &mut self.current;
+        for k in &keys.services {
+            loose.services.remove(k);
+        }
+        for k in &keys.svc_endpoints {
+            loose.svc_endpoints.remove(k);
+        }
+        for k in &keys.svc_backends {
+            loose.svc_backends.remove(k);
+        }
+        for k in &keys.svc_ports {
+            loose.svc_ports.remove(k);
+        }
         if !new.is_empty() {
-            self.fragments.insert(service_id, Fragment::of(&new));
+            self.fragments.insert(service_id, Fragment::of(&new, &own));
+        } else {
+            // A removed service's entries the kernel kept.
+            move_into(&mut loose.services, &mut own.services);
+            move_into(&mut loose.svc_endpoints, &mut own.svc_endpoints);
+            move_into(&mut loose.svc_backends, &mut own.svc_backends);
+            move_into(&mut loose.svc_ports, &mut own.svc_ports);
         }
         written
     }
@@ -460,9 +529,19 @@ impl MapWriter {
             }),
             unclaimed_pods: Vec::new(),
         };
+        // Entries keyed by service id that no fragment describes.
+        let loose = &mut self.current;
+        let mut own = MapContents::<PodPrint> {
+            services: std::mem::take(&mut loose.services),
+            svc_endpoints: std::mem::take(&mut loose.svc_endpoints),
+            svc_backends: std::mem::take(&mut loose.svc_backends),
+            svc_ports: std::mem::take(&mut loose.svc_ports),
+            ..MapContents::default()
+        };
         let mut written = write_keys(
             &mut self.maps,
             &mut self.current,
+            &mut own,
             &keys,
             &|_| None,
             &|_| None,
@@ -472,6 +551,11 @@ impl MapWriter {
             &|_| None,
             &|_| None,
         );
+        let loose = &mut self.current;
+        loose.services = own.services;
+        loose.svc_endpoints = own.svc_endpoints;
+        loose.svc_backends = own.svc_backends;
+        loose.svc_ports = own.svc_ports;
         written.unclaimed_pods = keys.pods.into_iter().collect();
         let fragments = &self.fragments;
         let errors = self.dns_index.retain_services(
@@ -517,10 +601,13 @@ fn unclaimed<K: Ord + Copy, V>(
 
 /// Brings each touched key to what its `*_wanted` function says (`None`:
 /// remove), in the order that keeps the kernel's lookups consistent.
+/// `cur` mirrors the shared maps, `own` the touched keys of the maps keyed
+/// by service id.
 #[allow(clippy::too_many_arguments)]
 fn write_keys(
     m: &mut Maps,
     cur: &mut MapContents<PodPrint>,
+    own: &mut MapContents<PodPrint>,
     keys: &Touched,
     pods_wanted: &dyn Fn(&u32) -> Option<PodMeta>,
     pod_addrs_wanted: &dyn Fn(&AddrKey) -> Option<PodRef>,
@@ -592,7 +679,7 @@ fn write_keys(
         let Some(meta) = services_wanted(service_id) else {
             continue;
         };
-        let same = cur
+        let same = own
             .services
             .get(service_id)
             .is_some_and(|c| (c.namespace, c.name) == (meta.namespace, meta.name));
@@ -611,7 +698,7 @@ fn write_keys(
     upsert(
         &mut m.svc_backends,
         map_names::SVC_BACKENDS,
-        &mut cur.svc_backends,
+        &mut own.svc_backends,
         &keys.svc_backends,
         svc_backends_wanted,
         copy,
@@ -621,7 +708,7 @@ fn write_keys(
     upsert(
         &mut m.svc_ports,
         map_names::SVC_PORTS,
-        &mut cur.svc_ports,
+        &mut own.svc_ports,
         &keys.svc_ports,
         svc_ports_wanted,
         copy,
@@ -631,7 +718,7 @@ fn write_keys(
     upsert(
         &mut m.services,
         map_names::SERVICES,
-        &mut cur.services,
+        &mut own.services,
         &keys.services,
         services_wanted,
         copy,
@@ -641,7 +728,7 @@ fn write_keys(
     upsert(
         &mut m.svc_endpoints,
         map_names::SVC_ENDPOINTS,
-        &mut cur.svc_endpoints,
+        &mut own.svc_endpoints,
         &keys.svc_endpoints,
         svc_endpoints_wanted,
         copy,
@@ -650,13 +737,12 @@ fn write_keys(
     );
     // An address enters the filter before `pod_addrs` so the hooks never
     // skip an address they could find. The filter only grows.
-    for addr in &keys.pod_addrs {
-        if !cur.pod_addrs.contains_key(addr)
-            && pod_addrs_wanted(addr).is_some()
-            && let Err(e) = add_to_filter(m, addr)
-        {
-            errors.push(e);
-        }
+    let new_addrs = keys
+        .pod_addrs
+        .iter()
+        .filter(|addr| !cur.pod_addrs.contains_key(addr) && pod_addrs_wanted(addr).is_some());
+    if let Err(e) = add_to_filter(m, new_addrs) {
+        errors.push(e);
     }
     let changed = sum.upserted + sum.removed;
     upsert(
@@ -710,7 +796,7 @@ fn write_keys(
     remove(
         &mut m.svc_endpoints,
         map_names::SVC_ENDPOINTS,
-        &mut cur.svc_endpoints,
+        &mut own.svc_endpoints,
         &keys.svc_endpoints,
         svc_endpoints_wanted,
         sum,
@@ -719,7 +805,7 @@ fn write_keys(
     remove(
         &mut m.services,
         map_names::SERVICES,
-        &mut cur.services,
+        &mut own.services,
         &keys.services,
         services_wanted,
         sum,
@@ -728,7 +814,7 @@ fn write_keys(
     remove(
         &mut m.svc_backends,
         map_names::SVC_BACKENDS,
-        &mut cur.svc_backends,
+        &mut own.svc_backends,
         &keys.svc_backends,
         svc_backends_wanted,
         sum,
@@ -737,7 +823,7 @@ fn write_keys(
     remove(
         &mut m.svc_ports,
         map_names::SVC_PORTS,
-        &mut cur.svc_ports,
+        &mut own.svc_ports,
         &keys.svc_ports,
         svc_ports_wanted,
         sum,
@@ -756,23 +842,25 @@ fn write_keys(
     out
 }
 
-/// Tells the DNS interceptor that pod ids it cached per address may be
-/// stale (the answer cache): called after `pod_addrs` changed, never before.
-/// Adds `addr` to the address filter (before `pod_addrs` can hold it).
-fn add_to_filter(maps: &mut Maps, addr: &AddrKey) -> Result<(), WriteError> {
-    maps.addr_filter.insert(addr).map_err(|source| WriteError {
-        object: None,
-        op: "add",
-        map: map_names::ADDR_FILTER,
-        source: Box::new(source),
-    })
+/// Adds `addrs` to the address filter (before `pod_addrs` can hold them).
+fn add_to_filter<'a>(
+    maps: &mut Maps,
+    addrs: impl IntoIterator<Item = &'a AddrKey>,
+) -> Result<(), WriteError> {
+    maps.addr_filter
+        .insert_all(addrs)
+        .map_err(|source| WriteError {
+            object: None,
+            op: "add",
+            map: map_names::ADDR_FILTER,
+            source: Box::new(source),
+        })
 }
 
 /// Tells the DNS interceptor that the pods and slots it cached per answer
 /// may be stale: after `pod_addrs` or `dns_addrs` changed, never before.
 pub(crate) fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
-    let generation = maps.pod_addrs_gen.get(&0, 0).unwrap_or(0);
-    if let Err(source) = maps.pod_addrs_gen.set(0, generation.wrapping_add(1), 0) {
+    if let Err(source) = maps.pod_addrs_gen.bump() {
         errors.push(WriteError {
             object: None,
             op: "bump",

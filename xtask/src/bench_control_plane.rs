@@ -54,6 +54,13 @@ pub struct Options {
     /// Where control-plane.json goes (relative to the workspace root).
     #[arg(long, default_value = "bench/results")]
     pub out: std::path::PathBuf,
+    /// Measure this agent binary instead of building the workspace's (to
+    /// compare two builds in one sitting).
+    #[arg(long)]
+    pub agent: Option<std::path::PathBuf>,
+    /// Start the agent's watches with streaming lists (`--streaming-lists`).
+    #[arg(long)]
+    pub streaming_lists: bool,
 }
 
 struct Row {
@@ -71,16 +78,34 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bail!("bench-control-plane loads and attaches BPF programs: run it as root");
     }
     let load_average = load_average()?;
-    build_ebpf::run(&build_ebpf::Options { release: true })?;
-    util::run(util::cargo().args(["build", "--release", "-p", "headway", "--bin", "headway"]))?;
-    let bin = util::target_dir().join("release").join("headway");
+    let bin = match &opts.agent {
+        Some(bin) => bin.clone(),
+        None => {
+            build_ebpf::run(&build_ebpf::Options { release: true })?;
+            util::run(util::cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "headway",
+                "--bin",
+                "headway",
+            ]))?;
+            util::target_dir().join("release").join("headway")
+        }
+    };
     let mut rows = Vec::new();
     for &services in &opts.services {
         eprintln!(
             "measuring {services} services x {} endpoints",
             opts.endpoints
         );
-        rows.push(measure(&bin, services, opts.endpoints, opts.events)?);
+        rows.push(measure(
+            &bin,
+            services,
+            opts.endpoints,
+            opts.events,
+            opts.streaming_lists,
+        )?);
     }
     println!(
         "\n{:>9} {:>10} {:>10} {:>13} {:>13} {:>13} {:>13}",
@@ -187,7 +212,13 @@ fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-fn measure(bin: &Path, services: usize, endpoints: usize, events: usize) -> anyhow::Result<Row> {
+fn measure(
+    bin: &Path,
+    services: usize,
+    endpoints: usize,
+    events: usize,
+    streaming_lists: bool,
+) -> anyhow::Result<Row> {
     let api = FakeApi::start()?;
     for i in 0..services {
         api.apply(headless_service(NAMESPACE, &format!("s{i}"), json!({})))?;
@@ -226,6 +257,7 @@ fn measure(bin: &Path, services: usize, endpoints: usize, events: usize) -> anyh
             "--max-endpoints={}",
             (services * endpoints).next_power_of_two().max(65_536)
         ))
+        .args(streaming_lists.then_some("--streaming-lists"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -150,7 +150,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
         !s.to_string().contains(&format!("\"name\":\"{victim}\""))
     })?;
-    let victim_addr = pods[&victim].v4.context("victim has IPv4")?;
+    let victim_addr = pods[&*victim].v4.context("victim has IPv4")?;
     let r = run_client(
         &cluster,
         "client",
@@ -222,7 +222,7 @@ fn pods_of(desired: &DesiredState) -> BTreeMap<String, DemoPod> {
         let name = ep
             .pod
             .as_ref()
-            .map(|p| p.name.clone())
+            .map(|p| p.name.to_string())
             .unwrap_or_else(|| ep.addr.to_string());
         let pod = pods.entry(name).or_default();
         match ep.addr {

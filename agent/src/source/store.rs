@@ -8,9 +8,11 @@
 //! last state until the source releases it ([`ClusterStore::release_hold`]):
 //! an endpoint moving between two slices of a service, whose removal
 //! arrives before its addition, is then never taken out of the maps.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use smallvec::SmallVec;
 
 use crate::model::{
     self, DesiredState, EndpointRecord, PodKey, PodLabels, ServiceKey, ServiceRecord, ServiceSpec,
@@ -28,6 +30,41 @@ struct SliceEntry {
     /// Its service (the record's label, in the slice's namespace), shared
     /// with [`ClusterStore::services_of_pod`].
     service: Option<Arc<ServiceKey>>,
+}
+
+/// The services whose slices name a pod, with how many of its endpoints.
+type ServicesOfPod = SmallVec<[(Arc<ServiceKey>, u32); 1]>;
+
+/// The names of one service's slices, sorted: almost always one or two,
+/// so a Vec (a set cost a tree node per service).
+#[derive(Default)]
+struct SliceNames(Vec<String>);
+
+impl SliceNames {
+    fn insert(&mut self, name: &str) {
+        if let Err(at) = self.0.binary_search_by(|n| n.as_str().cmp(name)) {
+            self.0.insert(at, name.to_owned());
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(at) = self.0.binary_search_by(|n| n.as_str().cmp(name)) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a SliceNames {
+    type Item = &'a String;
+    type IntoIter = std::slice::Iter<'a, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 /// One pod's labels as each pod watcher last saw it. A pod matching both
@@ -67,16 +104,20 @@ pub struct ClusterStore {
     services: HashMap<ServiceKey, ServiceRecord>,
     slices: HashMap<SliceKey, SliceEntry>,
     /// Slice names per service, sorted (the model merges them in order).
-    slices_of: HashMap<ServiceKey, BTreeSet<String>>,
+    slices_of: HashMap<ServiceKey, SliceNames>,
     pods: HashMap<PodKey, PodCopies>,
     /// The effective labels of every pod a watcher reported.
     labels: BTreeMap<PodKey, PodLabels>,
-    /// Which services' slices name each pod, with how many endpoints (a
-    /// Vec: almost every pod is in one service, and a tree node per pod
-    /// cost 80 MB at 100,000 pods; the key shared with the slice's entry,
-    /// not a copy per pod: ~10 MB at 100,000 pods).
-    services_of_pod: HashMap<PodKey, Vec<(Arc<ServiceKey>, u32)>>,
+    /// Which services' slices name each pod, with how many endpoints:
+    /// almost every pod is in one service, so the first is kept inline (a
+    /// tree node per pod cost 80 MB at 100,000 pods, a Vec's allocation
+    /// ~9 MB); the key shares its strings with the slice's record.
+    services_of_pod: HashMap<PodKey, ServicesOfPod>,
     held: HashMap<ServiceKey, BTreeMap<IpAddr, Held>>,
+    /// One copy of each namespace name, shared by the pod keys of every
+    /// slice record (a cluster has few namespaces and many pods). Never
+    /// shrinks: a namespace costs its name.
+    namespaces: HashSet<Arc<str>>,
     holds_started: Vec<HoldStarted>,
     next_seq: u64,
     warnings: Vec<Warning>,
@@ -177,9 +218,12 @@ impl ClusterStore {
         affected
     }
 
-    pub fn apply_slice(&mut self, key: SliceKey, record: SliceRecord) -> Affected {
+    pub fn apply_slice(&mut self, key: SliceKey, mut record: SliceRecord) -> Affected {
         if self.slices.get(&key).is_some_and(|e| e.record == record) {
             return Affected::new();
+        }
+        for pod in record.endpoints.iter_mut().filter_map(|e| e.pod.as_mut()) {
+            pod.namespace = self.shared_namespace(&pod.namespace);
         }
         let service = record
             .service
@@ -191,7 +235,7 @@ impl ClusterStore {
             self.slices_of
                 .entry(ServiceKey::clone(service))
                 .or_default()
-                .insert(key.1.clone());
+                .insert(&key.1);
             for pod in record.pods() {
                 let services = self.services_of_pod.entry(pod.clone()).or_default();
                 match services.iter_mut().find(|(s, _)| s == service) {
@@ -216,6 +260,16 @@ impl ClusterStore {
             affected.insert(ServiceKey::clone(service));
         }
         affected
+    }
+
+    fn shared_namespace(&mut self, namespace: &Arc<str>) -> Arc<str> {
+        match self.namespaces.get(namespace) {
+            Some(shared) => shared.clone(),
+            None => {
+                self.namespaces.insert(namespace.clone());
+                namespace.clone()
+            }
+        }
     }
 
     pub fn delete_slice(&mut self, key: &SliceKey) -> Affected {
