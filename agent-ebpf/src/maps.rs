@@ -6,9 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use headway_common::{
-    AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
+    AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
     ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter, capacity,
+    ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter, addr_table,
+    capacity,
     dns_counter, steer_counter,
 };
 
@@ -57,6 +58,9 @@ pub static DNS_OBS: LruHashMap<ObservationKey, ObservationPage, { capacity::DNS_
 #[btf_map(name = "dns_addrs")]
 pub static DNS_ADDRS: HashMap<AddrKey, AddrIndex, { capacity::DNS_ADDRS as usize }> =
     HashMap::new();
+
+#[btf_map(name = "dns_addr_table")]
+pub static DNS_ADDR_TABLE: Array<AddrTableEntry, { addr_table::SIZE as usize }> = Array::new();
 
 #[btf_map(name = "pod_addrs_gen")]
 pub static POD_ADDRS_GEN: Array<u64, 1> = Array::new();

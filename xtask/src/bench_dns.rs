@@ -60,6 +60,10 @@ pub struct Options {
     /// Single runs per case for the learning path (median reported).
     #[arg(long, default_value_t = 20_000)]
     pub samples: usize,
+    /// Only the learning cases whose label contains this (e.g. "16 A,
+    /// first time, cold"), to profile one path.
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -182,6 +186,10 @@ fn bench_learning(
             State::FirstTime,
             State::KnownCold,
         ] {
+            let case = format!("{name}, {}", state.label());
+            if opts.only.as_ref().is_some_and(|only| !case.contains(only.as_str())) {
+                continue;
+            }
             let raw = bench.single_median(&frame, opts.samples, |b| {
                 if matches!(state, State::FirstCached | State::FirstTime) {
                     b.forget_pages()?;
@@ -191,8 +199,6 @@ fn bench_learning(
                 }
                 b.expect_query()
             })?;
-            let label = state.label();
-            let case = format!("{name}, {label}");
             let net = raw.saturating_sub(harness);
             println!("  {case:<44} {:>8.1} {:>8.1}", ns(raw), ns(net));
             figures.learning_ns.push((case, ns(raw), ns(net)));
@@ -313,6 +319,18 @@ impl Bench {
             headway::addr_filter::add_to(&mut Array::try_from(filter)?, &addr_key(pod_ip(i)))?;
             self.map::<AddrKey, AddrIndex>(map_names::DNS_ADDRS)?
                 .insert(addr_key(pod_ip(i)), index, 0)?;
+            // And its copy in the table the interceptor reads first.
+            let table = self
+                .ebpf
+                .map_mut(map_names::DNS_ADDR_TABLE)
+                .context("no address table")?;
+            if !headway::addr_table::put(
+                &mut Array::try_from(table)?,
+                &addr_key(pod_ip(i)),
+                &index,
+            )? {
+                bail!("no room in the address table for {}", pod_ip(i));
+            }
         }
         Ok(())
     }
@@ -394,6 +412,10 @@ impl Bench {
             times.push(self.run(frame, 1)?);
         }
         times.sort();
+        if std::env::var_os("BENCH_DNS_PCT").is_some() {
+            let p = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_nanos();
+            eprintln!("    p10 {} p25 {} p50 {} p75 {} p90 {}", p(0.1), p(0.25), p(0.5), p(0.75), p(0.9));
+        }
         Ok(times[times.len() / 2])
     }
 }

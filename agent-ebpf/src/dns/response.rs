@@ -23,18 +23,18 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use headway_common::{
-    ADDR_MAX_SERVICES, AddrKey, NO_POD, NO_SLOT, NameEntry, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
+    AddrKey, NO_POD, NO_SLOT, NameEntry, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
     ObservationKey, PendingQuery, PendingQueryKey, dns_counter, name_kind, obs_stamp,
 };
 
 use super::{
     ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN, MAX_NAME_LEN,
     MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, bump, copy_payload, dns_datagram,
-    query_id, question,
+    addr_table::known, query_id, question,
 };
 use crate::{
     accounting::count_dns_answer,
-    maps::{DNS_ADDRS, DNS_NAMES, DNS_OBS, DNS_PENDING, POD_ADDRS_GEN},
+    maps::{DNS_NAMES, DNS_OBS, DNS_PENDING, POD_ADDRS_GEN},
     steer::never_known,
 };
 
@@ -304,7 +304,7 @@ fn learn(s: &mut Scratch, netns_cookie: u64, entry: NameEntry, qtype: u16) {
     add(dns_counter::ADDRS_LEARNED, learned);
 }
 
-/// Looks up every collected address in `dns_addrs`: its pod (counted) and
+/// Looks up every collected address (`addr_table`): its pod (counted) and
 /// its slot in `service_id` (or `NO_SLOT`: never an endpoint of it, as far
 /// as the agent knows, so connect() would not look for it there either).
 #[inline(always)]
@@ -313,30 +313,13 @@ fn fill_cache(s: &Scratch, c: *mut CachedAnswer, service_id: u32, n: usize) {
         if i >= n {
             break;
         }
-        let mut pod_id = NO_POD;
-        let mut slot = NO_SLOT;
         // The address filter holds every key of `dns_addrs`: an address
         // outside it needs no lookup (one array read instead of a hash walk).
-        let indexed = s
+        let known = s
             .addr(i)
             .filter(|addr| !never_known(addr))
-            .and_then(|addr| DNS_ADDRS.get_ptr(&addr));
-        if let Some(index) = indexed {
-            // SAFETY: fields of a live map value, read one by one.
-            pod_id = unsafe { (*index).pod_id };
-            let entries = (unsafe { (*index).n } as usize).min(ADDR_MAX_SERVICES);
-            for j in 0..ADDR_MAX_SERVICES {
-                if j >= entries {
-                    break;
-                }
-                // SAFETY: as above; `j` is in bounds.
-                let e = unsafe { (*index).slots[j] };
-                if e.service_id == service_id {
-                    slot = e.slot;
-                    break;
-                }
-            }
-        }
+            .and_then(|addr| known(&addr, service_id));
+        let (pod_id, slot) = known.map_or((NO_POD, NO_SLOT), |k| (k.pod_id, k.slot));
         store!((*c).pod_ids[i], pod_id);
         store!((*c).slots[i], slot);
     }

@@ -1,0 +1,281 @@
+//! The agent's side of `dns_addr_table` (see `headway_common::addr_table`):
+//! a copy of `dns_addrs` the DNS interceptor reads with inline array loads.
+//!
+//! The kernel trusts an entry it finds whole, so an entry must never say
+//! more than `dns_addrs` does. Every change of an address therefore goes:
+//! [`AddrTable::withdraw`] (its entry emptied: the kernel misses and asks
+//! `dns_addrs`), then `dns_addrs` written, then [`AddrTable::place`]. A
+//! crash anywhere in between leaves a miss, never a stale entry. When the
+//! agent starts, [`AddrTable::rebuild`] writes every position anew from
+//! `dns_addrs` (the datapath before attaching, the writer when it takes
+//! the maps over), so what an older agent left is never trusted.
+//!
+//! An address takes the first free of its `PROBES` positions; when all are
+//! taken it is not placed and the kernel finds it in `dns_addrs` (at half
+//! load that is rare). It gets a position again the next time it changes.
+use std::{
+    borrow::{Borrow, BorrowMut},
+    collections::HashMap,
+    os::fd::AsFd,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, IterableMap, MapData, MapError},
+};
+use headway_common::{
+    ADDR_MAX_SERVICES, AddrIndex, AddrKey, AddrTableEntry, map_names,
+    addr_table::{self, PROBES, SIZE},
+};
+
+use crate::bpf_sys;
+
+/// Positions written per batch by [`AddrTable::rebuild`] (512 KiB of
+/// entries): the whole table at once would hold 8 MiB more in the agent.
+const REBUILD_CHUNK: u32 = 8192;
+
+/// The entry that says what `index` says of `addr`.
+pub fn entry(addr: &AddrKey, index: &AddrIndex) -> AddrTableEntry {
+    let n = (index.n as usize).min(ADDR_MAX_SERVICES);
+    let mut slots = [0u64; ADDR_MAX_SERVICES];
+    for (word, slot) in slots.iter_mut().zip(&index.slots[..n]) {
+        *word = addr_table::slot_word(slot.service_id, slot.slot);
+    }
+    AddrTableEntry::new(*addr, index.pod_id, n as u32, slots)
+}
+
+/// The table map and where the agent put each address (the agent is its
+/// only writer).
+pub struct AddrTable<T = MapData> {
+    map: Array<T, AddrTableEntry>,
+    positions: HashMap<AddrKey, u32>,
+    /// One bit per position: taken.
+    taken: Vec<u64>,
+}
+
+impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
+    /// The map, with nothing known of its contents: [`AddrTable::rebuild`]
+    /// before any other write.
+    pub fn new(map: Array<T, AddrTableEntry>) -> AddrTable<T> {
+        AddrTable {
+            map,
+            positions: HashMap::new(),
+            taken: vec![0; (SIZE / 64) as usize],
+        }
+    }
+
+    fn is_taken(&self, position: u32) -> bool {
+        self.taken[(position / 64) as usize] & (1 << (position % 64)) != 0
+    }
+
+    fn set_taken(&mut self, position: u32, taken: bool) {
+        let word = &mut self.taken[(position / 64) as usize];
+        if taken {
+            *word |= 1 << (position % 64);
+        } else {
+            *word &= !(1 << (position % 64));
+        }
+    }
+
+    /// A free position for `addr`, taken; `None` if all of its are.
+    fn claim(&mut self, addr: &AddrKey) -> Option<u32> {
+        let home = addr_table::home(addr);
+        let position = (0..PROBES)
+            .map(|probe| addr_table::position(home, probe))
+            .find(|p| !self.is_taken(*p))?;
+        self.set_taken(position, true);
+        self.positions.insert(*addr, position);
+        Some(position)
+    }
+
+    /// Makes the map hold exactly `entries` (each `dns_addrs` entry),
+    /// writing every position, empty ones too.
+    pub fn rebuild(
+        &mut self,
+        entries: impl IntoIterator<Item = (AddrKey, AddrIndex)>,
+    ) -> Result<(), MapError> {
+        self.positions.clear();
+        self.taken.fill(0);
+        let mut placed: HashMap<u32, AddrTableEntry> = HashMap::new();
+        for (addr, index) in entries {
+            if let Some(position) = self.claim(&addr) {
+                placed.insert(position, entry(&addr, &index));
+            }
+        }
+        let fd = self.map.map().fd().as_fd();
+        for start in (0..SIZE).step_by(REBUILD_CHUNK as usize) {
+            let keys: Vec<u32> = (start..start + REBUILD_CHUNK).collect();
+            let values: Vec<AddrTableEntry> = keys
+                .iter()
+                .map(|p| placed.get(p).copied().unwrap_or_default())
+                .collect();
+            bpf_sys::map_update_batch(fd, &keys, &values).map_err(batch_error)?;
+        }
+        Ok(())
+    }
+
+    /// Empties the entries of `addrs` before `dns_addrs` changes for them;
+    /// returns the indexes (into `addrs`) of those the table no longer
+    /// holds, which alone may change. An address with no position counts.
+    pub fn withdraw(&mut self, addrs: &[AddrKey]) -> (Vec<usize>, Option<MapError>) {
+        let mut out = Vec::with_capacity(addrs.len());
+        let mut held = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            match self.positions.get(addr) {
+                Some(position) => held.push((i, *position)),
+                None => out.push(i),
+            }
+        }
+        let positions: Vec<u32> = held.iter().map(|(_, p)| *p).collect();
+        let empty = vec![AddrTableEntry::default(); positions.len()];
+        let (done, error) = self.write(&positions, &empty);
+        for (i, position) in &held[..done] {
+            self.positions.remove(&addrs[*i]);
+            self.set_taken(*position, false);
+            out.push(*i);
+        }
+        out.sort_unstable();
+        (out, error)
+    }
+
+    /// Puts the entries of addresses `dns_addrs` now holds as `entries`
+    /// say (each withdrawn before, or new).
+    pub fn place(&mut self, entries: &[(AddrKey, AddrIndex)]) -> Option<MapError> {
+        let mut positions = Vec::new();
+        let mut values = Vec::new();
+        for (addr, index) in entries {
+            debug_assert!(!self.positions.contains_key(addr), "placed twice");
+            if let Some(position) = self.claim(addr) {
+                positions.push(position);
+                values.push(entry(addr, index));
+            }
+        }
+        let (done, error) = self.write(&positions, &values);
+        // Not written: the positions stay empty, and free.
+        for (position, value) in positions[done..].iter().zip(&values[done..]) {
+            self.positions.remove(&value.addr);
+            self.set_taken(*position, false);
+        }
+        error
+    }
+
+    /// Writes `values` at `positions` in one batch; returns how many went
+    /// through (all of them, or those before the first refused).
+    fn write(&self, positions: &[u32], values: &[AddrTableEntry]) -> (usize, Option<MapError>) {
+        let fd = self.map.map().fd().as_fd();
+        match bpf_sys::map_update_batch(fd, positions, values) {
+            Ok(()) => (positions.len(), None),
+            Err(e) => (e.done, Some(batch_error(e))),
+        }
+    }
+}
+
+fn batch_error(e: bpf_sys::BatchError) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError {
+        call: "bpf_map_update_batch",
+        io_error: e.error,
+    })
+}
+
+/// Writes the table of a freshly loaded object from the `dns_addrs` it
+/// took over from pins, before any of its programs is attached: entries
+/// an older agent left may be stale (one that kept no table changed
+/// `dns_addrs` without withdrawing them).
+pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
+    let entries: Vec<(AddrKey, AddrIndex)> = match ebpf.map(map_names::DNS_ADDRS) {
+        Some(map) => {
+            let dns_addrs = aya::maps::HashMap::<_, AddrKey, AddrIndex>::try_from(map)?;
+            dns_addrs.iter().filter_map(Result::ok).collect()
+        }
+        None => Vec::new(),
+    };
+    let map = ebpf
+        .map_mut(map_names::DNS_ADDR_TABLE)
+        .ok_or(FillError::NoTable)?;
+    AddrTable::new(Array::try_from(map)?).rebuild(entries)?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("the kernel object has no map {}", map_names::DNS_ADDR_TABLE)]
+    NoTable,
+    #[error(transparent)]
+    Map(#[from] MapError),
+}
+
+/// Puts `addr`'s entry in a table map by hand (reading its positions),
+/// for tools and tests that fill maps the way the agent does; false when
+/// every position is another address's.
+pub fn put<T: Borrow<MapData> + BorrowMut<MapData>>(
+    map: &mut Array<T, AddrTableEntry>,
+    addr: &AddrKey,
+    index: &AddrIndex,
+) -> Result<bool, MapError> {
+    let home = addr_table::home(addr);
+    for probe in 0..PROBES {
+        let position = addr_table::position(home, probe);
+        let old = map.get(&position, 0)?;
+        if old.check == 0 || old.addr == *addr {
+            map.set(position, entry(addr, index), 0)?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headway_common::AddrSlot;
+
+    #[test]
+    fn an_entry_checks_and_any_changed_word_fails_the_check() {
+        let addr = AddrKey::from_v4_be(u32::from_ne_bytes([10, 0, 0, 1]));
+        let mut index = AddrIndex {
+            pod_id: 3,
+            n: 2,
+            ..AddrIndex::default()
+        };
+        index.slots[0] = AddrSlot {
+            service_id: 1,
+            slot: 5,
+            since_ns: 9,
+        };
+        index.slots[1] = AddrSlot {
+            service_id: 2,
+            slot: 0,
+            since_ns: 9,
+        };
+        let e = entry(&addr, &index);
+        assert_eq!(
+            addr_table::check(&e.addr, e.pod_id, e.n, &e.slots),
+            e.check
+        );
+        assert_ne!(e.check, 0);
+        // A read that mixes in one word of another version.
+        let other = AddrTableEntry {
+            pod_id: 4,
+            ..e
+        };
+        assert_ne!(
+            addr_table::check(&other.addr, other.pod_id, other.n, &other.slots),
+            e.check
+        );
+        let mut slots = e.slots;
+        slots[1] = addr_table::slot_word(2, 1);
+        assert_ne!(addr_table::check(&e.addr, e.pod_id, e.n, &slots), e.check);
+    }
+
+    #[test]
+    fn homes_spread_consecutive_addresses() {
+        let mut taken = std::collections::HashSet::new();
+        let n = 65_536u32;
+        for i in 0..n {
+            let addr = AddrKey::from_v4_be((0x0a00_0000 + i).to_be());
+            taken.insert(addr_table::home(&addr));
+        }
+        // Random homes for n keys in 2n positions: ~79% distinct.
+        assert!(taken.len() as u32 > n * 7 / 10, "{} distinct homes", taken.len());
+    }
+}
