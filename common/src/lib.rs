@@ -243,22 +243,48 @@ pub mod addr_table {
         (home + probe) & (SIZE - 1)
     }
 
-    /// The check of an entry with these fields: never 0 (0 marks an empty
-    /// entry). Each word goes through xor and an odd multiply, so two
-    /// versions mixed in one read check alike with odds of about 2^-63.
+    /// Index of `check` among an entry's eight 64-bit words.
+    pub const CHECK_WORD: usize = 2;
+
+    /// The first two words of an entry: `addr` as it lies in memory.
     #[inline(always)]
-    pub fn check(addr: &AddrKey, pod_id: u32, n: u32, slots: &[u64; ADDR_MAX_SERVICES]) -> u64 {
-        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    pub const fn addr_words(addr: &AddrKey) -> [u64; 2] {
         let [a, b, c, d] = addr.addr;
-        let mut h = 0xC2B2_AE3D_27D4_EB4Fu64;
-        h = (h ^ ((u64::from(a) << 32) | u64::from(b))).wrapping_mul(K);
-        h = (h ^ ((u64::from(c) << 32) | u64::from(d))).wrapping_mul(K);
-        h = (h ^ ((u64::from(n) << 32) | u64::from(pod_id))).wrapping_mul(K);
-        let mut i = 0;
-        while i < ADDR_MAX_SERVICES {
-            h = (h ^ slots[i]).wrapping_mul(K);
-            i += 1;
-        }
+        [
+            (b as u64) << 32 | a as u64,
+            (d as u64) << 32 | c as u64,
+        ]
+    }
+
+    /// The check of an entry's words (the word at `CHECK_WORD` left out):
+    /// never 0, which marks an empty entry. Each word goes through its own
+    /// bijection and the results are summed, so two versions mixed in one
+    /// read check alike with odds of about 2^-63; and the words are mixed
+    /// independently of each other, which a CPU overlaps (a chain of
+    /// multiplies costs each answer address its latency).
+    #[inline(always)]
+    pub fn check(words: &[u64; 8]) -> u64 {
+        const K: [u64; 8] = [
+            0x9E37_79B9_7F4A_7C15,
+            0xC2B2_AE3D_27D4_EB4F,
+            0,
+            0x1656_67B1_9E37_79F9,
+            0xD6E8_FEB8_6659_FD93,
+            0xFF51_AFD7_ED55_8CCD,
+            0xC4CE_B9FE_1A85_EC53,
+            0x8CB9_2BA7_2F3D_8DD7,
+        ];
+        let mix = |i: usize| {
+            let m = words[i].wrapping_mul(K[i]);
+            m ^ (m >> 29)
+        };
+        let h = mix(0)
+            .wrapping_add(mix(1))
+            .wrapping_add(mix(3))
+            .wrapping_add(mix(4))
+            .wrapping_add(mix(5))
+            .wrapping_add(mix(6))
+            .wrapping_add(mix(7));
         (h ^ (h >> 32)) | 1
     }
 
@@ -278,19 +304,37 @@ pub mod addr_table {
         /// The entry that says what `dns_addrs` says of `addr`: its pod
         /// and its first `n` slots.
         pub fn new(addr: AddrKey, pod_id: u32, n: u32, slots: [u64; ADDR_MAX_SERVICES]) -> Self {
-            AddrTableEntry {
+            let mut entry = AddrTableEntry {
                 addr,
-                check: check(&addr, pod_id, n, &slots),
+                check: 0,
                 pod_id,
                 n,
                 slots,
-            }
+            };
+            entry.check = check(&entry.words());
+            entry
+        }
+
+        /// The entry as the kernel reads it: eight 64-bit words.
+        pub fn words(&self) -> [u64; 8] {
+            let [a0, a1] = addr_words(&self.addr);
+            [
+                a0,
+                a1,
+                self.check,
+                (u64::from(self.n) << 32) | u64::from(self.pod_id),
+                self.slots[0],
+                self.slots[1],
+                self.slots[2],
+                self.slots[3],
+            ]
         }
     }
 }
 
 /// Value of `map_names::DNS_ADDR_TABLE` (see [`addr_table`]). 64 bytes:
-/// one cache line.
+/// one cache line, read by the kernel as eight words
+/// ([`AddrTableEntry::words`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AddrTableEntry {

@@ -4,10 +4,13 @@
 //! (see `headway_common::addr_table`), from `dns_addrs` otherwise.
 use headway_common::{
     ADDR_MAX_SERVICES, AddrKey, NO_SLOT,
-    addr_table::{self, PROBES},
+    addr_table::{self, CHECK_WORD, PROBES},
 };
 
-use crate::maps::{DNS_ADDR_TABLE, DNS_ADDRS};
+use crate::{
+    maps::{DNS_ADDR_TABLE, DNS_ADDRS},
+    steer::never_known,
+};
 
 /// An answer address as `dns_addrs` has it.
 pub struct Known {
@@ -21,10 +24,16 @@ pub struct Known {
 /// not have it.
 #[inline(always)]
 pub fn known(addr: &AddrKey, service_id: u32) -> Option<Known> {
-    match from_table(addr, service_id) {
-        Some(k) => Some(k),
-        None => from_hash(addr, service_id),
+    if let Some(k) = from_table(addr, service_id) {
+        return Some(k);
     }
+    // The address filter holds every key of `dns_addrs`: an address
+    // outside it needs no hash lookup. It is asked only after the table,
+    // which holds the addresses a headless name hands out.
+    if never_known(addr) {
+        return None;
+    }
+    from_hash(addr, service_id)
 }
 
 /// The table's entry for `addr`, if one of its positions holds a whole
@@ -32,36 +41,32 @@ pub fn known(addr: &AddrKey, service_id: u32) -> Option<Known> {
 #[inline(always)]
 fn from_table(addr: &AddrKey, service_id: u32) -> Option<Known> {
     let home = addr_table::home(addr);
+    let [a0, a1] = addr_table::addr_words(addr);
     for probe in 0..PROBES {
-        let Some(e) = DNS_ADDR_TABLE.get_ptr(addr_table::position(home, probe)) else {
-            return None;
-        };
+        let e = DNS_ADDR_TABLE.get_ptr(addr_table::position(home, probe))?;
         // Each word read once, then checked and used from the copy.
-        // SAFETY: fields of a live map value.
-        let (stored, check, pod_id, n, slots) = unsafe {
-            (
-                core::ptr::read_volatile(&raw const (*e).addr),
-                core::ptr::read_volatile(&raw const (*e).check),
-                core::ptr::read_volatile(&raw const (*e).pod_id),
-                core::ptr::read_volatile(&raw const (*e).n),
-                core::ptr::read_volatile(&raw const (*e).slots),
-            )
-        };
+        let w = e.cast::<u64>();
+        // SAFETY: eight aligned words of a live 64-byte map value.
+        let word = |i: usize| unsafe { core::ptr::read_volatile(w.add(i)) };
+        let check = word(CHECK_WORD);
         if check == 0 {
             // Empty: the address is rarely further on, and a miss only
             // costs the hash lookup.
             return None;
         }
-        if stored != *addr {
+        let words = [a0, a1, check, word(3), word(4), word(5), word(6), word(7)];
+        if word(0) != a0 || word(1) != a1 {
             continue;
         }
-        if addr_table::check(&stored, pod_id, n, &slots) != check {
+        if addr_table::check(&words) != check {
             return None;
         }
+        let pod_id = words[3] as u32;
+        let n = (words[3] >> 32) as usize;
         let mut slot = NO_SLOT;
-        for (i, word) in slots.iter().enumerate() {
-            let (id, s) = addr_table::slot_of_word(*word);
-            if i < n as usize && id == service_id {
+        for i in 0..ADDR_MAX_SERVICES {
+            let (id, s) = addr_table::slot_of_word(words[4 + i]);
+            if i < n && id == service_id {
                 slot = s;
                 break;
             }
