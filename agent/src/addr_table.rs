@@ -248,23 +248,17 @@ mod tests {
             since_ns: 9,
         };
         let e = entry(&addr, &index);
-        assert_eq!(
-            addr_table::check(&e.addr, e.pod_id, e.n, &e.slots),
-            e.check
-        );
+        assert_eq!(addr_table::check(&e.words()), e.check);
         assert_ne!(e.check, 0);
         // A read that mixes in one word of another version.
-        let other = AddrTableEntry {
-            pod_id: 4,
-            ..e
-        };
-        assert_ne!(
-            addr_table::check(&other.addr, other.pod_id, other.n, &other.slots),
-            e.check
-        );
+        let other = AddrTableEntry { pod_id: 4, ..e };
+        assert_ne!(addr_table::check(&other.words()), e.check);
         let mut slots = e.slots;
         slots[1] = addr_table::slot_word(2, 1);
-        assert_ne!(addr_table::check(&e.addr, e.pod_id, e.n, &slots), e.check);
+        assert_ne!(addr_table::check(&AddrTableEntry { slots, ..e }.words()), e.check);
+        // Or two words of it.
+        let both = AddrTableEntry { slots, ..other };
+        assert_ne!(addr_table::check(&both.words()), e.check);
     }
 
     #[test]
