@@ -6,11 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use headway_common::{
-    AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
-    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter, addr_table,
-    capacity,
-    dns_counter, steer_counter,
+    AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
+    ObservationKey, ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter,
+    addr_table, capacity, dns_counter, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -60,7 +59,12 @@ pub static DNS_ADDRS: HashMap<AddrKey, AddrIndex, { capacity::DNS_ADDRS as usize
     HashMap::new();
 
 #[btf_map(name = "dns_addr_table")]
-pub static DNS_ADDR_TABLE: Array<AddrTableEntry, { addr_table::SIZE as usize }> = Array::new();
+// Mappable: the agent writes it through a shared mapping.
+pub static DNS_ADDR_TABLE: Array<
+    AddrTableEntry,
+    { addr_table::SIZE as usize },
+    { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 #[btf_map(name = "pod_addrs_gen")]
 pub static POD_ADDRS_GEN: Array<u64, 1> = Array::new();

@@ -448,7 +448,7 @@ impl DnsIndex {
         let removed = delete_batch(&maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
         let placed: Vec<(AddrKey, AddrIndex)> =
             written.iter().map(|i| (keys[*i], values[*i])).collect();
-        if let Some(source) = maps.dns_addr_table.place(&placed) {
+        if let Err(source) = maps.dns_addr_table.place(&placed) {
             errors.push(table_error("write", source));
         }
         let changed = !(written.is_empty() && removed.is_empty());
@@ -463,39 +463,23 @@ impl DnsIndex {
 }
 
 /// Takes the addresses about to change out of `dns_addr_table`; returns
-/// the upserts and removals that may go ahead (those it no longer holds).
+/// the upserts and removals that may go ahead (none if that failed).
 fn withdraw(
     maps: &mut Maps,
     upserts: (Vec<AddrKey>, Vec<AddrIndex>),
     removals: Vec<AddrKey>,
     errors: &mut Vec<WriteError>,
 ) -> ((Vec<AddrKey>, Vec<AddrIndex>), Vec<AddrKey>) {
-    let n_upserts = upserts.0.len();
     let all: Vec<AddrKey> = upserts.0.iter().chain(&removals).copied().collect();
-    let (out, error) = maps.dns_addr_table.withdraw(&all);
-    if let Some(source) = error {
-        errors.push(table_error("withdraw", source));
+    match maps.dns_addr_table.withdraw(&all) {
+        Ok(()) => (upserts, removals),
+        Err(source) => {
+            // The table could not be written (not mapped): `dns_addrs`
+            // must not change under entries the kernel may still trust.
+            errors.push(table_error("withdraw", source));
+            ((Vec::new(), Vec::new()), Vec::new())
+        }
     }
-    if out.len() == all.len() {
-        return (upserts, removals);
-    }
-    let mut keep = vec![false; all.len()];
-    for i in out {
-        keep[i] = true;
-    }
-    let (keys, values) = upserts;
-    let upserts = keys
-        .into_iter()
-        .zip(values)
-        .zip(&keep)
-        .filter_map(|(kv, keep)| keep.then_some(kv))
-        .unzip();
-    let removals = removals
-        .into_iter()
-        .zip(&keep[n_upserts..])
-        .filter_map(|(k, keep)| keep.then_some(k))
-        .collect();
-    (upserts, removals)
 }
 
 fn table_error(op: &'static str, source: MapError) -> WriteError {

@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
-    AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
-    ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState, addr_filter,
-    addr_table, capacity, dns_counter, map_names, steer_counter,
+    AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
+    ObservationKey, ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta,
+    PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SocketState,
+    addr_filter, addr_table, capacity, dns_counter, map_names, steer_counter,
 };
 
 use crate::{addr_filter::AddrFilter, addr_table::AddrTable, map_plan::MapContents};

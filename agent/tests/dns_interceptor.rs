@@ -20,9 +20,9 @@ use aya::{
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use headway_common::{
-    AddrIndex, AddrKey, AddrSlot, AddrTableEntry, NO_POD, addr_table, NameEntry, Observation, ObservationKey, ObservationPage,
-    PendingQuery, PendingQueryKey, PodCounters, PodRef, dns_counter, dns_name_hash, map_names,
-    name_kind, program_names,
+    AddrIndex, AddrKey, AddrSlot, AddrTableEntry, NO_POD, NameEntry, Observation, ObservationKey,
+    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodRef, addr_table, dns_counter,
+    dns_name_hash, map_names, name_kind, program_names,
 };
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
@@ -802,7 +802,9 @@ fn a_table_entry_that_fails_its_check_is_not_trusted() {
         let position = ix.table_position((*ip).into()).expect("placed");
         let mut torn = ix.table().get(&position, 0).expect("read dns_addr_table");
         torn.slots[0] = addr_table::slot_word(SERVICE_ID, 20 + i as u32);
-        ix.table().set(position, torn, 0).expect("write dns_addr_table");
+        ix.table()
+            .set(position, torn, 0)
+            .expect("write dns_addr_table");
     }
     let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 4));
     exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
@@ -824,7 +826,9 @@ fn a_whole_table_entry_is_read_before_dns_addrs() {
     let position = ix.table_position(ip.into()).expect("placed");
     let slots = [addr_table::slot_word(SERVICE_ID, 30), 0, 0, 0];
     let entry = AddrTableEntry::new(addr_key(ip.into()), NO_POD, 1, slots);
-    ix.table().set(position, entry, 0).expect("write dns_addr_table");
+    ix.table()
+        .set(position, entry, 0)
+        .expect("write dns_addr_table");
     let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 1));
     exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
     // Slot 30 is pod_v4(30)'s in `dns_addrs`: that is what was stamped.

@@ -326,7 +326,9 @@ fn address_filter_holds_every_synced_address_across_restarts() {
     }
 }
 
-fn pinned_table(bpffs: &Bpffs) -> aya::maps::Array<aya::maps::MapData, headway_common::AddrTableEntry> {
+fn pinned_table(
+    bpffs: &Bpffs,
+) -> aya::maps::Array<aya::maps::MapData, headway_common::AddrTableEntry> {
     let pin = headway::pinned::map_pin(bpffs.path(), headway_common::map_names::DNS_ADDR_TABLE);
     let data = aya::maps::MapData::from_pin(pin).unwrap();
     aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap()

@@ -250,10 +250,7 @@ pub mod addr_table {
     #[inline(always)]
     pub const fn addr_words(addr: &AddrKey) -> [u64; 2] {
         let [a, b, c, d] = addr.addr;
-        [
-            (b as u64) << 32 | a as u64,
-            (d as u64) << 32 | c as u64,
-        ]
+        [(b as u64) << 32 | a as u64, (d as u64) << 32 | c as u64]
     }
 
     /// The check of an entry's words (the word at `CHECK_WORD` left out):

@@ -99,6 +99,7 @@ pub fn measure(opts: &Options) -> anyhow::Result<DnsFigures> {
         ..DnsFigures::default()
     };
     print_verified(&bench, &mut figures)?;
+    print_table_rebuild(&mut bench)?;
     let harness = bench_repeatable(&mut bench, opts, &mut figures)?;
     bench_learning(&mut bench, opts, harness, &mut figures)?;
     Ok(figures)
@@ -112,6 +113,19 @@ fn print_verified(bench: &Bench, figures: &mut DnsFigures) -> anyhow::Result<()>
         let count = count.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
         println!("  {name:<16} {count}");
     }
+    Ok(())
+}
+
+/// What the agent's start costs for `dns_addr_table` (done twice: before
+/// the programs attach, and when the writer takes the maps over).
+fn print_table_rebuild(bench: &mut Bench) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    headway::addr_table::fill_before_attach(&mut bench.ebpf)?;
+    println!(
+        "dns_addr_table rewritten whole ({} entries): {:.1} ms",
+        headway_common::addr_table::SIZE,
+        started.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
 
@@ -187,7 +201,11 @@ fn bench_learning(
             State::KnownCold,
         ] {
             let case = format!("{name}, {}", state.label());
-            if opts.only.as_ref().is_some_and(|only| !case.contains(only.as_str())) {
+            if opts
+                .only
+                .as_ref()
+                .is_some_and(|only| !case.contains(only.as_str()))
+            {
                 continue;
             }
             let raw = bench.single_median(&frame, opts.samples, |b| {
@@ -414,7 +432,14 @@ impl Bench {
         times.sort();
         if std::env::var_os("BENCH_DNS_PCT").is_some() {
             let p = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_nanos();
-            eprintln!("    p10 {} p25 {} p50 {} p75 {} p90 {}", p(0.1), p(0.25), p(0.5), p(0.75), p(0.9));
+            eprintln!(
+                "    p10 {} p25 {} p50 {} p75 {} p90 {}",
+                p(0.1),
+                p(0.25),
+                p(0.5),
+                p(0.75),
+                p(0.9)
+            );
         }
         Ok(times[times.len() / 2])
     }

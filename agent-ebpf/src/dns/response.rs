@@ -23,14 +23,14 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use headway_common::{
-    AddrKey, NO_POD, NO_SLOT, NameEntry, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
-    ObservationKey, PendingQuery, PendingQueryKey, dns_counter, name_kind, obs_stamp,
+    AddrKey, NO_POD, NO_SLOT, NameEntry, OBS_MAX_PAGES, OBS_PAGE_SLOTS, ObservationKey,
+    PendingQuery, PendingQueryKey, dns_counter, name_kind, obs_stamp,
 };
 
 use super::{
     ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN, MAX_NAME_LEN,
-    MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, bump, copy_payload, dns_datagram,
-    addr_table::known, query_id, question,
+    MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, addr_table::known, bump,
+    copy_payload, dns_datagram, query_id, question,
 };
 use crate::{
     accounting::count_dns_answer,
