@@ -21,8 +21,9 @@
 //! answer from the service, about addresses this CPU's answer cache knows
 //! (another client got them before); the client's first answer with the
 //! cache cold too (the agent just changed `dns_addrs`, or the answer is new
-//! to the node): one `dns_addrs` lookup per address and one insert; and a
-//! known client with the cache cold.
+//! to the node): every address read from `dns_addr_table`, which the bench
+//! fills as the agent does, and one insert; and a known client with the
+//! cache cold.
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, bail};
@@ -233,8 +234,9 @@ enum State {
     /// The client's first answer from the service (no `dns_obs` page); the
     /// answer cache holds the addresses (another client got them).
     FirstCached,
-    /// The client's first answer, and the cache is cold: every address is
-    /// looked up in `dns_addrs`, the page inserted.
+    /// The client's first answer, and the cache is cold (no CPU has this
+    /// answer under the current generation): every address is read from
+    /// `dns_addr_table`, the page inserted.
     FirstTime,
     /// The page exists, the cache is cold (the agent changed `dns_addrs`).
     KnownCold,
