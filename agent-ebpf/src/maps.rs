@@ -6,10 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use headway_common::{
-    AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
-    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef, ServiceCounters,
-    ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket, SocketState, addr_filter,
-    capacity, dns_counter, sock_counter, sock_table, steer_counter,
+    AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
+    ObservationKey, ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket, SocketState,
+    addr_filter, addr_table, capacity, dns_counter, sock_counter, sock_table, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -57,6 +57,14 @@ pub static DNS_OBS: LruHashMap<ObservationKey, ObservationPage, { capacity::DNS_
 #[btf_map(name = "dns_addrs")]
 pub static DNS_ADDRS: HashMap<AddrKey, AddrIndex, { capacity::DNS_ADDRS as usize }> =
     HashMap::new();
+
+#[btf_map(name = "dns_addr_table")]
+// Mappable: the agent writes it through a shared mapping.
+pub static DNS_ADDR_TABLE: Array<
+    AddrTableEntry,
+    { addr_table::SIZE as usize },
+    { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 #[btf_map(name = "pod_addrs_gen")]
 pub static POD_ADDRS_GEN: Array<u64, 1> = Array::new();

@@ -23,7 +23,7 @@ use aya::{
 use headway_common::{map_names, program_names};
 
 use crate::{
-    addr_filter, bpf_sys, cgroup,
+    addr_filter, addr_table, bpf_sys, cgroup,
     pinned::{self, MapSizes, Maps, PinnedError},
 };
 
@@ -48,6 +48,8 @@ pub enum DatapathError {
     NoObject,
     #[error("cannot fill the address filter before attaching: {0}")]
     AddrFilter(#[source] addr_filter::FillError),
+    #[error("cannot write the DNS address table before attaching: {0}")]
+    AddrTable(#[source] addr_table::FillError),
     #[error("cannot mount bpffs at {path}: {source}")]
     MountBpffs {
         path: PathBuf,
@@ -184,6 +186,8 @@ impl Datapath {
         // The fast path's filter must hold the pinned addresses before the
         // programs that read it are attached (an upgrade may bring it new).
         addr_filter::fill_before_attach(&mut ebpf).map_err(DatapathError::AddrFilter)?;
+        // Nor may the interceptor trust a table entry an older agent left.
+        addr_table::fill_before_attach(&mut ebpf).map_err(DatapathError::AddrTable)?;
 
         let cgroup_dir = fs::File::open(cgroup_path).map_err(|source| {
             DatapathError::Cgroup(cgroup::CgroupError::Open {

@@ -183,9 +183,17 @@ impl DnsIndex {
     /// Takes over what a previous agent left in `dns_addrs`: every slot
     /// stays with its address (so what clients learned stays readable), as
     /// if the address were gone until a sync says it is current.
-    pub fn load(map: &HashMap<MapData, AddrKey, AddrIndex>) -> DnsIndex {
+    ///
+    /// It also writes `dns_addr_table` anew from what `dns_addrs` holds,
+    /// which tells the agent where each address sits there.
+    pub fn load(maps: &mut Maps) -> DnsIndex {
         let mut index = DnsIndex::default();
-        for (addr, value) in map.iter().filter_map(Result::ok) {
+        let entries: Vec<(AddrKey, AddrIndex)> =
+            maps.dns_addrs.iter().filter_map(Result::ok).collect();
+        if let Err(error) = maps.dns_addr_table.rebuild(entries.iter().copied()) {
+            tracing::error!(%error, "cannot write {}", map_names::DNS_ADDR_TABLE);
+        }
+        for (addr, value) in entries {
             let state = index.addrs.entry(addr).or_default();
             state.written = Some(index_print(&value));
             state.pod_id = value.pod_id;
@@ -443,9 +451,17 @@ impl DnsIndex {
                 None => removals.push(*addr),
             }
         }
+        // The table's entries go first and come back after (see
+        // `addr_table`): the kernel never finds one older than `dns_addrs`.
+        let (upserts, removals) = withdraw(maps, upserts, removals, errors);
         let (keys, values) = &upserts;
         let written = write_batch(&maps.dns_addrs, map_names::DNS_ADDRS, keys, values, errors);
         let removed = delete_batch(&maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
+        let placed: Vec<(AddrKey, AddrIndex)> =
+            written.iter().map(|i| (keys[*i], values[*i])).collect();
+        if let Err(source) = maps.dns_addr_table.place(&placed) {
+            errors.push(table_error("write", source));
+        }
         let changed = !(written.is_empty() && removed.is_empty());
         for i in written {
             self.addrs.entry(keys[i]).or_default().written = Some(index_print(&values[i]));
@@ -457,6 +473,35 @@ impl DnsIndex {
             }
         }
         changed
+    }
+}
+
+/// Takes the addresses about to change out of `dns_addr_table`; returns
+/// the upserts and removals that may go ahead (none if that failed).
+fn withdraw(
+    maps: &mut Maps,
+    upserts: (Vec<AddrKey>, Vec<AddrIndex>),
+    removals: Vec<AddrKey>,
+    errors: &mut Vec<WriteError>,
+) -> ((Vec<AddrKey>, Vec<AddrIndex>), Vec<AddrKey>) {
+    let all: Vec<AddrKey> = upserts.0.iter().chain(&removals).copied().collect();
+    match maps.dns_addr_table.withdraw(&all) {
+        Ok(()) => (upserts, removals),
+        Err(source) => {
+            // The table could not be written (not mapped): `dns_addrs`
+            // must not change under entries the kernel may still trust.
+            errors.push(table_error("withdraw", source));
+            ((Vec::new(), Vec::new()), Vec::new())
+        }
+    }
+}
+
+fn table_error(op: &'static str, source: MapError) -> WriteError {
+    WriteError {
+        object: None,
+        op,
+        map: map_names::DNS_ADDR_TABLE,
+        source: Box::new(source),
     }
 }
 

@@ -4,6 +4,7 @@
 //! The `headway` binary is a thin CLI over these modules.
 
 pub mod addr_filter;
+pub mod addr_table;
 pub mod agent;
 pub mod bpf_sys;
 pub mod cgroup;

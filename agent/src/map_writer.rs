@@ -319,8 +319,8 @@ impl MapWriter {
     /// address in them: the datapath rewrote it from the pins before
     /// attaching (`addr_filter::fill_before_attach`), and the writer only
     /// adds to it from here on.
-    pub fn new(maps: Maps, current: MapContents) -> MapWriter {
-        let dns_index = DnsIndex::load(&maps.dns_addrs);
+    pub fn new(mut maps: Maps, current: MapContents) -> MapWriter {
+        let dns_index = DnsIndex::load(&mut maps);
         let MapContents {
             services,
             pods,

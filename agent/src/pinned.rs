@@ -9,13 +9,16 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
-    AddrIndex, AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, ObservationKey,
-    ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket, SocketState,
-    addr_filter, capacity, dns_counter, map_names, sock_counter, sock_table, steer_counter,
+    AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
+    ObservationKey, ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta,
+    PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket,
+    SocketState, addr_filter, addr_table, capacity, dns_counter, map_names, sock_counter,
+    sock_table, steer_counter,
 };
 
-use crate::{addr_filter::AddrFilter, generation::Generation, map_plan::MapContents};
+use crate::{
+    addr_filter::AddrFilter, addr_table::AddrTable, generation::Generation, map_plan::MapContents,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinnedError {
@@ -84,7 +87,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 21] = {
+pub const MAP_SHAPES: [MapShape; 22] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -148,6 +151,7 @@ pub const MAP_SHAPES: [MapShape; 21] = {
             MapType::PerCpuArray,
             sock_counter::COUNT,
         ),
+        shape::<u32, AddrTableEntry>(map_names::DNS_ADDR_TABLE, MapType::Array, addr_table::SIZE),
     ]
 };
 
@@ -296,6 +300,8 @@ pub struct Maps {
     pub dns_obs: HashMap<MapData, ObservationKey, ObservationPage>,
     /// Agent-written: each address's pod and slots (`crate::dns_index`).
     pub dns_addrs: HashMap<MapData, AddrKey, AddrIndex>,
+    /// Agent-written: `dns_addrs` again, for inline reads (`crate::addr_table`).
+    pub dns_addr_table: AddrTable,
     pub config: Array<MapData, Config>,
     pub dns_counters: PerCpuArray<MapData, u64>,
     pub steer_counters: PerCpuArray<MapData, u64>,
@@ -353,6 +359,10 @@ impl Maps {
             dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
             dns_obs: typed(map_names::DNS_OBS, take(map_names::DNS_OBS)?)?,
             dns_addrs: typed(map_names::DNS_ADDRS, take(map_names::DNS_ADDRS)?)?,
+            dns_addr_table: AddrTable::new(typed(
+                map_names::DNS_ADDR_TABLE,
+                take(map_names::DNS_ADDR_TABLE)?,
+            )?),
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
             dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,

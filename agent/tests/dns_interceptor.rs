@@ -20,9 +20,9 @@ use aya::{
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use headway_common::{
-    AddrIndex, AddrKey, AddrSlot, NO_POD, NameEntry, Observation, ObservationKey, ObservationPage,
-    PendingQuery, PendingQueryKey, PodCounters, PodRef, dns_counter, dns_name_hash, map_names,
-    name_kind, program_names,
+    AddrIndex, AddrKey, AddrSlot, AddrTableEntry, NO_POD, NameEntry, Observation, ObservationKey,
+    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodRef, addr_table, dns_counter,
+    dns_name_hash, map_names, name_kind, program_names,
 };
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
@@ -161,9 +161,42 @@ impl Interceptor {
             .expect("no address filter");
         let mut filter = Array::try_from(filter).expect("address filter");
         headway::addr_filter::add_to(&mut filter, &addr_key(addr)).expect("add to the filter");
+        // The table entry goes while `dns_addrs` changes and comes back
+        // after, as the agent does (`headway::addr_table`).
+        self.set_table_entry(addr, AddrTableEntry::default());
         self.hash_map_mut::<AddrKey, AddrIndex>(map_names::DNS_ADDRS)
             .insert(addr_key(addr), index, 0)
             .expect("insert into dns_addrs");
+        let placed = headway::addr_table::put(&mut self.table(), &addr_key(addr), &index)
+            .expect("write dns_addr_table");
+        assert!(placed, "no room for {addr} in dns_addr_table");
+    }
+
+    fn table(&mut self) -> Array<&mut MapData, AddrTableEntry> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::DNS_ADDR_TABLE)
+            .expect("no dns_addr_table");
+        Array::try_from(map).expect("dns_addr_table array")
+    }
+
+    /// The table position that holds `addr`, if any.
+    fn table_position(&mut self, addr: IpAddr) -> Option<u32> {
+        let key = addr_key(addr);
+        let home = addr_table::home(&key);
+        let table = self.table();
+        (0..addr_table::PROBES)
+            .map(|probe| addr_table::position(home, probe))
+            .find(|p| table.get(p, 0).is_ok_and(|e| e.check != 0 && e.addr == key))
+    }
+
+    /// Writes `entry` where `addr`'s entry is (nothing if it has none).
+    fn set_table_entry(&mut self, addr: IpAddr, entry: AddrTableEntry) {
+        if let Some(position) = self.table_position(addr) {
+            self.table()
+                .set(position, entry, 0)
+                .expect("write dns_addr_table");
+        }
     }
 
     /// Gives `addr` slot `slot` of service `service_id`, handed over at
@@ -735,6 +768,71 @@ fn sixteen_a_records_are_learned() {
     exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
     assert_eq!(ix.learned(), service_obs((0..16).map(pod_v4)));
     assert_eq!(ix.counter(dns_counter::ADDRS_LEARNED), 16);
+}
+
+/// An address the table does not hold (all its positions taken, or its
+/// entry being rewritten) is read from `dns_addrs`: learned the same.
+#[test]
+fn addresses_missing_from_the_table_are_read_from_dns_addrs() {
+    let Some(mut ix) = setup("addresses_missing_from_the_table_are_read_from_dns_addrs") else {
+        return;
+    };
+    for i in (0..16).step_by(2) {
+        ix.set_table_entry(pod_v4(i).into(), AddrTableEntry::default());
+        assert_eq!(ix.table_position(pod_v4(i).into()), None);
+    }
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 16));
+    exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
+    assert_eq!(ix.learned(), service_obs((0..16).map(pod_v4)));
+    assert_eq!(ix.counter(dns_counter::ADDRS_LEARNED), 16);
+}
+
+/// A table entry read while the agent rewrites it can mix two versions:
+/// its check then fails, and the kernel reads `dns_addrs` instead of
+/// trusting any of it. Here each entry says another slot (one of the
+/// other answers': stamping it would teach a wrong address) and keeps its
+/// old check, as a read of the new words and the old check would.
+#[test]
+fn a_table_entry_that_fails_its_check_is_not_trusted() {
+    let Some(mut ix) = setup("a_table_entry_that_fails_its_check_is_not_trusted") else {
+        return;
+    };
+    let served: Vec<Ipv4Addr> = (0..4).map(pod_v4).collect();
+    for (i, ip) in served.iter().enumerate() {
+        let position = ix.table_position((*ip).into()).expect("placed");
+        let mut torn = ix.table().get(&position, 0).expect("read dns_addr_table");
+        torn.slots[0] = addr_table::slot_word(SERVICE_ID, 20 + i as u32);
+        ix.table()
+            .set(position, torn, 0)
+            .expect("write dns_addr_table");
+    }
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 4));
+    exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
+    // Learned at their own slots (from `dns_addrs`), not at 20..24.
+    assert_eq!(ix.learned(), service_obs(served));
+    assert_eq!(ix.counter(dns_counter::ADDRS_LEARNED), 4);
+}
+
+/// A whole table entry is what the kernel goes by (the agent keeps it
+/// from ever saying more than `dns_addrs`): one that gives an address
+/// another slot, with a check that fits, is followed. This shows the
+/// table is read, and read first.
+#[test]
+fn a_whole_table_entry_is_read_before_dns_addrs() {
+    let Some(mut ix) = setup("a_whole_table_entry_is_read_before_dns_addrs") else {
+        return;
+    };
+    let ip = pod_v4(0);
+    let position = ix.table_position(ip.into()).expect("placed");
+    let slots = [addr_table::slot_word(SERVICE_ID, 30), 0, 0, 0];
+    let entry = AddrTableEntry::new(addr_key(ip.into()), NO_POD, 1, slots);
+    ix.table()
+        .set(position, entry, 0)
+        .expect("write dns_addr_table");
+    let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 1));
+    exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
+    // Slot 30 is pod_v4(30)'s in `dns_addrs`: that is what was stamped.
+    assert_eq!(ix.learned(), service_obs([pod_v4(30)]));
 }
 
 #[test]

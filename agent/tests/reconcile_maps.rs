@@ -326,3 +326,113 @@ fn address_filter_holds_every_synced_address_across_restarts() {
         assert!(!held(gone), "{gone} left the filter");
     }
 }
+
+fn pinned_table(
+    bpffs: &Bpffs,
+) -> aya::maps::Array<aya::maps::MapData, headway_common::AddrTableEntry> {
+    let pin = headway::pinned::map_pin(bpffs.path(), headway_common::map_names::DNS_ADDR_TABLE);
+    let data = aya::maps::MapData::from_pin(pin).unwrap();
+    aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap()
+}
+
+/// Checks `dns_addr_table` against `dns_addrs` the way the kernel reads
+/// it: every entry it holds is whole, at one of its address's positions,
+/// and says exactly what `dns_addrs` says; returns how many addresses of
+/// `dns_addrs` it holds.
+fn table_matches_dns_addrs(bpffs: &Bpffs) -> usize {
+    use headway_common::{AddrIndex, AddrKey, addr_table};
+    let maps = Maps::open_pinned(bpffs.path()).unwrap();
+    let dns_addrs: std::collections::BTreeMap<AddrKey, AddrIndex> =
+        maps.dns_addrs.iter().map(Result::unwrap).collect();
+    let table = pinned_table(bpffs);
+    let mut held = 0;
+    for (position, entry) in table.iter().enumerate() {
+        let entry = entry.unwrap();
+        if entry.check == 0 {
+            continue;
+        }
+        assert_eq!(addr_table::check(&entry.words()), entry.check);
+        let home = addr_table::home(&entry.addr);
+        assert!(
+            (0..addr_table::PROBES).any(|p| addr_table::position(home, p) == position as u32),
+            "{:?} at {position}, not one of its positions",
+            entry.addr
+        );
+        let index = dns_addrs
+            .get(&entry.addr)
+            .unwrap_or_else(|| panic!("{:?} is in the table, not in dns_addrs", entry.addr));
+        assert_eq!(
+            entry,
+            headway::addr_table::entry(&entry.addr, index),
+            "the table says other than dns_addrs"
+        );
+        held += 1;
+    }
+    held
+}
+
+/// `dns_addr_table` (the interceptor's inline copy of `dns_addrs`) says
+/// what `dns_addrs` says after a full sync, after incremental changes of
+/// endpoints, pods and services, and after a restart, including over a
+/// table a previous agent left stale.
+#[test]
+fn dns_addr_table_matches_dns_addrs_through_syncs_and_restarts() {
+    if !require_root("dns_addr_table_matches_dns_addrs_through_syncs_and_restarts") {
+        return;
+    }
+    let bpffs = Bpffs::new().unwrap();
+    let cg = Cgroup::new("reconcile-table").unwrap();
+    let db = spec("db", &[("10.4.0.1", "db-0"), ("fd00:4::1", "db-1")]);
+    let web = spec("web", &[("10.4.1.1", "web-0"), ("10.4.0.1", "db-0")]);
+    let dns_addrs_len = || {
+        Maps::open_pinned(bpffs.path())
+            .unwrap()
+            .dns_addrs
+            .keys()
+            .count()
+    };
+    {
+        let mut datapath = Datapath::start(bpffs.path(), cg.path()).unwrap();
+        let mut rec = Reconciler::new(datapath.take_maps().unwrap(), settings(), vec![]).unwrap();
+        assert!(rec.full_sync(&state(&[&db, &web])).errors.is_empty());
+        assert_eq!(table_matches_dns_addrs(&bpffs), 3);
+        assert_eq!(dns_addrs_len(), 3);
+
+        // An endpoint leaves web (its slot stays: the entry changes), a
+        // new one comes, an address moves to another pod.
+        let web2 = spec("web", &[("10.4.1.2", "web-1"), ("10.4.0.1", "db-0")]);
+        assert!(rec.update_service(&web.key, Some(&web2)).errors.is_empty());
+        let db2 = spec("db", &[("10.4.0.1", "db-0"), ("fd00:4::1", "db-2")]);
+        assert!(rec.update_service(&db.key, Some(&db2)).errors.is_empty());
+        assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+
+        // A service goes.
+        assert!(rec.update_service(&db.key, None).errors.is_empty());
+        assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+    }
+
+    // An older agent changed dns_addrs without knowing the table: the
+    // entry it left for 10.4.1.2 is whole but says another pod.
+    let key = headway::map_plan::addr_key("10.4.1.2".parse().unwrap());
+    {
+        let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+        let mut index = maps.dns_addrs.get(&key, 0).unwrap();
+        index.pod_id = 4242;
+        maps.dns_addrs.insert(key, index, 0).unwrap();
+        index.pod_id = 1;
+        maps.dns_addrs.insert(key, index, 0).unwrap();
+        let mut table = pinned_table(&bpffs);
+        let mut stale = index;
+        stale.pod_id = 4242;
+        assert!(headway::addr_table::put(&mut table, &key, &stale).unwrap());
+    }
+    // The next datapath rewrites the table before attaching, the next
+    // writer again when it takes the maps over.
+    let mut datapath = Datapath::start(bpffs.path(), cg.path()).unwrap();
+    assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+    let mut rec = Reconciler::new(datapath.take_maps().unwrap(), settings(), vec![]).unwrap();
+    assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+    let web3 = spec("web", &[("10.4.1.3", "web-2")]);
+    assert!(rec.full_sync(&state(&[&web3])).errors.is_empty());
+    assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+}

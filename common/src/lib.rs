@@ -87,8 +87,15 @@ pub mod map_names {
     /// u32 → u64, per CPU: the socket table's counters ([`crate::sock_counter`]).
     pub const SOCK_COUNTERS: &str = "sock_counters";
 
+    /// position → [`crate::AddrTableEntry`] (agent-written): a copy of
+    /// `dns_addrs` in an array, each address at one of a few positions
+    /// ([`crate::addr_table`]), so the DNS interceptor reads an answer
+    /// address's pod and slots inline instead of walking a hash bucket.
+    /// A miss (not placed, being rewritten) means "ask `dns_addrs`".
+    pub const DNS_ADDR_TABLE: &str = "dns_addr_table";
+
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -110,6 +117,7 @@ pub mod map_names {
         SOCK_RECORDS,
         SOCK_SPILLS,
         SOCK_COUNTERS,
+        DNS_ADDR_TABLE,
     ];
 }
 
@@ -305,6 +313,151 @@ pub mod addr_filter {
         let mask = (1u64 << (h & 63)) | (1u64 << ((h >> 6) & 63));
         (word, mask)
     }
+}
+
+/// The layout of `map_names::DNS_ADDR_TABLE`: an open-addressed copy of
+/// `dns_addrs` that the kernel reads with inline array loads (a hash map
+/// lookup of a 16-byte key costs 30-100 ns here; the DNS interceptor makes
+/// one per answer address of a response it has not seen).
+///
+/// An address lives at one of the `PROBES` positions from
+/// [`addr_table::home`], or nowhere (all taken: the kernel then asks
+/// `dns_addrs`). The agent writes entries while the kernel reads them, so
+/// a read can mix two versions of an entry: [`addr_table::check`] over
+/// the entry's other words must equal its `check`, or the read is a miss.
+/// The agent withdraws an address's entry before changing `dns_addrs`,
+/// and puts the new one back after: an entry found is never older than
+/// `dns_addrs`.
+pub mod addr_table {
+    use crate::{ADDR_MAX_SERVICES, AddrKey, AddrTableEntry};
+
+    /// Entries (a power of two, 8 MiB): the default capacity of
+    /// `dns_addrs`; at 65,536 endpoint addresses half are taken.
+    pub const SIZE: u32 = 1 << SIZE_BITS;
+    const SIZE_BITS: u32 = 17;
+    /// Positions an address may take: `home`, `home + 1`, ... (wrapping).
+    pub const PROBES: u32 = 4;
+
+    /// The first position of `addr`.
+    #[inline(always)]
+    pub fn home(addr: &AddrKey) -> u32 {
+        let [a, b, c, d] = addr.addr;
+        let high = ((u64::from(a) << 32) | u64::from(b)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        let low = ((u64::from(c) << 32) | u64::from(d)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut h = high ^ low.rotate_left(29);
+        h ^= h >> 32;
+        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        (h >> (64 - SIZE_BITS)) as u32
+    }
+
+    /// Position `probe` (< `PROBES`) of an address whose home is `home`.
+    #[inline(always)]
+    pub fn position(home: u32, probe: u32) -> u32 {
+        (home + probe) & (SIZE - 1)
+    }
+
+    /// Index of `check` among an entry's eight 64-bit words.
+    pub const CHECK_WORD: usize = 2;
+
+    /// The first two words of an entry: `addr` as it lies in memory.
+    #[inline(always)]
+    pub const fn addr_words(addr: &AddrKey) -> [u64; 2] {
+        let [a, b, c, d] = addr.addr;
+        [(b as u64) << 32 | a as u64, (d as u64) << 32 | c as u64]
+    }
+
+    /// The check of an entry's words (the word at `CHECK_WORD` left out):
+    /// never 0, which marks an empty entry. Each word goes through its own
+    /// bijection and the results are summed, so two versions mixed in one
+    /// read check alike with odds of about 2^-63; and the words are mixed
+    /// independently of each other, which a CPU overlaps (a chain of
+    /// multiplies costs each answer address its latency).
+    #[inline(always)]
+    pub fn check(words: &[u64; 8]) -> u64 {
+        const K: [u64; 8] = [
+            0x9E37_79B9_7F4A_7C15,
+            0xC2B2_AE3D_27D4_EB4F,
+            0,
+            0x1656_67B1_9E37_79F9,
+            0xD6E8_FEB8_6659_FD93,
+            0xFF51_AFD7_ED55_8CCD,
+            0xC4CE_B9FE_1A85_EC53,
+            0x8CB9_2BA7_2F3D_8DD7,
+        ];
+        let mix = |i: usize| {
+            let m = words[i].wrapping_mul(K[i]);
+            m ^ (m >> 29)
+        };
+        let h = mix(0)
+            .wrapping_add(mix(1))
+            .wrapping_add(mix(3))
+            .wrapping_add(mix(4))
+            .wrapping_add(mix(5))
+            .wrapping_add(mix(6))
+            .wrapping_add(mix(7));
+        (h ^ (h >> 32)) | 1
+    }
+
+    /// An address's slot in a service, as one word of an entry.
+    #[inline(always)]
+    pub const fn slot_word(service_id: u32, slot: u32) -> u64 {
+        ((slot as u64) << 32) | service_id as u64
+    }
+
+    /// The service id and slot of an entry word.
+    #[inline(always)]
+    pub const fn slot_of_word(word: u64) -> (u32, u32) {
+        (word as u32, (word >> 32) as u32)
+    }
+
+    impl AddrTableEntry {
+        /// The entry that says what `dns_addrs` says of `addr`: its pod
+        /// and its first `n` slots.
+        pub fn new(addr: AddrKey, pod_id: u32, n: u32, slots: [u64; ADDR_MAX_SERVICES]) -> Self {
+            let mut entry = AddrTableEntry {
+                addr,
+                check: 0,
+                pod_id,
+                n,
+                slots,
+            };
+            entry.check = check(&entry.words());
+            entry
+        }
+
+        /// The entry as the kernel reads it: eight 64-bit words.
+        pub fn words(&self) -> [u64; 8] {
+            let [a0, a1] = addr_words(&self.addr);
+            [
+                a0,
+                a1,
+                self.check,
+                (u64::from(self.n) << 32) | u64::from(self.pod_id),
+                self.slots[0],
+                self.slots[1],
+                self.slots[2],
+                self.slots[3],
+            ]
+        }
+    }
+}
+
+/// Value of `map_names::DNS_ADDR_TABLE` (see [`addr_table`]). 64 bytes:
+/// one cache line, read by the kernel as eight words
+/// ([`AddrTableEntry::words`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrTableEntry {
+    pub addr: AddrKey,
+    /// [`addr_table::check`] of the other fields; 0: the entry is empty.
+    pub check: u64,
+    /// As [`AddrIndex::pod_id`].
+    pub pod_id: u32,
+    /// Entries of `slots` in use.
+    pub n: u32,
+    /// [`addr_table::slot_word`] of each [`AddrSlot`] (without its
+    /// `since_ns`, which only connect() reads).
+    pub slots: [u64; ADDR_MAX_SERVICES],
 }
 
 pub const NAMESPACE_LEN: usize = 64;
@@ -883,6 +1036,7 @@ mod user {
     unsafe impl aya::Pod for super::ObservationPage {}
     unsafe impl aya::Pod for super::AddrSlot {}
     unsafe impl aya::Pod for super::AddrIndex {}
+    unsafe impl aya::Pod for super::AddrTableEntry {}
     unsafe impl aya::Pod for super::BackendKey {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::ServiceCounters {}
@@ -932,6 +1086,7 @@ mod tests {
         assert_eq!(size_of::<ObservationPage>(), 8 * OBS_PAGE_SLOTS);
         assert_eq!(size_of::<AddrSlot>(), 16);
         assert_eq!(size_of::<AddrIndex>(), 8 + 16 * ADDR_MAX_SERVICES);
+        assert_eq!(size_of::<AddrTableEntry>(), 64);
         assert_eq!(size_of::<Observation>(), 16);
     }
 

@@ -139,6 +139,7 @@ macro_rules! store {
 }
 
 // After the macros, which the parsers use too.
+pub mod addr_table;
 pub mod query;
 pub mod response;
 

@@ -241,11 +241,13 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
             bench_dns::Options {
                 repeat: 10_000,
                 samples: 2_000,
+                only: None,
             }
         } else {
             bench_dns::Options {
                 repeat: 100_000,
                 samples: 20_000,
+                only: None,
             }
         };
         Some(bench_dns::measure(&dns_opts)?)

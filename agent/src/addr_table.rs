@@ -1,0 +1,343 @@
+//! The agent's side of `dns_addr_table` (see `headway_common::addr_table`):
+//! a copy of `dns_addrs` the DNS interceptor reads with inline array loads.
+//!
+//! The kernel trusts an entry it finds whole, so an entry must never say
+//! more than `dns_addrs` does. Every change of an address therefore goes:
+//! [`AddrTable::withdraw`] (its entry emptied: the kernel misses and asks
+//! `dns_addrs`), then `dns_addrs` written, then [`AddrTable::place`]. A
+//! crash anywhere in between leaves a miss, never a stale entry. When the
+//! agent starts, [`AddrTable::rebuild`] writes every position anew from
+//! `dns_addrs` (the datapath before attaching, the writer when it takes
+//! the maps over), so what an older agent left is never trusted.
+//!
+//! The agent writes the table through a shared mapping of the map (it is
+//! created `BPF_F_MMAPABLE`): an entry is a few stores, not a syscall, and
+//! a whole rewrite (8 MiB) takes milliseconds where 131,072 batched
+//! updates took ~110 ms. Within an entry the check is cleared first and
+//! set last, so a reader mostly misses rather than fails the check.
+//!
+//! An address takes the first free of its `PROBES` positions; when all are
+//! taken it is not placed and the kernel finds it in `dns_addrs` (at half
+//! load that is rare). It gets a position again the next time it changes.
+use std::{
+    borrow::{Borrow, BorrowMut},
+    collections::HashMap,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    ptr::NonNull,
+    sync::atomic::{Ordering, fence},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, IterableMap, MapData, MapError},
+};
+use headway_common::{
+    ADDR_MAX_SERVICES, AddrIndex, AddrKey, AddrTableEntry,
+    addr_table::{self, CHECK_WORD, PROBES, SIZE},
+    map_names,
+};
+
+/// The entry that says what `index` says of `addr`.
+pub fn entry(addr: &AddrKey, index: &AddrIndex) -> AddrTableEntry {
+    let n = (index.n as usize).min(ADDR_MAX_SERVICES);
+    let mut slots = [0u64; ADDR_MAX_SERVICES];
+    for (word, slot) in slots.iter_mut().zip(&index.slots[..n]) {
+        *word = addr_table::slot_word(slot.service_id, slot.slot);
+    }
+    AddrTableEntry::new(*addr, index.pod_id, n as u32, slots)
+}
+
+/// The table map and where the agent put each address (the agent is its
+/// only writer).
+pub struct AddrTable<T = MapData> {
+    map: Array<T, AddrTableEntry>,
+    /// The map's values, mapped on first write (`headway status` never
+    /// writes).
+    mapped: Option<Mapped>,
+    positions: HashMap<AddrKey, u32>,
+    /// One bit per position: taken.
+    taken: Vec<u64>,
+}
+
+impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
+    /// The map, with nothing known of its contents: [`AddrTable::rebuild`]
+    /// before any other write.
+    pub fn new(map: Array<T, AddrTableEntry>) -> AddrTable<T> {
+        AddrTable {
+            map,
+            mapped: None,
+            positions: HashMap::new(),
+            taken: vec![0; (SIZE / 64) as usize],
+        }
+    }
+
+    fn is_taken(&self, position: u32) -> bool {
+        self.taken[(position / 64) as usize] & (1 << (position % 64)) != 0
+    }
+
+    fn set_taken(&mut self, position: u32, taken: bool) {
+        let word = &mut self.taken[(position / 64) as usize];
+        if taken {
+            *word |= 1 << (position % 64);
+        } else {
+            *word &= !(1 << (position % 64));
+        }
+    }
+
+    /// A free position for `addr`, taken; `None` if all of its are.
+    fn claim(&mut self, addr: &AddrKey) -> Option<u32> {
+        let home = addr_table::home(addr);
+        let position = (0..PROBES)
+            .map(|probe| addr_table::position(home, probe))
+            .find(|p| !self.is_taken(*p))?;
+        self.set_taken(position, true);
+        self.positions.insert(*addr, position);
+        Some(position)
+    }
+
+    /// The map's values, mapped on first use.
+    fn mapped(&mut self) -> Result<&Mapped, MapError> {
+        if self.mapped.is_none() {
+            self.mapped = Some(Mapped::new(self.map.map().fd().as_fd())?);
+        }
+        Ok(self.mapped.as_ref().expect("just mapped"))
+    }
+
+    /// Makes the map hold exactly `entries` (each `dns_addrs` entry),
+    /// writing every position, empty ones too.
+    pub fn rebuild(
+        &mut self,
+        entries: impl IntoIterator<Item = (AddrKey, AddrIndex)>,
+    ) -> Result<(), MapError> {
+        self.positions.clear();
+        self.taken.fill(0);
+        let mut placed = Vec::new();
+        for (addr, index) in entries {
+            if let Some(position) = self.claim(&addr) {
+                placed.push((position, entry(&addr, &index)));
+            }
+        }
+        self.mapped()?;
+        let mapped = self.mapped.as_ref().expect("mapped above");
+        for position in (0..SIZE).filter(|p| !self.is_taken(*p)) {
+            mapped.store(position, &AddrTableEntry::default());
+        }
+        for (position, value) in &placed {
+            mapped.store(*position, value);
+        }
+        Ok(())
+    }
+
+    /// Empties the entries of `addrs` before `dns_addrs` changes for them.
+    pub fn withdraw(&mut self, addrs: &[AddrKey]) -> Result<(), MapError> {
+        let held: Vec<(AddrKey, u32)> = addrs
+            .iter()
+            .filter_map(|a| self.positions.get(a).map(|p| (*a, *p)))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mapped = self.mapped()?;
+        for (_, position) in &held {
+            mapped.store(*position, &AddrTableEntry::default());
+        }
+        // Empty before `dns_addrs` changes, which the caller does next.
+        fence(Ordering::SeqCst);
+        for (addr, position) in held {
+            self.positions.remove(&addr);
+            self.set_taken(position, false);
+        }
+        Ok(())
+    }
+
+    /// Puts the entries of addresses `dns_addrs` now holds as `entries`
+    /// say (each withdrawn before, or new).
+    pub fn place(&mut self, entries: &[(AddrKey, AddrIndex)]) -> Result<(), MapError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.mapped()?;
+        for (addr, index) in entries {
+            debug_assert!(!self.positions.contains_key(addr), "placed twice");
+            if let Some(position) = self.claim(addr) {
+                let mapped = self.mapped.as_ref().expect("mapped above");
+                mapped.store(position, &entry(addr, index));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The values of a `BPF_F_MMAPABLE` table map, mapped shared.
+struct Mapped {
+    base: NonNull<u64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is memory owned by this value; the kernel is the
+// only other party, and its reads tolerate any interleaving (`store`).
+unsafe impl Send for Mapped {}
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    fn new(fd: BorrowedFd<'_>) -> Result<Mapped, MapError> {
+        let len = SIZE as usize * size_of::<AddrTableEntry>();
+        // SAFETY: a new shared mapping of the map's fd, checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        let mmap_error = |io_error| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error,
+            })
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(mmap_error(std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(ptr.cast::<u64>())
+            .ok_or_else(|| mmap_error(std::io::Error::other("null mapping")))?;
+        Ok(Mapped { base, len })
+    }
+
+    /// Writes `value` at `position`: the check word cleared first and set
+    /// last, so a reader in between sees an empty entry, or words that
+    /// fail the check it read before.
+    fn store(&self, position: u32, value: &AddrTableEntry) {
+        assert!(position < SIZE, "position {position} out of the table");
+        let words = value.words();
+        let at = position as usize * words.len();
+        // SAFETY: words `at..at + 8` lie within the mapping (position <
+        // SIZE); each store is an aligned u64.
+        unsafe {
+            let w = self.base.as_ptr().add(at);
+            std::ptr::write_volatile(w.add(CHECK_WORD), 0);
+            fence(Ordering::Release);
+            for (i, word) in words.iter().enumerate() {
+                if i != CHECK_WORD {
+                    std::ptr::write_volatile(w.add(i), *word);
+                }
+            }
+            fence(Ordering::Release);
+            std::ptr::write_volatile(w.add(CHECK_WORD), words[CHECK_WORD]);
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Writes the table of a freshly loaded object from the `dns_addrs` it
+/// took over from pins, before any of its programs is attached: entries
+/// an older agent left may be stale (one that kept no table changed
+/// `dns_addrs` without withdrawing them).
+pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
+    let entries: Vec<(AddrKey, AddrIndex)> = match ebpf.map(map_names::DNS_ADDRS) {
+        Some(map) => {
+            let dns_addrs = aya::maps::HashMap::<_, AddrKey, AddrIndex>::try_from(map)?;
+            dns_addrs.iter().filter_map(Result::ok).collect()
+        }
+        None => Vec::new(),
+    };
+    let map = ebpf
+        .map_mut(map_names::DNS_ADDR_TABLE)
+        .ok_or(FillError::NoTable)?;
+    AddrTable::new(Array::try_from(map)?).rebuild(entries)?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error("the kernel object has no map {}", map_names::DNS_ADDR_TABLE)]
+    NoTable,
+    #[error(transparent)]
+    Map(#[from] MapError),
+}
+
+/// Puts `addr`'s entry in a table map by hand (reading its positions),
+/// for tools and tests that fill maps the way the agent does; false when
+/// every position is another address's.
+pub fn put<T: Borrow<MapData> + BorrowMut<MapData>>(
+    map: &mut Array<T, AddrTableEntry>,
+    addr: &AddrKey,
+    index: &AddrIndex,
+) -> Result<bool, MapError> {
+    let home = addr_table::home(addr);
+    for probe in 0..PROBES {
+        let position = addr_table::position(home, probe);
+        let old = map.get(&position, 0)?;
+        if old.check == 0 || old.addr == *addr {
+            map.set(position, entry(addr, index), 0)?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headway_common::AddrSlot;
+
+    #[test]
+    fn an_entry_checks_and_any_changed_word_fails_the_check() {
+        let addr = AddrKey::from_v4_be(u32::from_ne_bytes([10, 0, 0, 1]));
+        let mut index = AddrIndex {
+            pod_id: 3,
+            n: 2,
+            ..AddrIndex::default()
+        };
+        index.slots[0] = AddrSlot {
+            service_id: 1,
+            slot: 5,
+            since_ns: 9,
+        };
+        index.slots[1] = AddrSlot {
+            service_id: 2,
+            slot: 0,
+            since_ns: 9,
+        };
+        let e = entry(&addr, &index);
+        assert_eq!(addr_table::check(&e.words()), e.check);
+        assert_ne!(e.check, 0);
+        // A read that mixes in one word of another version.
+        let other = AddrTableEntry { pod_id: 4, ..e };
+        assert_ne!(addr_table::check(&other.words()), e.check);
+        let mut slots = e.slots;
+        slots[1] = addr_table::slot_word(2, 1);
+        assert_ne!(
+            addr_table::check(&AddrTableEntry { slots, ..e }.words()),
+            e.check
+        );
+        // Or two words of it.
+        let both = AddrTableEntry { slots, ..other };
+        assert_ne!(addr_table::check(&both.words()), e.check);
+    }
+
+    #[test]
+    fn homes_spread_consecutive_addresses() {
+        let mut taken = std::collections::HashSet::new();
+        let n = 65_536u32;
+        for i in 0..n {
+            let addr = AddrKey::from_v4_be((0x0a00_0000 + i).to_be());
+            taken.insert(addr_table::home(&addr));
+        }
+        // Random homes for n keys in 2n positions: ~79% distinct.
+        assert!(
+            taken.len() as u32 > n * 7 / 10,
+            "{} distinct homes",
+            taken.len()
+        );
+    }
+}
