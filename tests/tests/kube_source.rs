@@ -624,7 +624,7 @@ fn service_id(maps: &headway::pinned::Maps, ns: &str, name: &str) -> u32 {
 }
 
 /// Polls one address's entries every millisecond on a thread until told
-/// to stop; returns every distinct state seen, in order.
+/// to stop; returns every distinct settled state seen, in order.
 struct Watcher {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<Vec<(Option<u32>, Option<u32>)>>,
@@ -638,7 +638,18 @@ impl Watcher {
         let thread = std::thread::spawn(move || {
             let mut seen: Vec<(Option<u32>, Option<u32>)> = Vec::new();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let now = address_entries(&maps, service_id, addr);
+                // The two maps are read one after the other: a pair read
+                // across one of the agent's writes mixes before and after
+                // (seen once under load). A state counts when two reads in
+                // a row agree.
+                let mut now = address_entries(&maps, service_id, addr);
+                loop {
+                    let again = address_entries(&maps, service_id, addr);
+                    if again == now {
+                        break;
+                    }
+                    now = again;
+                }
                 if seen.last() != Some(&now) {
                     seen.push(now);
                 }
