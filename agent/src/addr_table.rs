@@ -107,12 +107,17 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
                 placed.push((position, entry(&addr, &index)));
             }
         }
-        let mapped = Mapped::new(self.map.map().fd().as_fd())?;
-        for position in (0..SIZE).filter(|p| !self.is_taken(*p)) {
-            mapped.store(position, &AddrTableEntry::default());
-        }
-        for (position, value) in &placed {
-            mapped.store(*position, value);
+        placed.sort_unstable_by_key(|(position, _)| *position);
+        let mut placed = placed.iter().peekable();
+        for start in (0..SIZE).step_by(REWRITE_WINDOW as usize) {
+            let window = start..start + REWRITE_WINDOW;
+            let mapped = Mapped::new(self.map.map().fd().as_fd(), window.clone())?;
+            for position in window.clone().filter(|p| !self.is_taken(*p)) {
+                mapped.store(position, &AddrTableEntry::default());
+            }
+            while let Some((position, value)) = placed.next_if(|(p, _)| window.contains(p)) {
+                mapped.store(*position, value);
+            }
         }
         Ok(())
     }
@@ -172,10 +177,17 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
     }
 }
 
-/// The values of a `BPF_F_MMAPABLE` table map, mapped shared.
+/// Positions one mapping of the rewrite covers (512 KiB): the kernel maps
+/// all of a window's pages at once, and they count in the agent's RSS
+/// while mapped (the whole table at once raised the peak by 8 MiB).
+const REWRITE_WINDOW: u32 = 8192;
+
+/// Positions `first..` of a `BPF_F_MMAPABLE` table map, mapped shared.
 struct Mapped {
     base: NonNull<u64>,
     len: usize,
+    first: u32,
+    end: u32,
 }
 
 // SAFETY: the mapping is memory owned by this value; the kernel is the
@@ -184,8 +196,10 @@ unsafe impl Send for Mapped {}
 unsafe impl Sync for Mapped {}
 
 impl Mapped {
-    fn new(fd: BorrowedFd<'_>) -> Result<Mapped, MapError> {
-        let len = SIZE as usize * size_of::<AddrTableEntry>();
+    fn new(fd: BorrowedFd<'_>, positions: std::ops::Range<u32>) -> Result<Mapped, MapError> {
+        let entry_size = size_of::<AddrTableEntry>();
+        let len = positions.len() * entry_size;
+        let offset = positions.start as usize * entry_size;
         // SAFETY: a new shared mapping of the map's fd, checked below.
         let ptr = unsafe {
             libc::mmap(
@@ -194,7 +208,7 @@ impl Mapped {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         let mmap_error = |io_error| {
@@ -208,18 +222,26 @@ impl Mapped {
         }
         let base = NonNull::new(ptr.cast::<u64>())
             .ok_or_else(|| mmap_error(std::io::Error::other("null mapping")))?;
-        Ok(Mapped { base, len })
+        Ok(Mapped {
+            base,
+            len,
+            first: positions.start,
+            end: positions.end,
+        })
     }
 
     /// Writes `value` at `position`: the check word cleared first and set
     /// last, so a reader in between sees an empty entry, or words that
     /// fail the check it read before.
     fn store(&self, position: u32, value: &AddrTableEntry) {
-        assert!(position < SIZE, "position {position} out of the table");
+        assert!(
+            (self.first..self.end).contains(&position),
+            "position {position} out of the mapping"
+        );
         let words = value.words();
-        let at = position as usize * words.len();
-        // SAFETY: words `at..at + 8` lie within the mapping (position <
-        // SIZE); each store is an aligned u64.
+        let at = (position - self.first) as usize * words.len();
+        // SAFETY: words `at..at + 8` lie within the mapping (checked
+        // above); each store is an aligned u64.
         unsafe {
             let w = self.base.as_ptr().add(at);
             std::ptr::write_volatile(w.add(CHECK_WORD), 0);
