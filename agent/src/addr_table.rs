@@ -10,11 +10,11 @@
 //! `dns_addrs` (the datapath before attaching, the writer when it takes
 //! the maps over), so what an older agent left is never trusted.
 //!
-//! The agent writes the table through a shared mapping of the map (it is
-//! created `BPF_F_MMAPABLE`): an entry is a few stores, not a syscall, and
-//! a whole rewrite (8 MiB) takes milliseconds where 131,072 batched
-//! updates took ~110 ms. Within an entry the check is cleared first and
-//! set last, so a reader mostly misses rather than fails the check.
+//! A change writes its entries with one batched update. A whole rewrite
+//! goes through a shared mapping of the map instead (it is created
+//! `BPF_F_MMAPABLE`): 8 MiB of stores take milliseconds where 131,072
+//! batched updates took ~110 ms. The mapping is dropped right after, so
+//! the table's pages do not stay in the agent's RSS.
 //!
 //! An address takes the first free of its `PROBES` positions; when all are
 //! taken it is not placed and the kernel finds it in `dns_addrs` (at half
@@ -37,6 +37,8 @@ use headway_common::{
     map_names,
 };
 
+use crate::bpf_sys;
+
 /// The entry that says what `index` says of `addr`.
 pub fn entry(addr: &AddrKey, index: &AddrIndex) -> AddrTableEntry {
     let n = (index.n as usize).min(ADDR_MAX_SERVICES);
@@ -51,9 +53,6 @@ pub fn entry(addr: &AddrKey, index: &AddrIndex) -> AddrTableEntry {
 /// only writer).
 pub struct AddrTable<T = MapData> {
     map: Array<T, AddrTableEntry>,
-    /// The map's values, mapped on first write (`headway status` never
-    /// writes).
-    mapped: Option<Mapped>,
     positions: HashMap<AddrKey, u32>,
     /// One bit per position: taken.
     taken: Vec<u64>,
@@ -65,7 +64,6 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
     pub fn new(map: Array<T, AddrTableEntry>) -> AddrTable<T> {
         AddrTable {
             map,
-            mapped: None,
             positions: HashMap::new(),
             taken: vec![0; (SIZE / 64) as usize],
         }
@@ -95,14 +93,6 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
         Some(position)
     }
 
-    /// The map's values, mapped on first use.
-    fn mapped(&mut self) -> Result<&Mapped, MapError> {
-        if self.mapped.is_none() {
-            self.mapped = Some(Mapped::new(self.map.map().fd().as_fd())?);
-        }
-        Ok(self.mapped.as_ref().expect("just mapped"))
-    }
-
     /// Makes the map hold exactly `entries` (each `dns_addrs` entry),
     /// writing every position, empty ones too.
     pub fn rebuild(
@@ -117,61 +107,87 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
                 placed.push((position, entry(&addr, &index)));
             }
         }
-        self.mapped()?;
-        let mapped = self.mapped.as_ref().expect("mapped above");
-        for position in (0..SIZE).filter(|p| !self.is_taken(*p)) {
-            mapped.store(position, &AddrTableEntry::default());
-        }
-        for (position, value) in &placed {
-            mapped.store(*position, value);
+        placed.sort_unstable_by_key(|(position, _)| *position);
+        let mut placed = placed.iter().peekable();
+        for start in (0..SIZE).step_by(REWRITE_WINDOW as usize) {
+            let window = start..start + REWRITE_WINDOW;
+            let mapped = Mapped::new(self.map.map().fd().as_fd(), window.clone())?;
+            for position in window.clone().filter(|p| !self.is_taken(*p)) {
+                mapped.store(position, &AddrTableEntry::default());
+            }
+            while let Some((position, value)) = placed.next_if(|(p, _)| window.contains(p)) {
+                mapped.store(*position, value);
+            }
         }
         Ok(())
     }
 
     /// Empties the entries of `addrs` before `dns_addrs` changes for them.
+    /// On an error some may still be held: `dns_addrs` must not change.
     pub fn withdraw(&mut self, addrs: &[AddrKey]) -> Result<(), MapError> {
         let held: Vec<(AddrKey, u32)> = addrs
             .iter()
             .filter_map(|a| self.positions.get(a).map(|p| (*a, *p)))
             .collect();
-        if held.is_empty() {
-            return Ok(());
+        let positions: Vec<u32> = held.iter().map(|(_, p)| *p).collect();
+        let empty = vec![AddrTableEntry::default(); positions.len()];
+        let (done, error) = self.write(&positions, &empty);
+        for (addr, position) in &held[..done] {
+            self.positions.remove(addr);
+            self.set_taken(*position, false);
         }
-        let mapped = self.mapped()?;
-        for (_, position) in &held {
-            mapped.store(*position, &AddrTableEntry::default());
-        }
-        // Empty before `dns_addrs` changes, which the caller does next.
-        fence(Ordering::SeqCst);
-        for (addr, position) in held {
-            self.positions.remove(&addr);
-            self.set_taken(position, false);
-        }
-        Ok(())
+        error.map_or(Ok(()), Err)
     }
 
     /// Puts the entries of addresses `dns_addrs` now holds as `entries`
-    /// say (each withdrawn before, or new).
+    /// say (each withdrawn before, or new). An entry not written leaves
+    /// its position empty: the kernel reads `dns_addrs`.
     pub fn place(&mut self, entries: &[(AddrKey, AddrIndex)]) -> Result<(), MapError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        self.mapped()?;
+        let mut positions = Vec::new();
+        let mut values = Vec::new();
         for (addr, index) in entries {
             debug_assert!(!self.positions.contains_key(addr), "placed twice");
             if let Some(position) = self.claim(addr) {
-                let mapped = self.mapped.as_ref().expect("mapped above");
-                mapped.store(position, &entry(addr, index));
+                positions.push(position);
+                values.push(entry(addr, index));
             }
         }
-        Ok(())
+        let (done, error) = self.write(&positions, &values);
+        for (position, value) in positions[done..].iter().zip(&values[done..]) {
+            self.positions.remove(&value.addr);
+            self.set_taken(*position, false);
+        }
+        error.map_or(Ok(()), Err)
+    }
+
+    /// Writes `values` at `positions` in one batch; returns how many went
+    /// through (all, or those before the first refused) and the error.
+    fn write(&self, positions: &[u32], values: &[AddrTableEntry]) -> (usize, Option<MapError>) {
+        let fd = self.map.map().fd().as_fd();
+        match bpf_sys::map_update_batch(fd, positions, values) {
+            Ok(()) => (positions.len(), None),
+            Err(e) => (
+                e.done,
+                Some(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error: e.error,
+                })),
+            ),
+        }
     }
 }
 
-/// The values of a `BPF_F_MMAPABLE` table map, mapped shared.
+/// Positions one mapping of the rewrite covers (512 KiB): the kernel maps
+/// all of a window's pages at once, and they count in the agent's RSS
+/// while mapped (the whole table at once raised the peak by 8 MiB).
+const REWRITE_WINDOW: u32 = 8192;
+
+/// Positions `first..` of a `BPF_F_MMAPABLE` table map, mapped shared.
 struct Mapped {
     base: NonNull<u64>,
     len: usize,
+    first: u32,
+    end: u32,
 }
 
 // SAFETY: the mapping is memory owned by this value; the kernel is the
@@ -180,8 +196,10 @@ unsafe impl Send for Mapped {}
 unsafe impl Sync for Mapped {}
 
 impl Mapped {
-    fn new(fd: BorrowedFd<'_>) -> Result<Mapped, MapError> {
-        let len = SIZE as usize * size_of::<AddrTableEntry>();
+    fn new(fd: BorrowedFd<'_>, positions: std::ops::Range<u32>) -> Result<Mapped, MapError> {
+        let entry_size = size_of::<AddrTableEntry>();
+        let len = positions.len() * entry_size;
+        let offset = positions.start as usize * entry_size;
         // SAFETY: a new shared mapping of the map's fd, checked below.
         let ptr = unsafe {
             libc::mmap(
@@ -190,7 +208,7 @@ impl Mapped {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         let mmap_error = |io_error| {
@@ -204,18 +222,26 @@ impl Mapped {
         }
         let base = NonNull::new(ptr.cast::<u64>())
             .ok_or_else(|| mmap_error(std::io::Error::other("null mapping")))?;
-        Ok(Mapped { base, len })
+        Ok(Mapped {
+            base,
+            len,
+            first: positions.start,
+            end: positions.end,
+        })
     }
 
     /// Writes `value` at `position`: the check word cleared first and set
     /// last, so a reader in between sees an empty entry, or words that
     /// fail the check it read before.
     fn store(&self, position: u32, value: &AddrTableEntry) {
-        assert!(position < SIZE, "position {position} out of the table");
+        assert!(
+            (self.first..self.end).contains(&position),
+            "position {position} out of the mapping"
+        );
         let words = value.words();
-        let at = position as usize * words.len();
-        // SAFETY: words `at..at + 8` lie within the mapping (position <
-        // SIZE); each store is an aligned u64.
+        let at = (position - self.first) as usize * words.len();
+        // SAFETY: words `at..at + 8` lie within the mapping (checked
+        // above); each store is an aligned u64.
         unsafe {
             let w = self.base.as_ptr().add(at);
             std::ptr::write_volatile(w.add(CHECK_WORD), 0);

@@ -488,8 +488,8 @@ fn withdraw(
     match maps.dns_addr_table.withdraw(&all) {
         Ok(()) => (upserts, removals),
         Err(source) => {
-            // The table could not be written (not mapped): `dns_addrs`
-            // must not change under entries the kernel may still trust.
+            // Some entries may still be in the table: `dns_addrs` must not
+            // change under entries the kernel may trust (retried later).
             errors.push(table_error("withdraw", source));
             ((Vec::new(), Vec::new()), Vec::new())
         }
