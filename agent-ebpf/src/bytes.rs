@@ -30,6 +30,8 @@ const IPV6_HDR_LEN: u32 = 40;
 const UDP_HDR_LEN: u32 = 8;
 /// Offset of the data-offset nibble in the TCP header.
 const TCP_DOFF_BYTE: usize = 12;
+/// An IPv4 header without options.
+const IPV4_HDR_MIN: usize = 20;
 /// Where the addresses sit in the IP headers.
 const IPV4_SADDR: usize = 12;
 const IPV4_DADDR: usize = 16;
@@ -98,19 +100,15 @@ fn remote_of(skb: &SkBuff, sent: bool) -> Option<AddrKey> {
     unsafe {
         let data = (*skb.skb).data as usize;
         let end = (*skb.skb).data_end as usize;
-        if data + IPV6_HDR_LEN as usize > end {
-            if data + 20 > end || *(data as *const u8) >> 4 != 4 {
-                return None;
-            }
-            let at = if sent { IPV4_DADDR } else { IPV4_SADDR };
-            return Some(AddrKey::from_v4_be(word_at(data + at)));
+        if data + IPV4_HDR_MIN > end {
+            return None;
         }
         match *(data as *const u8) >> 4 {
             4 => {
                 let at = if sent { IPV4_DADDR } else { IPV4_SADDR };
                 Some(AddrKey::from_v4_be(word_at(data + at)))
             }
-            6 => {
+            6 if data + IPV6_HDR_LEN as usize <= end => {
                 let at = data + if sent { IPV6_DADDR } else { IPV6_SADDR };
                 Some(AddrKey::from_v6_words([
                     word_at(at),

@@ -604,14 +604,8 @@ fn a_full_socket_table_fails_open() {
     if !require_root("a_full_socket_table_fails_open") {
         return;
     }
-    let Bed {
-        cluster,
-        _servers,
-        cg,
-        bpffs,
-        manifests: _manifests,
-        agent,
-    } = Bed::start_with("socktable-full", &["--max-sockets=1000"]);
+    let bed = Bed::start_with("socktable-full", &["--max-sockets=1000"]);
+    let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
     let buckets = 128;
     let client = netns_cookie(cluster.client_ns("client")).unwrap();
     let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
@@ -629,7 +623,7 @@ fn a_full_socket_table_fails_open() {
         cookies.set(b, fake(b), 0).unwrap();
     }
     let live = ["web-0", "web-1"];
-    let full = connect(&cluster, "client", &cg, "10.77.0.99", 5);
+    let full = connect(cluster, "client", cg, "10.77.0.99", 5);
     assert!(answered_only_by(&full, &live), "{full:?}");
     // No record: getpeername reports the pod the connection went to.
     assert!(
@@ -638,7 +632,7 @@ fn a_full_socket_table_fails_open() {
             .all(|a| a == "10.77.0.10:8080" || a == "10.77.0.11:8080"),
         "{full:?}"
     );
-    let status = status_json(&bpffs).unwrap();
+    let status = status_json(bpffs).unwrap();
     eprintln!("socket table full: {}", status["sockets"]);
     assert!(
         status["sockets"]["full"].as_u64().unwrap() >= 5,
@@ -652,12 +646,12 @@ fn a_full_socket_table_fails_open() {
     for b in 0..buckets {
         cookies.set(b, SockBucket::default(), 0).unwrap();
     }
-    let again = connect(&cluster, "client", &cg, "10.77.0.99", 5);
+    let again = connect(cluster, "client", cg, "10.77.0.99", 5);
     assert!(answered_only_by(&again, &live), "{again:?}");
     assert_eq!(
         again.peer_addrs,
         BTreeMap::from([("10.77.0.99:8080".to_string(), 5)]),
         "{again:?}"
     );
-    agent.stop().unwrap();
+    bed.agent.stop().unwrap();
 }
