@@ -8,8 +8,9 @@ use aya_ebpf::{
 use headway_common::{
     AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
     ObservationKey, ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket, SocketState,
-    addr_filter, addr_table, capacity, dns_counter, sock_counter, sock_table, steer_counter,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering, SockBucket,
+    SocketState, addr_filter, addr_table, capacity, dns_counter, sock_counter, sock_table,
+    steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -58,9 +59,9 @@ pub static DNS_OBS: LruHashMap<ObservationKey, ObservationPage, { capacity::DNS_
 pub static DNS_ADDRS: HashMap<AddrKey, AddrIndex, { capacity::DNS_ADDRS as usize }> =
     HashMap::new();
 
-#[btf_map(name = "dns_addr_table")]
+#[btf_map(name = "addr_table")]
 // Mappable: the agent writes it through a shared mapping.
-pub static DNS_ADDR_TABLE: Array<
+pub static ADDR_TABLE: Array<
     AddrTableEntry,
     { addr_table::SIZE as usize },
     { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
@@ -77,6 +78,9 @@ pub static DNS_COUNTERS: PerCpuArray<u64, { dns_counter::COUNT as usize }> = Per
 #[btf_map(name = "svc_backends")]
 pub static SVC_BACKENDS: HashMap<BackendKey, Backend, { capacity::SVC_BACKENDS as usize }> =
     HashMap::new();
+
+#[btf_map(name = "svc_steering")]
+pub static SVC_STEERING: Array<ServiceSteering, { capacity::SERVICES as usize }> = Array::new();
 
 #[btf_map(name = "svc_ports")]
 pub static SVC_PORTS: HashMap<ServicePortKey, u32, { capacity::SVC_PORTS as usize }> =

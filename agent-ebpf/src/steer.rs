@@ -11,15 +11,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use headway_common::{
-    AddrKey, Backend, BackendKey, ServiceEndpointKey, ServiceMeta, ServicePortKey, addr_filter,
-    config_flags, endpoint_flags, name_kind, policy, service_flags, steer_counter, topology,
+    AddrKey, Backend, BackendKey, ServiceEndpointKey, ServicePortKey, ServiceSteering, addr_filter,
+    addr_slot_flags, config_flags, endpoint_flags, name_kind, policy, service_flags, steer_counter,
+    topology,
 };
 
 use crate::{
     accounting::{count_connect, count_decision, count_steer},
     dns::{KnownAddress, observation},
     kernel_log::{self, event},
-    maps::{ADDR_FILTER, CONFIG, POD_STATS, SERVICES, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS},
+    maps::{ADDR_FILTER, CONFIG, POD_STATS, SVC_BACKENDS, SVC_ENDPOINTS, SVC_PORTS, SVC_STEERING},
     sock_table::Steering,
 };
 
@@ -159,7 +160,7 @@ fn decide<C: EbpfContext>(
     };
     // SAFETY: the helper only reads the context's socket.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(obs) = known.and_then(|k| observation(netns_cookie, &req.dst, k)) else {
+    let Some(learned) = known.and_then(|k| observation(netns_cookie, &req.dst, &k)) else {
         // Never resolved by this client (a hard-coded IP, a scraper using
         // API addresses, a cache older than the agent): never steered.
         if pod.is_some() {
@@ -167,6 +168,7 @@ fn decide<C: EbpfContext>(
         }
         return None;
     };
+    let obs = learned.observation;
     let service_id = obs.service_id;
     if obs.kind != name_kind::SERVICE {
         kept(Some(service_id), steer_counter::KEPT_POD_NAME);
@@ -176,8 +178,10 @@ fn decide<C: EbpfContext>(
         kept(Some(service_id), steer_counter::KEPT_HOST_NETNS);
         return None;
     }
-    // SAFETY: copied out at once.
-    let service = (unsafe { SERVICES.get(service_id) }).copied()?;
+    let service = SVC_STEERING
+        .get(service_id)
+        .copied()
+        .filter(|s| s.live != 0)?;
     if service.policy == policy::OBSERVE {
         kept(Some(service_id), steer_counter::KEPT_OBSERVE);
         return None;
@@ -189,23 +193,19 @@ fn decide<C: EbpfContext>(
 
     // Is the address still an eligible pod of the service it was resolved
     // for? If not, why not.
-    let member = ServiceEndpointKey {
-        service_id,
-        _pad: 0,
-        addr: req.dst,
-    };
-    // SAFETY: copied out at once.
-    let reason = match (unsafe { SVC_ENDPOINTS.get(&member) }).copied() {
-        Some(ep) if ep.flags & endpoint_flags::ELIGIBLE != 0 => {
-            if service.policy == policy::FAILOVER {
-                kept(Some(service_id), steer_counter::KEPT_ELIGIBLE);
-                return None;
-            }
-            steer_counter::STEERED_BALANCED
+    let (member, eligible) = endpoint_state(service_id, &req.dst, learned.flags);
+    let reason = if eligible {
+        if service.policy == policy::FAILOVER {
+            kept(Some(service_id), steer_counter::KEPT_ELIGIBLE);
+            return None;
         }
-        Some(_) => steer_counter::STEERED_NOT_ELIGIBLE,
-        None if pod.is_some() => steer_counter::STEERED_REUSED,
-        None => steer_counter::STEERED_GONE,
+        steer_counter::STEERED_BALANCED
+    } else if member {
+        steer_counter::STEERED_NOT_ELIGIBLE
+    } else if pod.is_some() {
+        steer_counter::STEERED_REUSED
+    } else {
+        steer_counter::STEERED_GONE
     };
 
     let Some(backend) = choose(service_id, &service, is_v4_mapped(&req.dst)) else {
@@ -250,10 +250,33 @@ fn log_no_eligible_pod<C: EbpfContext>(ctx: &C, service_id: u32, dst: &AddrKey) 
     }
 }
 
+/// Whether `addr` is an endpoint of service `service_id` now, and whether
+/// an eligible one: from the flags of its slot there when the agent wrote
+/// them, else from `svc_endpoints`.
+#[inline(always)]
+fn endpoint_state(service_id: u32, addr: &AddrKey, slot_flags: u16) -> (bool, bool) {
+    if slot_flags & addr_slot_flags::KNOWN != 0 {
+        return (
+            slot_flags & addr_slot_flags::MEMBER != 0,
+            slot_flags & addr_slot_flags::ELIGIBLE != 0,
+        );
+    }
+    let key = ServiceEndpointKey {
+        service_id,
+        _pad: 0,
+        addr: *addr,
+    };
+    // SAFETY: copied out at once.
+    match unsafe { SVC_ENDPOINTS.get(&key) }.copied() {
+        Some(ep) => (true, ep.flags & endpoint_flags::ELIGIBLE != 0),
+        None => (false, false),
+    }
+}
+
 /// Whether `req` goes to a port the service declares (always, when it
 /// declares none).
 #[inline(always)]
-fn port_declared(service_id: u32, service: &ServiceMeta, req: &Request) -> bool {
+fn port_declared(service_id: u32, service: &ServiceSteering, req: &Request) -> bool {
     if service.flags & service_flags::PORTS_DECLARED == 0 {
         return true;
     }
@@ -273,7 +296,7 @@ fn port_declared(service_id: u32, service: &ServiceMeta, req: &Request) -> bool 
 /// in proportion to its weight). `least-connections` draws two distinct
 /// slots and keeps the pod with fewer active connections on this node.
 #[inline(always)]
-fn choose(service_id: u32, service: &ServiceMeta, v4: bool) -> Option<Backend> {
+fn choose(service_id: u32, service: &ServiceSteering, v4: bool) -> Option<Backend> {
     let (family, all, preferred) = if v4 {
         (4, service.backends_v4, service.preferred_v4)
     } else {

@@ -1,5 +1,6 @@
-//! The agent's side of `dns_addr_table` (see `headway_common::addr_table`):
-//! a copy of `dns_addrs` the DNS interceptor reads with inline array loads.
+//! The agent's side of `addr_table` (see `headway_common::addr_table`):
+//! a copy of `dns_addrs` the DNS interceptor and the connect hooks read
+//! with inline array loads.
 //!
 //! The kernel trusts an entry it finds whole, so an entry must never say
 //! more than `dns_addrs` does. Every change of an address therefore goes:
@@ -12,7 +13,7 @@
 //!
 //! A change writes its entries with one batched update. A whole rewrite
 //! goes through a shared mapping of the map instead (it is created
-//! `BPF_F_MMAPABLE`): 8 MiB of stores take milliseconds where 131,072
+//! `BPF_F_MMAPABLE`): 16 MiB of stores take milliseconds where 131,072
 //! batched updates took ~110 ms. The mapping is dropped right after, so
 //! the table's pages do not stay in the agent's RSS.
 //!
@@ -43,10 +44,12 @@ use crate::bpf_sys;
 pub fn entry(addr: &AddrKey, index: &AddrIndex) -> AddrTableEntry {
     let n = (index.n as usize).min(ADDR_MAX_SERVICES);
     let mut slots = [0u64; ADDR_MAX_SERVICES];
-    for (word, slot) in slots.iter_mut().zip(&index.slots[..n]) {
-        *word = addr_table::slot_word(slot.service_id, slot.slot);
+    let mut since_ns = [0u64; ADDR_MAX_SERVICES];
+    for ((word, since), slot) in slots.iter_mut().zip(&mut since_ns).zip(&index.slots[..n]) {
+        *word = addr_table::slot_word(slot.service_id, slot.slot, slot.flags);
+        *since = slot.since_ns;
     }
-    AddrTableEntry::new(*addr, index.pod_id, n as u32, slots)
+    AddrTableEntry::new(*addr, index.pod_id, n as u32, slots, since_ns)
 }
 
 /// The table map and where the agent put each address (the agent is its
@@ -122,6 +125,12 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
         Ok(())
     }
 
+    /// Puts `addr`'s entry in the map as [`put`] does, outside the agent's
+    /// bookkeeping (for tools and tests that stand in for the agent).
+    pub fn put_by_hand(&mut self, addr: &AddrKey, index: &AddrIndex) -> Result<bool, MapError> {
+        put(&mut self.map, addr, index)
+    }
+
     /// Empties the entries of `addrs` before `dns_addrs` changes for them.
     /// On an error some may still be held: `dns_addrs` must not change.
     pub fn withdraw(&mut self, addrs: &[AddrKey]) -> Result<(), MapError> {
@@ -180,7 +189,7 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
 /// Positions one mapping of the rewrite covers (512 KiB): the kernel maps
 /// all of a window's pages at once, and they count in the agent's RSS
 /// while mapped (the whole table at once raised the peak by 8 MiB).
-const REWRITE_WINDOW: u32 = 8192;
+const REWRITE_WINDOW: u32 = 4096;
 
 /// Positions `first..` of a `BPF_F_MMAPABLE` table map, mapped shared.
 struct Mapped {
@@ -230,9 +239,10 @@ impl Mapped {
         })
     }
 
-    /// Writes `value` at `position`: the check word cleared first and set
-    /// last, so a reader in between sees an empty entry, or words that
-    /// fail the check it read before.
+    /// Writes `value` at `position`: the first line's check word cleared
+    /// first and set last, so a reader in between sees an empty entry, or
+    /// words that fail a check it read before (the second line's check
+    /// covers the first's).
     fn store(&self, position: u32, value: &AddrTableEntry) {
         assert!(
             (self.first..self.end).contains(&position),
@@ -240,7 +250,7 @@ impl Mapped {
         );
         let words = value.words();
         let at = (position - self.first) as usize * words.len();
-        // SAFETY: words `at..at + 8` lie within the mapping (checked
+        // SAFETY: words `at..at + WORDS` lie within the mapping (checked
         // above); each store is an aligned u64.
         unsafe {
             let w = self.base.as_ptr().add(at);
@@ -277,7 +287,7 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
         None => Vec::new(),
     };
     let map = ebpf
-        .map_mut(map_names::DNS_ADDR_TABLE)
+        .map_mut(map_names::ADDR_TABLE)
         .ok_or(FillError::NoTable)?;
     AddrTable::new(Array::try_from(map)?).rebuild(entries)?;
     Ok(())
@@ -285,7 +295,7 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FillError {
-    #[error("the kernel object has no map {}", map_names::DNS_ADDR_TABLE)]
+    #[error("the kernel object has no map {}", map_names::ADDR_TABLE)]
     NoTable,
     #[error(transparent)]
     Map(#[from] MapError),
@@ -327,28 +337,57 @@ mod tests {
         index.slots[0] = AddrSlot {
             service_id: 1,
             slot: 5,
+            flags: 7,
             since_ns: 9,
         };
         index.slots[1] = AddrSlot {
             service_id: 2,
             slot: 0,
+            flags: 1,
             since_ns: 9,
         };
         let e = entry(&addr, &index);
-        assert_eq!(addr_table::check(&e.words()), e.check);
+        assert_eq!(addr_table::check(&e.line()), e.check);
         assert_ne!(e.check, 0);
+        assert_eq!(addr_table::since_check(e.check, &e.since_ns), e.since_check);
+        assert_eq!(
+            addr_table::slot_of_word(e.slots[0]),
+            (1, 5, 7),
+            "a slot word keeps its service, slot and flags apart"
+        );
         // A read that mixes in one word of another version.
         let other = AddrTableEntry { pod_id: 4, ..e };
-        assert_ne!(addr_table::check(&other.words()), e.check);
+        assert_ne!(addr_table::check(&other.line()), e.check);
         let mut slots = e.slots;
-        slots[1] = addr_table::slot_word(2, 1);
+        slots[1] = addr_table::slot_word(2, 1, 1);
         assert_ne!(
-            addr_table::check(&AddrTableEntry { slots, ..e }.words()),
+            addr_table::check(&AddrTableEntry { slots, ..e }.line()),
+            e.check
+        );
+        // A slot whose flags alone changed.
+        slots[1] = addr_table::slot_word(2, 0, 7);
+        assert_ne!(
+            addr_table::check(&AddrTableEntry { slots, ..e }.line()),
             e.check
         );
         // Or two words of it.
         let both = AddrTableEntry { slots, ..other };
-        assert_ne!(addr_table::check(&both.words()), e.check);
+        assert_ne!(addr_table::check(&both.line()), e.check);
+        // The second line: a changed `since_ns`, or a first line of
+        // another version, fails its check.
+        let mut since = e.since_ns;
+        since[0] = 10;
+        assert_ne!(addr_table::since_check(e.check, &since), e.since_check);
+        assert_ne!(
+            addr_table::since_check(other_check(&e), &e.since_ns),
+            e.since_check
+        );
+    }
+
+    /// The check of `e`'s first line with its pod changed.
+    fn other_check(e: &AddrTableEntry) -> u64 {
+        let other = AddrTableEntry { pod_id: 4, ..*e };
+        addr_table::check(&other.line())
     }
 
     #[test]

@@ -25,6 +25,7 @@ use headway_common::{map_names, program_names};
 use crate::{
     addr_filter, addr_table, bpf_sys, cgroup,
     pinned::{self, MapSizes, Maps, PinnedError},
+    service_steering,
 };
 
 /// The kernel object, embedded at build time (see build.rs).
@@ -50,6 +51,8 @@ pub enum DatapathError {
     AddrFilter(#[source] addr_filter::FillError),
     #[error("cannot write the DNS address table before attaching: {0}")]
     AddrTable(#[source] addr_table::FillError),
+    #[error("cannot write the services' steering table before attaching: {0}")]
+    ServiceSteering(#[source] service_steering::FillError),
     #[error("cannot mount bpffs at {path}: {source}")]
     MountBpffs {
         path: PathBuf,
@@ -188,6 +191,9 @@ impl Datapath {
         addr_filter::fill_before_attach(&mut ebpf).map_err(DatapathError::AddrFilter)?;
         // Nor may the interceptor trust a table entry an older agent left.
         addr_table::fill_before_attach(&mut ebpf).map_err(DatapathError::AddrTable)?;
+        // Nor may connect() read a service as an older agent left it (or
+        // find nothing, on an upgrade that brings the map).
+        service_steering::fill_before_attach(&mut ebpf).map_err(DatapathError::ServiceSteering)?;
 
         let cgroup_dir = fs::File::open(cgroup_path).map_err(|source| {
             DatapathError::Cgroup(cgroup::CgroupError::Open {

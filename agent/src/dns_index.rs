@@ -23,7 +23,8 @@ use std::borrow::{Borrow, BorrowMut};
 use aya::maps::{HashMap, MapData, MapError};
 use headway_common::{
     ADDR_MAX_SERVICES, AddrIndex, AddrKey, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS,
-    Observation, ObservationKey, ObservationPage, map_names, obs_kind, obs_stamp, obs_time,
+    Observation, ObservationKey, ObservationPage, addr_slot_flags, map_names, obs_kind, obs_stamp,
+    obs_time,
 };
 use smallvec::SmallVec;
 
@@ -44,6 +45,10 @@ struct Owner {
     since_ns: u64,
     /// An endpoint of the service now (not only in the past).
     current: bool,
+    /// What the address is to the service now, as its slot says it
+    /// ([`addr_slot_flags`]; 0 when taken over from an older agent that
+    /// wrote none).
+    flags: u16,
     /// Orders gone owners: the smallest left first and gives its slot away
     /// first.
     left: u64,
@@ -57,10 +62,15 @@ struct SlotTable {
 }
 
 impl SlotTable {
-    /// Gives `addr` a slot; returns the address that gave its slot away,
-    /// if any. `None` inside the `Ok`: a free slot was used. `Err`: every
-    /// slot is a current address's.
-    fn allocate(&mut self, addr: AddrKey, current_count: usize) -> Result<Option<AddrKey>, ()> {
+    /// Gives `addr` (with slot flags `flags`) a slot; returns the address
+    /// that gave its slot away, if any. `None` inside the `Ok`: a free
+    /// slot was used. `Err`: every slot is a current address's.
+    fn allocate(
+        &mut self,
+        addr: AddrKey,
+        current_count: usize,
+        flags: u16,
+    ) -> Result<Option<AddrKey>, ()> {
         let allowed = (current_count * 2)
             .div_ceil(OBS_PAGE_SLOTS)
             .clamp(1, OBS_MAX_PAGES)
@@ -90,6 +100,7 @@ impl SlotTable {
                 addr,
                 since_ns: PENDING,
                 current: true,
+                flags,
                 left: 0,
             },
         );
@@ -161,8 +172,18 @@ fn family(addr: &AddrKey) -> u16 {
     }
 }
 
+/// The flags of a slot whose address is an endpoint of the service now
+/// (`Some(eligible)`) or not (`None`).
+fn slot_flags(eligible: Option<bool>) -> u16 {
+    match eligible {
+        Some(true) => addr_slot_flags::KNOWN | addr_slot_flags::MEMBER | addr_slot_flags::ELIGIBLE,
+        Some(false) => addr_slot_flags::KNOWN | addr_slot_flags::MEMBER,
+        None => addr_slot_flags::KNOWN,
+    }
+}
+
 fn index_print(v: &AddrIndex) -> u64 {
-    let slots = v.slots.map(|s| (s.service_id, s.slot, s.since_ns));
+    let slots = v.slots.map(|s| (s.service_id, s.slot, s.flags, s.since_ns));
     fingerprint(&(v.pod_id, v.n, slots))
 }
 
@@ -184,14 +205,14 @@ impl DnsIndex {
     /// stays with its address (so what clients learned stays readable), as
     /// if the address were gone until a sync says it is current.
     ///
-    /// It also writes `dns_addr_table` anew from what `dns_addrs` holds,
+    /// It also writes `addr_table` anew from what `dns_addrs` holds,
     /// which tells the agent where each address sits there.
     pub fn load(maps: &mut Maps) -> DnsIndex {
         let mut index = DnsIndex::default();
         let entries: Vec<(AddrKey, AddrIndex)> =
             maps.dns_addrs.iter().filter_map(Result::ok).collect();
-        if let Err(error) = maps.dns_addr_table.rebuild(entries.iter().copied()) {
-            tracing::error!(%error, "cannot write {}", map_names::DNS_ADDR_TABLE);
+        if let Err(error) = maps.addr_table.rebuild(entries.iter().copied()) {
+            tracing::error!(%error, "cannot write {}", map_names::ADDR_TABLE);
         }
         for (addr, value) in entries {
             let state = index.addrs.entry(addr).or_default();
@@ -203,15 +224,16 @@ impl DnsIndex {
                     .entry((e.service_id, family(&addr)))
                     .or_default();
                 table.owners.insert(
-                    e.slot,
+                    u32::from(e.slot),
                     Owner {
                         addr,
                         since_ns: e.since_ns,
                         current: false,
+                        flags: e.flags,
                         left: 0,
                     },
                 );
-                table.by_addr.insert(addr, e.slot);
+                table.by_addr.insert(addr, u32::from(e.slot));
                 state.add_service(e.service_id);
             }
         }
@@ -219,14 +241,15 @@ impl DnsIndex {
     }
 
     /// Brings service `service_id`'s slots to its current addresses
-    /// (`gone`: the service is deleted, its slots go with it) and the pods
-    /// of `pods` (address → pod now, `None`: no pod) up to date in the map.
+    /// (`current`: address → eligible; `gone`: the service is deleted, its
+    /// slots go with it) and the pods of `pods` (address → pod now,
+    /// `None`: no pod) up to date in the map.
     pub fn sync_service(
         &mut self,
         maps: &mut Maps,
         service_id: u32,
         gone: bool,
-        current: &BTreeSet<AddrKey>,
+        current: &BTreeMap<AddrKey, bool>,
         pods: impl IntoIterator<Item = (AddrKey, Option<u32>)>,
     ) -> Vec<WriteError> {
         let mut touched = self.set_pods(pods);
@@ -330,19 +353,19 @@ impl DnsIndex {
         }
     }
 
-    /// Marks who is current, hands slots to new addresses; fills `touched`
-    /// with every address whose entry changes, and `handed_over` with those
-    /// that got a slot.
+    /// Marks who is current (and eligible), hands slots to new addresses;
+    /// fills `touched` with every address whose entry changes, and
+    /// `handed_over` with those that got a slot.
     fn plan(
         &mut self,
         service_id: u32,
-        current: &BTreeSet<AddrKey>,
+        current: &BTreeMap<AddrKey, bool>,
         touched: &mut BTreeSet<AddrKey>,
         handed_over: &mut BTreeSet<AddrKey>,
     ) {
         for fam in [4u16, 6] {
             let wanted: Vec<AddrKey> = current
-                .iter()
+                .keys()
                 .filter(|a| family(a) == fam)
                 .copied()
                 .collect();
@@ -351,12 +374,18 @@ impl DnsIndex {
             }
             let table = self.tables.entry((service_id, fam)).or_default();
             for owner in table.owners.values_mut() {
-                let now_current = current.contains(&owner.addr);
+                let eligible = current.get(&owner.addr).copied();
+                let now_current = eligible.is_some();
                 if owner.current && !now_current {
                     self.departures += 1;
                     owner.left = self.departures;
                 }
                 owner.current = now_current;
+                let flags = slot_flags(eligible);
+                if owner.flags != flags {
+                    owner.flags = flags;
+                    touched.insert(owner.addr);
+                }
             }
             let mut evicted = Vec::new();
             let mut added = Vec::new();
@@ -364,7 +393,8 @@ impl DnsIndex {
                 if table.by_addr.contains_key(addr) {
                     continue;
                 }
-                match table.allocate(*addr, wanted.len()) {
+                let flags = slot_flags(current.get(addr).copied());
+                match table.allocate(*addr, wanted.len(), flags) {
                     Ok(old) => {
                         evicted.extend(old);
                         added.push(*addr);
@@ -403,7 +433,9 @@ impl DnsIndex {
                     owner.since_ns,
                     AddrSlot {
                         service_id: *id,
-                        slot,
+                        // Below `MAX_SLOTS`, which fits.
+                        slot: slot as u16,
+                        flags: owner.flags,
                         since_ns: owner.since_ns,
                     },
                 ))
@@ -459,7 +491,7 @@ impl DnsIndex {
         let removed = delete_batch(&maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
         let placed: Vec<(AddrKey, AddrIndex)> =
             written.iter().map(|i| (keys[*i], values[*i])).collect();
-        if let Err(source) = maps.dns_addr_table.place(&placed) {
+        if let Err(source) = maps.addr_table.place(&placed) {
             errors.push(table_error("write", source));
         }
         let changed = !(written.is_empty() && removed.is_empty());
@@ -476,7 +508,7 @@ impl DnsIndex {
     }
 }
 
-/// Takes the addresses about to change out of `dns_addr_table`; returns
+/// Takes the addresses about to change out of `addr_table`; returns
 /// the upserts and removals that may go ahead (none if that failed).
 fn withdraw(
     maps: &mut Maps,
@@ -485,7 +517,7 @@ fn withdraw(
     errors: &mut Vec<WriteError>,
 ) -> ((Vec<AddrKey>, Vec<AddrIndex>), Vec<AddrKey>) {
     let all: Vec<AddrKey> = upserts.0.iter().chain(&removals).copied().collect();
-    match maps.dns_addr_table.withdraw(&all) {
+    match maps.addr_table.withdraw(&all) {
         Ok(()) => (upserts, removals),
         Err(source) => {
             // Some entries may still be in the table: `dns_addrs` must not
@@ -500,7 +532,7 @@ fn table_error(op: &'static str, source: MapError) -> WriteError {
     WriteError {
         object: None,
         op,
-        map: map_names::DNS_ADDR_TABLE,
+        map: map_names::ADDR_TABLE,
         source: Box::new(source),
     }
 }
@@ -598,7 +630,7 @@ mod tests {
         let mut handed = BTreeSet::new();
         index.plan(
             service,
-            &addrs.iter().copied().collect(),
+            &addrs.iter().map(|a| (*a, true)).collect(),
             &mut touched,
             &mut handed,
         );
@@ -617,8 +649,48 @@ mod tests {
             v.slots[..v.n as usize]
                 .iter()
                 .find(|s| s.service_id == service)
-                .map(|s| s.slot)
+                .map(|s| u32::from(s.slot))
         })
+    }
+
+    fn flags_of(index: &DnsIndex, service: u32, addr: AddrKey) -> Option<u16> {
+        index.value(&addr).and_then(|v| {
+            v.slots[..v.n as usize]
+                .iter()
+                .find(|s| s.service_id == service)
+                .map(|s| s.flags)
+        })
+    }
+
+    #[test]
+    fn a_slot_says_whether_its_address_is_an_eligible_endpoint_now() {
+        use addr_slot_flags::{ELIGIBLE, KNOWN, MEMBER};
+        let mut index = DnsIndex::default();
+        let sync = |index: &mut DnsIndex, current: &[(AddrKey, bool)]| {
+            let mut touched = BTreeSet::new();
+            let mut handed = BTreeSet::new();
+            index.plan(
+                1,
+                &current.iter().copied().collect(),
+                &mut touched,
+                &mut handed,
+            );
+            touched
+        };
+        sync(&mut index, &[(v4(1), true), (v4(2), false)]);
+        assert_eq!(flags_of(&index, 1, v4(1)), Some(KNOWN | MEMBER | ELIGIBLE));
+        assert_eq!(flags_of(&index, 1, v4(2)), Some(KNOWN | MEMBER));
+        // v4(1) drained, v4(2) ready: both entries change.
+        let touched = sync(&mut index, &[(v4(1), false), (v4(2), true)]);
+        assert!(touched.contains(&v4(1)) && touched.contains(&v4(2)));
+        assert_eq!(flags_of(&index, 1, v4(1)), Some(KNOWN | MEMBER));
+        assert_eq!(flags_of(&index, 1, v4(2)), Some(KNOWN | MEMBER | ELIGIBLE));
+        // v4(1) leaves the service: it keeps its slot, no longer a member.
+        let touched = sync(&mut index, &[(v4(2), true)]);
+        assert_eq!(touched, BTreeSet::from([v4(1)]));
+        assert_eq!(flags_of(&index, 1, v4(1)), Some(KNOWN));
+        // Nothing changes: nothing is touched.
+        assert!(sync(&mut index, &[(v4(2), true)]).is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod netns;
 pub mod pinned;
 pub mod reconcile;
 pub mod retained;
+pub mod service_steering;
 pub mod source;
 pub mod status;
 pub mod top;

@@ -23,7 +23,8 @@ use std::os::fd::AsFd;
 use aya::maps::{HashMap, IterableMap, MapData, MapError};
 use headway_common::{
     AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, map_names,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering,
+    endpoint_flags, map_names,
 };
 
 use crate::{
@@ -31,6 +32,7 @@ use crate::{
     dns_index::DnsIndex,
     map_plan::MapContents,
     pinned::Maps,
+    service_steering,
 };
 
 /// A `PodCounters::generation` no slot had before: the wall clock in ns
@@ -465,8 +467,14 @@ impl MapWriter {
             &|k| new.svc_backends.get(k).copied(),
             &|k| new.svc_ports.get(k).copied(),
         );
-        // The service's address slots, once `pod_addrs` is written.
-        let current: BTreeSet<AddrKey> = new.pod_addrs.keys().copied().collect();
+        // The service's address slots, once `pod_addrs` is written, with
+        // each endpoint's eligibility (the plan of one service has an
+        // endpoint for each of its pod addresses).
+        let current: BTreeMap<AddrKey, bool> = new
+            .svc_endpoints
+            .iter()
+            .map(|(k, ep)| (k.addr, ep.flags & endpoint_flags::ELIGIBLE != 0))
+            .collect();
         let pods = keys
             .pod_addrs
             .iter()
@@ -599,6 +607,21 @@ fn unclaimed<K: Ord + Copy, V>(
         .collect()
 }
 
+/// Writes services' `svc_steering` entries (see `service_steering`).
+fn write_steering(m: &Maps, entries: &[(u32, ServiceSteering)], errors: &mut Vec<WriteError>) {
+    if let Err(e) = service_steering::write(&m.svc_steering, entries) {
+        errors.push(WriteError {
+            object: None,
+            op: "write",
+            map: map_names::SVC_STEERING,
+            source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error: e.error,
+            })),
+        });
+    }
+}
+
 /// Brings each touched key to what its `*_wanted` function says (`None`:
 /// remove), in the order that keeps the kernel's lookups consistent.
 /// `cur` mirrors the shared maps, `own` the touched keys of the maps keyed
@@ -715,6 +738,17 @@ fn write_keys(
         sum,
         errors,
     );
+    // connect() reads a service from `svc_steering`: it follows the
+    // service's entry in, and goes out before it.
+    let steering_in: Vec<(u32, ServiceSteering)> = keys
+        .services
+        .iter()
+        .filter_map(|id| {
+            let want = ServiceSteering::of(&services_wanted(id)?);
+            let had = own.services.get(id).map(ServiceSteering::of);
+            (had != Some(want)).then_some((*id, want))
+        })
+        .collect();
     upsert(
         &mut m.services,
         map_names::SERVICES,
@@ -725,6 +759,7 @@ fn write_keys(
         sum,
         errors,
     );
+    write_steering(m, &steering_in, errors);
     upsert(
         &mut m.svc_endpoints,
         map_names::SVC_ENDPOINTS,
@@ -802,6 +837,13 @@ fn write_keys(
         sum,
         errors,
     );
+    let steering_out: Vec<(u32, ServiceSteering)> = keys
+        .services
+        .iter()
+        .filter(|id| services_wanted(id).is_none() && own.services.contains_key(id))
+        .map(|id| (*id, ServiceSteering::default()))
+        .collect();
+    write_steering(m, &steering_out, errors);
     remove(
         &mut m.services,
         map_names::SERVICES,

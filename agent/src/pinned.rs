@@ -11,9 +11,9 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, MapType, PerCpuArray};
 use headway_common::{
     AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
     ObservationKey, ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta,
-    PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, SockBucket,
-    SocketState, addr_filter, addr_table, capacity, dns_counter, map_names, sock_counter,
-    sock_table, steer_counter,
+    PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering,
+    SockBucket, SocketState, addr_filter, addr_table, capacity, dns_counter, map_names,
+    sock_counter, sock_table, steer_counter,
 };
 
 use crate::{
@@ -87,7 +87,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 22] = {
+pub const MAP_SHAPES: [MapShape; 23] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -151,7 +151,8 @@ pub const MAP_SHAPES: [MapShape; 22] = {
             MapType::PerCpuArray,
             sock_counter::COUNT,
         ),
-        shape::<u32, AddrTableEntry>(map_names::DNS_ADDR_TABLE, MapType::Array, addr_table::SIZE),
+        shape::<u32, AddrTableEntry>(map_names::ADDR_TABLE, MapType::Array, addr_table::SIZE),
+        shape::<u32, ServiceSteering>(map_names::SVC_STEERING, MapType::Array, capacity::SERVICES),
     ]
 };
 
@@ -193,7 +194,9 @@ impl MapSizes {
                 e.saturating_mul(2)
             }
             map_names::DNS_NAMES => e.saturating_mul(4),
-            map_names::SERVICES | map_names::SVC_STATS => self.max_services,
+            map_names::SERVICES | map_names::SVC_STATS | map_names::SVC_STEERING => {
+                self.max_services
+            }
             map_names::SOCK_COOKIES => self.socket_buckets(),
             map_names::SOCK_RECORDS => self.socket_buckets() * sock_table::BUCKET_SLOTS,
             map_names::SOCK_SPILLS => self.socket_buckets() / sock_table::HOMES_PER_SPILL_COUNT,
@@ -301,12 +304,15 @@ pub struct Maps {
     /// Agent-written: each address's pod and slots (`crate::dns_index`).
     pub dns_addrs: HashMap<MapData, AddrKey, AddrIndex>,
     /// Agent-written: `dns_addrs` again, for inline reads (`crate::addr_table`).
-    pub dns_addr_table: AddrTable,
+    pub addr_table: AddrTable,
     pub config: Array<MapData, Config>,
     pub dns_counters: PerCpuArray<MapData, u64>,
     pub steer_counters: PerCpuArray<MapData, u64>,
     /// Kernel-written: per-service decisions and lookups, by service id.
     pub svc_stats: Array<MapData, ServiceCounters>,
+    /// Agent-written: what connect() needs of each service, by id
+    /// (`crate::service_steering`).
+    pub svc_steering: Array<MapData, ServiceSteering>,
     /// Agent-written: bumped after every change of `pod_addrs`.
     pub pod_addrs_gen: Generation,
     /// Kernel-written: records of the socket table taken, freed, and
@@ -359,14 +365,12 @@ impl Maps {
             dns_names: typed(map_names::DNS_NAMES, take(map_names::DNS_NAMES)?)?,
             dns_obs: typed(map_names::DNS_OBS, take(map_names::DNS_OBS)?)?,
             dns_addrs: typed(map_names::DNS_ADDRS, take(map_names::DNS_ADDRS)?)?,
-            dns_addr_table: AddrTable::new(typed(
-                map_names::DNS_ADDR_TABLE,
-                take(map_names::DNS_ADDR_TABLE)?,
-            )?),
+            addr_table: AddrTable::new(typed(map_names::ADDR_TABLE, take(map_names::ADDR_TABLE)?)?),
             config: typed(map_names::CONFIG, take(map_names::CONFIG)?)?,
             dns_counters: typed(map_names::DNS_COUNTERS, take(map_names::DNS_COUNTERS)?)?,
             steer_counters: typed(map_names::STEER_COUNTERS, take(map_names::STEER_COUNTERS)?)?,
             svc_stats: typed(map_names::SVC_STATS, take(map_names::SVC_STATS)?)?,
+            svc_steering: typed(map_names::SVC_STEERING, take(map_names::SVC_STEERING)?)?,
             pod_addrs_gen: Generation::new(typed(
                 map_names::POD_ADDRS_GEN,
                 take(map_names::POD_ADDRS_GEN)?,

@@ -21,8 +21,8 @@ use aya::{
 };
 use headway_common::{
     AddrIndex, AddrKey, AddrSlot, AddrTableEntry, NO_POD, NameEntry, Observation, ObservationKey,
-    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodRef, addr_table, dns_counter,
-    dns_name_hash, map_names, name_kind, program_names,
+    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodRef, addr_slot_flags,
+    addr_table, dns_counter, dns_name_hash, map_names, name_kind, program_names,
 };
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
@@ -168,16 +168,16 @@ impl Interceptor {
             .insert(addr_key(addr), index, 0)
             .expect("insert into dns_addrs");
         let placed = headway::addr_table::put(&mut self.table(), &addr_key(addr), &index)
-            .expect("write dns_addr_table");
-        assert!(placed, "no room for {addr} in dns_addr_table");
+            .expect("write addr_table");
+        assert!(placed, "no room for {addr} in addr_table");
     }
 
     fn table(&mut self) -> Array<&mut MapData, AddrTableEntry> {
         let map = self
             .ebpf
-            .map_mut(map_names::DNS_ADDR_TABLE)
-            .expect("no dns_addr_table");
-        Array::try_from(map).expect("dns_addr_table array")
+            .map_mut(map_names::ADDR_TABLE)
+            .expect("no addr_table");
+        Array::try_from(map).expect("addr_table array")
     }
 
     /// The table position that holds `addr`, if any.
@@ -195,7 +195,7 @@ impl Interceptor {
         if let Some(position) = self.table_position(addr) {
             self.table()
                 .set(position, entry, 0)
-                .expect("write dns_addr_table");
+                .expect("write addr_table");
         }
     }
 
@@ -209,7 +209,8 @@ impl Interceptor {
         let n = index.n as usize;
         index.slots[n] = AddrSlot {
             service_id,
-            slot,
+            slot: u16::try_from(slot).expect("a slot below 256"),
+            flags: addr_slot_flags::KNOWN | addr_slot_flags::MEMBER | addr_slot_flags::ELIGIBLE,
             since_ns,
         };
         index.n += 1;
@@ -800,11 +801,9 @@ fn a_table_entry_that_fails_its_check_is_not_trusted() {
     let served: Vec<Ipv4Addr> = (0..4).map(pod_v4).collect();
     for (i, ip) in served.iter().enumerate() {
         let position = ix.table_position((*ip).into()).expect("placed");
-        let mut torn = ix.table().get(&position, 0).expect("read dns_addr_table");
-        torn.slots[0] = addr_table::slot_word(SERVICE_ID, 20 + i as u32);
-        ix.table()
-            .set(position, torn, 0)
-            .expect("write dns_addr_table");
+        let mut torn = ix.table().get(&position, 0).expect("read addr_table");
+        torn.slots[0] = addr_table::slot_word(SERVICE_ID, 20 + i as u16, 0);
+        ix.table().set(position, torn, 0).expect("write addr_table");
     }
     let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 4));
     exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
@@ -824,11 +823,11 @@ fn a_whole_table_entry_is_read_before_dns_addrs() {
     };
     let ip = pod_v4(0);
     let position = ix.table_position(ip.into()).expect("placed");
-    let slots = [addr_table::slot_word(SERVICE_ID, 30), 0, 0, 0];
-    let entry = AddrTableEntry::new(addr_key(ip.into()), NO_POD, 1, slots);
+    let slots = [addr_table::slot_word(SERVICE_ID, 30, 0), 0, 0, 0];
+    let entry = AddrTableEntry::new(addr_key(ip.into()), NO_POD, 1, slots, [0; 4]);
     ix.table()
         .set(position, entry, 0)
-        .expect("write dns_addr_table");
+        .expect("write addr_table");
     let response = response_msg(SERVICE_NAME, RecordType::A, a_records(SERVICE_NAME, 1));
     exchange(&ix, &Flow::v4(), SERVICE_NAME, RecordType::A, &response);
     // Slot 30 is pod_v4(30)'s in `dns_addrs`: that is what was stamped.

@@ -330,12 +330,12 @@ fn address_filter_holds_every_synced_address_across_restarts() {
 fn pinned_table(
     bpffs: &Bpffs,
 ) -> aya::maps::Array<aya::maps::MapData, headway_common::AddrTableEntry> {
-    let pin = headway::pinned::map_pin(bpffs.path(), headway_common::map_names::DNS_ADDR_TABLE);
+    let pin = headway::pinned::map_pin(bpffs.path(), headway_common::map_names::ADDR_TABLE);
     let data = aya::maps::MapData::from_pin(pin).unwrap();
     aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap()
 }
 
-/// Checks `dns_addr_table` against `dns_addrs` the way the kernel reads
+/// Checks `addr_table` against `dns_addrs` the way the kernel reads
 /// it: every entry it holds is whole, at one of its address's positions,
 /// and says exactly what `dns_addrs` says; returns how many addresses of
 /// `dns_addrs` it holds.
@@ -351,7 +351,11 @@ fn table_matches_dns_addrs(bpffs: &Bpffs) -> usize {
         if entry.check == 0 {
             continue;
         }
-        assert_eq!(addr_table::check(&entry.words()), entry.check);
+        assert_eq!(addr_table::check(&entry.line()), entry.check);
+        assert_eq!(
+            addr_table::since_check(entry.check, &entry.since_ns),
+            entry.since_check
+        );
         let home = addr_table::home(&entry.addr);
         assert!(
             (0..addr_table::PROBES).any(|p| addr_table::position(home, p) == position as u32),
@@ -371,13 +375,52 @@ fn table_matches_dns_addrs(bpffs: &Bpffs) -> usize {
     held
 }
 
-/// `dns_addr_table` (the interceptor's inline copy of `dns_addrs`) says
+/// Checks that every slot of `dns_addrs` says what `svc_endpoints` says
+/// of its address in its service (connect() reads the flags instead), and
+/// that `svc_steering` says what `services` says, id by id (empty where
+/// there is no service).
+fn slot_flags_and_steering_match(bpffs: &Bpffs) {
+    use headway_common::{ServiceEndpointKey, ServiceSteering, addr_slot_flags, endpoint_flags};
+    let maps = Maps::open_pinned(bpffs.path()).unwrap();
+    for item in maps.dns_addrs.iter() {
+        let (addr, index) = item.unwrap();
+        for slot in &index.slots[..index.n as usize] {
+            let key = ServiceEndpointKey {
+                service_id: slot.service_id,
+                _pad: 0,
+                addr,
+            };
+            let want = match maps.svc_endpoints.get(&key, 0) {
+                Ok(ep) if ep.flags & endpoint_flags::ELIGIBLE != 0 => {
+                    addr_slot_flags::KNOWN | addr_slot_flags::MEMBER | addr_slot_flags::ELIGIBLE
+                }
+                Ok(_) => addr_slot_flags::KNOWN | addr_slot_flags::MEMBER,
+                Err(_) => addr_slot_flags::KNOWN,
+            };
+            assert_eq!(slot.flags, want, "{addr:?} in service {}", slot.service_id);
+        }
+    }
+    for id in 0..maps.svc_steering.len() {
+        let want = maps
+            .services
+            .get(&id, 0)
+            .map(|meta| ServiceSteering::of(&meta))
+            .unwrap_or_default();
+        assert_eq!(
+            maps.svc_steering.get(&id, 0).unwrap(),
+            want,
+            "service id {id}"
+        );
+    }
+}
+
+/// `addr_table` (the interceptor's inline copy of `dns_addrs`) says
 /// what `dns_addrs` says after a full sync, after incremental changes of
 /// endpoints, pods and services, and after a restart, including over a
 /// table a previous agent left stale.
 #[test]
-fn dns_addr_table_matches_dns_addrs_through_syncs_and_restarts() {
-    if !require_root("dns_addr_table_matches_dns_addrs_through_syncs_and_restarts") {
+fn addr_table_matches_dns_addrs_through_syncs_and_restarts() {
+    if !require_root("addr_table_matches_dns_addrs_through_syncs_and_restarts") {
         return;
     }
     let bpffs = Bpffs::new().unwrap();
@@ -397,6 +440,7 @@ fn dns_addr_table_matches_dns_addrs_through_syncs_and_restarts() {
         assert!(rec.full_sync(&state(&[&db, &web])).errors.is_empty());
         assert_eq!(table_matches_dns_addrs(&bpffs), 3);
         assert_eq!(dns_addrs_len(), 3);
+        slot_flags_and_steering_match(&bpffs);
 
         // An endpoint leaves web (its slot stays: the entry changes), a
         // new one comes, an address moves to another pod.
@@ -405,10 +449,48 @@ fn dns_addr_table_matches_dns_addrs_through_syncs_and_restarts() {
         let db2 = spec("db", &[("10.4.0.1", "db-0"), ("fd00:4::1", "db-2")]);
         assert!(rec.update_service(&db.key, Some(&db2)).errors.is_empty());
         assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+        slot_flags_and_steering_match(&bpffs);
 
-        // A service goes.
+        // An endpoint is drained, another stops being ready, and the
+        // service changes policy: slots and steering follow.
+        let mut db3 = db2.clone();
+        db3.policy = Some(Policy::Random);
+        for ep in db3.endpoints.values_mut() {
+            if ep.addr.is_ipv4() {
+                ep.drained = true;
+            } else {
+                ep.ready = false;
+            }
+        }
+        assert!(rec.update_service(&db.key, Some(&db3)).errors.is_empty());
+        assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+        slot_flags_and_steering_match(&bpffs);
+        let db_addr = headway::map_plan::addr_key("10.4.0.1".parse().unwrap());
+        let flags = |service_id: u32| {
+            let maps = Maps::open_pinned(bpffs.path()).unwrap();
+            let index = maps.dns_addrs.get(&db_addr, 0).unwrap();
+            index.slots[..index.n as usize]
+                .iter()
+                .find(|s| s.service_id == service_id)
+                .map(|s| s.flags)
+        };
+        let ids: Vec<u32> = {
+            let maps = Maps::open_pinned(bpffs.path()).unwrap();
+            maps.services.keys().map(Result::unwrap).collect()
+        };
+        // Drained in db, still eligible in web.
+        let mut seen: Vec<Option<u16>> = ids.iter().map(|id| flags(*id)).collect();
+        seen.sort();
+        use headway_common::addr_slot_flags::{ELIGIBLE, KNOWN, MEMBER};
+        assert_eq!(
+            seen,
+            vec![Some(KNOWN | MEMBER), Some(KNOWN | MEMBER | ELIGIBLE)]
+        );
+
+        // A service goes: its steering entry is emptied.
         assert!(rec.update_service(&db.key, None).errors.is_empty());
         assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+        slot_flags_and_steering_match(&bpffs);
     }
 
     // An older agent changed dns_addrs without knowing the table: the
@@ -428,11 +510,25 @@ fn dns_addr_table_matches_dns_addrs_through_syncs_and_restarts() {
     }
     // The next datapath rewrites the table before attaching, the next
     // writer again when it takes the maps over.
+    // Likewise a steering entry an older agent left stale, or none.
+    {
+        let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+        let id = maps.services.keys().next().unwrap().unwrap();
+        let stale = headway_common::ServiceSteering {
+            policy: 99,
+            live: 1,
+            ..Default::default()
+        };
+        maps.svc_steering.set(id, stale, 0).unwrap();
+        maps.svc_steering.set(id + 100, stale, 0).unwrap();
+    }
     let mut datapath = Datapath::start(bpffs.path(), cg.path()).unwrap();
     assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+    slot_flags_and_steering_match(&bpffs);
     let mut rec = Reconciler::new(datapath.take_maps().unwrap(), settings(), vec![]).unwrap();
     assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
     let web3 = spec("web", &[("10.4.1.3", "web-2")]);
     assert!(rec.full_sync(&state(&[&web3])).errors.is_empty());
     assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
+    slot_flags_and_steering_match(&bpffs);
 }

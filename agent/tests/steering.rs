@@ -11,7 +11,8 @@ use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
 use aya::maps::{Array, Map, MapData};
 use headway::{map_plan::addr_key, pinned::Maps};
 use headway_common::{
-    AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, SockBucket, map_names, name_kind,
+    AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, SockBucket, addr_slot_flags,
+    map_names, name_kind,
 };
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
@@ -153,11 +154,16 @@ fn plant(maps: &mut Maps, cookie: u64, addr: &str, service: &str, kind: u32) {
         let i = index.n as usize;
         index.slots[i] = AddrSlot {
             service_id,
-            slot: (OBS_PAGE_SLOTS * OBS_MAX_PAGES - 1 - i) as u32,
+            slot: (OBS_PAGE_SLOTS * OBS_MAX_PAGES - 1 - i) as u16,
+            // No endpoint of the service now, as the agent says of an
+            // address that left it.
+            flags: addr_slot_flags::KNOWN,
             since_ns: 1,
         };
         index.n += 1;
         maps.dns_addrs.insert(addr, index, 0).unwrap();
+        // And in the table connect() reads first, as the agent would.
+        assert!(maps.addr_table.put_by_hand(&addr, &index).unwrap());
     }
     headway::dns_index::stamp_observation(
         &mut maps.dns_obs,

@@ -89,13 +89,19 @@ pub mod map_names {
 
     /// position → [`crate::AddrTableEntry`] (agent-written): a copy of
     /// `dns_addrs` in an array, each address at one of a few positions
-    /// ([`crate::addr_table`]), so the DNS interceptor reads an answer
-    /// address's pod and slots inline instead of walking a hash bucket.
+    /// ([`crate::addr_table`]), so the DNS interceptor and connect() read
+    /// an address's pod and slots inline instead of walking a hash bucket.
     /// A miss (not placed, being rewritten) means "ask `dns_addrs`".
-    pub const DNS_ADDR_TABLE: &str = "dns_addr_table";
+    /// (Named `dns_addr_table`, with 64-byte entries, before it held
+    /// `since_ns`; that pin is retired on upgrade.)
+    pub const ADDR_TABLE: &str = "addr_table";
+
+    /// service id (array index) → [`crate::ServiceSteering`]
+    /// (agent-written): what connect() needs of each service, read inline.
+    pub const SVC_STEERING: &str = "svc_steering";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         POD_ADDRS,
         POD_STATS,
         PODS,
@@ -117,7 +123,8 @@ pub mod map_names {
         SOCK_RECORDS,
         SOCK_SPILLS,
         SOCK_COUNTERS,
-        DNS_ADDR_TABLE,
+        ADDR_TABLE,
+        SVC_STEERING,
     ];
 }
 
@@ -315,28 +322,39 @@ pub mod addr_filter {
     }
 }
 
-/// The layout of `map_names::DNS_ADDR_TABLE`: an open-addressed copy of
+/// The layout of `map_names::ADDR_TABLE`: an open-addressed copy of
 /// `dns_addrs` that the kernel reads with inline array loads (a hash map
 /// lookup of a 16-byte key costs 30-100 ns here; the DNS interceptor makes
-/// one per answer address of a response it has not seen).
+/// one per answer address of a response it has not seen, connect() one
+/// per connection to a pod).
 ///
 /// An address lives at one of the `PROBES` positions from
 /// [`addr_table::home`], or nowhere (all taken: the kernel then asks
 /// `dns_addrs`). The agent writes entries while the kernel reads them, so
 /// a read can mix two versions of an entry: [`addr_table::check`] over
-/// the entry's other words must equal its `check`, or the read is a miss.
-/// The agent withdraws an address's entry before changing `dns_addrs`,
-/// and puts the new one back after: an entry found is never older than
-/// `dns_addrs`.
+/// the entry's first cache line must equal its `check`, or the read is a
+/// miss. The agent withdraws an address's entry before changing
+/// `dns_addrs`, and puts the new one back after: an entry found is never
+/// older than `dns_addrs`.
+///
+/// An entry is two cache lines. The first holds what the interceptor
+/// needs (the pod, and each slot with its flags); the second the slots'
+/// `since_ns`, which only connect() reads, under a check of its own that
+/// also covers the first line's: a reader that takes both lines from one
+/// version of the entry passes both checks.
 pub mod addr_table {
     use crate::{ADDR_MAX_SERVICES, AddrKey, AddrTableEntry};
 
-    /// Entries (a power of two, 8 MiB): the default capacity of
+    /// Entries (a power of two, 16 MiB): the default capacity of
     /// `dns_addrs`; at 65,536 endpoint addresses half are taken.
     pub const SIZE: u32 = 1 << SIZE_BITS;
     const SIZE_BITS: u32 = 17;
     /// Positions an address may take: `home`, `home + 1`, ... (wrapping).
     pub const PROBES: u32 = 4;
+    /// 64-bit words of an entry; the first `LINE_WORDS` are its first
+    /// cache line.
+    pub const WORDS: usize = 16;
+    pub const LINE_WORDS: usize = 8;
 
     /// The first position of `addr`.
     #[inline(always)]
@@ -356,8 +374,12 @@ pub mod addr_table {
         (home + probe) & (SIZE - 1)
     }
 
-    /// Index of `check` among an entry's eight 64-bit words.
+    /// Index of `check` among an entry's words (first line).
     pub const CHECK_WORD: usize = 2;
+    /// Index of the first `since_ns` word (second line).
+    pub const SINCE_WORD: usize = 8;
+    /// Index of the second line's check word.
+    pub const SINCE_CHECK_WORD: usize = SINCE_WORD + ADDR_MAX_SERVICES;
 
     /// The first two words of an entry: `addr` as it lies in memory.
     #[inline(always)]
@@ -366,15 +388,15 @@ pub mod addr_table {
         [(b as u64) << 32 | a as u64, (d as u64) << 32 | c as u64]
     }
 
-    /// The check of an entry's words (the word at `CHECK_WORD` left out):
-    /// never 0, which marks an empty entry. Each word goes through its own
-    /// bijection and the results are summed, so two versions mixed in one
-    /// read check alike with odds of about 2^-63; and the words are mixed
-    /// independently of each other, which a CPU overlaps (a chain of
+    /// The check of an entry's first line (the word at `CHECK_WORD` left
+    /// out): never 0, which marks an empty entry. Each word goes through
+    /// its own bijection and the results are summed, so two versions mixed
+    /// in one read check alike with odds of about 2^-63; and the words are
+    /// mixed independently of each other, which a CPU overlaps (a chain of
     /// multiplies costs each answer address its latency).
     #[inline(always)]
-    pub fn check(words: &[u64; 8]) -> u64 {
-        const K: [u64; 8] = [
+    pub fn check(words: &[u64; LINE_WORDS]) -> u64 {
+        const K: [u64; LINE_WORDS] = [
             0x9E37_79B9_7F4A_7C15,
             0xC2B2_AE3D_27D4_EB4F,
             0,
@@ -398,35 +420,65 @@ pub mod addr_table {
         (h ^ (h >> 32)) | 1
     }
 
-    /// An address's slot in a service, as one word of an entry.
+    /// The check of the second line: its `since_ns` words and the first
+    /// line's check (so the two lines are tied to one version). Never 0.
     #[inline(always)]
-    pub const fn slot_word(service_id: u32, slot: u32) -> u64 {
-        ((slot as u64) << 32) | service_id as u64
+    pub fn since_check(line_check: u64, since: &[u64; ADDR_MAX_SERVICES]) -> u64 {
+        const K: [u64; ADDR_MAX_SERVICES] = [
+            0xA076_1D64_78BD_642F,
+            0xE703_7ED1_A0B4_28DB,
+            0x8EBC_6AF0_9C88_C6E3,
+            0x5899_65CC_7537_4CC3,
+        ];
+        let mut h = line_check.wrapping_mul(0x1D8E_4E27_C47D_124F);
+        h ^= h >> 31;
+        for (word, k) in since.iter().zip(K) {
+            let m = word.wrapping_mul(k);
+            h = h.wrapping_add(m ^ (m >> 29));
+        }
+        (h ^ (h >> 32)) | 1
     }
 
-    /// The service id and slot of an entry word.
+    /// An address's slot in a service, as one word of an entry: service
+    /// id, slot and [`crate::addr_slot_flags`].
     #[inline(always)]
-    pub const fn slot_of_word(word: u64) -> (u32, u32) {
-        (word as u32, (word >> 32) as u32)
+    pub const fn slot_word(service_id: u32, slot: u16, flags: u16) -> u64 {
+        ((flags as u64) << 48) | ((slot as u64) << 32) | service_id as u64
+    }
+
+    /// The service id, slot and flags of an entry word.
+    #[inline(always)]
+    pub const fn slot_of_word(word: u64) -> (u32, u16, u16) {
+        (word as u32, (word >> 32) as u16, (word >> 48) as u16)
     }
 
     impl AddrTableEntry {
         /// The entry that says what `dns_addrs` says of `addr`: its pod
-        /// and its first `n` slots.
-        pub fn new(addr: AddrKey, pod_id: u32, n: u32, slots: [u64; ADDR_MAX_SERVICES]) -> Self {
+        /// and its first `n` slots, with their `since_ns`.
+        pub fn new(
+            addr: AddrKey,
+            pod_id: u32,
+            n: u32,
+            slots: [u64; ADDR_MAX_SERVICES],
+            since_ns: [u64; ADDR_MAX_SERVICES],
+        ) -> Self {
             let mut entry = AddrTableEntry {
                 addr,
                 check: 0,
                 pod_id,
                 n,
                 slots,
+                since_ns,
+                since_check: 0,
+                _reserved: [0; 3],
             };
-            entry.check = check(&entry.words());
+            entry.check = check(&entry.line());
+            entry.since_check = since_check(entry.check, &since_ns);
             entry
         }
 
-        /// The entry as the kernel reads it: eight 64-bit words.
-        pub fn words(&self) -> [u64; 8] {
+        /// The first line as the kernel reads it: eight 64-bit words.
+        pub fn line(&self) -> [u64; LINE_WORDS] {
             let [a0, a1] = addr_words(&self.addr);
             [
                 a0,
@@ -439,25 +491,40 @@ pub mod addr_table {
                 self.slots[3],
             ]
         }
+
+        /// The whole entry as 64-bit words, as it lies in memory.
+        pub fn words(&self) -> [u64; WORDS] {
+            let mut words = [0; WORDS];
+            words[..LINE_WORDS].copy_from_slice(&self.line());
+            words[SINCE_WORD..SINCE_CHECK_WORD].copy_from_slice(&self.since_ns);
+            words[SINCE_CHECK_WORD] = self.since_check;
+            words
+        }
     }
 }
 
-/// Value of `map_names::DNS_ADDR_TABLE` (see [`addr_table`]). 64 bytes:
-/// one cache line, read by the kernel as eight words
+/// Value of `map_names::ADDR_TABLE` (see [`addr_table`]). 128 bytes: two
+/// cache lines, read by the kernel as 64-bit words
 /// ([`AddrTableEntry::words`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AddrTableEntry {
     pub addr: AddrKey,
-    /// [`addr_table::check`] of the other fields; 0: the entry is empty.
+    /// [`addr_table::check`] of the first line's other fields; 0: the
+    /// entry is empty.
     pub check: u64,
     /// As [`AddrIndex::pod_id`].
     pub pod_id: u32,
     /// Entries of `slots` in use.
     pub n: u32,
     /// [`addr_table::slot_word`] of each [`AddrSlot`] (without its
-    /// `since_ns`, which only connect() reads).
+    /// `since_ns`).
     pub slots: [u64; ADDR_MAX_SERVICES],
+    /// Each slot's [`AddrSlot::since_ns`].
+    pub since_ns: [u64; ADDR_MAX_SERVICES],
+    /// [`addr_table::since_check`] of `check` and `since_ns`.
+    pub since_check: u64,
+    pub _reserved: [u64; 3],
 }
 
 pub const NAMESPACE_LEN: usize = 64;
@@ -626,6 +693,41 @@ pub struct ServiceMeta {
     /// [`service_flags`] bits.
     pub flags: u32,
     pub _pad: u32,
+}
+
+/// What the connect hooks need of a service (value of
+/// `map_names::SVC_STEERING`, indexed by service id): [`ServiceMeta`]'s
+/// steering fields, in an array the verifier reads inline instead of a
+/// hash lookup. An id with no service has `live` 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSteering {
+    pub policy: u32,
+    pub topology: u32,
+    pub backends_v4: u32,
+    pub backends_v6: u32,
+    pub preferred_v4: u32,
+    pub preferred_v6: u32,
+    /// [`service_flags`] bits.
+    pub flags: u32,
+    /// 1: a service has this id.
+    pub live: u32,
+}
+
+impl ServiceSteering {
+    /// The steering fields of `meta`.
+    pub const fn of(meta: &ServiceMeta) -> ServiceSteering {
+        ServiceSteering {
+            policy: meta.policy,
+            topology: meta.topology,
+            backends_v4: meta.backends_v4,
+            backends_v6: meta.backends_v6,
+            preferred_v4: meta.preferred_v4,
+            preferred_v6: meta.preferred_v6,
+            flags: meta.flags,
+            live: 1,
+        }
+    }
 }
 
 /// Key of `svc_ports`: a port a service declares.
@@ -903,10 +1005,24 @@ pub const fn obs_kind(stamp: u64) -> u32 {
 pub struct AddrSlot {
     pub service_id: u32,
     /// Index among the service's slots for the address's family.
-    pub slot: u32,
+    pub slot: u16,
+    /// [`addr_slot_flags`] bits: what the address is to the service now.
+    pub flags: u16,
     /// CLOCK_MONOTONIC (= `bpf_ktime_get_ns`) when the agent gave the slot
     /// to this address: older stamps in it were about a previous holder.
     pub since_ns: u64,
+}
+
+/// Bits of [`AddrSlot::flags`]: the address as an endpoint of the
+/// slot's service, so connect() need not look it up in `svc_endpoints`.
+pub mod addr_slot_flags {
+    /// The bits below are set (an older agent wrote none: the kernel then
+    /// reads `svc_endpoints`).
+    pub const KNOWN: u16 = 1 << 0;
+    /// An endpoint of the service now (`svc_endpoints` has it).
+    pub const MEMBER: u16 = 1 << 1;
+    /// And eligible ([`crate::endpoint_flags::ELIGIBLE`]).
+    pub const ELIGIBLE: u16 = 1 << 2;
 }
 
 /// Value of `dns_addrs`.
@@ -1027,6 +1143,7 @@ mod user {
     unsafe impl aya::Pod for super::ServiceEndpointKey {}
     unsafe impl aya::Pod for super::EndpointState {}
     unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::ServiceSteering {}
     unsafe impl aya::Pod for super::PodMeta {}
     unsafe impl aya::Pod for super::NameEntry {}
     unsafe impl aya::Pod for super::PendingQueryKey {}
@@ -1086,7 +1203,8 @@ mod tests {
         assert_eq!(size_of::<ObservationPage>(), 8 * OBS_PAGE_SLOTS);
         assert_eq!(size_of::<AddrSlot>(), 16);
         assert_eq!(size_of::<AddrIndex>(), 8 + 16 * ADDR_MAX_SERVICES);
-        assert_eq!(size_of::<AddrTableEntry>(), 64);
+        assert_eq!(size_of::<AddrTableEntry>(), 128);
+        assert_eq!(size_of::<ServiceSteering>(), 32);
         assert_eq!(size_of::<Observation>(), 16);
     }
 

@@ -21,7 +21,7 @@
 //! answer from the service, about addresses this CPU's answer cache knows
 //! (another client got them before); the client's first answer with the
 //! cache cold too (the agent just changed `dns_addrs`, or the answer is new
-//! to the node): every address read from `dns_addr_table`, which the bench
+//! to the node): every address read from `addr_table`, which the bench
 //! fills as the agent does, and one insert; and a known client with the
 //! cache cold.
 use std::{net::Ipv4Addr, time::Duration};
@@ -34,7 +34,8 @@ use aya::{
 };
 use headway_common::{
     AddrIndex, AddrKey, AddrSlot, NameEntry, OBS_MAX_PAGES, ObservationKey, ObservationPage,
-    PendingQuery, PendingQueryKey, PodRef, dns_name_hash, map_names, name_kind, program_names,
+    PendingQuery, PendingQueryKey, PodRef, addr_slot_flags, dns_name_hash, map_names, name_kind,
+    program_names,
 };
 use hickory_proto::{
     op::{Message, OpCode, Query},
@@ -117,13 +118,13 @@ fn print_verified(bench: &Bench, figures: &mut DnsFigures) -> anyhow::Result<()>
     Ok(())
 }
 
-/// What the agent's start costs for `dns_addr_table` (done twice: before
+/// What the agent's start costs for `addr_table` (done twice: before
 /// the programs attach, and when the writer takes the maps over).
 fn print_table_rebuild(bench: &mut Bench) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     headway::addr_table::fill_before_attach(&mut bench.ebpf)?;
     println!(
-        "dns_addr_table rewritten whole ({} entries): {:.1} ms",
+        "addr_table rewritten whole ({} entries): {:.1} ms",
         headway_common::addr_table::SIZE,
         started.elapsed().as_secs_f64() * 1e3
     );
@@ -236,7 +237,7 @@ enum State {
     FirstCached,
     /// The client's first answer, and the cache is cold (no CPU has this
     /// answer under the current generation): every address is read from
-    /// `dns_addr_table`, the page inserted.
+    /// `addr_table`, the page inserted.
     FirstTime,
     /// The page exists, the cache is cold (the agent changed `dns_addrs`).
     KnownCold,
@@ -328,7 +329,8 @@ impl Bench {
             };
             index.slots[0] = AddrSlot {
                 service_id: SERVICE_ID,
-                slot: i as u32,
+                slot: i as u16,
+                flags: addr_slot_flags::KNOWN | addr_slot_flags::MEMBER | addr_slot_flags::ELIGIBLE,
                 since_ns: 1,
             };
             // The address filter first, as the agent does.
@@ -342,7 +344,7 @@ impl Bench {
             // And its copy in the table the interceptor reads first.
             let table = self
                 .ebpf
-                .map_mut(map_names::DNS_ADDR_TABLE)
+                .map_mut(map_names::ADDR_TABLE)
                 .context("no address table")?;
             if !headway::addr_table::put(
                 &mut Array::try_from(table)?,

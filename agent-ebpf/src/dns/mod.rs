@@ -19,7 +19,7 @@ use headway_common::{
     ObservationKey, ObservationPage, RESPONSE_MAX_ADDRS, dns_hash_byte, obs_kind, obs_time,
 };
 
-use crate::maps::{DNS_ADDRS, DNS_COUNTERS, DNS_OBS};
+use crate::maps::{DNS_COUNTERS, DNS_OBS};
 
 const DNS_PORT: u16 = 53;
 const IPPROTO_UDP: u8 = 17;
@@ -431,25 +431,31 @@ pub fn query_id(s: &Scratch) -> u16 {
     u16::from_ne_bytes([s.buf[0], s.buf[1]])
 }
 
-/// What the agent says of an address (`dns_addrs`): the pod that has it
-/// now and its slots in the services it is or was an endpoint of. The
-/// connect hooks take both from this one lookup.
+/// What the agent says of an address (`dns_addrs`, read through
+/// `addr_table`): the pod that has it now and its slots in the services
+/// it is or was an endpoint of, with what it is to each now. The connect
+/// hooks take all of it from this one read.
 #[derive(Clone, Copy)]
-pub struct KnownAddress(*const AddrIndex);
+pub struct KnownAddress(AddrIndex);
 
 impl KnownAddress {
     #[inline(always)]
     pub fn of(addr: &AddrKey) -> Option<KnownAddress> {
-        DNS_ADDRS.get_ptr(addr).map(KnownAddress)
+        addr_table::index(addr).map(KnownAddress)
     }
 
     /// The pod that has the address now, if any.
     #[inline(always)]
     pub fn pod(&self) -> Option<u32> {
-        // SAFETY: a field of a live map value (agent-written).
-        let pod_id = unsafe { (*self.0).pod_id };
-        (pod_id != NO_POD).then_some(pod_id)
+        (self.0.pod_id != NO_POD).then_some(self.0.pod_id)
     }
+}
+
+/// What a client learned of an address, and what the address is to the
+/// service it learned it from (`headway_common::addr_slot_flags`).
+pub struct Learned {
+    pub observation: Observation,
+    pub flags: u16,
 }
 
 /// What the client network namespace `netns_cookie` learned about `addr`
@@ -458,23 +464,21 @@ impl KnownAddress {
 /// gives the address a slot in. A stamp older than the slot's `since_ns`
 /// was about the slot's previous address and says nothing about this one.
 #[inline(always)]
-pub fn observation(netns_cookie: u64, addr: &AddrKey, known: KnownAddress) -> Option<Observation> {
-    let index = known.0;
+pub fn observation(netns_cookie: u64, addr: &AddrKey, known: &KnownAddress) -> Option<Learned> {
+    let index = &known.0;
     let family: u16 = if crate::steer::is_v4_mapped(addr) {
         4
     } else {
         6
     };
-    // SAFETY: a field of a live map value (agent-written; a torn read of an
-    // entry being rewritten fails the checks below or names a real slot).
-    let n = (unsafe { (*index).n } as usize).min(ADDR_MAX_SERVICES);
+    let n = (index.n as usize).min(ADDR_MAX_SERVICES);
     let mut best = Observation::default();
+    let mut flags = 0;
     for i in 0..ADDR_MAX_SERVICES {
         if i >= n {
             break;
         }
-        // SAFETY: as above; `i` is in bounds.
-        let entry = unsafe { (*index).slots[i] };
+        let entry = index.slots[i];
         let key = ObservationKey {
             netns_cookie,
             service_id: entry.service_id,
@@ -497,8 +501,12 @@ pub fn observation(netns_cookie: u64, addr: &AddrKey, known: KnownAddress) -> Op
             kind: obs_kind(stamp),
             learned_ns,
         };
+        flags = entry.flags;
     }
-    (best.learned_ns != 0).then_some(best)
+    (best.learned_ns != 0).then_some(Learned {
+        observation: best,
+        flags,
+    })
 }
 
 /// Adds one to `dns_counters[index]`.
