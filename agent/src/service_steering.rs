@@ -8,6 +8,12 @@
 //! emptied (`live` 0) right before it is deleted. When the agent starts,
 //! the array is written anew from `services` before any program is
 //! attached, so it never disagrees with what an older agent left there.
+//!
+//! An array entry is updated in place, so connect() may read one half
+//! written (a hash map swaps whole values). That is harmless: each field
+//! is a whole u32, and any mix of a service's old and new fields points at
+//! slots of that service's choice tables, which are written before the
+//! entry and removed after it, or past them (the hook then fails open).
 use std::borrow::Borrow;
 use std::os::fd::AsFd;
 
