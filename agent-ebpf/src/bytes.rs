@@ -9,9 +9,14 @@
 //! (with options) or UDP header. That is what the application wrote and
 //! read, independent of GSO/GRO batching. UDP: each datagram's payload.
 //! TCP: what the kernel counts as delivered (`bytes_acked`,
-//! `bytes_received` of the socket), read on each of its packets and at its
-//! close, so a retransmitted or reordered segment counts once; from the
-//! established state on.
+//! `bytes_received` of the socket), read on each packet it sends and at
+//! its close, so a retransmitted or reordered segment counts once; from
+//! the established state on. Its incoming packets are not looked at (the
+//! ingress program returns at once): an incoming segment that moves the
+//! counters is followed by one going out (our ACK of its data, or more of
+//! ours), except the ACK of our last data on a connection that then sends
+//! nothing, which is counted at the close. Reading them on the way out
+//! only halves what accounting costs a TCP connection's packets.
 use core::{
     ffi::c_void,
     intrinsics::{AtomicOrdering, atomic_cxchg},
@@ -138,7 +143,7 @@ unsafe fn word_at(at: usize) -> u32 {
 /// acknowledged; `bytes_received`: received in order; passed in by the
 /// caller, read from the socket). A retransmission or a reordered segment
 /// does not move them twice. The packet that makes them grow is counted
-/// on the socket's next packet (either way) or at its close. Until the
+/// on the socket's next packet out or at its close. Until the
 /// socket is established (`sock_ops` then sets where they stand: the
 /// SYN's sequence number is not a byte) packets only record them.
 ///
@@ -149,11 +154,11 @@ pub unsafe fn count_delivered(record: *mut SocketState, acked: u64, received: u6
     // SAFETY: caller's contract; raw field access only.
     unsafe {
         let fresh = (*record).seen_known == 0;
-        // Ingress runs without the socket lock (before TCP takes it), so
-        // the two directions' programs can run at once on two CPUs: each
-        // claims its growth with a compare-and-swap, so none is counted
-        // twice (a plain read-then-write counted ~64 KiB twice now and
-        // then).
+        // Packets leave from the socket's owner and from softirq (ACKs,
+        // timers) on another CPU, and the close counts from `sock_ops`:
+        // each claims its growth with a compare-and-swap, so none is
+        // counted twice (a plain read-then-write, when ingress counted
+        // too, counted ~64 KiB twice now and then).
         let sent = advance(&raw mut (*record).sent_seen, acked);
         let got = advance(&raw mut (*record).received_seen, received);
         if fresh {

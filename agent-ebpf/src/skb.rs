@@ -14,6 +14,7 @@ use crate::{bytes, dns};
 /// cgroup_skb verdict that lets the packet pass. The only one we return.
 const ALLOW: i32 = 1;
 
+const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 /// Where the transport protocol sits: IPv4's protocol byte, IPv6's next
 /// header (the DNS parser follows no extension headers either).
@@ -22,7 +23,7 @@ const IPV6_NEXT_HEADER: usize = 6;
 
 #[cgroup_skb(egress)]
 pub fn hw_skb_egress(ctx: SkBuffContext) -> i32 {
-    if may_be_udp(&ctx.skb) {
+    if transport(&ctx.skb).is_none_or(|p| p == IPPROTO_UDP) {
         dns::query::record_query(&ctx);
     }
     bytes::count(&ctx.skb, true);
@@ -31,19 +32,25 @@ pub fn hw_skb_egress(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(ingress)]
 pub fn hw_skb_ingress(ctx: SkBuffContext) -> i32 {
-    if may_be_udp(&ctx.skb) {
+    let protocol = transport(&ctx.skb);
+    // TCP bytes are read from the socket's own counters on its way out
+    // (see `bytes`): an incoming segment needs nothing here.
+    if protocol == Some(IPPROTO_TCP) {
+        return ALLOW;
+    }
+    if protocol.is_none_or(|p| p == IPPROTO_UDP) {
         dns::response::on_response(&ctx);
     }
     bytes::count(&ctx.skb, false);
     ALLOW
 }
 
-/// False when the packet is certainly not UDP, read straight from the
-/// linear packet data: most packets are TCP, and this spares them the DNS
-/// parser's header copy (a helper call). True when it is UDP or when the
-/// header is not in the linear data (then the parser decides).
+/// The packet's transport protocol, read straight from the linear packet
+/// data: most packets are TCP, and this spares them the DNS parser's
+/// header copy (a helper call). None when the header is not in the linear
+/// data (then the parser decides).
 #[inline(always)]
-fn may_be_udp(skb: &SkBuff) -> bool {
+fn transport(skb: &SkBuff) -> Option<u8> {
     // SAFETY: data/data_end are the context's packet bounds; every read is
     // checked against them first (with room to spare: see `bytes::byte_at`
     // on why the check asks for more than the byte read).
@@ -51,14 +58,13 @@ fn may_be_udp(skb: &SkBuff) -> bool {
         let data = (*skb.skb).data as usize;
         let end = (*skb.skb).data_end as usize;
         if data + IPV4_PROTOCOL + 4 > end {
-            return true;
+            return None;
         }
         let version = *(data as *const u8) >> 4;
-        let protocol = match version {
-            4 => *((data + IPV4_PROTOCOL) as *const u8),
-            6 => *((data + IPV6_NEXT_HEADER) as *const u8),
-            _ => return true,
-        };
-        protocol == IPPROTO_UDP
+        match version {
+            4 => Some(*((data + IPV4_PROTOCOL) as *const u8)),
+            6 => Some(*((data + IPV6_NEXT_HEADER) as *const u8)),
+            _ => None,
+        }
     }
 }
