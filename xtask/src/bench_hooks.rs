@@ -12,8 +12,10 @@
 //! bpf_stats itself adds to every run (two clock reads, dear in a VM); the
 //! numbers include it. So that they can be read, each hook gets a floor
 //! program beside it (`floor`: `r0 = 1; exit`), timed on the same events:
-//! the report gives each figure net of its hook's floor too. The old sysctl value is restored at the end. Run it
-//! on a quiet machine: a program run can be preempted, and the time it
+//! the report gives each figure net of its hook's floor too. The old
+//! sysctl value is restored at the end. The cases run `--repeat` times,
+//! in rotated order, and the report gives medians. Run it on a quiet
+//! machine: a program run can be preempted, and the time it
 //! spends preempted counts too, so load inflates every figure.
 use std::{
     collections::BTreeMap,
@@ -46,9 +48,13 @@ const OUTSIDER: (&str, u8) = ("plain-0", 40);
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// TCP connects per case.
+    /// TCP connects per case and pass.
     #[arg(long, default_value_t = 10_000)]
     pub connections: u32,
+    /// Passes over all cases (each starting one case later); the report
+    /// gives medians over passes.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
 }
 
 fn v4(last: u8) -> Ipv4Addr {
@@ -139,18 +145,55 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     };
     let _stats = bpf_stats::BpfStats::enable()?;
     let n = opts.connections;
-    let mut results = Vec::new();
+    let outsider = IpAddr::V4(v4(OUTSIDER.1));
+    let cases: [(&'static str, &str, IpAddr, Option<&str>); 6] = [
+        (
+            "fast path: not a headless service's address",
+            "client",
+            outsider,
+            None,
+        ),
+        (
+            "known pod, never resolved (accounted)",
+            "stranger",
+            IpAddr::V4(v4(10)),
+            None,
+        ),
+        (
+            "service name, failover, eligible (kept)",
+            "client",
+            cached,
+            Some("failover"),
+        ),
+        (
+            "service name, random (chosen)",
+            "client",
+            cached,
+            Some("random"),
+        ),
+        (
+            "service name, least-connections (chosen)",
+            "client",
+            cached,
+            Some("least-connections"),
+        ),
+        ("service name, observe", "client", cached, Some("observe")),
+    ];
+    let mut policy_now = "failover".to_string();
     let mut measure = |case: &'static str,
                        client: &str,
                        addr: IpAddr,
                        policy: Option<&str>|
-     -> anyhow::Result<()> {
-        if let Some(policy) = policy {
+     -> anyhow::Result<CaseResult> {
+        if let Some(policy) = policy
+            && policy != policy_now
+        {
             write_policy(policy)?;
             let want = policy.to_owned();
             wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), |s| {
                 s["services"][0]["policy"] == want.as_str()
             })?;
+            policy_now = want;
         }
         let before = programs()?;
         let decisions_before = decisions(&bpffs)?;
@@ -170,85 +213,117 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             })
             .filter(|(_, v)| *v > 0)
             .collect();
-        results.push(CaseResult {
+        Ok(CaseResult {
             case,
             per_run,
             decisions,
-        });
-        Ok(())
+        })
     };
-    let outsider = IpAddr::V4(v4(OUTSIDER.1));
-    measure(
-        "fast path: not a headless service's address",
-        "client",
-        outsider,
-        None,
-    )?;
-    measure(
-        "known pod, never resolved (accounted)",
-        "stranger",
-        IpAddr::V4(v4(10)),
-        None,
-    )?;
-    measure(
-        "service name, failover, eligible (kept)",
-        "client",
-        cached,
-        None,
-    )?;
-    measure(
-        "service name, random (chosen)",
-        "client",
-        cached,
-        Some("random"),
-    )?;
-    measure(
-        "service name, least-connections (chosen)",
-        "client",
-        cached,
-        Some("least-connections"),
-    )?;
-    measure("service name, observe", "client", cached, Some("observe"))?;
+    // Every pass runs every case, starting one case later than the pass
+    // before, so a slow stretch of the machine falls on different cases.
+    let mut passes: Vec<Vec<CaseResult>> = (0..cases.len()).map(|_| Vec::new()).collect();
+    for pass in 0..opts.repeat {
+        for k in 0..cases.len() {
+            let i = (pass + k) % cases.len();
+            let (case, client, addr, policy) = cases[i];
+            passes[i].push(measure(case, client, addr, policy)?);
+        }
+    }
     agent.check_running()?;
 
     // A busy machine inflates every figure (a program run can be
     // preempted, and the preempted time counts): say how busy it was.
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("\n== Hook cost per run (bpf_stats), {n} TCP connects per case");
-    println!("   load average during the run: {}\n", load.trim());
-    println!("   floor: `r0 = 1; exit` attached beside each hook (see xtask/src/floor.rs)\n");
-    println!("| case | hook | runs | ns/run | floor ns/run | net of floor | decisions |");
+    println!(
+        "\n== Hook cost per run (bpf_stats), {n} TCP connects per case and pass, {} passes",
+        opts.repeat
+    );
+    println!("   load average at the end: {}\n", load.trim());
+    println!("   floor: `r0 = 1; exit` attached beside each hook (see xtask/src/floor.rs)");
+    println!("   medians over passes; [min–max] of the net figure\n");
+    println!(
+        "| case | hook | runs per pass | ns/run | floor ns/run | net of floor | decisions (all passes) |"
+    );
     println!("|---|---|---:|---:|---:|---:|---|");
-    for r in &results {
-        let decisions: Vec<String> = r
-            .decisions
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let floor_of = |hook: &str| {
-            r.per_run
-                .iter()
-                .find(|(name, _)| name.starts_with("floor_") && floor::beside(name) == hook)
-                .map(|(_, (_, ns))| *ns)
-        };
-        let hooks = r
-            .per_run
-            .iter()
-            .filter(|(name, _)| !name.starts_with("floor_"));
-        for (i, (hook, (runs, ns))) in hooks.enumerate() {
-            let (case, d) = if i == 0 {
-                (r.case, decisions.join(" "))
-            } else {
-                ("", String::new())
-            };
-            let (floor, net) = match floor_of(hook) {
-                Some(f) => (format!("{f:.0}"), format!("{:.0}", ns - f)),
-                None => ("–".to_string(), "–".to_string()),
-            };
-            println!("| {case} | {hook} | {runs} | {ns:.0} | {floor} | {net} | {d} |");
-        }
+    for results in &passes {
+        print_case(results);
     }
     Ok(())
+}
+
+/// One case's rows: per hook, the medians over passes of its raw and
+/// floor figures and of their difference.
+fn print_case(results: &[CaseResult]) {
+    let Some(first) = results.first() else {
+        return;
+    };
+    let mut decisions: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in results {
+        for (k, v) in &r.decisions {
+            *decisions.entry(k.as_str()).or_default() += v;
+        }
+    }
+    let decisions: Vec<String> = decisions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let hooks = first
+        .per_run
+        .keys()
+        .filter(|name| !name.starts_with("floor_"));
+    for (i, hook) in hooks.enumerate() {
+        let mut raw = Vec::new();
+        let mut floors = Vec::new();
+        let mut nets = Vec::new();
+        let mut runs = Vec::new();
+        for r in results {
+            let Some((count, ns)) = r.per_run.get(hook) else {
+                continue;
+            };
+            raw.push(*ns);
+            runs.push(*count as f64);
+            let floor = r
+                .per_run
+                .iter()
+                .find(|(name, _)| name.starts_with("floor_") && floor::beside(name) == hook)
+                .map(|(_, (_, ns))| *ns);
+            if let Some(f) = floor {
+                floors.push(f);
+                nets.push(ns - f);
+            }
+        }
+        let (case, d) = if i == 0 {
+            (first.case, decisions.join(" "))
+        } else {
+            ("", String::new())
+        };
+        let net = match (
+            median(&nets),
+            nets.iter().copied().reduce(f64::min),
+            nets.iter().copied().reduce(f64::max),
+        ) {
+            (Some(m), Some(lo), Some(hi)) => format!("{m:.0} [{lo:.0}–{hi:.0}]"),
+            _ => "–".to_string(),
+        };
+        let floor = median(&floors).map_or("–".to_string(), |f| format!("{f:.0}"));
+        println!(
+            "| {case} | {hook} | {:.0} | {:.0} | {floor} | {net} | {d} |",
+            median(&runs).unwrap_or(0.0),
+            median(&raw).unwrap_or(0.0),
+        );
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
 }
 
 /// Connect decisions so far, by reason.
