@@ -661,3 +661,74 @@ fn a_full_socket_table_fails_open() {
     );
     bed.agent.stop().unwrap();
 }
+
+/// Sets the flags of every slot of `addr` in `dns_addrs` and its
+/// `addr_table` entry, as an agent would write them.
+fn set_slot_flags(maps: &mut Maps, addr: &str, flags: u16) {
+    let addr = addr_key(addr.parse().unwrap());
+    let mut index = maps.dns_addrs.get(&addr, 0).unwrap();
+    for slot in &mut index.slots[..index.n as usize] {
+        slot.flags = flags;
+    }
+    maps.dns_addrs.insert(addr, index, 0).unwrap();
+    assert!(maps.addr_table.put_by_hand(&addr, &index).unwrap());
+}
+
+/// connect() takes an address's state in the service it was resolved
+/// from out of the flags of its slot (no `svc_endpoints` lookup), and
+/// from `svc_endpoints` when the slot has none (written by an agent older
+/// than the flags: what a new datapath finds after an upgrade until the
+/// agent has rewritten the slot).
+#[test]
+fn slot_flags_decide_eligibility_and_slots_without_them_ask_svc_endpoints() {
+    if !require_root("slot_flags_decide_eligibility_and_slots_without_them_ask_svc_endpoints") {
+        return;
+    }
+    let bed = Bed::start("slot-flags");
+    let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    let svc = name_kind::SERVICE;
+    plant(&mut maps, client, "10.77.0.11", "web", svc);
+    plant(&mut maps, client, "10.77.0.12", "web", svc);
+    let live = ["web-0", "web-1"];
+    let decisions = |bpffs: &Bpffs| steering(&status_json(bpffs).unwrap());
+
+    // As the agent wrote them: web-1 eligible (kept), web-2 not ready.
+    let kept = connect(cluster, "client", cg, "10.77.0.11", 5);
+    assert_eq!(kept.answers.get("web-1"), Some(&5), "{kept:?}");
+    let moved = connect(cluster, "client", cg, "10.77.0.12", 5);
+    assert!(answered_only_by(&moved, &live), "{moved:?}");
+    let s = decisions(bpffs);
+    assert_eq!(
+        (s["kept_eligible"], s["steered_not_eligible"]),
+        (5, 5),
+        "{s:?}"
+    );
+
+    // The flags are what connect() goes by: web-1's slot saying "not
+    // eligible" sends its connections to the choice table, though
+    // `svc_endpoints` says it is (the table, from `svc_endpoints`, still
+    // holds web-1: a draw of it is kept as balanced).
+    set_slot_flags(
+        &mut maps,
+        "10.77.0.11",
+        addr_slot_flags::KNOWN | addr_slot_flags::MEMBER,
+    );
+    let flagged = connect(cluster, "client", cg, "10.77.0.11", 10);
+    assert!(answered_only_by(&flagged, &live), "{flagged:?}");
+    let s = decisions(bpffs);
+    assert_eq!(s["kept_eligible"], 5, "{s:?}");
+    assert_eq!(s["steered_not_eligible"] + s["kept_balanced"], 15, "{s:?}");
+
+    // Slots without flags: `svc_endpoints` decides, as before the flags.
+    set_slot_flags(&mut maps, "10.77.0.11", 0);
+    set_slot_flags(&mut maps, "10.77.0.12", 0);
+    let kept = connect(cluster, "client", cg, "10.77.0.11", 5);
+    assert_eq!(kept.answers.get("web-1"), Some(&5), "{kept:?}");
+    let moved = connect(cluster, "client", cg, "10.77.0.12", 5);
+    assert!(answered_only_by(&moved, &live), "{moved:?}");
+    let s = decisions(bpffs);
+    assert_eq!(s["kept_eligible"], 10, "{s:?}");
+    assert_eq!(s["steered_not_eligible"] + s["kept_balanced"], 20, "{s:?}");
+}
