@@ -508,17 +508,34 @@ fn relative(cgroup: &Path) -> anyhow::Result<PathBuf> {
         .to_owned())
 }
 
-/// This binary, to run as the client. `cargo xtask bench` rebuilds the
-/// workspace's binaries after it started, which can replace this very
+/// The xtask binary, to run as the client. `cargo xtask bench` rebuilds
+/// the workspace's binaries after it started, which can replace this very
 /// file: Linux then reports the running one as "PATH (deleted)", and the
-/// file now at PATH is the rebuilt xtask of the same sources.
+/// file now at PATH is the rebuilt xtask of the same sources. From a test
+/// binary (target/debug/deps/xtask-HASH), the xtask binary next to it or
+/// one directory up.
 fn client_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the xtask binary")?;
     let text = exe.to_string_lossy();
-    Ok(match text.strip_suffix(" (deleted)") {
+    let exe = match text.strip_suffix(" (deleted)") {
         Some(path) => PathBuf::from(path),
         None => exe,
-    })
+    };
+    if exe.file_name().is_some_and(|n| n == "xtask") {
+        return Ok(exe);
+    }
+    let dir = exe.parent().context("the executable has no directory")?;
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("xtask"))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "no xtask binary near {} (cargo build -p xtask)",
+                exe.display()
+            )
+        })
 }
 
 /// Every side's socket is in the cgroup it is meant to be in and reaches
