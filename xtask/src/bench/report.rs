@@ -250,7 +250,7 @@ pub struct PairedSummary {
 }
 
 /// Bootstrap resamples per comparison.
-pub const BOOTSTRAP: usize = 1000;
+pub const BOOTSTRAP: usize = 500;
 
 /// Pools every round's blocks per (paired workload, headway contender).
 pub fn summarize_paired(samples: &[PairedSample]) -> Vec<PairedSummary> {
