@@ -328,22 +328,25 @@ fn ratio_of(summary: &[SummaryRow], w: Workload, m: Metric, c: Contender) -> Opt
 }
 
 /// A target read from a paired workload, and the wrk figure it replaces.
-struct PairedTarget {
-    workload: Workload,
-    pick: fn(&Comparison) -> Estimate,
-    threshold: f64,
-    better: Better,
-    name: &'static str,
-    replaces: (Workload, Metric),
+pub struct PairedTarget {
+    pub workload: Workload,
+    pub pick: fn(&Comparison) -> Estimate,
+    pub threshold: f64,
+    pub better: Better,
+    pub name: &'static str,
+    /// The chart's label.
+    pub short: &'static str,
+    pub replaces: (Workload, Metric),
 }
 
-const PAIRED_TARGETS: [PairedTarget; 3] = [
+pub const PAIRED_TARGETS: [PairedTarget; 3] = [
     PairedTarget {
         workload: Workload::PairedLoad,
         pick: |c| c.rate,
         threshold: 0.99,
         better: Better::Higher,
         name: "keep-alive request rate ≥ 0.99 × direct (paired, under load)",
+        short: "paired rate",
         replaces: (Workload::KeepAlive, Metric::RequestsPerSec),
     },
     PairedTarget {
@@ -352,6 +355,7 @@ const PAIRED_TARGETS: [PairedTarget; 3] = [
         threshold: 1.05,
         better: Better::Lower,
         name: "p99, one persistent connection, ≤ 1.05 × direct (paired)",
+        short: "paired 1-conn p99",
         replaces: (Workload::Latency, Metric::P99Us),
     },
     PairedTarget {
@@ -360,6 +364,7 @@ const PAIRED_TARGETS: [PairedTarget; 3] = [
         threshold: 1.05,
         better: Better::Lower,
         name: "p99, persistent connections under load, ≤ 1.05 × direct (paired)",
+        short: "paired p99",
         replaces: (Workload::KeepAlive, Metric::P99Us),
     },
 ];
