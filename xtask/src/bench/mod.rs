@@ -6,13 +6,17 @@
 //! namespace) and runs every workload against every contender, in an
 //! order rotated per round, with the same load generator (wrk) and the
 //! same TCP settings everywhere. The report gives medians over rounds and
-//! per-round ratios to `direct`. Then, on the last round's bed, extra
+//! per-round ratios to `direct`. The persistent-connection targets are
+//! read from the paired workloads instead (`paired.rs`): one client holds
+//! a direct, an A/A control and a headway connection to the same pod and
+//! alternates its requests over them, so the machine's noise hits all
+//! three alike. Then, on the last round's bed, extra
 //! headway runs with BPF stats on give the kernel cost per hook, and the
 //! DNS interceptor is measured with BPF_PROG_TEST_RUN (`bench-dns`).
 //!
 //! Network safety: every address lives inside the namespaces a round
-//! creates; wrk, nginx, HAProxy and the iptables rules all run inside
-//! them, never in the host namespace.
+//! creates; wrk, the paired client, nginx, HAProxy and the iptables rules
+//! all run inside them, never in the host namespace.
 mod bed;
 mod chart;
 mod contenders;
