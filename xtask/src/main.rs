@@ -49,6 +49,10 @@ enum Task {
     /// Measure the kube source at scale against the fake API server:
     /// time to sync, EndpointSlice event to map write, peak RSS (root).
     BenchControlPlane(bench_control_plane::Options),
+    /// The bench's paired client (hidden): run by `bench` inside its client
+    /// namespace, never by hand.
+    #[command(hide = true)]
+    PairedClient(bench::paired::ClientOptions),
     /// Build the container image (deploy/Containerfile) with podman, docker
     /// or buildah, whichever works here; says so when none does.
     Image(image::Options),
@@ -67,5 +71,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(opts) => bench::run(&opts),
         Task::BenchControlPlane(opts) => bench_control_plane::run(&opts),
         Task::Image(opts) => image::run(&opts),
+        Task::PairedClient(opts) => bench::paired::client(&opts),
     }
 }

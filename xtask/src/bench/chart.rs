@@ -11,7 +11,7 @@ use plotters::style::{FontStyle, register_font};
 
 use super::{
     contenders::Contender,
-    report::{COLUMNS, Results},
+    report::{COLUMNS, PAIRED_TARGETS, Results},
     stats::Better,
 };
 
@@ -44,22 +44,44 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
         .map(|(c, _)| *c)
         .filter(|c| *c != Contender::Direct)
         .collect();
-    // (column, contender) -> (median, min, max) of the ratio.
-    let ratio = |col: usize, c: Contender| {
-        let (w, m, _) = COLUMNS[col];
-        results
-            .summary
+    // Groups of bars: every wrk column, then the paired targets' figures.
+    // (group, contender) -> (ratio, whisker low, whisker high).
+    type Value = Option<(f64, f64, f64)>;
+    let mut groups: Vec<(String, Better, Vec<Value>)> = Vec::new();
+    for (w, m, header) in COLUMNS {
+        let values = contenders
             .iter()
-            .find(|r| r.workload == w && r.metric == m && r.contender == c)
-            .and_then(|r| r.ratio)
-            .map(|s| (s.median, s.min, s.max))
-    };
+            .map(|&c| {
+                results
+                    .summary
+                    .iter()
+                    .find(|r| r.workload == w && r.metric == m && r.contender == c)
+                    .and_then(|r| r.ratio)
+                    .map(|s| (s.median, s.min, s.max))
+            })
+            .collect();
+        groups.push((header.replace(" per CPU-s", "/CPU-s"), m.better(), values));
+    }
+    for t in &PAIRED_TARGETS {
+        let values: Vec<Value> = contenders
+            .iter()
+            .map(|&c| {
+                results
+                    .paired
+                    .iter()
+                    .find(|p| p.workload == t.workload && p.contender == c)
+                    .map(|p| (t.pick)(&p.headway_vs_direct))
+                    .map(|e| (e.ratio, e.ci_low, e.ci_high))
+            })
+            .collect();
+        if values.iter().any(Option::is_some) {
+            groups.push((t.short.to_owned(), t.better, values));
+        }
+    }
     let mut top: f64 = 1.2;
-    for col in 0..COLUMNS.len() {
-        for &c in &contenders {
-            if let Some((_, _, max)) = ratio(col, c) {
-                top = top.max(max * 1.3);
-            }
+    for (_, _, values) in &groups {
+        for (_, _, max) in values.iter().flatten() {
+            top = top.max(max * 1.3);
         }
     }
     // Room above the bars for the legend; a wild outlier is cut off.
@@ -68,7 +90,7 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, (1700, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let title = format!(
-        "Ratio to direct (median over {} rounds, whisker = range){}",
+        "Ratio to direct (median over {} rounds, whisker = range; paired: pooled, whisker = 95% interval){}",
         results.setup.rounds,
         if results.quick {
             " — quick smoke run"
@@ -81,22 +103,21 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
         .margin(16)
         .x_label_area_size(70)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..COLUMNS.len() as f64, 0f64..top)
+        .build_cartesian_2d(0f64..groups.len() as f64, 0f64..top)
         .map_err(|e| anyhow!("{e}"))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(COLUMNS.len() + 1)
+        .x_labels(groups.len() + 1)
         .x_label_formatter(&|x| {
             // Ticks fall on group edges; name the group to their right.
             let i = x.floor() as usize;
-            COLUMNS.get(i).map_or(String::new(), |(_, m, header)| {
-                let hint = match m.better() {
+            groups.get(i).map_or(String::new(), |(label, better, _)| {
+                let hint = match better {
                     Better::Higher => "↑",
                     Better::Lower => "↓",
                 };
-                let short = header.replace(" per CPU-s", "/CPU-s");
-                format!("    {short} {hint}")
+                format!("    {label} {hint}")
             })
         })
         .x_label_style(("sans-serif", 15))
@@ -108,8 +129,10 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     let group = 0.8 / contenders.len().max(1) as f64;
     for (k, &c) in contenders.iter().enumerate() {
         let color = PALETTE[k % PALETTE.len()];
-        let bars: Vec<_> = (0..COLUMNS.len())
-            .filter_map(|col| ratio(col, c).map(|r| (col, r)))
+        let bars: Vec<_> = groups
+            .iter()
+            .enumerate()
+            .filter_map(|(col, (_, _, values))| values[k].map(|r| (col, r)))
             .collect();
         let x0 = |col: usize| col as f64 + 0.1 + k as f64 * group;
         chart
@@ -131,7 +154,7 @@ pub fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     }
     chart
         .draw_series(std::iter::once(PathElement::new(
-            vec![(0.0, 1.0), (COLUMNS.len() as f64, 1.0)],
+            vec![(0.0, 1.0), (groups.len() as f64, 1.0)],
             BLACK.stroke_width(2),
         )))
         .map_err(|e| anyhow!("{e}"))?;

@@ -6,18 +6,24 @@
 //! namespace) and runs every workload against every contender, in an
 //! order rotated per round, with the same load generator (wrk) and the
 //! same TCP settings everywhere. The report gives medians over rounds and
-//! per-round ratios to `direct`. Then, on the last round's bed, extra
+//! per-round ratios to `direct`. The persistent-connection targets are
+//! read from the paired workloads instead (`paired.rs`): one client holds
+//! a direct, an A/A control and a headway connection to the same pod and
+//! alternates its requests over them, so the machine's noise hits all
+//! three alike. Then, on the last round's bed, extra
 //! headway runs with BPF stats on give the kernel cost per hook, and the
 //! DNS interceptor is measured with BPF_PROG_TEST_RUN (`bench-dns`).
 //!
 //! Network safety: every address lives inside the namespaces a round
-//! creates; wrk, nginx, HAProxy and the iptables rules all run inside
-//! them, never in the host namespace.
+//! creates; wrk, the paired client, nginx, HAProxy and the iptables rules
+//! all run inside them, never in the host namespace.
 mod bed;
 mod chart;
 mod contenders;
 mod headway;
 mod kube_proxy;
+pub mod paired;
+pub mod paired_stats;
 pub mod report;
 mod servers;
 mod stats;
@@ -196,6 +202,13 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
     fs::write(&script, workload::WRK_SCRIPT)?;
 
     let mut samples = Vec::new();
+    let mut paired_samples = Vec::new();
+    let mut program_runs = Vec::new();
+    let headway_contenders: Vec<Contender> = contenders
+        .iter()
+        .copied()
+        .filter(|c| c.headway_policy().is_some())
+        .collect();
     let mut hook_costs = Vec::new();
     let mut iptables_rules = None;
     for round in 0..rounds {
@@ -204,6 +217,15 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
         iptables_rules = bed.facts.iptables_rules.or(iptables_rules);
         warm_up(&mut bed, &script, &contenders)?;
         for &w in &workloads {
+            if w.is_paired() {
+                for c in contenders::order(&headway_contenders, round) {
+                    let p = paired::run(&mut bed, round, w, c, duration)
+                        .with_context(|| format!("{} / {}", w.id(), c.id()))?;
+                    eprintln!("bench: round {} {}", round + 1, paired_line(&p));
+                    paired_samples.push(p);
+                }
+                continue;
+            }
             for c in contenders::order(&contenders, round) {
                 let profile = opts
                     .perf
@@ -228,6 +250,12 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
         }
         if round + 1 == rounds && bed.headway.is_some() {
             hook_costs = measure_hook_costs(&mut bed, &script, &contenders, &workloads, duration)?;
+            if workloads.iter().any(|w| w.is_paired()) {
+                let _stats = bpf_stats::BpfStats::enable()?;
+                for &c in &headway_contenders {
+                    program_runs.push(paired::program_runs(&mut bed, c, duration)?);
+                }
+            }
         }
         if let Some(rig) = bed.headway.take() {
             rig.stop()?;
@@ -254,7 +282,8 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
     };
 
     let summary = report::summarize(&samples, &contenders);
-    let targets = report::check_targets(&summary, &samples);
+    let paired = report::summarize_paired(&paired_samples);
+    let targets = report::check_targets(&summary, &samples, &paired);
     Ok(Results {
         generated_at: util::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?,
         quick: opts.quick,
@@ -279,6 +308,9 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
         samples,
         summary,
         targets,
+        paired_samples,
+        paired,
+        program_runs,
         hook_costs,
         dns_interceptor,
         control_plane: control_plane(&opts.out),
@@ -350,6 +382,30 @@ fn run_one(
         cpu_us,
         decisions,
     })
+}
+
+/// One paired run's figures, for the progress log.
+fn paired_line(p: &paired::PairedSample) -> String {
+    use paired_stats::Side;
+    let merged = paired_stats::merge(&p.blocks);
+    let f = |s: Side| merged.side(s).figures();
+    let (d, a, h) = (f(Side::Direct), f(Side::Control), f(Side::Headway));
+    format!(
+        "{:<12} {:<16} direct {:>8.0} req/s p99 {:>6.1} µs | A/A ×{:.3} p99 ×{:.3} | headway ×{:.3} p99 ×{:.3} | pods {}",
+        p.workload.id(),
+        p.contender.id(),
+        d.rate,
+        d.p99_ns / 1e3,
+        a.rate / d.rate,
+        a.p99_ns / d.p99_ns,
+        h.rate / d.rate,
+        h.p99_ns / d.p99_ns,
+        p.threads
+            .iter()
+            .map(|t| t.pod.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 /// One unrecorded keep-alive second per contender on a new bed, so no
@@ -520,7 +576,7 @@ fn measure_hook_costs(
     let _stats = bpf_stats::BpfStats::enable()?;
     let mut costs = Vec::new();
     for &c in contenders.iter().filter(|c| c.headway_policy().is_some()) {
-        for &w in workloads {
+        for &w in workloads.iter().filter(|w| Workload::WRK.contains(w)) {
             let rig = bed.headway.as_mut().context("no headway agent")?;
             rig.set_policy(c.headway_policy().unwrap_or_default())?;
             let before = rig.program_stats()?;
@@ -691,7 +747,7 @@ mod tests {
         assert!(contenders.contains(&Contender::Iptables));
         assert!(contenders.contains(&Contender::Haproxy));
         for &c in &contenders {
-            for w in Workload::ALL {
+            for w in Workload::WRK {
                 let s: Vec<&Sample> = results
                     .samples
                     .iter()
@@ -739,6 +795,43 @@ mod tests {
             results.hook_costs
         );
         assert_eq!(results.setup.iptables_rules.map(|n| n > 8_000), Some(true));
+        // The paired workloads: a summary per headway contender, sockets
+        // checked (run() fails otherwise), random steered its connection
+        // at least once over the runs' connects, and the program check:
+        // no program ran for the A/A-only client, the headway side ran the
+        // cgroup_skb programs.
+        for c in [Contender::HeadwayRandom, Contender::HeadwayObserve] {
+            for w in [Workload::PairedOne, Workload::PairedLoad] {
+                let p = results
+                    .paired
+                    .iter()
+                    .find(|p| p.contender == c && p.workload == w)
+                    .unwrap_or_else(|| panic!("no paired summary for {c:?} {w:?}"));
+                assert!(p.direct.requests > 0 && p.headway.requests > 0, "{p:?}");
+            }
+            let runs = results
+                .program_runs
+                .iter()
+                .find(|r| r.contender == c)
+                .expect("program runs checked");
+            assert!(runs.control_only_requests > 0, "{runs:?}");
+            assert_eq!(runs.control_only_total_runs(), 0, "{runs:?}");
+            assert!(runs.skb_runs_per_headway_request() >= 1.0, "{runs:?}");
+        }
+        let decided = |c: Contender, key: &str| -> u64 {
+            results
+                .paired_samples
+                .iter()
+                .filter(|p| p.contender == c)
+                .map(|p| p.decisions.get(key).copied().unwrap_or(0))
+                .sum()
+        };
+        assert!(decided(Contender::HeadwayObserve, "kept_observe") > 0);
+        assert!(
+            decided(Contender::HeadwayRandom, "steered_balanced")
+                + decided(Contender::HeadwayRandom, "kept_balanced")
+                > 0
+        );
 
         write_results(&results, &out).expect("results written");
         let md = fs::read_to_string(out.join("latest.md")).unwrap();

@@ -14,7 +14,10 @@ use std::{
 use anyhow::{Context, bail};
 use headway_testbed::{Cgroup, Child, NetNs};
 
-use super::workload::{BULK_BYTES, BULK_PATH, HTTP_PORT};
+use super::{
+    paired::WHOAMI_PATH,
+    workload::{BULK_BYTES, BULK_PATH, HTTP_PORT},
+};
 
 /// nginx for one pod: one worker (the pods share two CPUs), a tiny body
 /// on `/` and a large file under `/bulk/` (sendfile). Keep-alive
@@ -36,6 +39,7 @@ fn nginx_conf(dir: &Path, www: &Path) -> String {
          \x20 server {{\n\
          \x20   listen {HTTP_PORT} backlog=4096;\n\
          \x20   location = / {{ return 200 \"ok\\n\"; }}\n\
+         \x20   location = {WHOAMI_PATH} {{ return 200 \"$server_addr\\n\"; }}\n\
          \x20   location /bulk/ {{ root {www}; }}\n\
          \x20 }}\n\
          }}\n",

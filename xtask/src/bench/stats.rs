@@ -74,6 +74,11 @@ pub struct TargetCheck {
     pub better: Better,
     pub met: bool,
     pub margin_points: f64,
+    /// A 95% interval of the ratio, where the method gives one (the
+    /// paired workloads): the target is *resolved* when the interval lies
+    /// wholly on one side of the threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<(f64, f64)>,
 }
 
 impl TargetCheck {
@@ -89,7 +94,15 @@ impl TargetCheck {
             better,
             met: margin >= 0.0,
             margin_points: margin * 100.0,
+            interval: None,
         }
+    }
+
+    /// Whether the interval (if any) lies wholly on the side of the
+    /// threshold the median is on: `None` without an interval.
+    pub fn resolved(&self) -> Option<bool> {
+        let (low, high) = self.interval?;
+        Some(low > self.threshold || high < self.threshold)
     }
 }
 

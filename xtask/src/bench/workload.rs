@@ -27,15 +27,37 @@ pub enum Workload {
     Latency,
     /// One connection fetching a large file: throughput.
     Bulk,
+    /// Paired (not wrk): one client thread alternates requests over a
+    /// direct, an A/A control and a headway keep-alive connection to the
+    /// same pod (`paired.rs`).
+    #[value(name = "paired-1conn")]
+    #[serde(rename = "paired-1conn")]
+    PairedOne,
+    /// Paired under load: one such thread per pod, all at once.
+    PairedLoad,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 6] = [
+        Workload::Connect,
+        Workload::KeepAlive,
+        Workload::Latency,
+        Workload::Bulk,
+        Workload::PairedOne,
+        Workload::PairedLoad,
+    ];
+    /// The workloads wrk runs, once per contender.
+    pub const WRK: [Workload; 4] = [
         Workload::Connect,
         Workload::KeepAlive,
         Workload::Latency,
         Workload::Bulk,
     ];
+
+    /// Measured by the paired client, once per headway contender.
+    pub fn is_paired(self) -> bool {
+        matches!(self, Workload::PairedOne | Workload::PairedLoad)
+    }
 
     pub fn id(self) -> &'static str {
         match self {
@@ -43,6 +65,8 @@ impl Workload {
             Workload::KeepAlive => "keep-alive",
             Workload::Latency => "latency",
             Workload::Bulk => "bulk",
+            Workload::PairedOne => "paired-1conn",
+            Workload::PairedLoad => "paired-load",
         }
     }
 
@@ -52,6 +76,10 @@ impl Workload {
         match self {
             Workload::Connect | Workload::KeepAlive => (pods, pods * 4),
             Workload::Latency | Workload::Bulk => (1, 1),
+            Workload::PairedOne | Workload::PairedLoad => {
+                let t = super::paired::threads(self, pods);
+                (t, 3 * t)
+            }
         }
     }
 
@@ -69,6 +97,15 @@ impl Workload {
                 "wrk -t1 -c1 GET {BULK_PATH} ({} MiB, nginx sendfile), one persistent connection",
                 BULK_BYTES >> 20
             ),
+            Workload::PairedOne | Workload::PairedLoad => {
+                let (t, c) = self.shape(pods);
+                format!(
+                    "paired client, {t} thread{s}, {c} keep-alive connections: per thread a \
+                     direct, an A/A control and a headway connection to the same pod, one \
+                     request at a time, in a random order per cycle; 1-s blocks",
+                    s = if t == 1 { "" } else { "s" }
+                )
+            }
         }
     }
 
