@@ -320,7 +320,7 @@ impl Syncer {
     fn full_sync_with(
         &mut self,
         keys: &std::collections::BTreeSet<model::ServiceKey>,
-        spec_of: impl FnMut(&model::ServiceKey) -> Option<model::ServiceSpec>,
+        spec_of: impl FnMut(&model::ServiceKey) -> Option<model::ServiceSpec> + Send,
     ) {
         let started = Instant::now();
         let written = self.reconciler.full_sync_with(keys, spec_of);
