@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, DatapathError},
     http::{self, HttpState},
     kernel_log,
     log_once::SyncLogs,
@@ -120,13 +120,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         SourceSpec::Dir(_) => None,
     };
-    let mut datapath = Datapath::start_with_sizes(&cfg.bpffs, &cfg.cgroup_path, &cfg.map_sizes)?;
-    for (program, how) in &datapath.attachments {
-        info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
-    }
-    for pin in &datapath.retired {
-        info!(pin = %pin.display(), "removed a pin an older headway left");
-    }
+    let mut datapath = Datapath::open(&cfg.bpffs, &cfg.map_sizes)?;
     // The kernel's rare events (fail-open, no socket storage) in our log.
     // Without it the datapath works the same, only quieter.
     match datapath.take_logger() {
@@ -137,6 +131,17 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Err(e) => warn!(error = %e, "cannot follow the kernel programs' log"),
     }
+    let maps = datapath.take_maps()?;
+    // The verifier takes a while over the programs: they load and attach
+    // on their own thread while the source lists and the maps are
+    // written; the agent is ready once both are done.
+    let attaching = {
+        let bpffs = cfg.bpffs.clone();
+        let cgroup_path = cfg.cgroup_path.clone();
+        tokio::task::spawn_blocking(move || {
+            datapath.attach(&bpffs, &cgroup_path).map(|()| datapath)
+        })
+    };
     let settings = PlanSettings {
         default_policy: cfg.default_policy,
         cluster_domain: cfg.cluster_domain.clone(),
@@ -144,7 +149,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // The kube source watches the Node, the dir source reads it.
         zone: None,
     };
-    let reconciler = Reconciler::new(datapath.take_maps()?, settings, cfg.namespaces.clone())
+    let reconciler = Reconciler::new(maps, settings, cfg.namespaces.clone())
         .context("cannot read the pinned maps")?;
     let mut syncer = Syncer::new(reconciler, http_state.clone());
     let host_netns_cookie =
@@ -168,18 +173,61 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => {}
         }
     };
+    let attaching = Attaching {
+        task: Some(attaching),
+        datapath: None,
+        cgroup_path: cfg.cgroup_path.clone(),
+    };
     match (&cfg.source, source) {
-        (SourceSpec::Dir(dir), _) => run_dir(dir, &mut syncer, &cfg, stop).await?,
-        (SourceSpec::Kube, Some(source)) => run_kube(source, &mut syncer, &cfg, stop).await,
+        (SourceSpec::Dir(dir), _) => run_dir(dir, &mut syncer, attaching, &cfg, stop).await?,
+        (SourceSpec::Kube, Some(source)) => {
+            run_kube(source, &mut syncer, attaching, &cfg, stop).await?
+        }
         (SourceSpec::Kube, None) => unreachable!("the kube source is started above"),
     }
     info!("stopping; programs stay attached and maps stay pinned");
     Ok(())
 }
 
+/// The programs loading and attaching on their own thread, then the
+/// attached datapath (kept until the agent stops).
+struct Attaching {
+    task: Option<tokio::task::JoinHandle<Result<Datapath, DatapathError>>>,
+    datapath: Option<Datapath>,
+    cgroup_path: PathBuf,
+}
+
+impl Attaching {
+    fn done(&self) -> bool {
+        self.task.is_none()
+    }
+
+    /// Waits for the programs to be attached (at once if they are); an
+    /// error ends the agent. Cancel-safe: the task stays until it ends.
+    async fn wait(&mut self) -> anyhow::Result<()> {
+        let Some(task) = &mut self.task else {
+            return Ok(());
+        };
+        let result = task.await;
+        self.task = None;
+        let datapath = result
+            .context("the thread attaching the programs failed")?
+            .context("cannot load and attach the programs")?;
+        for (program, how) in &datapath.attachments {
+            info!(program, attachment = ?how, cgroup = %self.cgroup_path.display(), "program attached");
+        }
+        for pin in &datapath.retired {
+            info!(pin = %pin.display(), "removed a pin an older headway left");
+        }
+        self.datapath = Some(datapath);
+        Ok(())
+    }
+}
+
 async fn run_dir(
     dir: &Path,
     syncer: &mut Syncer,
+    mut attaching: Attaching,
     cfg: &AgentConfig,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -187,6 +235,7 @@ async fn run_dir(
     let (_watcher, mut changes) =
         DirWatcher::new(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
     syncer.sync_dir(dir);
+    attaching.wait().await?;
     syncer.http.mark_synced();
     info!(source = %dir.display(), metrics = %cfg.metrics_addr, "agent running");
     tokio::pin!(stop);
@@ -212,15 +261,24 @@ async fn run_dir(
 async fn run_kube(
     mut source: KubeSource,
     syncer: &mut Syncer,
+    mut attaching: Attaching,
     cfg: &AgentConfig,
     stop: impl Future<Output = ()>,
-) {
+) -> anyhow::Result<()> {
     let mut synced = false;
     tokio::pin!(stop);
     loop {
         let batch = tokio::select! {
             batch = source.next_batch() => batch,
-            _ = &mut stop => return,
+            attached = attaching.wait(), if !attaching.done() => {
+                attached?;
+                if synced {
+                    syncer.http.mark_synced();
+                    info!(services = source.store().service_count(), metrics = %cfg.metrics_addr, "programs attached; agent running");
+                }
+                continue;
+            }
+            _ = &mut stop => return Ok(()),
         };
         let metrics = &syncer.http.metrics;
         // Each error restarts the watch (after kube's backoff).
@@ -253,9 +311,16 @@ async fn run_kube(
                 }
                 spec
             });
-            syncer.http.mark_synced();
             synced = true;
-            info!(services = store.service_count(), metrics = %cfg.metrics_addr, "stores synced; agent running");
+            if attaching.done() {
+                syncer.http.mark_synced();
+                info!(services = store.service_count(), metrics = %cfg.metrics_addr, "stores synced; agent running");
+            } else {
+                info!(
+                    services = store.service_count(),
+                    "stores synced; waiting for the programs"
+                );
+            }
         }
     }
 }
