@@ -186,7 +186,8 @@ impl Reconciler {
 
     /// The first sync, when no service has entries from this agent yet:
     /// a second thread computes each spec and plans it (ids included)
-    /// while this one writes the plans in the same order.
+    /// while this one writes the plans in the same order, and a third
+    /// writes `dns_addrs` behind it ([`MapWriter::with_dns_thread`]).
     ///
     /// Writing cannot change an id here: with no entries of this agent in
     /// the maps, no service has pods to let go ([`Self::release_departing_pods`]
@@ -208,6 +209,7 @@ impl Reconciler {
         } = self;
         let mut total = Written::default();
         let mut unclaimed = Vec::new();
+        let mut dns_failed = Vec::new();
         let plan_spec_of = &mut spec_of;
         let threaded = std::thread::scope(|scope| {
             let (planned, plans) = std::sync::mpsc::sync_channel(PLANS_AHEAD);
@@ -233,20 +235,29 @@ impl Reconciler {
                     return false;
                 }
             };
-            for (key, id, fragment) in plans {
-                applied.insert(key.clone());
-                let mut written = writer.apply_service(id, Some(fragment));
-                unclaimed.append(&mut written.unclaimed_pods);
-                for e in &mut written.errors {
-                    e.object.get_or_insert_with(|| format!("Service {key}"));
+            let ((), failed) = writer.with_dns_thread(|writer| {
+                for (key, id, fragment) in plans {
+                    applied.insert(key.clone());
+                    let mut written = writer.apply_service(id, Some(fragment));
+                    unclaimed.append(&mut written.unclaimed_pods);
+                    for e in &mut written.errors {
+                        e.object.get_or_insert_with(|| format!("Service {key}"));
+                    }
+                    add(&mut total, written);
                 }
-                add(&mut total, written);
-            }
+            });
+            dns_failed = failed;
             if let Err(panic) = planner.join() {
                 std::panic::resume_unwind(panic);
             }
             true
         });
+        for (id, mut e) in dns_failed {
+            if let Some(key) = self.ids.service_key(id) {
+                e.object.get_or_insert_with(|| format!("Service {key}"));
+            }
+            total.errors.push(e);
+        }
         if !threaded {
             for key in keys {
                 let spec = spec_of(key);
