@@ -129,9 +129,13 @@ impl<K, V> Default for Claims<K, V> {
 
 impl<K: Ord + Copy, V: Copy> Claims<K, V> {
     fn set(&mut self, key: K, owner: u32, value: V) {
-        let Some(owners) = self.0.get_mut(&key) else {
-            self.0.insert(key, Owners::One([(owner, value)]));
-            return;
+        // One walk down the tree (a first sync claims ~300,000 keys).
+        let owners = match self.0.entry(key) {
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(Owners::One([(owner, value)]));
+                return;
+            }
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
         };
         let mut list = match std::mem::replace(owners, Owners::Many(Vec::new())) {
             Owners::One(one) => one.to_vec(),
@@ -185,13 +189,13 @@ impl<K: Ord + Copy, V: Copy> Claims<K, V> {
     where
         K: 'a,
     {
-        let wanted: BTreeSet<K> = new.clone().map(|(k, _)| k).collect();
-        let mut touched = wanted.clone();
+        // The keys of `old` are distinct: one that `touched` holds before
+        // it is added is wanted.
+        let mut touched: BTreeSet<K> = new.clone().map(|(k, _)| k).collect();
         for k in old {
-            if !wanted.contains(k) {
+            if touched.insert(*k) {
                 self.release(k, owner);
             }
-            touched.insert(*k);
         }
         for (k, v) in new {
             self.set(k, owner, v);
@@ -1090,15 +1094,24 @@ fn upsert<K: aya::Pod + Ord, V: aya::Pod, M: PartialEq>(
     sum: &mut WriteSummary,
     errors: &mut Vec<WriteError>,
 ) {
-    let (ks, vs): (Vec<K>, Vec<V>) = keys
-        .iter()
-        .filter_map(|k| Some((*k, wanted(k)?)))
-        .filter(|(k, v)| current.get(k) != Some(&mirror(v)))
-        .unzip();
+    let mut ks = Vec::new();
+    let mut vs = Vec::new();
+    let mut ms = Vec::new();
+    for k in keys {
+        let Some(v) = wanted(k) else { continue };
+        let m = mirror(&v);
+        if current.get(k) != Some(&m) {
+            ks.push(*k);
+            vs.push(v);
+            ms.push(Some(m));
+        }
+    }
     let written = write_batch(map, name, &ks, &vs, errors);
     sum.upserted += written.len();
     for i in written {
-        current.insert(ks[i], mirror(&vs[i]));
+        if let Some(m) = ms[i].take() {
+            current.insert(ks[i], m);
+        }
     }
 }
 
