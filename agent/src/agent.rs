@@ -133,8 +133,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let maps = datapath.take_maps()?;
     // The verifier takes a while over the programs: they load and attach
-    // on their own thread while the source lists and the maps are
-    // written; the agent is ready once both are done.
+    // on their own thread while the source lists (and the writer reads
+    // what the maps hold). Nothing is written to the maps before they are
+    // attached, as before: whoever sees the maps synced finds the
+    // programs attached.
     let attaching = {
         let bpffs = cfg.bpffs.clone();
         let cgroup_path = cfg.cgroup_path.clone();
@@ -234,8 +236,8 @@ async fn run_dir(
     // Watch before the first read, so no change between the two is missed.
     let (_watcher, mut changes) =
         DirWatcher::new(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
-    syncer.sync_dir(dir);
     attaching.wait().await?;
+    syncer.sync_dir(dir);
     syncer.http.mark_synced();
     info!(source = %dir.display(), metrics = %cfg.metrics_addr, "agent running");
     tokio::pin!(stop);
@@ -270,12 +272,9 @@ async fn run_kube(
     loop {
         let batch = tokio::select! {
             batch = source.next_batch() => batch,
+            // Reported as soon as it is done (an error ends the agent).
             attached = attaching.wait(), if !attaching.done() => {
                 attached?;
-                if synced {
-                    syncer.http.mark_synced();
-                    info!(services = source.store().service_count(), metrics = %cfg.metrics_addr, "programs attached; agent running");
-                }
                 continue;
             }
             _ = &mut stop => return Ok(()),
@@ -303,6 +302,7 @@ async fn run_kube(
         if synced {
             syncer.update_services(&affected, source.store());
         } else if source.ready() {
+            attaching.wait().await?;
             let store = source.store();
             syncer.full_sync_with(&store.service_keys(), |key| {
                 let (spec, warnings) = store.service_spec(key);
@@ -311,16 +311,9 @@ async fn run_kube(
                 }
                 spec
             });
+            syncer.http.mark_synced();
             synced = true;
-            if attaching.done() {
-                syncer.http.mark_synced();
-                info!(services = store.service_count(), metrics = %cfg.metrics_addr, "stores synced; agent running");
-            } else {
-                info!(
-                    services = store.service_count(),
-                    "stores synced; waiting for the programs"
-                );
-            }
+            info!(services = store.service_count(), metrics = %cfg.metrics_addr, "stores synced; agent running");
         }
     }
 }
