@@ -72,6 +72,12 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
         }
     }
 
+    /// The map's descriptor (another handle on the same map can be
+    /// opened from it).
+    pub fn map_fd(&self) -> BorrowedFd<'_> {
+        self.map.map().fd().as_fd()
+    }
+
     fn is_taken(&self, position: u32) -> bool {
         self.taken[(position / 64) as usize] & (1 << (position % 64)) != 0
     }

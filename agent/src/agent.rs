@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, DatapathError},
     http::{self, HttpState},
     kernel_log,
     log_once::SyncLogs,
@@ -120,13 +120,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         SourceSpec::Dir(_) => None,
     };
-    let mut datapath = Datapath::start_with_sizes(&cfg.bpffs, &cfg.cgroup_path, &cfg.map_sizes)?;
-    for (program, how) in &datapath.attachments {
-        info!(program, attachment = ?how, cgroup = %cfg.cgroup_path.display(), "program attached");
-    }
-    for pin in &datapath.retired {
-        info!(pin = %pin.display(), "removed a pin an older headway left");
-    }
+    let mut datapath = Datapath::open(&cfg.bpffs, &cfg.map_sizes)?;
     // The kernel's rare events (fail-open, no socket storage) in our log.
     // Without it the datapath works the same, only quieter.
     match datapath.take_logger() {
@@ -137,6 +131,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         Err(e) => warn!(error = %e, "cannot follow the kernel programs' log"),
     }
+    let maps = datapath.take_maps()?;
+    // The verifier takes a while over the programs: they load and attach
+    // on their own thread while the source lists (and the writer reads
+    // what the maps hold). Nothing is written to the maps before they are
+    // attached, as before: whoever sees the maps synced finds the
+    // programs attached.
+    let attaching = {
+        let bpffs = cfg.bpffs.clone();
+        let cgroup_path = cfg.cgroup_path.clone();
+        tokio::task::spawn_blocking(move || {
+            datapath.attach(&bpffs, &cgroup_path).map(|()| datapath)
+        })
+    };
     let settings = PlanSettings {
         default_policy: cfg.default_policy,
         cluster_domain: cfg.cluster_domain.clone(),
@@ -144,7 +151,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // The kube source watches the Node, the dir source reads it.
         zone: None,
     };
-    let reconciler = Reconciler::new(datapath.take_maps()?, settings, cfg.namespaces.clone())
+    let reconciler = Reconciler::new(maps, settings, cfg.namespaces.clone())
         .context("cannot read the pinned maps")?;
     let mut syncer = Syncer::new(reconciler, http_state.clone());
     let host_netns_cookie =
@@ -168,24 +175,68 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => {}
         }
     };
+    let attaching = Attaching {
+        task: Some(attaching),
+        datapath: None,
+        cgroup_path: cfg.cgroup_path.clone(),
+    };
     match (&cfg.source, source) {
-        (SourceSpec::Dir(dir), _) => run_dir(dir, &mut syncer, &cfg, stop).await?,
-        (SourceSpec::Kube, Some(source)) => run_kube(source, &mut syncer, &cfg, stop).await,
+        (SourceSpec::Dir(dir), _) => run_dir(dir, &mut syncer, attaching, &cfg, stop).await?,
+        (SourceSpec::Kube, Some(source)) => {
+            run_kube(source, &mut syncer, attaching, &cfg, stop).await?
+        }
         (SourceSpec::Kube, None) => unreachable!("the kube source is started above"),
     }
     info!("stopping; programs stay attached and maps stay pinned");
     Ok(())
 }
 
+/// The programs loading and attaching on their own thread, then the
+/// attached datapath (kept until the agent stops).
+struct Attaching {
+    task: Option<tokio::task::JoinHandle<Result<Datapath, DatapathError>>>,
+    datapath: Option<Datapath>,
+    cgroup_path: PathBuf,
+}
+
+impl Attaching {
+    fn done(&self) -> bool {
+        self.task.is_none()
+    }
+
+    /// Waits for the programs to be attached (at once if they are); an
+    /// error ends the agent. Cancel-safe: the task stays until it ends.
+    async fn wait(&mut self) -> anyhow::Result<()> {
+        let Some(task) = &mut self.task else {
+            return Ok(());
+        };
+        let result = task.await;
+        self.task = None;
+        let datapath = result
+            .context("the thread attaching the programs failed")?
+            .context("cannot load and attach the programs")?;
+        for (program, how) in &datapath.attachments {
+            info!(program, attachment = ?how, cgroup = %self.cgroup_path.display(), "program attached");
+        }
+        for pin in &datapath.retired {
+            info!(pin = %pin.display(), "removed a pin an older headway left");
+        }
+        self.datapath = Some(datapath);
+        Ok(())
+    }
+}
+
 async fn run_dir(
     dir: &Path,
     syncer: &mut Syncer,
+    mut attaching: Attaching,
     cfg: &AgentConfig,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     // Watch before the first read, so no change between the two is missed.
     let (_watcher, mut changes) =
         DirWatcher::new(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
+    attaching.wait().await?;
     syncer.sync_dir(dir);
     syncer.http.mark_synced();
     info!(source = %dir.display(), metrics = %cfg.metrics_addr, "agent running");
@@ -212,15 +263,21 @@ async fn run_dir(
 async fn run_kube(
     mut source: KubeSource,
     syncer: &mut Syncer,
+    mut attaching: Attaching,
     cfg: &AgentConfig,
     stop: impl Future<Output = ()>,
-) {
+) -> anyhow::Result<()> {
     let mut synced = false;
     tokio::pin!(stop);
     loop {
         let batch = tokio::select! {
             batch = source.next_batch() => batch,
-            _ = &mut stop => return,
+            // Reported as soon as it is done (an error ends the agent).
+            attached = attaching.wait(), if !attaching.done() => {
+                attached?;
+                continue;
+            }
+            _ = &mut stop => return Ok(()),
         };
         let metrics = &syncer.http.metrics;
         // Each error restarts the watch (after kube's backoff).
@@ -245,6 +302,7 @@ async fn run_kube(
         if synced {
             syncer.update_services(&affected, source.store());
         } else if source.ready() {
+            attaching.wait().await?;
             let store = source.store();
             syncer.full_sync_with(&store.service_keys(), |key| {
                 let (spec, warnings) = store.service_spec(key);
@@ -320,7 +378,7 @@ impl Syncer {
     fn full_sync_with(
         &mut self,
         keys: &std::collections::BTreeSet<model::ServiceKey>,
-        spec_of: impl FnMut(&model::ServiceKey) -> Option<model::ServiceSpec>,
+        spec_of: impl FnMut(&model::ServiceKey) -> Option<model::ServiceSpec> + Send,
     ) {
         let started = Instant::now();
         let written = self.reconciler.full_sync_with(keys, spec_of);

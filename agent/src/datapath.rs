@@ -163,6 +163,18 @@ impl Datapath {
         cgroup_path: &Path,
         sizes: &MapSizes,
     ) -> Result<Datapath, DatapathError> {
+        let mut datapath = Datapath::open(bpffs, sizes)?;
+        datapath.attach(bpffs, cgroup_path)?;
+        Ok(datapath)
+    }
+
+    /// The first half of [`Datapath::start_with_sizes`]: the maps created
+    /// (or reused from the pins) and the filters the programs trust
+    /// rewritten, no program loaded yet. The maps can be taken and written
+    /// while [`Datapath::attach`] loads the programs (the verifier takes
+    /// a while); programs a previous agent attached keep running on the
+    /// same maps meanwhile, as they would during a sync after the swap.
+    pub fn open(bpffs: &Path, sizes: &MapSizes) -> Result<Datapath, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -194,7 +206,18 @@ impl Datapath {
         // Nor may connect() read a service as an older agent left it (or
         // find nothing, on an upgrade that brings the map).
         service_steering::fill_before_attach(&mut ebpf).map_err(DatapathError::ServiceSteering)?;
+        Ok(Datapath {
+            ebpf,
+            attachments: Vec::new(),
+            retired: Vec::new(),
+        })
+    }
 
+    /// The second half of [`Datapath::start_with_sizes`]: loads each
+    /// program and attaches it to the cgroup at `cgroup_path` (swapping
+    /// it into a link a previous agent pinned), then removes the pins an
+    /// older headway left. The maps may have been taken already.
+    pub fn attach(&mut self, bpffs: &Path, cgroup_path: &Path) -> Result<(), DatapathError> {
         let cgroup_dir = fs::File::open(cgroup_path).map_err(|source| {
             DatapathError::Cgroup(cgroup::CgroupError::Open {
                 path: cgroup_path.to_path_buf(),
@@ -202,17 +225,12 @@ impl Datapath {
             })
         })?;
         let cgroup_id = cgroup::cgroup_id(cgroup_path)?;
-        let mut attachments = Vec::new();
         for name in program_names::ALL {
-            let how = attach(&mut ebpf, name, &cgroup_dir, cgroup_id, bpffs)?;
-            attachments.push((name, how));
+            let how = attach(&mut self.ebpf, name, &cgroup_dir, cgroup_id, bpffs)?;
+            self.attachments.push((name, how));
         }
-        let retired = remove_retired_pins(bpffs)?;
-        Ok(Datapath {
-            ebpf,
-            attachments,
-            retired,
-        })
+        self.retired = remove_retired_pins(bpffs)?;
+        Ok(())
     }
 
     /// The reader of the programs' log records (see `kernel_log`). Can be

@@ -29,9 +29,30 @@ use headway_common::{
 use smallvec::SmallVec;
 
 use crate::{
-    map_writer::{WriteError, bump_pod_addrs_gen, delete_batch, fingerprint, write_batch},
+    addr_table::AddrTable,
+    generation::Generation,
+    map_writer::{WriteError, bump_generation, delete_batch, fingerprint, write_batch},
     pinned::Maps,
 };
+
+/// The maps the index writes: `dns_addrs`, its table, and the generation
+/// bumped after each change.
+pub struct DnsMaps<'a> {
+    pub dns_addrs: &'a HashMap<MapData, AddrKey, AddrIndex>,
+    pub addr_table: &'a mut AddrTable,
+    pub pod_addrs_gen: &'a Generation,
+}
+
+impl Maps {
+    /// The maps [`DnsIndex`] writes.
+    pub fn dns(&mut self) -> DnsMaps<'_> {
+        DnsMaps {
+            dns_addrs: &self.dns_addrs,
+            addr_table: &mut self.addr_table,
+            pod_addrs_gen: &self.pod_addrs_gen,
+        }
+    }
+}
 
 /// Slots a service has per family, at most.
 const MAX_SLOTS: usize = OBS_PAGE_SLOTS * OBS_MAX_PAGES;
@@ -200,7 +221,31 @@ pub fn monotonic_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// One service's [`DnsIndex::sync_service`], for the thread that runs
+/// them during the first sync.
+pub struct DnsJob {
+    pub service_id: u32,
+    pub gone: bool,
+    pub current: BTreeMap<AddrKey, bool>,
+    pub pods: Vec<(AddrKey, Option<u32>)>,
+}
+
 impl DnsIndex {
+    /// Runs the jobs in the order they come until the sender goes;
+    /// returns what failed, with the service of each.
+    pub fn serve(
+        &mut self,
+        maps: &mut DnsMaps<'_>,
+        jobs: std::sync::mpsc::Receiver<DnsJob>,
+    ) -> Vec<(u32, WriteError)> {
+        let mut errors = Vec::new();
+        for job in jobs {
+            let failed = self.sync_service(maps, job.service_id, job.gone, &job.current, job.pods);
+            errors.extend(failed.into_iter().map(|e| (job.service_id, e)));
+        }
+        errors
+    }
+
     /// Takes over what a previous agent left in `dns_addrs`: every slot
     /// stays with its address (so what clients learned stays readable), as
     /// if the address were gone until a sync says it is current.
@@ -246,7 +291,7 @@ impl DnsIndex {
     /// `None`: no pod) up to date in the map.
     pub fn sync_service(
         &mut self,
-        maps: &mut Maps,
+        maps: &mut DnsMaps<'_>,
         service_id: u32,
         gone: bool,
         current: &BTreeMap<AddrKey, bool>,
@@ -287,7 +332,7 @@ impl DnsIndex {
         }
         changed |= self.write(maps, &handed_over, &mut errors);
         if changed {
-            bump_pod_addrs_gen(maps, &mut errors);
+            bump_generation(maps.pod_addrs_gen, &mut errors);
         }
         errors
     }
@@ -296,7 +341,7 @@ impl DnsIndex {
     /// no agent ran), and sets the pods of `pods`.
     pub fn retain_services(
         &mut self,
-        maps: &mut Maps,
+        maps: &mut DnsMaps<'_>,
         keep: impl Fn(u32) -> bool,
         pods: impl IntoIterator<Item = (AddrKey, Option<u32>)>,
     ) -> Vec<WriteError> {
@@ -317,7 +362,7 @@ impl DnsIndex {
         }
         let mut errors = Vec::new();
         if self.write(maps, &touched, &mut errors) {
-            bump_pod_addrs_gen(maps, &mut errors);
+            bump_generation(maps.pod_addrs_gen, &mut errors);
         }
         errors
     }
@@ -463,7 +508,7 @@ impl DnsIndex {
     /// did.
     fn write(
         &mut self,
-        maps: &mut Maps,
+        maps: &mut DnsMaps<'_>,
         addrs: &BTreeSet<AddrKey>,
         errors: &mut Vec<WriteError>,
     ) -> bool {
@@ -487,8 +532,8 @@ impl DnsIndex {
         // `addr_table`): the kernel never finds one older than `dns_addrs`.
         let (upserts, removals) = withdraw(maps, upserts, removals, errors);
         let (keys, values) = &upserts;
-        let written = write_batch(&maps.dns_addrs, map_names::DNS_ADDRS, keys, values, errors);
-        let removed = delete_batch(&maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
+        let written = write_batch(maps.dns_addrs, map_names::DNS_ADDRS, keys, values, errors);
+        let removed = delete_batch(maps.dns_addrs, map_names::DNS_ADDRS, &removals, errors);
         let placed: Vec<(AddrKey, AddrIndex)> =
             written.iter().map(|i| (keys[*i], values[*i])).collect();
         if let Err(source) = maps.addr_table.place(&placed) {
@@ -511,7 +556,7 @@ impl DnsIndex {
 /// Takes the addresses about to change out of `addr_table`; returns
 /// the upserts and removals that may go ahead (none if that failed).
 fn withdraw(
-    maps: &mut Maps,
+    maps: &mut DnsMaps<'_>,
     upserts: (Vec<AddrKey>, Vec<AddrIndex>),
     removals: Vec<AddrKey>,
     errors: &mut Vec<WriteError>,

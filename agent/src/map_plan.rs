@@ -192,6 +192,11 @@ impl Ids {
         self.services.release(id);
     }
 
+    /// The service an id stands for.
+    pub fn service_key(&self, id: u32) -> Option<&ServiceKey> {
+        self.services.by_id.get(&id).map(Arc::as_ref)
+    }
+
     /// The pod an id stands for.
     pub fn pod_key(&self, id: u32) -> Option<&PodKey> {
         self.pods.by_id.get(&id).map(Arc::as_ref)

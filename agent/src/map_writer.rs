@@ -20,7 +20,7 @@ use std::{
 
 use std::os::fd::AsFd;
 
-use aya::maps::{HashMap, IterableMap, MapData, MapError};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError};
 use headway_common::{
     AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, PodCounters, PodMeta, PodRef,
     ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering,
@@ -28,8 +28,10 @@ use headway_common::{
 };
 
 use crate::{
+    addr_table::AddrTable,
     bpf_sys::{self, BatchError},
-    dns_index::DnsIndex,
+    dns_index::{DnsIndex, DnsJob, DnsMaps},
+    generation::Generation,
     map_plan::MapContents,
     pinned::Maps,
     service_steering,
@@ -129,9 +131,13 @@ impl<K, V> Default for Claims<K, V> {
 
 impl<K: Ord + Copy, V: Copy> Claims<K, V> {
     fn set(&mut self, key: K, owner: u32, value: V) {
-        let Some(owners) = self.0.get_mut(&key) else {
-            self.0.insert(key, Owners::One([(owner, value)]));
-            return;
+        // One walk down the tree (a first sync claims ~300,000 keys).
+        let owners = match self.0.entry(key) {
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(Owners::One([(owner, value)]));
+                return;
+            }
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
         };
         let mut list = match std::mem::replace(owners, Owners::Many(Vec::new())) {
             Owners::One(one) => one.to_vec(),
@@ -185,13 +191,13 @@ impl<K: Ord + Copy, V: Copy> Claims<K, V> {
     where
         K: 'a,
     {
-        let wanted: BTreeSet<K> = new.clone().map(|(k, _)| k).collect();
-        let mut touched = wanted.clone();
+        // The keys of `old` are distinct: one that `touched` holds before
+        // it is added is wanted.
+        let mut touched: BTreeSet<K> = new.clone().map(|(k, _)| k).collect();
         for k in old {
-            if !wanted.contains(k) {
+            if touched.insert(*k) {
                 self.release(k, owner);
             }
-            touched.insert(*k);
         }
         for (k, v) in new {
             self.set(k, owner, v);
@@ -309,6 +315,9 @@ pub struct MapWriter {
     shared: SharedClaims,
     /// `dns_addrs`: each service's address slots for DNS observations.
     dns_index: DnsIndex,
+    /// While [`MapWriter::with_dns_thread`] runs: where the `dns_addrs`
+    /// writes go instead of `dns_index`.
+    dns_jobs: Option<std::sync::mpsc::SyncSender<DnsJob>>,
 }
 
 impl MapWriter {
@@ -350,6 +359,7 @@ impl MapWriter {
             fragments: BTreeMap::new(),
             shared: SharedClaims::default(),
             dns_index,
+            dns_jobs: None,
         }
     }
 
@@ -479,9 +489,24 @@ impl MapWriter {
             .pod_addrs
             .iter()
             .map(|a| (*a, self.shared.pod_addrs.winner(a).map(|p| p.pod_id)));
-        let errors = self
-            .dns_index
-            .sync_service(&mut self.maps, service_id, gone, &current, pods);
+        let errors = match &self.dns_jobs {
+            Some(jobs) => {
+                let job = DnsJob {
+                    service_id,
+                    gone,
+                    current,
+                    pods: pods.collect(),
+                };
+                // A thread that is gone panicked: that comes out when it
+                // is joined.
+                let _ = jobs.send(job);
+                Vec::new()
+            }
+            None => {
+                self.dns_index
+                    .sync_service(&mut self.maps.dns(), service_id, gone, &current, pods)
+            }
+        };
         let mut written = written;
         written.summary.failed += errors.len();
         written.errors.extend(errors);
@@ -509,6 +534,84 @@ impl MapWriter {
             move_into(&mut loose.svc_ports, &mut own.svc_ports);
         }
         written
+    }
+
+    /// Runs `work` with each service's `dns_addrs` writes handed to a
+    /// thread of their own (the first sync writes ~100,000 entries there):
+    /// they go in the order the services were applied, each after its
+    /// `pod_addrs` entries as before, while this thread writes the next
+    /// services. Returns what `work` returned and the writes that failed
+    /// there, by service id, once every one is done. Without a thread (it
+    /// cannot start), the writes are made as usual.
+    pub fn with_dns_thread<R>(
+        &mut self,
+        work: impl FnOnce(&mut MapWriter) -> R,
+    ) -> (R, Vec<(u32, WriteError)>) {
+        // Handles of its own on `dns_addrs` and the table (the real table,
+        // which keeps where each address sits, goes to the thread).
+        let reopen = |fd: std::os::fd::BorrowedFd<'_>| -> Result<Map, MapError> {
+            let fd = fd.try_clone_to_owned().map_err(|io_error| {
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                })
+            })?;
+            Map::from_map_data(MapData::from_fd(fd)?)
+        };
+        let handles = (|| -> Result<_, MapError> {
+            let dns_addrs: HashMap<MapData, AddrKey, _> =
+                HashMap::try_from(reopen(self.maps.dns_addrs.map().fd().as_fd())?)?;
+            let spare = AddrTable::new(Array::try_from(reopen(self.maps.addr_table.map_fd())?)?);
+            Ok((dns_addrs, spare))
+        })();
+        let (dns_addrs, spare) = match handles {
+            Ok(handles) => handles,
+            Err(error) => {
+                tracing::warn!(%error, "cannot hand the DNS index to a thread; writing it here");
+                return (work(self), Vec::new());
+            }
+        };
+        // Run here or on the thread's side, whichever starts.
+        let mut work = Some(work);
+        let mut table = std::mem::replace(&mut self.maps.addr_table, spare);
+        let mut index = std::mem::take(&mut self.dns_index);
+        let generation = self.maps.pod_addrs_gen.clone();
+        let (jobs, queue) = std::sync::mpsc::sync_channel(DNS_JOBS_AHEAD);
+        let (result, errors) = std::thread::scope(|scope| {
+            let thread = std::thread::Builder::new()
+                .name("headway-dns".into())
+                .spawn_scoped(scope, || {
+                    let mut maps = DnsMaps {
+                        dns_addrs: &dns_addrs,
+                        addr_table: &mut table,
+                        pod_addrs_gen: &generation,
+                    };
+                    index.serve(&mut maps, queue)
+                });
+            let thread = match thread {
+                Ok(thread) => thread,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot start a thread for the DNS index; writing it here");
+                    return None;
+                }
+            };
+            self.dns_jobs = Some(jobs);
+            let work = work.take().expect("not run yet");
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self)));
+            // The thread ends once the queue is empty and closed.
+            self.dns_jobs = None;
+            let errors = thread.join();
+            let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let errors = errors.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            Some((result, errors))
+        })
+        .map_or((None, Vec::new()), |(r, e)| (Some(r), e));
+        self.maps.addr_table = table;
+        self.dns_index = index;
+        match result {
+            Some(result) => (result, errors),
+            None => (work.take().expect("not run yet")(self), Vec::new()),
+        }
     }
 
     /// Removes every entry no service claims: what a previous agent wrote
@@ -567,7 +670,7 @@ impl MapWriter {
         written.unclaimed_pods = keys.pods.into_iter().collect();
         let fragments = &self.fragments;
         let errors = self.dns_index.retain_services(
-            &mut self.maps,
+            &mut self.maps.dns(),
             |id| fragments.contains_key(&id),
             keys.pod_addrs.iter().map(|a| (*a, None)),
         );
@@ -576,6 +679,10 @@ impl MapWriter {
         written
     }
 }
+
+/// Services [`MapWriter::with_dns_thread`] may be ahead of the thread
+/// writing their `dns_addrs` entries by.
+const DNS_JOBS_AHEAD: usize = 256;
 
 /// The keys one write may change, per map.
 struct Touched {
@@ -902,7 +1009,12 @@ fn add_to_filter<'a>(
 /// Tells the DNS interceptor that the pods and slots it cached per answer
 /// may be stale: after `pod_addrs` or `dns_addrs` changed, never before.
 pub(crate) fn bump_pod_addrs_gen(maps: &mut Maps, errors: &mut Vec<WriteError>) {
-    if let Err(source) = maps.pod_addrs_gen.bump() {
+    bump_generation(&maps.pod_addrs_gen, errors);
+}
+
+/// [`bump_pod_addrs_gen`] with the generation alone.
+pub(crate) fn bump_generation(generation: &Generation, errors: &mut Vec<WriteError>) {
+    if let Err(source) = generation.bump() {
         errors.push(WriteError {
             object: None,
             op: "bump",
@@ -1023,15 +1135,24 @@ fn upsert<K: aya::Pod + Ord, V: aya::Pod, M: PartialEq>(
     sum: &mut WriteSummary,
     errors: &mut Vec<WriteError>,
 ) {
-    let (ks, vs): (Vec<K>, Vec<V>) = keys
-        .iter()
-        .filter_map(|k| Some((*k, wanted(k)?)))
-        .filter(|(k, v)| current.get(k) != Some(&mirror(v)))
-        .unzip();
+    let mut ks = Vec::new();
+    let mut vs = Vec::new();
+    let mut ms = Vec::new();
+    for k in keys {
+        let Some(v) = wanted(k) else { continue };
+        let m = mirror(&v);
+        if current.get(k) != Some(&m) {
+            ks.push(*k);
+            vs.push(v);
+            ms.push(Some(m));
+        }
+    }
     let written = write_batch(map, name, &ks, &vs, errors);
     sum.upserted += written.len();
     for i in written {
-        current.insert(ks[i], mirror(&vs[i]));
+        if let Some(m) = ms[i].take() {
+            current.insert(ks[i], m);
+        }
     }
 }
 

@@ -145,29 +145,34 @@ impl Reconciler {
     /// [`Self::full_sync`] to the services `keys`, whose specs `spec_of`
     /// computes one at a time (a whole desired state of 10,000 services
     /// is never held at once).
+    ///
+    /// The first sync of an agent plans on a second thread while this one
+    /// writes (see [`Self::first_sync`]).
     pub fn full_sync_with(
         &mut self,
         keys: &BTreeSet<ServiceKey>,
-        mut spec_of: impl FnMut(&ServiceKey) -> Option<ServiceSpec>,
+        mut spec_of: impl FnMut(&ServiceKey) -> Option<ServiceSpec> + Send,
     ) -> Written {
-        let mut total = Written::default();
-        let mut add = |w: Written| {
-            total.summary += w.summary;
-            total.errors.extend(w.errors);
+        let mut total = if self.applied.is_empty() && self.writer.service_ids().next().is_none() {
+            self.first_sync(keys, spec_of)
+        } else {
+            let mut total = Written::default();
+            let gone: Vec<ServiceKey> = self
+                .applied
+                .iter()
+                .filter(|k| !keys.contains(k))
+                .cloned()
+                .collect();
+            for key in &gone {
+                add(&mut total, self.update_service(key, None));
+            }
+            for key in keys {
+                let spec = spec_of(key);
+                add(&mut total, self.update_service(key, spec.as_ref()));
+            }
+            total
         };
-        let gone: Vec<ServiceKey> = self
-            .applied
-            .iter()
-            .filter(|k| !keys.contains(k))
-            .cloned()
-            .collect();
-        for key in &gone {
-            add(self.update_service(key, None));
-        }
-        for key in keys {
-            let spec = spec_of(key);
-            add(self.update_service(key, spec.as_ref()));
-        }
+        let mut add = |w: Written| add(&mut total, w);
         if !self.swept {
             add(self.writer.sweep());
             let writer = &self.writer;
@@ -178,4 +183,101 @@ impl Reconciler {
         total.summary.failed = total.errors.len();
         total
     }
+
+    /// The first sync, when no service has entries from this agent yet:
+    /// a second thread computes each spec and plans it (ids included)
+    /// while this one writes the plans in the same order, and a third
+    /// writes `dns_addrs` behind it ([`MapWriter::with_dns_thread`]).
+    ///
+    /// Writing cannot change an id here: with no entries of this agent in
+    /// the maps, no service has pods to let go ([`Self::release_departing_pods`]
+    /// finds none), and a service written for the first time claims every
+    /// pod it touches (the writer reports none unclaimed). A service
+    /// without a spec has nothing to remove either.
+    fn first_sync(
+        &mut self,
+        keys: &BTreeSet<ServiceKey>,
+        mut spec_of: impl FnMut(&ServiceKey) -> Option<ServiceSpec> + Send,
+    ) -> Written {
+        let Reconciler {
+            writer,
+            ids,
+            settings,
+            namespaces,
+            applied,
+            ..
+        } = self;
+        let mut total = Written::default();
+        let mut unclaimed = Vec::new();
+        let mut dns_failed = Vec::new();
+        let plan_spec_of = &mut spec_of;
+        let threaded = std::thread::scope(|scope| {
+            let (planned, plans) = std::sync::mpsc::sync_channel(PLANS_AHEAD);
+            let planner = std::thread::Builder::new()
+                .name("headway-plan".into())
+                .spawn_scoped(scope, move || {
+                    for key in keys {
+                        let wanted = namespaces.is_empty() || namespaces.contains(&key.namespace);
+                        let Some(spec) = plan_spec_of(key).filter(|_| wanted) else {
+                            continue;
+                        };
+                        let fragment = map_plan::plan_service(&spec, settings, ids);
+                        let id = ids.service(key);
+                        if planned.send((key, id, fragment)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            let planner = match planner {
+                Ok(planner) => planner,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a planning thread; planning on this one");
+                    return false;
+                }
+            };
+            let ((), failed) = writer.with_dns_thread(|writer| {
+                for (key, id, fragment) in plans {
+                    applied.insert(key.clone());
+                    let mut written = writer.apply_service(id, Some(fragment));
+                    unclaimed.append(&mut written.unclaimed_pods);
+                    for e in &mut written.errors {
+                        e.object.get_or_insert_with(|| format!("Service {key}"));
+                    }
+                    add(&mut total, written);
+                }
+            });
+            dns_failed = failed;
+            if let Err(panic) = planner.join() {
+                std::panic::resume_unwind(panic);
+            }
+            true
+        });
+        for (id, mut e) in dns_failed {
+            if let Some(key) = self.ids.service_key(id) {
+                e.object.get_or_insert_with(|| format!("Service {key}"));
+            }
+            total.errors.push(e);
+        }
+        if !threaded {
+            for key in keys {
+                let spec = spec_of(key);
+                add(&mut total, self.update_service(key, spec.as_ref()));
+            }
+            return total;
+        }
+        debug_assert!(unclaimed.is_empty(), "a first write left pods unclaimed");
+        for pod in unclaimed {
+            self.ids.release_pod(pod);
+        }
+        total
+    }
 }
+
+fn add(total: &mut Written, w: Written) {
+    total.summary += w.summary;
+    total.errors.extend(w.errors);
+}
+
+/// Plans the planning thread may be ahead of the writer by (each holds a
+/// service's entries until written).
+const PLANS_AHEAD: usize = 64;
