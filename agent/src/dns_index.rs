@@ -236,10 +236,10 @@ impl DnsIndex {
     pub fn serve(
         &mut self,
         maps: &mut DnsMaps<'_>,
-        jobs: std::sync::mpsc::Receiver<DnsJob>,
+        jobs: std::sync::mpsc::Receiver<Vec<DnsJob>>,
     ) -> Vec<(u32, WriteError)> {
         let mut errors = Vec::new();
-        for job in jobs {
+        for job in jobs.into_iter().flatten() {
             let failed = self.sync_service(maps, job.service_id, job.gone, &job.current, job.pods);
             errors.extend(failed.into_iter().map(|e| (job.service_id, e)));
         }

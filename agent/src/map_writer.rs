@@ -317,7 +317,9 @@ pub struct MapWriter {
     dns_index: DnsIndex,
     /// While [`MapWriter::with_dns_thread`] runs: where the `dns_addrs`
     /// writes go instead of `dns_index`.
-    dns_jobs: Option<std::sync::mpsc::SyncSender<DnsJob>>,
+    dns_jobs: Option<std::sync::mpsc::SyncSender<Vec<DnsJob>>>,
+    /// Jobs not handed over yet (they go a few at a time).
+    dns_pending: Vec<DnsJob>,
 }
 
 impl MapWriter {
@@ -360,6 +362,7 @@ impl MapWriter {
             shared: SharedClaims::default(),
             dns_index,
             dns_jobs: None,
+            dns_pending: Vec::new(),
         }
     }
 
@@ -491,15 +494,18 @@ impl MapWriter {
             .map(|a| (*a, self.shared.pod_addrs.winner(a).map(|p| p.pod_id)));
         let errors = match &self.dns_jobs {
             Some(jobs) => {
-                let job = DnsJob {
+                self.dns_pending.push(DnsJob {
                     service_id,
                     gone,
                     current,
                     pods: pods.collect(),
-                };
-                // A thread that is gone panicked: that comes out when it
-                // is joined.
-                let _ = jobs.send(job);
+                });
+                if self.dns_pending.len() >= DNS_JOB_BATCH {
+                    let batch = std::mem::take(&mut self.dns_pending);
+                    // A thread that is gone panicked: that comes out when
+                    // it is joined.
+                    let _ = jobs.send(batch);
+                }
                 Vec::new()
             }
             None => {
@@ -599,7 +605,9 @@ impl MapWriter {
             let work = work.take().expect("not run yet");
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self)));
             // The thread ends once the queue is empty and closed.
-            self.dns_jobs = None;
+            if let Some(jobs) = self.dns_jobs.take() {
+                let _ = jobs.send(std::mem::take(&mut self.dns_pending));
+            }
             let errors = thread.join();
             let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             let errors = errors.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -680,9 +688,11 @@ impl MapWriter {
     }
 }
 
-/// Services [`MapWriter::with_dns_thread`] may be ahead of the thread
-/// writing their `dns_addrs` entries by.
-const DNS_JOBS_AHEAD: usize = 256;
+/// Batches of services [`MapWriter::with_dns_thread`] may be ahead of the
+/// thread writing their `dns_addrs` entries by.
+const DNS_JOBS_AHEAD: usize = 8;
+/// Jobs handed to that thread at once (one wake-up each).
+const DNS_JOB_BATCH: usize = 32;
 
 /// The keys one write may change, per map.
 struct Touched {
