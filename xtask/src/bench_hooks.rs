@@ -34,6 +34,7 @@ use headway_testbed::{
 use serde_json::Value;
 
 use crate::{
+    bench::stats::Spread,
     bpf_stats,
     floor::{self, Floors},
     util,
@@ -294,36 +295,17 @@ fn print_case(results: &[CaseResult]) {
         } else {
             ("", String::new())
         };
-        let net = match (
-            median(&nets),
-            nets.iter().copied().reduce(f64::min),
-            nets.iter().copied().reduce(f64::max),
-        ) {
-            (Some(m), Some(lo), Some(hi)) => format!("{m:.0} [{lo:.0}–{hi:.0}]"),
-            _ => "–".to_string(),
-        };
-        let floor = median(&floors).map_or("–".to_string(), |f| format!("{f:.0}"));
+        let net = Spread::of(&nets).map_or("–".to_string(), |n| {
+            format!("{:.0} [{:.0}–{:.0}]", n.median, n.min, n.max)
+        });
+        let floor = Spread::of(&floors).map_or("–".to_string(), |f| format!("{:.0}", f.median));
+        let median = |v: &[f64]| Spread::of(v).map_or(0.0, |s| s.median);
         println!(
             "| {case} | {hook} | {:.0} | {:.0} | {floor} | {net} | {d} |",
-            median(&runs).unwrap_or(0.0),
-            median(&raw).unwrap_or(0.0),
+            median(&runs),
+            median(&raw),
         );
     }
-}
-
-/// The median of `values` (the mean of the middle two for an even count).
-fn median(values: &[f64]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    })
 }
 
 /// Connect decisions so far, by reason.

@@ -26,7 +26,7 @@ pub mod paired;
 pub mod paired_stats;
 pub mod report;
 mod servers;
-mod stats;
+pub mod stats;
 mod workload;
 
 use std::{
