@@ -2,12 +2,14 @@
 //! (TCP, and UDP sockets that connect). They account the connection and,
 //! when `steer` says so, rewrite its destination; the port is never
 //! touched. They always let the call proceed.
+use core::cell::Cell;
+
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::{AddrKey, sock_flags};
 
 use crate::{
     sock_addr::{set_user_ip6, user_ip6, user_port},
-    sock_table::{IPPROTO_UDP, cookie_of, find, find_or_take, free, mark, record_steering},
+    sock_table::{IPPROTO_UDP, find, find_or_take, free, mark, record_steering},
     steer::{Request, on_connect},
 };
 
@@ -40,6 +42,7 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
             dst,
             port: user_port(sa),
             protocol: (*sa).protocol,
+            cookie: Cell::new(0),
         }
     };
     let to = on_connect(ctx, &req);
@@ -47,7 +50,7 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
     // SAFETY: each record is this socket's own entry's.
     unsafe {
         if let Some(steering) = to.steered {
-            if let Some(entry) = find_or_take(cookie_of(ctx)) {
+            if let Some(entry) = find_or_take(req.cookie(ctx)) {
                 if let Some(pod_id) = to.pod {
                     mark(entry.record, pod_id, req.protocol as u8);
                 }
@@ -57,7 +60,7 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
         } else if udp {
             match to.pod {
                 Some(pod_id) => {
-                    if let Some(entry) = find_or_take(cookie_of(ctx)) {
+                    if let Some(entry) = find_or_take(req.cookie(ctx)) {
                         if mark(entry.record, pod_id, IPPROTO_UDP) {
                             (*entry.record).flags &= !sock_flags::STEERED;
                         } else {
@@ -66,7 +69,7 @@ unsafe fn connect(ctx: &SockAddrContext, dst: AddrKey, write: impl FnOnce(&AddrK
                     }
                 }
                 None => {
-                    if let Some(entry) = find(cookie_of(ctx)) {
+                    if let Some(entry) = find(req.cookie(ctx)) {
                         free(&entry);
                     }
                 }

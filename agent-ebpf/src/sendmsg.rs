@@ -4,6 +4,8 @@
 //! stays eligible in the service (then the next datagram chooses again),
 //! and recvmsg makes the replies come from the address asked for (see
 //! `transparency`).
+use core::cell::Cell;
+
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use headway_common::AddrKey;
 
@@ -38,6 +40,7 @@ fn destination(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<AddrKey
         dst,
         port,
         protocol: IPPROTO_UDP,
+        cookie: Cell::new(cookie),
     };
     let steering = on_sendmsg(ctx, &req)?;
     // Without a record the choice is made again for the next datagram

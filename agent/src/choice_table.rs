@@ -1,7 +1,8 @@
 //! The tables the connect hooks draw a pod from (`svc_backends`): per
 //! service and address family, one over every eligible pod and one over the
 //! eligible pods the service's topology prefers. The kernel draws a slot
-//! uniformly at random, so the policy lives in how slots are handed out:
+//! uniformly (per socket, `headway_common::draw`), so the policy lives in
+//! how slots are handed out:
 //! one per pod, or under `weighted` in proportion to the pod's weight.
 //! Pure: unit-tested on its own.
 use std::net::IpAddr;

@@ -652,6 +652,35 @@ pub mod policy {
     pub const WEIGHTED: u32 = 4;
 }
 
+/// How connect() draws slots of a choice table for a socket, without a
+/// helper call: the socket's cookie (unique per socket since boot) through
+/// splitmix64's finalizer, whose output bits are uniform and look
+/// independent even for consecutive inputs. The two halves give two
+/// independent draws (least-connections' two choices). A socket that
+/// connects to a service twice draws the same slot.
+pub mod draw {
+    /// The 64 mixed bits for `cookie`.
+    #[inline(always)]
+    pub const fn mix(cookie: u64) -> u64 {
+        let mut z = cookie;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform index below `n` from 32 bits of the draw (the low half
+    /// when `first`, else the high half): multiply and shift, no division.
+    #[inline(always)]
+    pub const fn below(mixed: u64, n: u32, first: bool) -> u32 {
+        let bits = if first {
+            mixed as u32
+        } else {
+            (mixed >> 32) as u32
+        };
+        ((bits as u64 * n as u64) >> 32) as u32
+    }
+}
+
 /// Topology preference of a service (`headway.dev/topology`).
 pub mod topology {
     pub const NONE: u32 = 0;
@@ -1166,6 +1195,39 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Consecutive cookies (as a client's sockets get them) spread evenly,
+    /// and the two halves are independent: every pair of (first, second)
+    /// indices is about equally common.
+    #[test]
+    fn draws_from_consecutive_cookies_are_uniform_and_independent() {
+        const N: u32 = 7;
+        const DRAWS: u64 = 700_000;
+        let mut singles = [0u64; N as usize];
+        let mut pairs = [[0u64; N as usize]; N as usize];
+        for cookie in 4096..4096 + DRAWS {
+            let mixed = draw::mix(cookie);
+            let (a, b) = (draw::below(mixed, N, true), draw::below(mixed, N, false));
+            assert!(a < N && b < N);
+            singles[a as usize] += 1;
+            pairs[a as usize][b as usize] += 1;
+        }
+        let mean = DRAWS as f64 / f64::from(N);
+        for count in singles {
+            assert!((count as f64 - mean).abs() < mean * 0.01, "{singles:?}");
+        }
+        let pair_mean = mean / f64::from(N);
+        for row in pairs {
+            for count in row {
+                assert!(
+                    (count as f64 - pair_mean).abs() < pair_mean * 0.05,
+                    "{pairs:?}"
+                );
+            }
+        }
+        assert_eq!(draw::below(u64::MAX, 1, true), 0);
+        assert_eq!(draw::below(u64::MAX, 5, false), 4);
+    }
 
     #[test]
     fn v4_mapped_key_matches_octets() {

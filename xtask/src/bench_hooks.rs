@@ -56,6 +56,10 @@ pub struct Options {
     /// gives medians over passes.
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Run only the cases whose name contains one of these words
+    /// (comma-separated, e.g. `random,failover`); all cases when empty.
+    #[arg(long, value_delimiter = ',')]
+    pub cases: Vec<String>,
 }
 
 fn v4(last: u8) -> Ipv4Addr {
@@ -180,6 +184,15 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         ),
         ("service name, observe", "client", cached, Some("observe")),
     ];
+    let cases: Vec<_> = cases
+        .into_iter()
+        .filter(|(case, ..)| {
+            opts.cases.is_empty() || opts.cases.iter().any(|c| case.contains(c.as_str()))
+        })
+        .collect();
+    if cases.is_empty() {
+        bail!("no case matches --cases {:?}", opts.cases);
+    }
     let mut policy_now = "failover".to_string();
     let mut measure = |case: &'static str,
                        client: &str,
