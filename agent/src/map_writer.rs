@@ -15,6 +15,7 @@
 //! other way round.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    hash::Hash,
     sync::atomic::{AtomicU64, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -121,24 +122,26 @@ impl<V> Owners<V> {
     }
 }
 
-/// Which services want a key, and with which value.
-struct Claims<K, V>(BTreeMap<K, Owners<V>>);
+/// Which services want a key, and with which value. Never walked in
+/// order, so a hash map: a first sync claims ~300,000 keys, and each
+/// write looks every key it touches up again.
+struct Claims<K, V>(std::collections::HashMap<K, Owners<V>>);
 
 impl<K, V> Default for Claims<K, V> {
     fn default() -> Self {
-        Claims(BTreeMap::new())
+        Claims(std::collections::HashMap::new())
     }
 }
 
-impl<K: Ord + Copy, V: Copy> Claims<K, V> {
+impl<K: Hash + Ord + Copy, V: Copy> Claims<K, V> {
     fn set(&mut self, key: K, owner: u32, value: V) {
-        // One walk down the tree (a first sync claims ~300,000 keys).
+        // One lookup for the common case of a single owner.
         let owners = match self.0.entry(key) {
-            std::collections::btree_map::Entry::Vacant(entry) => {
+            std::collections::hash_map::Entry::Vacant(entry) => {
                 entry.insert(Owners::One([(owner, value)]));
                 return;
             }
-            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
         };
         let mut list = match std::mem::replace(owners, Owners::Many(Vec::new())) {
             Owners::One(one) => one.to_vec(),
