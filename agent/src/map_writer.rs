@@ -307,13 +307,58 @@ fn pod_print(meta: &PodMeta) -> PodPrint {
     fingerprint(&(meta.namespace, meta.name))
 }
 
+/// The writer's mirror of the maps (see [`MapWriter`]'s `current`). The
+/// shared kinds are looked up key by key (~300,000 keys in a first sync)
+/// and never walked in order: hash maps.
+#[derive(Default)]
+struct Mirror {
+    services: BTreeMap<u32, ServiceMeta>,
+    pods: std::collections::HashMap<u32, PodPrint>,
+    pod_addrs: std::collections::HashMap<AddrKey, PodRef>,
+    svc_endpoints: BTreeMap<ServiceEndpointKey, EndpointState>,
+    svc_backends: BTreeMap<BackendKey, Backend>,
+    svc_ports: BTreeMap<ServicePortKey, u32>,
+    dns_names: std::collections::HashMap<u64, NameEntry>,
+}
+
+/// A mirror of one map, as [`upsert`] and [`remove`] keep it.
+trait MirrorMap<K, M> {
+    fn get(&self, key: &K) -> Option<&M>;
+    fn insert(&mut self, key: K, value: M);
+    fn remove(&mut self, key: &K);
+}
+
+impl<K: Ord, M> MirrorMap<K, M> for BTreeMap<K, M> {
+    fn get(&self, key: &K) -> Option<&M> {
+        BTreeMap::get(self, key)
+    }
+    fn insert(&mut self, key: K, value: M) {
+        BTreeMap::insert(self, key, value);
+    }
+    fn remove(&mut self, key: &K) {
+        BTreeMap::remove(self, key);
+    }
+}
+
+impl<K: Hash + Eq, M> MirrorMap<K, M> for std::collections::HashMap<K, M> {
+    fn get(&self, key: &K) -> Option<&M> {
+        std::collections::HashMap::get(self, key)
+    }
+    fn insert(&mut self, key: K, value: M) {
+        std::collections::HashMap::insert(self, key, value);
+    }
+    fn remove(&mut self, key: &K) {
+        std::collections::HashMap::remove(self, key);
+    }
+}
+
 pub struct MapWriter {
     maps: Maps,
     /// Mirror of what the shared maps hold (pods as fingerprints). Of the
     /// maps keyed by service id, only the entries no fragment describes:
     /// a previous agent's, until a sync or the sweep takes them over, and
     /// what a removed service left because the kernel refused to delete.
-    current: MapContents<PodPrint>,
+    current: Mirror,
     /// Each service's (by id) claims and entries.
     fragments: BTreeMap<u32, Fragment>,
     shared: SharedClaims,
@@ -347,17 +392,17 @@ impl MapWriter {
             svc_ports,
             dns_names,
         } = current;
-        let current = MapContents {
+        let current = Mirror {
             services,
             pods: pods
                 .iter()
                 .map(|(id, meta)| (*id, pod_print(meta)))
                 .collect(),
-            pod_addrs,
+            pod_addrs: pod_addrs.into_iter().collect(),
             svc_endpoints,
             svc_backends,
             svc_ports,
-            dns_names,
+            dns_names: dns_names.into_iter().collect(),
         };
         MapWriter {
             maps,
@@ -778,21 +823,21 @@ impl MapWriter {
         let cur = &self.current;
         let frag = |id: u32| self.fragments.get(&id);
         let keys = Touched {
-            pods: unclaimed(&cur.pods, |k| self.shared.pods.winner(k).is_none()),
-            pod_addrs: unclaimed(&cur.pod_addrs, |k| {
+            pods: unclaimed(cur.pods.keys(), |k| self.shared.pods.winner(k).is_none()),
+            pod_addrs: unclaimed(cur.pod_addrs.keys(), |k| {
                 self.shared.pod_addrs.winner(k).is_none()
             }),
-            dns_names: unclaimed(&cur.dns_names, |k| {
+            dns_names: unclaimed(cur.dns_names.keys(), |k| {
                 self.shared.dns_names.winner(k).is_none()
             }),
-            services: unclaimed(&cur.services, |k| frag(*k).is_none()),
-            svc_endpoints: unclaimed(&cur.svc_endpoints, |k| {
+            services: unclaimed(cur.services.keys(), |k| frag(*k).is_none()),
+            svc_endpoints: unclaimed(cur.svc_endpoints.keys(), |k| {
                 frag(k.service_id).is_none_or(|f| !holds(&f.svc_endpoints, k))
             }),
-            svc_backends: unclaimed(&cur.svc_backends, |k| {
+            svc_backends: unclaimed(cur.svc_backends.keys(), |k| {
                 frag(k.service_id).is_none_or(|f| !holds(&f.svc_backends, k))
             }),
-            svc_ports: unclaimed(&cur.svc_ports, |k| {
+            svc_ports: unclaimed(cur.svc_ports.keys(), |k| {
                 frag(k.service_id).is_none_or(|f| !holds(&f.svc_ports, k))
             }),
             unclaimed_pods: Vec::new(),
@@ -876,15 +921,11 @@ fn union<'a, K: Ord + Copy + 'a>(
     a.chain(b).copied().collect()
 }
 
-fn unclaimed<K: Ord + Copy, V>(
-    current: &BTreeMap<K, V>,
+fn unclaimed<'a, K: Ord + Copy + 'a>(
+    current: impl Iterator<Item = &'a K>,
     is_unclaimed: impl Fn(&K) -> bool,
 ) -> BTreeSet<K> {
-    current
-        .keys()
-        .filter(|k| is_unclaimed(k))
-        .copied()
-        .collect()
+    current.filter(|k| is_unclaimed(k)).copied().collect()
 }
 
 /// Writes services' `svc_steering` entries (see `service_steering`).
@@ -909,7 +950,7 @@ fn write_steering(m: &Maps, entries: &[(u32, ServiceSteering)], errors: &mut Vec
 #[allow(clippy::too_many_arguments)]
 fn write_keys(
     m: &mut Maps,
-    cur: &mut MapContents<PodPrint>,
+    cur: &mut Mirror,
     own: &mut MapContents<PodPrint>,
     keys: &Touched,
     pods_wanted: &dyn Fn(&u32) -> Option<PodMeta>,
@@ -1311,7 +1352,7 @@ fn copy<V: Copy>(v: &V) -> V {
 fn upsert<K: aya::Pod + Ord, V: aya::Pod, M: PartialEq>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    current: &mut BTreeMap<K, M>,
+    current: &mut impl MirrorMap<K, M>,
     keys: &BTreeSet<K>,
     wanted: &dyn Fn(&K) -> Option<V>,
     mirror: fn(&V) -> M,
@@ -1344,7 +1385,7 @@ fn upsert<K: aya::Pod + Ord, V: aya::Pod, M: PartialEq>(
 fn remove<K: aya::Pod + Ord, V: aya::Pod, M>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
-    current: &mut BTreeMap<K, M>,
+    current: &mut impl MirrorMap<K, M>,
     keys: &BTreeSet<K>,
     wanted: &dyn Fn(&K) -> Option<V>,
     sum: &mut WriteSummary,
@@ -1352,7 +1393,7 @@ fn remove<K: aya::Pod + Ord, V: aya::Pod, M>(
 ) {
     let ks: Vec<K> = keys
         .iter()
-        .filter(|k| wanted(k).is_none() && current.contains_key(k))
+        .filter(|k| wanted(k).is_none() && current.get(k).is_some())
         .copied()
         .collect();
     let gone = delete_batch(map, name, &ks, errors);
