@@ -599,9 +599,12 @@ impl MapWriter {
         // (one by one, a later but lower id would overwrite it).
         let shared = &mut self.shared;
         let mut touched = Touched::default();
-        let mut all = MapContents::default();
         let mut wanted_parts = Vec::with_capacity(services.len());
-        for (service_id, mut new) in services {
+        // Where each service's and pod's wanted entries are (moving them
+        // into one map per kind cost more than the lookups).
+        let mut part_of: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut pod_part: std::collections::HashMap<u32, usize> = Default::default();
+        for (service_id, new) in services {
             for id in new.pods.keys() {
                 shared.pods.set(*id, service_id, ());
                 touched.pods.insert(*id);
@@ -620,17 +623,15 @@ impl MapWriter {
             touched.svc_ports.extend(new.svc_ports.keys());
             let asked = !new.is_empty();
             // A pod's entry is the same whichever service lists it.
-            all.pods.extend(new.pods.iter().map(|(k, v)| (*k, *v)));
+            for id in new.pods.keys() {
+                pod_part.entry(*id).or_insert(wanted_parts.len());
+            }
+            part_of.insert(service_id, wanted_parts.len());
             let eligible: BTreeMap<AddrKey, bool> = new
                 .svc_endpoints
                 .iter()
                 .map(|(k, ep)| (k.addr, ep.flags & endpoint_flags::ELIGIBLE != 0))
                 .collect();
-            // Keys by service id are the service's own: moved, not copied.
-            all.services.append(&mut new.services);
-            all.svc_endpoints.append(&mut new.svc_endpoints);
-            all.svc_backends.append(&mut new.svc_backends);
-            all.svc_ports.append(&mut new.svc_ports);
             wanted_parts.push((service_id, asked, new, eligible));
         }
         let loose = &self.current;
@@ -641,18 +642,19 @@ impl MapWriter {
             svc_ports: held(&touched.svc_ports, &[], &loose.svc_ports),
             ..MapContents::default()
         };
+        let part = |service_id: u32| part_of.get(&service_id).map(|i| &wanted_parts[*i].2);
         let mut written = write_keys(
             &mut self.maps,
             &mut self.current,
             &mut own,
             &touched,
-            &|k| all.pods.get(k).copied(),
+            &|k| wanted_parts[*pod_part.get(k)?].2.pods.get(k).copied(),
             &|k| self.shared.pod_addrs.winner(k),
             &|k| self.shared.dns_names.winner(k),
-            &|k| all.services.get(k).copied(),
-            &|k| all.svc_endpoints.get(k).copied(),
-            &|k| all.svc_backends.get(k).copied(),
-            &|k| all.svc_ports.get(k).copied(),
+            &|k| part(*k)?.services.get(k).copied(),
+            &|k| part(k.service_id)?.svc_endpoints.get(k).copied(),
+            &|k| part(k.service_id)?.svc_backends.get(k).copied(),
+            &|k| part(k.service_id)?.svc_ports.get(k).copied(),
         );
         // `dns_addrs` once `pod_addrs` is written, service by service.
         for (service_id, _, new, eligible) in &mut wanted_parts {
