@@ -186,8 +186,9 @@ impl Reconciler {
 
     /// The first sync, when no service has entries from this agent yet:
     /// a second thread computes each spec and plans it (ids included)
-    /// while this one writes the plans in the same order, and a third
-    /// writes `dns_addrs` behind it ([`MapWriter::with_dns_thread`]).
+    /// while this one writes the plans in the same order, a batch of them
+    /// at a time ([`MapWriter::apply_new_services`]), and a third writes
+    /// `dns_addrs` behind it ([`MapWriter::with_dns_thread`]).
     ///
     /// Writing cannot change an id here: with no entries of this agent in
     /// the maps, no service has pods to let go ([`Self::release_departing_pods`]
@@ -247,12 +248,20 @@ impl Reconciler {
                 }
             };
             let ((), failed) = writer.with_dns_thread(|writer| {
-                for (key, id, fragment) in plans.into_iter().flatten() {
-                    applied.insert(key.clone());
-                    let mut written = writer.apply_service(id, Some(fragment));
+                // A batch of plans is written together (one syscall per
+                // map, not a dozen per service).
+                for batch in plans {
+                    let object = batch_object(batch.iter().map(|(key, _, _)| *key));
+                    applied.extend(batch.iter().map(|(key, _, _)| (*key).clone()));
+                    let mut written = writer.apply_new_services(
+                        batch
+                            .into_iter()
+                            .map(|(_, id, fragment)| (id, fragment))
+                            .collect(),
+                    );
                     unclaimed.append(&mut written.unclaimed_pods);
                     for e in &mut written.errors {
-                        e.object.get_or_insert_with(|| format!("Service {key}"));
+                        e.object.get_or_insert_with(|| object.clone());
                     }
                     add(&mut total, written);
                 }
@@ -281,6 +290,16 @@ impl Reconciler {
             self.ids.release_pod(pod);
         }
         total
+    }
+}
+
+/// What a refusal in a batch of services written together is about.
+fn batch_object<'a>(mut keys: impl ExactSizeIterator<Item = &'a ServiceKey>) -> String {
+    let n = keys.len();
+    match (keys.next(), keys.last()) {
+        (Some(key), None) => format!("Service {key}"),
+        (Some(first), Some(last)) => format!("Services {first} .. {last} ({n}, written together)"),
+        _ => String::new(),
     }
 }
 
