@@ -321,6 +321,26 @@ struct Mirror {
     dns_names: std::collections::HashMap<u64, NameEntry>,
 }
 
+impl Mirror {
+    /// Drops the entries keyed by service id among `touched` from the
+    /// loose part of the mirror: a write made them a service's own (or
+    /// deleted them).
+    fn forget_loose(&mut self, touched: &Touched) {
+        for k in &touched.services {
+            self.services.remove(k);
+        }
+        for k in &touched.svc_endpoints {
+            self.svc_endpoints.remove(k);
+        }
+        for k in &touched.svc_backends {
+            self.svc_backends.remove(k);
+        }
+        for k in &touched.svc_ports {
+            self.svc_ports.remove(k);
+        }
+    }
+}
+
 /// A mirror of one map, as [`upsert`] and [`remove`] keep it.
 trait MirrorMap<K, M> {
     fn get(&self, key: &K) -> Option<&M>;
@@ -547,19 +567,8 @@ impl MapWriter {
         written.summary.failed += errors.len();
         written.errors.extend(errors);
         // The touched keys are this service's now (or gone).
+        self.current.forget_loose(&keys);
         let loose = &mut self.current;
-        for k in &keys.services {
-            loose.services.remove(k);
-        }
-        for k in &keys.svc_endpoints {
-            loose.svc_endpoints.remove(k);
-        }
-        for k in &keys.svc_backends {
-            loose.svc_backends.remove(k);
-        }
-        for k in &keys.svc_ports {
-            loose.svc_ports.remove(k);
-        }
         if !new.is_empty() {
             self.fragments.insert(service_id, Fragment::of(&new, &own));
         } else {
@@ -668,19 +677,7 @@ impl MapWriter {
             written.summary.failed += errors.len();
             written.errors.extend(errors);
         }
-        let loose = &mut self.current;
-        for k in &touched.services {
-            loose.services.remove(k);
-        }
-        for k in &touched.svc_endpoints {
-            loose.svc_endpoints.remove(k);
-        }
-        for k in &touched.svc_backends {
-            loose.svc_backends.remove(k);
-        }
-        for k in &touched.svc_ports {
-            loose.svc_ports.remove(k);
-        }
+        self.current.forget_loose(&touched);
         let mut services_held = split_by_service(own.services, |k| *k);
         let mut endpoints_held = split_by_service(own.svc_endpoints, |k| k.service_id);
         let mut backends_held = split_by_service(own.svc_backends, |k| k.service_id);
