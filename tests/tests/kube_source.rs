@@ -610,6 +610,27 @@ fn address_entries(
     (pod, endpoint)
 }
 
+/// Polls one address's entries until `ok` holds (returned) or `SYNC`
+/// passes (the last entries read, as the error).
+fn wait_entries(
+    maps: &headway::pinned::Maps,
+    service_id: u32,
+    addr: &str,
+    ok: impl Fn(&Entries) -> bool,
+) -> Result<Entries, Entries> {
+    let deadline = std::time::Instant::now() + SYNC;
+    loop {
+        let now = address_entries(maps, service_id, addr);
+        if ok(&now) {
+            return Ok(now);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(now);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn service_id(maps: &headway::pinned::Maps, ns: &str, name: &str) -> u32 {
     let contents = maps.read_contents().unwrap();
     contents
@@ -680,11 +701,11 @@ fn kube_source_endpoint_moving_between_slices_removal_first_is_not_flapped() {
     wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
     let maps = headway::pinned::Maps::open_pinned(s.bpffs.path()).unwrap();
     let db = service_id(&maps, "data", "db");
-    let before = address_entries(&maps, db, "10.70.0.11");
-    assert!(
-        before.0.is_some() && before.0 == before.1,
-        "db-1 in the maps: {before:?}"
-    );
+    // `headway status` lists a pod from `svc_endpoints`, which the agent
+    // writes before `pod_addrs`: the view can be complete a moment before
+    // the address is (seen in CI).
+    let before = wait_entries(&maps, db, "10.70.0.11", |e| e.0.is_some() && e.0 == e.1)
+        .unwrap_or_else(|e| panic!("db-1 never in both maps: last {e:?}"));
 
     let watcher = Watcher::start(&s.bpffs, db, "10.70.0.11");
     // db-1 leaves db-a ...
