@@ -274,6 +274,23 @@ pub fn wait_for_status(
     bail!("status never became ready within {timeout:?}; last: {last:#?}")
 }
 
+/// Reads `read` every 10 ms until `done` holds for what it read, or
+/// `timeout` passes; returns the last read either way. The agent writes
+/// one change as a sequence of map writes, and `headway status` can show
+/// its end (a service gone) a moment before the last write (the pods it
+/// named): a test that checks other maps after a status wait polls them
+/// with this.
+pub fn settle<T>(timeout: Duration, mut read: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = read();
+        if done(&now) || Instant::now() >= deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The counters of pod `pod` under service `ns/service` in a status JSON.
 pub fn pod_counters(status: &Value, ns: &str, service: &str, pod: &str) -> Option<Value> {
     status["services"]

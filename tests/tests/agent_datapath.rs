@@ -10,7 +10,7 @@ use headway_testbed::{
     Cgroup, Cluster, ConnectReport,
     agent::{
         Agent, Bpffs, bpftool_dump, cgroup_programs, free_port, http_get, parse_openmetrics,
-        pod_counters, status_json, wait_for_status,
+        pod_counters, settle, status_json, wait_for_status,
     },
     manifests::{HeadlessService, PodEndpoint},
     require_root, run_client, start_pod_servers,
@@ -348,10 +348,15 @@ fn pod_removed_from_manifests_disappears_from_maps() {
         .write_to(manifests.path())
         .unwrap();
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 2).unwrap();
+    // `pods` is written last; the status shows the change before.
+    let pods = settle(
+        SYNC_TIMEOUT,
+        || bpftool_dump(&bpffs.pin("pods")).unwrap(),
+        |p| p.len() == 2,
+    );
+    assert_eq!(pods.len(), 2, "the removed pod is forgotten: {pods:#?}");
     let addrs = bpftool_dump(&bpffs.pin("pod_addrs")).unwrap();
     assert_eq!(addrs.len(), 4, "two pods x two families: {addrs:#?}");
-    let pods = bpftool_dump(&bpffs.pin("pods")).unwrap();
-    assert_eq!(pods.len(), 2, "the removed pod is forgotten: {pods:#?}");
     let endpoints = bpftool_dump(&bpffs.pin("svc_endpoints")).unwrap();
     assert_eq!(endpoints.len(), 4, "{endpoints:#?}");
     // The DNS interceptor's cached pod ids are stale now: the agent says so.

@@ -13,8 +13,8 @@ use std::{collections::BTreeMap, time::Duration};
 use headway_testbed::{
     Cgroup, FakeApi,
     agent::{
-        Agent, Bpffs, Source, bpftool_dump, free_port, http_get, parse_openmetrics, status_json,
-        wait_for_status,
+        Agent, Bpffs, Source, bpftool_dump, free_port, http_get, parse_openmetrics, settle,
+        status_json, wait_for_status,
     },
     fake_api::objects::{cluster_ip_service, headless_service, node, pod, slice},
     require_root,
@@ -325,7 +325,12 @@ fn kube_source_initial_sync_and_incremental_updates() {
         assert!(s.api.delete("Service", ns, name));
     }
     wait_view(&s.bpffs, &mut s.agent, "services deleted", View::is_empty);
-    for (map, n) in map_sizes(&s.bpffs) {
+    let sizes = settle(
+        SYNC,
+        || map_sizes(&s.bpffs),
+        |m| m.values().all(|n| *n == 0),
+    );
+    for (map, n) in sizes {
         assert_eq!(n, 0, "map {map} still has entries after every service went");
     }
     assert_eq!(status_json(&s.bpffs).unwrap()["services"], json!([]));
@@ -618,17 +623,8 @@ fn wait_entries(
     addr: &str,
     ok: impl Fn(&Entries) -> bool,
 ) -> Result<Entries, Entries> {
-    let deadline = std::time::Instant::now() + SYNC;
-    loop {
-        let now = address_entries(maps, service_id, addr);
-        if ok(&now) {
-            return Ok(now);
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(now);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let last = settle(SYNC, || address_entries(maps, service_id, addr), &ok);
+    if ok(&last) { Ok(last) } else { Err(last) }
 }
 
 fn service_id(maps: &headway::pinned::Maps, ns: &str, name: &str) -> u32 {
