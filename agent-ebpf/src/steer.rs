@@ -11,8 +11,8 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_netns_cookie};
 use aya_log_ebpf::warn;
 use headway_common::{
     AddrKey, Backend, BackendKey, ServiceEndpointKey, ServicePortKey, ServiceSteering, addr_filter,
-    addr_slot_flags, config_flags, draw, endpoint_flags, name_kind, policy, service_flags,
-    steer_counter, topology,
+    addr_slot_flags, config_flags, draw, endpoint_flags, name_kind, policy, port_word,
+    service_flags, steer_counter, topology,
 };
 
 use crate::{
@@ -291,11 +291,16 @@ fn endpoint_state(service_id: u32, addr: &AddrKey, slot_flags: u16) -> (bool, bo
 }
 
 /// Whether `req` goes to a port the service declares (always, when it
-/// declares none).
+/// declares none): from the ports its `svc_steering` entry carries, or
+/// from `svc_ports` when they did not fit there.
 #[inline(always)]
 fn port_declared(service_id: u32, service: &ServiceSteering, req: &Request) -> bool {
     if service.flags & service_flags::PORTS_DECLARED == 0 {
         return true;
+    }
+    if service.ports[0] != 0 {
+        let word = port_word(req.port, req.protocol as u8);
+        return service.ports.contains(&word);
     }
     let key = ServicePortKey {
         service_id,

@@ -218,6 +218,9 @@ impl Attaching {
         for (program, how) in &datapath.attachments {
             info!(program, attachment = ?how, cgroup = %self.cgroup_path.display(), "program attached");
         }
+        for pin in &datapath.replaced {
+            info!(pin = %pin.display(), "replaced a pinned map whose layout changed (written anew)");
+        }
         for pin in &datapath.retired {
             info!(pin = %pin.display(), "removed a pin an older headway left");
         }

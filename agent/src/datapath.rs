@@ -124,6 +124,9 @@ pub struct Datapath {
     /// Pins an older headway left that this one has no use for (a program
     /// or map that was merged or renamed), removed after attaching.
     pub retired: Vec<PathBuf>,
+    /// Pins of derived maps whose layout changed, removed before loading
+    /// so that this agent writes them anew (`pinned::DERIVED`).
+    pub replaced: Vec<PathBuf>,
 }
 
 /// Mounts bpffs at `path` unless one is already there.
@@ -181,6 +184,7 @@ impl Datapath {
         ensure_bpffs(bpffs)?;
         let dir = pinned::pin_dir(bpffs);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let replaced = pinned::unpin_changed_derived(bpffs, sizes)?;
         pinned::check_existing_layout(bpffs, Some(sizes))?;
 
         let pin_paths: Vec<(&str, PathBuf)> = map_names::ALL
@@ -210,6 +214,7 @@ impl Datapath {
             ebpf,
             attachments: Vec::new(),
             retired: Vec::new(),
+            replaced,
         })
     }
 

@@ -927,6 +927,21 @@ fn unclaimed<'a, K: Ord + Copy + 'a>(
     current.filter(|k| is_unclaimed(k)).copied().collect()
 }
 
+/// The ports of service `service_id` among the `svc_ports` keys `ports`.
+fn ports_of(
+    ports: &BTreeSet<ServicePortKey>,
+    service_id: u32,
+) -> impl Iterator<Item = ServicePortKey> + '_ {
+    let from = ServicePortKey {
+        service_id,
+        ..ServicePortKey::default()
+    };
+    ports
+        .range(from..)
+        .copied()
+        .take_while(move |k| k.service_id == service_id)
+}
+
 /// Writes services' `svc_steering` entries (see `service_steering`).
 fn write_steering(m: &Maps, entries: &[(u32, ServiceSteering)], errors: &mut Vec<WriteError>) {
     if let Err(e) = service_steering::write(&m.svc_steering, entries) {
@@ -1058,6 +1073,7 @@ fn write_keys(
         sum,
         errors,
     );
+    let ports_had: BTreeSet<ServicePortKey> = own.svc_ports.keys().copied().collect();
     upsert(
         &mut m.svc_ports,
         map_names::SVC_PORTS,
@@ -1069,13 +1085,20 @@ fn write_keys(
         errors,
     );
     // connect() reads a service from `svc_steering`: it follows the
-    // service's entry in, and goes out before it.
+    // service's entry in, and goes out before it. It carries the ports
+    // wanted (those going are removed from `svc_ports` after it), compared
+    // with the ones the maps had (`ports_had`, taken before the write).
     let steering_in: Vec<(u32, ServiceSteering)> = keys
         .services
         .iter()
         .filter_map(|id| {
-            let want = ServiceSteering::of(&services_wanted(id)?);
-            let had = own.services.get(id).map(ServiceSteering::of);
+            let wanted_ports =
+                ports_of(&keys.svc_ports, *id).filter(|k| svc_ports_wanted(k).is_some());
+            let want = ServiceSteering::of(&services_wanted(id)?).with_ports(wanted_ports);
+            let had = own
+                .services
+                .get(id)
+                .map(|meta| ServiceSteering::of(meta).with_ports(ports_of(&ports_had, *id)));
             (had != Some(want)).then_some((*id, want))
         })
         .collect();

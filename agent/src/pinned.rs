@@ -41,6 +41,12 @@ pub enum PinnedError {
         found: String,
         expected: String,
     },
+    #[error("cannot remove the pin {path} (its layout changed; it is written anew): {source}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot read map {name}: {source}")]
     Read {
         name: &'static str,
@@ -235,6 +241,30 @@ fn open_map(path: &Path) -> Result<MapData, PinnedError> {
     })
 }
 
+/// Maps the agent writes whole from other maps before any program is
+/// attached (`service_steering`, `addr_table`): a pinned one whose layout
+/// differs from this build's (an upgrade that changed it) is replaced, not
+/// refused. Programs already attached keep the old one until theirs
+/// replace them.
+pub const DERIVED: [&str; 2] = [map_names::SVC_STEERING, map_names::ADDR_TABLE];
+
+/// Removes the pins of [`DERIVED`] maps whose layout differs from this
+/// build's, so that loading creates them anew. Returns the paths removed.
+pub fn unpin_changed_derived(bpffs: &Path, sizes: &MapSizes) -> Result<Vec<PathBuf>, PinnedError> {
+    let mut removed = Vec::new();
+    for shape in MAP_SHAPES.iter().filter(|s| DERIVED.contains(&s.name)) {
+        let path = map_pin(bpffs, shape.name);
+        if path.exists() && layout_differs(shape, &path, Some(sizes))?.is_some() {
+            std::fs::remove_file(&path).map_err(|source| PinnedError::Unpin {
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 /// Checks every map already pinned under `bpffs` against the shapes this
 /// build expects, so new programs are never paired with stale maps. With
 /// `sizes` (the agent loading its programs) the sized maps must have
@@ -245,46 +275,57 @@ pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(
         if !path.exists() {
             continue;
         }
-        let info = open_map(&path)?
-            .info()
-            .map_err(|source| PinnedError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        let map_type = info.map_type().map_err(|source| PinnedError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        let found = (
-            map_type,
-            info.key_size(),
-            info.value_size(),
-            info.max_entries(),
-        );
-        let max_entries = match (sizes, MapSizes::default().max_entries(shape.name)) {
-            (Some(sizes), Some(_)) => sizes.max_entries(shape.name).unwrap_or(shape.max_entries),
-            // A reader accepts whatever size the agent chose.
-            (None, Some(_)) => info.max_entries(),
-            (_, None) => shape.max_entries,
-        };
-        let expected = (
-            shape.map_type,
-            shape.key_size,
-            shape.value_size,
-            max_entries,
-        );
-        if found != expected {
-            let show = |(t, k, v, n): (MapType, u32, u32, u32)| {
-                format!("{t:?}, key {k} B, value {v} B, {n} entries")
-            };
+        if let Some((found, expected)) = layout_differs(shape, &path, sizes)? {
             return Err(PinnedError::Incompatible {
                 path,
-                found: show(found),
-                expected: show(expected),
+                found,
+                expected,
             });
         }
     }
     Ok(())
+}
+
+/// How the map pinned at `path` differs from `shape` (found, expected),
+/// if it does (see [`check_existing_layout`] for `sizes`).
+fn layout_differs(
+    shape: &MapShape,
+    path: &Path,
+    sizes: Option<&MapSizes>,
+) -> Result<Option<(String, String)>, PinnedError> {
+    let info = open_map(path)?.info().map_err(|source| PinnedError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let map_type = info.map_type().map_err(|source| PinnedError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let found = (
+        map_type,
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+    );
+    let max_entries = match (sizes, MapSizes::default().max_entries(shape.name)) {
+        (Some(sizes), Some(_)) => sizes.max_entries(shape.name).unwrap_or(shape.max_entries),
+        // A reader accepts whatever size the agent chose.
+        (None, Some(_)) => info.max_entries(),
+        (_, None) => shape.max_entries,
+    };
+    let expected = (
+        shape.map_type,
+        shape.key_size,
+        shape.value_size,
+        max_entries,
+    );
+    if found == expected {
+        return Ok(None);
+    }
+    let show = |(t, k, v, n): (MapType, u32, u32, u32)| {
+        format!("{t:?}, key {k} B, value {v} B, {n} entries")
+    };
+    Ok(Some((show(found), show(expected))))
 }
 
 /// Typed handles to every headway map.

@@ -1,7 +1,8 @@
 //! The agent's side of `svc_steering`: for each service id, the fields of
-//! its `services` entry that connect() needs ([`ServiceSteering`]), in an
-//! array the verifier reads inline (a hash lookup in `services` cost
-//! 30-100 ns per steered connect here).
+//! its `services` entry that connect() needs and, when they fit, the ports
+//! it declares ([`ServiceSteering`]), in an array the verifier reads inline
+//! (a hash lookup in `services` cost 30-100 ns per steered connect here,
+//! one in `svc_ports` ~60 ns).
 //!
 //! `services` stays the record of a service (names for `status`); this
 //! array follows it: an entry is written right after the service's, and
@@ -13,15 +14,20 @@
 //! written (a hash map swaps whole values). That is harmless: each field
 //! is a whole u32, and any mix of a service's old and new fields points at
 //! slots of that service's choice tables, which are written before the
-//! entry and removed after it, or past them (the hook then fails open).
-use std::borrow::Borrow;
-use std::os::fd::AsFd;
+//! entry and removed after it, or past them (the hook then fails open). A
+//! mix of old and new ports decides one connection's port check either
+//! way during a change of the service's ports: it goes to the address
+//! asked for or to a pod of the service, both live.
+//!
+//! The array is derived whole from other maps, so a new agent whose
+//! layout of it differs replaces the pinned one (`pinned::DERIVED`).
+use std::{borrow::Borrow, collections::BTreeMap, os::fd::AsFd};
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, IterableMap, MapData, MapError},
 };
-use headway_common::{ServiceMeta, ServiceSteering, map_names};
+use headway_common::{ServiceMeta, ServicePortKey, ServiceSteering, map_names};
 
 use crate::bpf_sys::{self, BatchError};
 
@@ -37,8 +43,8 @@ pub fn write<T: Borrow<MapData>>(
 }
 
 /// Writes every entry of a freshly loaded object's `svc_steering` from
-/// the `services` it took over from pins (an id without a service gets an
-/// empty entry), before any program is attached.
+/// the `services` and `svc_ports` it took over from pins (an id without a
+/// service gets an empty entry), before any program is attached.
 pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
     let services: Vec<(u32, ServiceMeta)> = match ebpf.map(map_names::SERVICES) {
         Some(map) => HashMap::<_, u32, ServiceMeta>::try_from(map)?
@@ -47,6 +53,15 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
             .collect(),
         None => Vec::new(),
     };
+    let mut ports: BTreeMap<u32, Vec<ServicePortKey>> = BTreeMap::new();
+    if let Some(map) = ebpf.map(map_names::SVC_PORTS) {
+        for (key, _) in HashMap::<_, ServicePortKey, u32>::try_from(map)?
+            .iter()
+            .filter_map(Result::ok)
+        {
+            ports.entry(key.service_id).or_default().push(key);
+        }
+    }
     let map = ebpf
         .map_mut(map_names::SVC_STEERING)
         .ok_or(FillError::NoMap)?;
@@ -56,7 +71,9 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
         .collect();
     for (id, meta) in services {
         if let Some(entry) = entries.get_mut(id as usize) {
-            entry.1 = ServiceSteering::of(&meta);
+            let mut declared = ports.remove(&id).unwrap_or_default();
+            declared.sort();
+            entry.1 = ServiceSteering::of(&meta).with_ports(declared);
         }
     }
     write(&array, &entries).map_err(|e| FillError::Write { source: e.error })

@@ -8,7 +8,9 @@
 use headway::{
     datapath::Datapath,
     map_plan::{self, Ids, MapContents, PlanSettings},
-    model::{DesiredState, Endpoint, PodKey, Policy, ServiceKey, ServiceSpec, Topology},
+    model::{
+        DesiredState, Endpoint, PodKey, Policy, ServiceKey, ServicePort, ServiceSpec, Topology,
+    },
     pinned::{MapSizes, Maps, pinned_max_entries},
     reconcile::Reconciler,
 };
@@ -49,6 +51,17 @@ fn spec(name: &str, endpoints: &[(&str, &str)]) -> ServiceSpec {
             })
             .collect(),
     }
+}
+
+/// Declared ports (port, protocol), unnamed.
+fn ports(list: &[(u16, &str)]) -> Vec<ServicePort> {
+    list.iter()
+        .map(|(port, protocol)| ServicePort {
+            name: None,
+            port: *port,
+            protocol: (*protocol).into(),
+        })
+        .collect()
 }
 
 fn state(specs: &[&ServiceSpec]) -> DesiredState {
@@ -377,8 +390,8 @@ fn table_matches_dns_addrs(bpffs: &Bpffs) -> usize {
 
 /// Checks that every slot of `dns_addrs` says what `svc_endpoints` says
 /// of its address in its service (connect() reads the flags instead), and
-/// that `svc_steering` says what `services` says, id by id (empty where
-/// there is no service).
+/// that `svc_steering` says what `services` and `svc_ports` say, id by id
+/// (empty where there is no service).
 fn slot_flags_and_steering_match(bpffs: &Bpffs) {
     use headway_common::{ServiceEndpointKey, ServiceSteering, addr_slot_flags, endpoint_flags};
     let maps = Maps::open_pinned(bpffs.path()).unwrap();
@@ -400,11 +413,15 @@ fn slot_flags_and_steering_match(bpffs: &Bpffs) {
             assert_eq!(slot.flags, want, "{addr:?} in service {}", slot.service_id);
         }
     }
+    let mut ports: Vec<headway_common::ServicePortKey> =
+        maps.svc_ports.keys().map(Result::unwrap).collect();
+    ports.sort();
     for id in 0..maps.svc_steering.len() {
+        let declared = ports.iter().filter(|k| k.service_id == id).copied();
         let want = maps
             .services
             .get(&id, 0)
-            .map(|meta| ServiceSteering::of(&meta))
+            .map(|meta| ServiceSteering::of(&meta).with_ports(declared))
             .unwrap_or_default();
         assert_eq!(
             maps.svc_steering.get(&id, 0).unwrap(),
@@ -425,8 +442,14 @@ fn addr_table_matches_dns_addrs_through_syncs_and_restarts() {
     }
     let bpffs = Bpffs::new().unwrap();
     let cg = Cgroup::new("reconcile-table").unwrap();
-    let db = spec("db", &[("10.4.0.1", "db-0"), ("fd00:4::1", "db-1")]);
-    let web = spec("web", &[("10.4.1.1", "web-0"), ("10.4.0.1", "db-0")]);
+    // db's two ports fit in its steering entry; web's nine do not.
+    let mut db = spec("db", &[("10.4.0.1", "db-0"), ("fd00:4::1", "db-1")]);
+    db.ports = ports(&[(5432, "TCP"), (53, "UDP")]);
+    let mut web = spec("web", &[("10.4.1.1", "web-0"), ("10.4.0.1", "db-0")]);
+    web.ports = ports(&[(8080, "TCP"); 9]);
+    for (i, port) in web.ports.iter_mut().enumerate() {
+        port.port += i as u16;
+    }
     let dns_addrs_len = || {
         Maps::open_pinned(bpffs.path())
             .unwrap()
@@ -441,12 +464,32 @@ fn addr_table_matches_dns_addrs_through_syncs_and_restarts() {
         assert_eq!(table_matches_dns_addrs(&bpffs), 3);
         assert_eq!(dns_addrs_len(), 3);
         slot_flags_and_steering_match(&bpffs);
+        // Both kinds are there: ports inline (db), and too many (web).
+        let inline: Vec<[u32; 2]> = {
+            let maps = Maps::open_pinned(bpffs.path()).unwrap();
+            let mut seen: Vec<[u32; 2]> = maps
+                .services
+                .keys()
+                .map(|id| {
+                    let steering = maps.svc_steering.get(&id.unwrap(), 0).unwrap();
+                    assert_ne!(steering.flags & service_flags::PORTS_DECLARED, 0);
+                    [steering.ports[0], steering.ports[1]]
+                })
+                .collect();
+            seen.sort();
+            seen
+        };
+        use headway_common::{port_word, service_flags};
+        assert_eq!(inline, [[0, 0], [port_word(53, 17), port_word(5432, 6)]]);
 
         // An endpoint leaves web (its slot stays: the entry changes), a
         // new one comes, an address moves to another pod.
-        let web2 = spec("web", &[("10.4.1.2", "web-1"), ("10.4.0.1", "db-0")]);
+        // web's ports go down to two (now inline), db's change.
+        let mut web2 = spec("web", &[("10.4.1.2", "web-1"), ("10.4.0.1", "db-0")]);
+        web2.ports = ports(&[(8080, "TCP"), (8443, "TCP")]);
         assert!(rec.update_service(&web.key, Some(&web2)).errors.is_empty());
-        let db2 = spec("db", &[("10.4.0.1", "db-0"), ("fd00:4::1", "db-2")]);
+        let mut db2 = spec("db", &[("10.4.0.1", "db-0"), ("fd00:4::1", "db-2")]);
+        db2.ports = ports(&[(5433, "TCP")]);
         assert!(rec.update_service(&db.key, Some(&db2)).errors.is_empty());
         assert_eq!(table_matches_dns_addrs(&bpffs), dns_addrs_len());
         slot_flags_and_steering_match(&bpffs);
@@ -517,6 +560,7 @@ fn addr_table_matches_dns_addrs_through_syncs_and_restarts() {
         let stale = headway_common::ServiceSteering {
             policy: 99,
             live: 1,
+            ports: [headway_common::port_word(1, 6); headway_common::STEERING_PORTS],
             ..Default::default()
         };
         maps.svc_steering.set(id, stale, 0).unwrap();

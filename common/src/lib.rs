@@ -724,10 +724,21 @@ pub struct ServiceMeta {
     pub _pad: u32,
 }
 
+/// How many declared ports [`ServiceSteering`] carries itself. A service
+/// that declares more keeps them in `svc_ports` only.
+pub const STEERING_PORTS: usize = 8;
+
+/// A declared port as [`ServiceSteering::ports`] holds it: never 0 (the
+/// protocol is not).
+pub const fn port_word(port: u16, protocol: u8) -> u32 {
+    port as u32 | (protocol as u32) << 16
+}
+
 /// What the connect hooks need of a service (value of
 /// `map_names::SVC_STEERING`, indexed by service id): [`ServiceMeta`]'s
-/// steering fields, in an array the verifier reads inline instead of a
-/// hash lookup. An id with no service has `live` 0.
+/// steering fields and the ports it declares, in an array the verifier
+/// reads inline instead of hash lookups (64 bytes). An id with no service
+/// has `live` 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSteering {
@@ -741,10 +752,14 @@ pub struct ServiceSteering {
     pub flags: u32,
     /// 1: a service has this id.
     pub live: u32,
+    /// The declared ports ([`port_word`]), 0 after the last, when the
+    /// service declares at most [`STEERING_PORTS`]; all 0 when it declares
+    /// none or more (connect() then looks in `svc_ports`).
+    pub ports: [u32; STEERING_PORTS],
 }
 
 impl ServiceSteering {
-    /// The steering fields of `meta`.
+    /// The steering fields of `meta`, no ports inline.
     pub const fn of(meta: &ServiceMeta) -> ServiceSteering {
         ServiceSteering {
             policy: meta.policy,
@@ -755,7 +770,24 @@ impl ServiceSteering {
             preferred_v6: meta.preferred_v6,
             flags: meta.flags,
             live: 1,
+            ports: [0; STEERING_PORTS],
         }
+    }
+
+    /// `self` with the declared `ports` inline, if they fit.
+    pub fn with_ports(mut self, ports: impl IntoIterator<Item = ServicePortKey>) -> Self {
+        let mut inline = [0; STEERING_PORTS];
+        for (n, key) in ports.into_iter().enumerate() {
+            match inline.get_mut(n) {
+                Some(word) => *word = port_word(key.port, key.protocol),
+                None => {
+                    self.ports = [0; STEERING_PORTS];
+                    return self;
+                }
+            }
+        }
+        self.ports = inline;
+        self
     }
 }
 
@@ -1241,6 +1273,31 @@ mod tests {
         assert_eq!(AddrKey::from_octets(want), key);
     }
 
+    /// Up to [`STEERING_PORTS`] declared ports go inline, in order; more
+    /// leave none inline (connect() then reads `svc_ports`).
+    #[test]
+    fn declared_ports_go_inline_when_they_fit() {
+        let port = |port, protocol| ServicePortKey {
+            service_id: 3,
+            port,
+            protocol,
+            _pad: 0,
+        };
+        let service = ServiceSteering {
+            flags: service_flags::PORTS_DECLARED,
+            live: 1,
+            ..ServiceSteering::default()
+        };
+        let two = service.with_ports([port(53, 17), port(8080, 6)]);
+        assert_eq!(two.ports[..3], [53 | 17 << 16, 8080 | 6 << 16, 0]);
+        let eight = (1..=8).map(|p| port(p, 6));
+        assert_eq!(service.with_ports(eight).ports[7], 8 | 6 << 16);
+        let nine = (1..=9).map(|p| port(p, 6));
+        let too_many = two.with_ports(nine);
+        assert_eq!(too_many.ports, [0; STEERING_PORTS]);
+        assert_eq!(too_many.flags, service_flags::PORTS_DECLARED);
+    }
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
@@ -1254,6 +1311,7 @@ mod tests {
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);
         assert_eq!(size_of::<ServicePortKey>(), 8);
         assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<ServiceSteering>(), 64);
         assert_eq!(size_of::<BackendKey>(), 12);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<ServiceCounters>(), 12 * 8 + 16);
@@ -1266,7 +1324,6 @@ mod tests {
         assert_eq!(size_of::<AddrSlot>(), 16);
         assert_eq!(size_of::<AddrIndex>(), 8 + 16 * ADDR_MAX_SERVICES);
         assert_eq!(size_of::<AddrTableEntry>(), 128);
-        assert_eq!(size_of::<ServiceSteering>(), 32);
         assert_eq!(size_of::<Observation>(), 16);
     }
 

@@ -285,6 +285,20 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         .status()
         .expect("run bpftool");
     assert!(created.success() && retired.exists(), "bpftool map create");
+    // And `svc_steering` as the agent before inline ports pinned it (32-byte
+    // entries): derived from other maps, it is replaced, not refused.
+    let steering = bpffs.pin("svc_steering");
+    let entries = headway::pinned::pinned_max_entries(bpffs.path(), "svc_steering").unwrap();
+    fs::remove_file(&steering).unwrap();
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&steering)
+        .args(["type", "array", "key", "4", "value", "32", "entries"])
+        .arg(entries.to_string())
+        .args(["name", "svc_steering"])
+        .status()
+        .expect("run bpftool");
+    assert!(created.success(), "bpftool map create");
 
     // A new agent takes over: nothing reset, nothing attached twice.
     let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("restart agent");
@@ -305,6 +319,21 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!retired.exists(), "a retired map pin is removed");
+    let value_size = |path: &Path| {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(path)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["bytes_value"].as_u64()
+    };
+    assert_eq!(value_size(&steering), Some(64), "svc_steering replaced");
+    let live: Vec<Value> = bpftool_dump(&steering)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e["value"]["live"] == 1)
+        .collect();
+    assert_eq!(live.len(), 1, "web's entry written anew: {live:#?}");
     connect(&cluster, &cg, "web-0", false, false, 1);
     assert_eq!(counts(&status_json(&bpffs).unwrap(), "web-0"), (6, 0));
 

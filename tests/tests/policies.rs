@@ -17,7 +17,7 @@ use std::{
 
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport, ResolvConf, Zone,
-    agent::{Agent, Bpffs, status_json, wait_for_status},
+    agent::{Agent, Bpffs, bpftool_dump, settle, status_json, wait_for_status},
     manifests::{HeadlessService, PodEndpoint, documents, node},
     require_root, resolve_in, run_client, run_client_by_name, start_dns_server, start_pod_servers,
 };
@@ -657,6 +657,22 @@ fn only_declared_ports_are_steered_and_publish_not_ready_counts_as_eligible() {
     assert_eq!(d["kept_port"], 20 + 8, "{d:?}");
     assert_eq!(d["steered_gone"], 40, "{d:?}");
     assert_eq!(d["steered_not_eligible"], 20, "{d:?}");
+
+    // Nine declared ports are more than a service's steering entry
+    // carries: connect() reads them from `svc_ports`, to the same effect.
+    let mut many = m.clone();
+    many.ports = (0..9).map(|i| PORT + 100 * i).collect();
+    s.apply(&many, |_| true);
+    let declared = settle(
+        Duration::from_secs(15),
+        || bpftool_dump(&s.bpffs.pin("svc_ports")).unwrap().len(),
+        |n| *n == 9,
+    );
+    assert_eq!(declared, 9);
+    let r = s.connect("client", v4("p3").into(), PORT, 20, false);
+    assert!(r.only(&live), "{r:?}");
+    let r = s.connect("client", v4("p3").into(), OTHER_PORT, 10, false);
+    assert_eq!(r.of("p3"), 10, "{r:?}");
 
     // publishNotReadyAddresses: the not-ready pod is eligible again, so a
     // client that holds its address keeps it; a terminating pod is not.

@@ -3,7 +3,7 @@
 //! makes it time every program run: `run_time_ns / run_cnt`).
 //!
 //! A small cluster of network namespaces, the agent following manifests of
-//! one headless service, and a client making `--connections` TCP connects
+//! one headless service (declaring its port, as real ones do), and a client making `--connections` TCP connects
 //! per case: to an address of no headless service (the fast path), to a
 //! known pod it never resolved (accounted only), and to the address it got
 //! from the service name under each policy (kept, or chosen afresh). The
@@ -60,6 +60,10 @@ pub struct Options {
     /// (comma-separated, e.g. `random,failover`); all cases when empty.
     #[arg(long, value_delimiter = ',')]
     pub cases: Vec<String>,
+    /// Leave the service's ports undeclared (by default it declares its
+    /// one port, as real services do: connect() then checks the port).
+    #[arg(long)]
+    pub undeclared_port: bool,
 }
 
 fn v4(last: u8) -> Ipv4Addr {
@@ -70,8 +74,11 @@ fn v6(last: u8) -> Ipv6Addr {
     Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, u16::from(last))
 }
 
-fn manifest(policy: &str) -> String {
+fn manifest(policy: &str, declare_port: bool) -> String {
     let mut web = HeadlessService::new("demo", "web").policy(policy);
+    if declare_port {
+        web = web.port("http", PORT);
+    }
     for (name, last) in PODS {
         web = web.endpoint(PodEndpoint::new(name, [IpAddr::V4(v4(last))]));
     }
@@ -115,8 +122,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let cg = Cgroup::new("bench-hooks")?;
     let bpffs = Bpffs::new()?;
     let manifests = tempfile::tempdir()?;
-    let write_policy =
-        |policy: &str| fs::write(manifests.path().join("web.yaml"), manifest(policy));
+    let write_policy = |policy: &str| {
+        fs::write(
+            manifests.path().join("web.yaml"),
+            manifest(policy, !opts.undeclared_port),
+        )
+    };
     write_policy("failover")?;
     let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[])?;
     let synced = |s: &Value| {
