@@ -3,11 +3,12 @@
 //! makes it time every program run: `run_time_ns / run_cnt`).
 //!
 //! A small cluster of network namespaces, the agent following manifests of
-//! one headless service (declaring its port, as real ones do), and a client making `--connections` TCP connects
-//! per case: to an address of no headless service (the fast path), to a
-//! known pod it never resolved (accounted only), and to the address it got
-//! from the service name under each policy (kept, or chosen afresh). The
-//! per-case figures are the deltas of the counters around the case.
+//! one headless service (declaring its port, as real ones do), and a
+//! client making `--connections` TCP connects per case: to an address of
+//! no headless service (the fast path), to a known pod it never resolved
+//! (accounted only), and to the address it got from the service name under
+//! each policy (kept, or chosen afresh). The per-case figures are the
+//! deltas of the counters around the case.
 //!
 //! bpf_stats itself adds to every run (two clock reads, dear in a VM); the
 //! numbers include it. So that they can be read, each hook gets a floor
