@@ -122,6 +122,7 @@ mod tests {
                     name: name.to_string(),
                     policy: "failover".into(),
                     topology: "none".into(),
+                    ports: Vec::new(),
                     backends_v4: 0,
                     backends_v6: 0,
                     preferred_v4: 0,

@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 
 use headway_common::{
-    PodCounters, ServiceCounters, capacity, dns_counter, endpoint_flags, map_names, program_names,
-    sock_counter, steer_counter,
+    PodCounters, ServiceCounters, ServicePortKey, capacity, dns_counter, endpoint_flags, map_names,
+    program_names, sock_counter, steer_counter,
 };
 use serde::Serialize;
 
@@ -47,6 +47,9 @@ pub struct ServiceStatus {
     pub name: String,
     pub policy: String,
     pub topology: String,
+    /// The ports it declares (`8080/TCP`), the only ones steered; empty:
+    /// every port is.
+    pub ports: Vec<String>,
     /// Slots of its choice tables (see `headway_common::ServiceMeta`): per
     /// family, over all eligible pods (more than one per pod under
     /// `weighted`) and over the pods its topology prefers.
@@ -204,6 +207,24 @@ fn read_programs(bpffs: &Path) -> Vec<ProgramStatus> {
         .collect()
 }
 
+/// The ports service `service_id` declares in `svc_ports`, as
+/// `port/PROTOCOL`, in port order.
+fn declared_ports(svc_ports: &BTreeMap<ServicePortKey, u32>, service_id: u32) -> Vec<String> {
+    svc_ports
+        .keys()
+        .filter(|k| k.service_id == service_id)
+        .map(|k| {
+            let protocol = match k.protocol {
+                6 => "TCP".to_string(),
+                17 => "UDP".to_string(),
+                132 => "SCTP".to_string(),
+                other => format!("proto-{other}"),
+            };
+            format!("{}/{protocol}", k.port)
+        })
+        .collect()
+}
+
 /// Reads the pinned maps and links under `bpffs`.
 pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
     let maps = Maps::open_pinned(bpffs)?;
@@ -259,6 +280,7 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
                 topology: topology_from_value(meta.topology)
                     .map(|t| t.to_string())
                     .unwrap_or_else(|| format!("unknown({})", meta.topology)),
+                ports: declared_ports(&contents.svc_ports, *id),
                 backends_v4: meta.backends_v4,
                 backends_v6: meta.backends_v6,
                 preferred_v4: meta.preferred_v4,
@@ -437,11 +459,16 @@ pub fn render_table(status: &Status) -> String {
             .sum();
         let _ = writeln!(
             out,
-            "{}/{}  policy={}  topology={}  pods={}  choices: v4={} v6={}  lookups: service={} pod={}  steered={} no-eligible-pod={}",
+            "{}/{}  policy={}  topology={}  ports={}  pods={}  choices: v4={} v6={}  lookups: service={} pod={}  steered={} no-eligible-pod={}",
             svc.namespace,
             svc.name,
             svc.policy,
             svc.topology,
+            if svc.ports.is_empty() {
+                "any".to_string()
+            } else {
+                svc.ports.join(",")
+            },
             svc.pods.len(),
             svc.backends_v4,
             svc.backends_v6,
@@ -523,6 +550,7 @@ mod tests {
             name: "pg".into(),
             policy: "failover".into(),
             topology: "none".into(),
+            ports: vec!["5432/TCP".into()],
             backends_v4: 1,
             backends_v6: 0,
             preferred_v4: 0,
@@ -628,6 +656,7 @@ mod tests {
                 "db/pg",
                 "policy=failover",
                 "topology=none",
+                "ports=5432/TCP",
                 "pods=2",
                 "choices:",
                 "v4=1",

@@ -254,6 +254,7 @@ mod tests {
             name: "web".into(),
             policy: "failover".into(),
             topology: "none".into(),
+            ports: Vec::new(),
             backends_v4: 0,
             backends_v6: 0,
             preferred_v4: 0,

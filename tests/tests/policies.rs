@@ -17,11 +17,11 @@ use std::{
 
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport, ResolvConf, Zone,
-    agent::{Agent, Bpffs, bpftool_dump, settle, status_json, wait_for_status},
+    agent::{Agent, Bpffs, status_json, wait_for_status},
     manifests::{HeadlessService, PodEndpoint, documents, node},
     require_root, resolve_in, run_client, run_client_by_name, start_dns_server, start_pod_servers,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const PORT: u16 = 8080;
 /// A second port every pod serves, which services may leave undeclared.
@@ -213,9 +213,10 @@ impl Setup {
     }
 
     /// Rewrites the manifests and waits until `ready` holds.
-    fn apply(&mut self, manifest: &Manifest, ready: impl Fn(&Value) -> bool) {
+    /// Writes `manifest` and waits for the status it leads to.
+    fn apply(&mut self, manifest: &Manifest, ready: impl Fn(&Value) -> bool) -> Value {
         fs::write(self.manifests.path().join("web.yaml"), manifest.yaml()).unwrap();
-        wait_for_status(&self.bpffs, &mut self.agent, Duration::from_secs(15), ready).unwrap();
+        wait_for_status(&self.bpffs, &mut self.agent, Duration::from_secs(15), ready).unwrap()
     }
 
     /// Resolves the service name in `client` (glibc); the first IPv4 and
@@ -638,7 +639,8 @@ fn only_declared_ports_are_steered_and_publish_not_ready_counts_as_eligible() {
     // server still runs) and p2 stops being ready.
     s.resolve("client");
     let m = m.without("p3").pod("p2", |p| p.ready = false);
-    s.apply(&m, |st| pod_count(st) == 3);
+    let st = s.apply(&m, |st| pod_count(st) == 3);
+    assert_eq!(st["services"][0]["ports"], json!(["8080/TCP"]), "{st:#}");
 
     let live = ["p0", "p1"];
     for addr in [IpAddr::from(v4("p3")), v6("p3").into()] {
@@ -662,13 +664,9 @@ fn only_declared_ports_are_steered_and_publish_not_ready_counts_as_eligible() {
     // carries: connect() reads them from `svc_ports`, to the same effect.
     let mut many = m.clone();
     many.ports = (0..9).map(|i| PORT + 100 * i).collect();
-    s.apply(&many, |_| true);
-    let declared = settle(
-        Duration::from_secs(15),
-        || bpftool_dump(&s.bpffs.pin("svc_ports")).unwrap().len(),
-        |n| *n == 9,
-    );
-    assert_eq!(declared, 9);
+    s.apply(&many, |st| {
+        st["services"][0]["ports"].as_array().map(Vec::len) == Some(9)
+    });
     let r = s.connect("client", v4("p3").into(), PORT, 20, false);
     assert!(r.only(&live), "{r:?}");
     let r = s.connect("client", v4("p3").into(), OTHER_PORT, 10, false);
