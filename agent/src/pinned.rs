@@ -41,6 +41,15 @@ pub enum PinnedError {
         found: String,
         expected: String,
     },
+    #[error(
+        "pinned map {path} was written by another headway version ({found}; this one expects \
+         {expected}); this version's agent replaces it when it starts: start it, then try again"
+    )]
+    DerivedFromOtherVersion {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("cannot remove the pin {path} (its layout changed; it is written anew): {source}")]
     Unpin {
         path: PathBuf,
@@ -276,6 +285,13 @@ pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(
             continue;
         }
         if let Some((found, expected)) = layout_differs(shape, &path, sizes)? {
+            if DERIVED.contains(&shape.name) {
+                return Err(PinnedError::DerivedFromOtherVersion {
+                    path,
+                    found,
+                    expected,
+                });
+            }
             return Err(PinnedError::Incompatible {
                 path,
                 found,

@@ -299,6 +299,9 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         .status()
         .expect("run bpftool");
     assert!(created.success(), "bpftool map create");
+    // Until this version's agent replaces it, status says so (not "reset").
+    let err = status_json(&bpffs).unwrap_err().to_string();
+    assert!(err.contains("agent replaces it when it starts"), "{err}");
 
     // A new agent takes over: nothing reset, nothing attached twice.
     let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("restart agent");
