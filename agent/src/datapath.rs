@@ -184,8 +184,9 @@ impl Datapath {
         ensure_bpffs(bpffs)?;
         let dir = pinned::pin_dir(bpffs);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let replaced = pinned::unpin_changed_derived(bpffs, sizes)?;
+        // Refuse first: a refused start must leave every pin as it was.
         pinned::check_existing_layout(bpffs, Some(sizes))?;
+        let replaced = pinned::unpin_changed_derived(bpffs, sizes)?;
 
         let pin_paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()

@@ -277,15 +277,22 @@ pub fn unpin_changed_derived(bpffs: &Path, sizes: &MapSizes) -> Result<Vec<PathB
 /// Checks every map already pinned under `bpffs` against the shapes this
 /// build expects, so new programs are never paired with stale maps. With
 /// `sizes` (the agent loading its programs) the sized maps must have
-/// exactly those sizes; without (readers), any size is fine.
+/// exactly those sizes, and [`DERIVED`] maps are left to
+/// [`unpin_changed_derived`]; without (readers), any size is fine.
 pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(), PinnedError> {
     for shape in &MAP_SHAPES {
         let path = map_pin(bpffs, shape.name);
         if !path.exists() {
             continue;
         }
+        let derived = DERIVED.contains(&shape.name);
+        // The agent replaces a derived map of another layout
+        // ([`unpin_changed_derived`]).
+        if derived && sizes.is_some() {
+            continue;
+        }
         if let Some((found, expected)) = layout_differs(shape, &path, sizes)? {
-            if DERIVED.contains(&shape.name) {
+            if derived {
                 return Err(PinnedError::DerivedFromOtherVersion {
                     path,
                     found,

@@ -285,6 +285,13 @@ fn a_full_map_refuses_new_entries_and_existing_ones_keep_working() {
         .expect("other sizes must be refused")
         .to_string();
     assert!(err.contains("headway reset"), "{err}");
+    // ... and leaves every pin as it was, the derived ones too (they are
+    // replaced only by a start that goes ahead).
+    assert_eq!(
+        pinned_max_entries(bpffs.path(), "svc_steering"),
+        Some(64),
+        "svc_steering kept"
+    );
 }
 
 /// The connect hooks' fast path skips every address the filter does not
