@@ -379,6 +379,26 @@ pub fn indexed_pod(bpffs: &Bpffs, addr: std::net::IpAddr) -> Result<Option<u32>>
         .filter(|id| *id != NO_POD))
 }
 
+/// Whether the DNS index has caught up with the endpoints the maps list:
+/// every address in `svc_endpoints` is in `pod_addrs`, and `dns_addrs`
+/// gives it the same pod. The agent writes those three in that order, the
+/// index last (in a first sync by a thread of its own), so this holds at
+/// the end of a sync that added or kept addresses, and not in the middle
+/// of one that adds them. For an agent whose /readyz a test cannot reach
+/// (one in a network namespace).
+pub fn index_caught_up(bpffs: &Bpffs) -> Result<bool> {
+    let maps = headway::pinned::Maps::open_pinned(bpffs.path())?;
+    let contents = maps.read_contents()?;
+    Ok(contents.svc_endpoints.keys().all(|key| {
+        let Some(pod) = contents.pod_addrs.get(&key.addr) else {
+            return false;
+        };
+        maps.dns_addrs
+            .get(&key.addr, 0)
+            .is_ok_and(|index| index.pod_id == pod.pod_id)
+    }))
+}
+
 /// The id of pod `name` in the pinned `pods` map, if it is there.
 pub fn pod_id_of(bpffs: &Bpffs, name: &str) -> Result<Option<u32>> {
     let maps = headway::pinned::Maps::open_pinned(bpffs.path())?;
