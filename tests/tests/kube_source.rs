@@ -232,7 +232,12 @@ fn kube_source_initial_sync_and_incremental_updates() {
     // its end (the DNS index and the sweep come after `svc_endpoints`).
     wait_ready(&mut s.agent, s.port, SYNC).expect("ready after the first sync");
     // Watches are per namespace, with the label selectors that keep the
-    // agent's view small.
+    // agent's view small. Ready needs every list done, not the watches
+    // that follow them: wait for those to be asked for.
+    headway_testbed::fake_api::eventually(SYNC, "the slice watches", || {
+        s.api.selectors("endpointslices").len() >= 4
+    })
+    .unwrap();
     assert_eq!(
         s.api.selectors("endpointslices"),
         ["service.kubernetes.io/headless"; 4],
@@ -864,6 +869,10 @@ fn kube_source_follows_the_node_zone_label() {
         pods_of(v, "shop/zonal") == ["z-0", "z-1", "z-2"]
     });
     assert_eq!(preferred_pods(&s.bpffs, "shop", "zonal"), ["z-0"], "zone-a");
+    headway_testbed::fake_api::eventually(SYNC, "the node watch", || {
+        s.api.field_selectors("nodes").len() >= 2
+    })
+    .unwrap();
     assert_eq!(
         s.api.field_selectors("nodes"),
         ["metadata.name=node-1"; 2],
