@@ -16,7 +16,7 @@ use headway_common::{
 };
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
-    agent::{Agent, Bpffs, netns_cookie, status_json, wait_for_status},
+    agent::{Agent, Bpffs, index_caught_up, netns_cookie, settle, status_json, wait_for_status},
     manifests::{HeadlessService, PodEndpoint},
     require_root, run_client, start_pod_servers,
 };
@@ -103,6 +103,7 @@ impl Bed {
             s["services"].as_array().is_some_and(|v| v.len() == 3)
         })
         .unwrap();
+        wait_indexed(&bpffs);
         Bed {
             cluster,
             _servers: servers,
@@ -112,6 +113,21 @@ impl Bed {
             agent,
         }
     }
+}
+
+/// Waits until the DNS index has every address the status shows, with its
+/// pod: connect() accounts and decides by it, and the first sync writes it
+/// last, on a thread of its own (the status lists pods before).
+fn wait_indexed(bpffs: &Bpffs) {
+    let caught_up = settle(
+        Duration::from_secs(15),
+        || index_caught_up(bpffs).unwrap(),
+        |done| *done,
+    );
+    assert!(
+        caught_up,
+        "the DNS index never caught up with the endpoints"
+    );
 }
 
 /// Plants "netns `cookie` got `addr` from a name of `service`".
@@ -562,6 +578,7 @@ fn no_eligible_pod_fails_open() {
             .is_some_and(|v| v.len() == 1 && v[0]["pods"].as_array().is_some_and(|p| p.len() == 1))
     })
     .unwrap();
+    wait_indexed(&bpffs);
     let client = netns_cookie(cluster.client_ns("client")).unwrap();
     let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
     plant(&mut maps, client, "10.77.0.12", "web", name_kind::SERVICE);

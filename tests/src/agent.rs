@@ -291,6 +291,125 @@ pub fn settle<T>(timeout: Duration, mut read: impl FnMut() -> T, done: impl Fn(&
     }
 }
 
+/// Polls `/readyz` on `port` until it answers 200, or fails after
+/// `timeout`. Ready means the first sync is complete: every map written,
+/// the DNS index (`dns_addrs`, which connect() reads an address's pod
+/// from, written by a thread of its own) included. `headway status` shows
+/// the pods before that, from `svc_endpoints`: a test that connects, or
+/// resolves a name, right after the status shows them waits for this.
+pub fn wait_ready(agent: &mut Agent, port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        agent.check_running()?;
+        match http_get(port, "/readyz") {
+            Ok((200, _)) => return Ok(()),
+            other => last = Some(other),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("/readyz never answered 200 within {timeout:?}; last: {last:?}")
+}
+
+/// `headway_syncs_total` of the agent serving metrics on `port`: the
+/// syncs it has finished (counted after the last map write of each).
+pub fn syncs(port: u16) -> Result<u64> {
+    let (code, body) = http_get(port, "/metrics")?;
+    if code != 200 {
+        bail!("/metrics answered {code}: {body}");
+    }
+    let value = body
+        .lines()
+        .find_map(|l| l.strip_prefix("headway_syncs_total "))
+        .with_context(|| format!("no headway_syncs_total in {body}"))?;
+    Ok(value.trim().parse::<f64>()? as u64)
+}
+
+/// Waits until the `dir:`-source agent (manifests in `dir`, metrics on
+/// `port`) has finished a sync that began after this call: what the
+/// manifests said when it was called is then in every map, down to the
+/// last write (`pods` removals, the DNS index). A change shows in
+/// `headway status` in the middle of the agent's writes; a test that
+/// acts on the datapath or reads other maps after a change calls this.
+///
+/// The agent syncs on any change in `dir`, one sync at a time, counting
+/// each at its end. Twice: write a hidden file (a change that it does not
+/// read, so every sync reads the same), and wait for the count to pass
+/// what it was just before. The first round ends any sync running when it
+/// started (the first one to finish after is that one); a sync that
+/// finishes in the second round therefore began after this call.
+pub fn wait_synced(agent: &mut Agent, port: u16, dir: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for round in 0..2 {
+        let before = syncs(port)?;
+        std::fs::write(
+            dir.join(".headway-test-nudge"),
+            format!("{} {round}\n", unique_suffix()),
+        )
+        .context("writing the nudge file")?;
+        loop {
+            agent.check_running()?;
+            let now = syncs(port)?;
+            if now > before {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("the agent did not sync within {timeout:?} (syncs {now})");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// The pod id the datapath finds at `addr` now: the DNS index's entry
+/// (`dns_addrs`), which connect() accounts and steers by, and which the
+/// agent writes last for a change (after `svc_endpoints`, which `headway
+/// status` shows, and `pod_addrs`). None: no entry, or no pod there.
+pub fn indexed_pod(bpffs: &Bpffs, addr: std::net::IpAddr) -> Result<Option<u32>> {
+    let maps = headway::pinned::Maps::open_pinned(bpffs.path())?;
+    let key = headway::map_plan::addr_key(addr);
+    // `headway_common::NO_POD`: the address has slots, but no pod.
+    const NO_POD: u32 = u32::MAX;
+    Ok(maps
+        .dns_addrs
+        .get(&key, 0)
+        .ok()
+        .map(|index| index.pod_id)
+        .filter(|id| *id != NO_POD))
+}
+
+/// Whether the DNS index has caught up with the endpoints the maps list:
+/// every address in `svc_endpoints` is in `pod_addrs`, and `dns_addrs`
+/// gives it the same pod. The agent writes those three in that order, the
+/// index last (in a first sync by a thread of its own), so this holds at
+/// the end of a sync that added or kept addresses, and not in the middle
+/// of one that adds them. For an agent whose /readyz a test cannot reach
+/// (one in a network namespace).
+pub fn index_caught_up(bpffs: &Bpffs) -> Result<bool> {
+    let maps = headway::pinned::Maps::open_pinned(bpffs.path())?;
+    let contents = maps.read_contents()?;
+    Ok(contents.svc_endpoints.keys().all(|key| {
+        let Some(pod) = contents.pod_addrs.get(&key.addr) else {
+            return false;
+        };
+        maps.dns_addrs
+            .get(&key.addr, 0)
+            .is_ok_and(|index| index.pod_id == pod.pod_id)
+    }))
+}
+
+/// The id of pod `name` in the pinned `pods` map, if it is there.
+pub fn pod_id_of(bpffs: &Bpffs, name: &str) -> Result<Option<u32>> {
+    let maps = headway::pinned::Maps::open_pinned(bpffs.path())?;
+    let contents = maps.read_contents()?;
+    Ok(contents
+        .pods
+        .iter()
+        .find(|(_, meta)| headway::map_plan::decode_name(&meta.name) == name)
+        .map(|(id, _)| *id))
+}
+
 /// The counters of pod `pod` under service `ns/service` in a status JSON.
 pub fn pod_counters(status: &Value, ns: &str, service: &str, pod: &str) -> Option<Value> {
     status["services"]

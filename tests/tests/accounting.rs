@@ -13,7 +13,7 @@ use headway_testbed::{
     Cgroup, Child, Cluster,
     agent::{
         Agent, Bpffs, bpftool_dump, free_port, http_get, parse_openmetrics, pod_counters,
-        status_json, wait_for_status,
+        status_json, wait_for_status, wait_synced,
     },
     bulk::{Bulk, BulkReport, HEADER_LEN, run_bulk, start_holder, start_sinks},
     manifests::{HeadlessService, PodEndpoint},
@@ -602,6 +602,11 @@ fn a_pod_id_given_to_a_new_pod_is_not_touched_by_the_old_pods_sockets() {
             && pod_counters(s, "demo", "web", "web-1").is_none()
     })
     .expect("the agent replaces web-1 with web-2");
+    // The status can show web-2 (its `pods` entry over web-1's, on web-1's
+    // endpoints) before web-2's addresses lead to it: connect() finds an
+    // address's pod in the DNS index, which the agent writes last.
+    wait_synced(agent, bed.metrics_port, bed.manifests.path(), SYNC_TIMEOUT)
+        .expect("the agent finishes the change");
     assert_eq!(pod_id(&bed.bpffs, "web-2"), old_id, "the id is reused");
     assert_eq!(counter(&status, "web-2", "active_tcp"), 0, "{status:#}");
 

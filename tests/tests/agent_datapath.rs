@@ -4,15 +4,15 @@
 //!
 //! Privileged: needs root (CI runs it as root). Every address lives in
 //! namespaces the test creates; the client runs inside one of them.
-use std::{fs, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use headway_testbed::{
     Cgroup, Cluster, ConnectReport,
     agent::{
         Agent, Bpffs, bpftool_dump, cgroup_programs, free_port, http_get, parse_openmetrics,
-        pod_counters, settle, status_json, wait_for_status,
+        pod_counters, settle, status_json, wait_for_status, wait_ready, wait_synced,
     },
-    manifests::{HeadlessService, PodEndpoint},
+    manifests::{HeadlessService, PodEndpoint, write_whole},
     require_root, run_client, start_pod_servers,
 };
 use serde_json::Value;
@@ -45,7 +45,7 @@ fn write_manifests(dir: &Path, cluster: &Cluster) {
          metadata:\n  name: api-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: api}}\n\
          addressType: IPv4\nendpoints:\n  - addresses: [\"{api}\"]\n"
     );
-    fs::write(dir.join("api.yaml"), api_yaml).unwrap();
+    write_whole(&dir.join("api.yaml"), &api_yaml).unwrap();
 }
 
 fn build_cluster() -> Cluster {
@@ -131,6 +131,10 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["web"], "{status:#}");
+    // The status lists the pods from `svc_endpoints`; connect() finds an
+    // address's pod in the DNS index, written after it (on a thread of
+    // its own in a first sync): connect only once the sync is complete.
+    wait_ready(&mut agent, port, SYNC_TIMEOUT).expect("the agent becomes ready");
     // status reports both hooks attached, as the kernel verified them.
     for prog in status["programs"].as_array().unwrap() {
         assert_eq!(prog["attached"], true, "{prog}");
@@ -243,14 +247,14 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         "{body}"
     );
 
-    // A manifest broken by an edit keeps what it held.
-    fs::write(
-        manifests.path().join("web.yaml"),
+    // A manifest broken by an edit keeps what it held (checked once the
+    // agent has synced with the broken file, not after a fixed while).
+    write_whole(
+        &manifests.path().join("web.yaml"),
         "kind: Service\nspec: [oops\n",
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    agent.check_running().unwrap();
+    wait_synced(&mut agent, port, manifests.path(), SYNC_TIMEOUT).unwrap();
     assert_eq!(web_pod_count(&status_json(&bpffs).unwrap()), 3);
     write_manifests(manifests.path(), &cluster);
 
@@ -289,7 +293,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     // entries): derived from other maps, it is replaced, not refused.
     let steering = bpffs.pin("svc_steering");
     let entries = headway::pinned::pinned_max_entries(bpffs.path(), "svc_steering").unwrap();
-    fs::remove_file(&steering).unwrap();
+    std::fs::remove_file(&steering).unwrap();
     let created = std::process::Command::new("bpftool")
         .args(["map", "create"])
         .arg(&steering)
@@ -303,9 +307,15 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     let err = status_json(&bpffs).unwrap_err().to_string();
     assert!(err.contains("agent replaces it when it starts"), "{err}");
 
-    // A new agent takes over: nothing reset, nothing attached twice.
-    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).expect("restart agent");
-    std::thread::sleep(Duration::from_millis(500));
+    // A new agent takes over: nothing reset, nothing attached twice. The
+    // status reads the pins, so it is complete before the new agent has
+    // even attached: everything is checked once it is ready (attached,
+    // retired pins removed, synced).
+    let port = free_port().unwrap();
+    let metrics_flag = format!("--metrics-addr=127.0.0.1:{port}");
+    let mut agent =
+        Agent::start(manifests.path(), cg.path(), &bpffs, &[&metrics_flag]).expect("restart agent");
+    wait_ready(&mut agent, port, SYNC_TIMEOUT).expect("the new agent becomes ready");
     let status =
         wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pod_count(s) == 3).unwrap();
     assert_eq!(counts(&status, "web-0"), (5, 0), "{status:#}");
@@ -315,12 +325,6 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         12,
         "no second attachment"
     );
-    // The status above reads the pins, so it can be ready before the new
-    // agent is: give it time to load and attach.
-    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
-    while retired.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert!(!retired.exists(), "a retired map pin is removed");
     let value_size = |path: &Path| {
         let out = std::process::Command::new("bpftool")
@@ -351,7 +355,7 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
     assert!(out.status.success(), "reset: {out:?}");
     // The kernel lets go of an unpinned link after an RCU grace period
     // (the bpffs inode is freed from an RCU callback): give it a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
     while !cgroup_programs(cg.path()).unwrap().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }

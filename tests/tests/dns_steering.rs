@@ -15,8 +15,8 @@ use std::{
 
 use headway_testbed::{
     Cgroup, Cluster, ConnectReport, MalformedKind, ResolvConf, Zone,
-    agent::{Agent, Bpffs, status_json, wait_for_status},
-    manifests::{HeadlessService, PodEndpoint},
+    agent::{Agent, Bpffs, free_port, status_json, wait_for_status, wait_ready, wait_synced},
+    manifests::{HeadlessService, PodEndpoint, write_whole},
     require_root, resolve_in, run_client, run_client_by_name, start_dns_server, start_pod_servers,
 };
 use serde_json::Value;
@@ -92,6 +92,7 @@ struct Setup {
     manifests: tempfile::TempDir,
     zone_dir: tempfile::TempDir,
     agent: Agent,
+    metrics_port: u16,
     _servers: Vec<headway_testbed::Child>,
     _dns: headway_testbed::Child,
     _resolvers: Vec<ResolvConf>,
@@ -131,11 +132,17 @@ impl Setup {
             ),
         )
         .unwrap();
-        let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+        let metrics_port = free_port().unwrap();
+        let metrics = format!("--metrics-addr=127.0.0.1:{metrics_port}");
+        let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[&metrics]).unwrap();
         wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
             pod_count(s, "web") == 4
         })
         .unwrap();
+        // The DNS interceptor learns from `dns_names` and the DNS index,
+        // written after what the status shows (the index by a thread of
+        // its own): resolve only once the first sync is complete.
+        wait_ready(&mut agent, metrics_port, Duration::from_secs(15)).unwrap();
         Setup {
             cluster,
             cg,
@@ -143,18 +150,25 @@ impl Setup {
             manifests,
             zone_dir,
             agent,
+            metrics_port,
             _servers: servers,
             _dns: dns,
             _resolvers: resolvers,
         }
     }
 
-    /// Replaces the manifests (`file` → yaml) and waits until `ready`.
+    /// Replaces the manifests (`file` → yaml, each written whole) and
+    /// waits until `ready`, then until the agent has written the change
+    /// to the end: the status shows it before the DNS index (which
+    /// connect() reads an address's pod from) has it.
     fn apply(&mut self, files: &[(&str, String)], ready: impl Fn(&Value) -> bool) {
         for (file, yaml) in files {
-            fs::write(self.manifests.path().join(file), yaml).unwrap();
+            write_whole(&self.manifests.path().join(file), yaml).unwrap();
         }
-        wait_for_status(&self.bpffs, &mut self.agent, Duration::from_secs(15), ready).unwrap();
+        let timeout = Duration::from_secs(15);
+        wait_for_status(&self.bpffs, &mut self.agent, timeout, ready).unwrap();
+        let dir = self.manifests.path();
+        wait_synced(&mut self.agent, self.metrics_port, dir, timeout).unwrap();
     }
 
     fn resolve(&self, client: &str, name: &str) -> Vec<IpAddr> {

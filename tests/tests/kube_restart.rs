@@ -18,7 +18,10 @@ use std::{
 
 use headway_testbed::{
     Cgroup, Cluster, ConnectReport, FakeApi, ResolvConf, Zone,
-    agent::{Agent, Bpffs, Source, free_port, http_get, status_json, wait_for_status},
+    agent::{
+        Agent, Bpffs, Source, free_port, http_get, indexed_pod, settle, status_json,
+        wait_for_status, wait_ready,
+    },
     fake_api::{eventually, objects::headless_service},
     require_root, resolve_in, run_client, start_dns_server, start_pod_servers,
 };
@@ -157,6 +160,9 @@ fn agent_restart_mid_traffic_fails_no_connection_and_keeps_steering() {
         web_pods(s) == 4
     })
     .unwrap();
+    // The interceptor learns from `dns_names` and the DNS index, written
+    // after what the status shows: resolve once the first sync is done.
+    wait_ready(&mut agent, port, Duration::from_secs(20)).unwrap();
 
     // The client resolves the service name once (glibc, through the
     // interceptor) and from then on uses web-3's address from its cache.
@@ -177,6 +183,16 @@ fn agent_restart_mid_traffic_fails_no_connection_and_keeps_steering() {
         web_pods(s) == 3
     })
     .unwrap();
+    // The status shows web-3 gone from `svc_endpoints` before the DNS
+    // index (written last) forgets its pod: until then a connect to its
+    // address is decided as a reused address, not a gone one.
+    let web3 = IpAddr::V4(v4("web-3"));
+    let pod = settle(
+        Duration::from_secs(20),
+        || indexed_pod(&bpffs, web3).unwrap(),
+        Option::is_none,
+    );
+    assert_eq!(pod, None, "web-3's address still leads to its pod");
 
     // glibc's address sorting connect()s a UDP socket to each answer, so
     // resolving already steered one socket: count from here.

@@ -14,7 +14,7 @@ use headway_testbed::{
     Cgroup, FakeApi,
     agent::{
         Agent, Bpffs, Source, bpftool_dump, free_port, http_get, parse_openmetrics, settle,
-        status_json, wait_for_status,
+        status_json, syncs, wait_for_status, wait_ready,
     },
     fake_api::objects::{cluster_ip_service, headless_service, node, pod, slice},
     require_root,
@@ -228,9 +228,16 @@ fn kube_source_initial_sync_and_incremental_updates() {
         state_of(&v, "data/db", "db-0"),
         ["ready", "serving", "eligible"]
     );
-    assert_eq!(http_get(s.port, "/readyz").unwrap().0, 200);
+    // Ready once the first sync is complete, which the view shows before
+    // its end (the DNS index and the sweep come after `svc_endpoints`).
+    wait_ready(&mut s.agent, s.port, SYNC).expect("ready after the first sync");
     // Watches are per namespace, with the label selectors that keep the
-    // agent's view small.
+    // agent's view small. Ready needs every list done, not the watches
+    // that follow them: wait for those to be asked for.
+    headway_testbed::fake_api::eventually(SYNC, "the slice watches", || {
+        s.api.selectors("endpointslices").len() >= 4
+    })
+    .unwrap();
     assert_eq!(
         s.api.selectors("endpointslices"),
         ["service.kubernetes.io/headless"; 4],
@@ -426,10 +433,12 @@ fn survives_faults(streaming: bool) {
         "maps keep their last good state while the API is down"
     );
     assert_eq!(http_get(s.port, "/readyz").unwrap().0, 200);
-    assert!(
-        metric(s.port, "headway_watch_restarts_total", "services") >= 1.0,
-        "the outage is counted"
-    );
+    // The failed watch comes back to the agent after kube's backoff: wait
+    // for it to be counted rather than assume the 3 s above were enough.
+    headway_testbed::fake_api::eventually(SYNC, "the outage is counted", || {
+        metric(s.port, "headway_watch_restarts_total", "services") >= 1.0
+    })
+    .unwrap();
     s.api.set_down(false).unwrap();
     wait_view(
         &s.bpffs,
@@ -648,13 +657,19 @@ struct Watcher {
 }
 
 impl Watcher {
+    /// Returns once the first state is read.
     fn start(bpffs: &Bpffs, service_id: u32, addr: &'static str) -> Watcher {
         let maps = headway::pinned::Maps::open_pinned(bpffs.path()).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let (started, first_read) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let mut seen: Vec<(Option<u32>, Option<u32>)> = Vec::new();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            loop {
+                // Read after the flag: the last state is read after
+                // `stop` was called (a poller that last ran before the
+                // agent's write it waited for would miss it).
+                let stopping = flag.load(std::sync::atomic::Ordering::Relaxed);
                 // The two maps are read one after the other: a pair read
                 // across one of the agent's writes mixes before and after
                 // (seen once under load). A state counts when two reads in
@@ -670,10 +685,17 @@ impl Watcher {
                 if seen.last() != Some(&now) {
                     seen.push(now);
                 }
+                let _ = started.send(());
+                if stopping {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
             seen
         });
+        first_read
+            .recv_timeout(SYNC)
+            .expect("the map poller reads its first state");
         Watcher { stop, thread }
     }
 
@@ -695,6 +717,9 @@ fn kube_source_endpoint_moving_between_slices_removal_first_is_not_flapped() {
     }
     let mut s = start("kube-move");
     wait_view(&s.bpffs, &mut s.agent, "initial sync", initial_view);
+    // The sync count below must move for the removal, not for the end of
+    // the first sync.
+    wait_ready(&mut s.agent, s.port, SYNC).expect("ready after the first sync");
     let maps = headway::pinned::Maps::open_pinned(s.bpffs.path()).unwrap();
     let db = service_id(&maps, "data", "db");
     // `headway status` lists a pod from `svc_endpoints`, which the agent
@@ -705,11 +730,17 @@ fn kube_source_endpoint_moving_between_slices_removal_first_is_not_flapped() {
 
     let watcher = Watcher::start(&s.bpffs, db, "10.70.0.11");
     // db-1 leaves db-a ...
+    let synced = syncs(s.port).unwrap();
     s.api
         .apply(slice("data", "db-a", "db", &[("10.70.0.10", "db-0", true)]))
         .unwrap();
-    // ... and arrives in db-b well after the agent handled the removal.
-    std::thread::sleep(Duration::from_millis(300));
+    // ... and arrives in db-b after the agent handled the removal (in a
+    // batch of its own: the sync count moves once it is written), so that
+    // it really comes first.
+    headway_testbed::fake_api::eventually(SYNC, "the removal handled", || {
+        syncs(s.port).unwrap() > synced
+    })
+    .unwrap();
     s.api
         .apply(slice(
             "data",
@@ -838,6 +869,10 @@ fn kube_source_follows_the_node_zone_label() {
         pods_of(v, "shop/zonal") == ["z-0", "z-1", "z-2"]
     });
     assert_eq!(preferred_pods(&s.bpffs, "shop", "zonal"), ["z-0"], "zone-a");
+    headway_testbed::fake_api::eventually(SYNC, "the node watch", || {
+        s.api.field_selectors("nodes").len() >= 2
+    })
+    .unwrap();
     assert_eq!(
         s.api.field_selectors("nodes"),
         ["metadata.name=node-1"; 2],

@@ -20,9 +20,9 @@ use headway_testbed::{
     Cgroup, Cluster, ConnectReport,
     agent::{
         Agent, Bpffs, Sample, free_port, headway_bin, http_get, metric_families, parse_openmetrics,
-        status_json, wait_for_status,
+        settle, status_json, wait_for_status, wait_ready,
     },
-    manifests::{HeadlessService, PodEndpoint},
+    manifests::{HeadlessService, PodEndpoint, write_whole},
     require_root, run_client, start_pod_servers, unique_suffix,
 };
 use serde_json::Value;
@@ -124,6 +124,9 @@ fn metrics_keep_a_deleted_pods_series_for_the_grace_period() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &flags).unwrap();
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pods(s).len() == 2).unwrap();
+    // connect() finds an address's pod in the DNS index, written after
+    // what the status shows (by a thread of its own in a first sync).
+    wait_ready(&mut agent, port, SYNC_TIMEOUT).unwrap();
 
     for (pod, count) in [("web-0", 2), ("web-1", 3)] {
         let report: ConnectReport =
@@ -183,18 +186,28 @@ fn metrics_keep_a_deleted_pods_series_for_the_grace_period() {
     assert_eq!(attached, [1.0; 12], "{body}");
 
     // web-1 is deleted: the maps forget it at once...
-    fs::write(
-        manifests.path().join("web.yaml"),
-        web_manifest(&both[..1], None),
+    write_whole(
+        &manifests.path().join("web.yaml"),
+        &web_manifest(&both[..1], None),
     )
     .unwrap();
-    wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| {
-        web_pods(s) == ["web-0"]
-    })
-    .unwrap();
-    // ...but a scrape right after still has its final count.
-    let (body, samples) = scrape(port);
+    // ...but a scrape right after still has its final count. Scraped until
+    // the agent's last write of the change (`pods`, after the endpoints the
+    // series come from): the grace period runs from the last scrape that
+    // saw web-1 in the maps, so it never depends on how long the agent took.
+    let pod_entries =
+        |samples: &[Sample]| value(samples, "headway_map_entries", &[("map", "pods")]);
+    let (body, samples) = settle(
+        SYNC_TIMEOUT,
+        || scrape(port),
+        |(_, s)| pod_entries(s) == Some(1.0),
+    );
     println!("/metrics right after web-1 was deleted:\n{body}");
+    assert_eq!(
+        web_pods(&status_json(&bpffs).unwrap()),
+        ["web-0"],
+        "web-1 left the maps"
+    );
     assert_eq!(conns(&samples, "web-1"), Some(3.0), "{body}");
     assert_eq!(conns(&samples, "web-0"), Some(2.0), "{body}");
     assert_eq!(
@@ -513,8 +526,11 @@ fn top_shows_the_pods_live_and_quits_on_q() {
     let addr = |pod: &str| cluster.pod(pod).addr(false).unwrap();
     let pods = [("web-0", addr("web-0")), ("web-1", addr("web-1"))];
     fs::write(manifests.path().join("web.yaml"), web_manifest(&pods, None)).unwrap();
-    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[]).unwrap();
+    let (mut agent, port) = start_healthy(manifests.path(), &cg, &bpffs, &[]);
     wait_for_status(&bpffs, &mut agent, SYNC_TIMEOUT, |s| web_pods(s).len() == 2).unwrap();
+    // connect() finds an address's pod in the DNS index, written after
+    // what the status shows (by a thread of its own in a first sync).
+    wait_ready(&mut agent, port, SYNC_TIMEOUT).unwrap();
     let connect = |pod: &str, count: u32| {
         let report = run_client(&cluster, "client", Some(&cg), addr(pod), PORT, count, false)
             .expect("run the client");

@@ -17,8 +17,8 @@ use std::{
 
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport, ResolvConf, Zone,
-    agent::{Agent, Bpffs, status_json, wait_for_status},
-    manifests::{HeadlessService, PodEndpoint, documents, node},
+    agent::{Agent, Bpffs, free_port, status_json, wait_for_status, wait_ready, wait_synced},
+    manifests::{HeadlessService, PodEndpoint, documents, node, write_whole},
     require_root, resolve_in, run_client, run_client_by_name, start_dns_server, start_pod_servers,
 };
 use serde_json::{Value, json};
@@ -142,6 +142,7 @@ struct Setup {
     bpffs: Bpffs,
     manifests: tempfile::TempDir,
     agent: Agent,
+    metrics_port: u16,
     _servers: Vec<Child>,
     _dns: Child,
     _zone_dir: tempfile::TempDir,
@@ -193,18 +194,27 @@ impl Setup {
         let bpffs = Bpffs::new().unwrap();
         let manifests = tempfile::tempdir().unwrap();
         fs::write(manifests.path().join("web.yaml"), manifest.yaml()).unwrap();
-        let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, agent_args).unwrap();
+        let metrics_port = free_port().unwrap();
+        let metrics = format!("--metrics-addr=127.0.0.1:{metrics_port}");
+        let mut args = vec![metrics.as_str()];
+        args.extend_from_slice(agent_args);
+        let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &args).unwrap();
         let pods = manifest.pods.len();
         wait_for_status(&bpffs, &mut agent, Duration::from_secs(15), |s| {
             pod_count(s) == pods
         })
         .unwrap();
+        // The DNS interceptor learns from `dns_names` and the DNS index,
+        // written after what the status shows (the index by a thread of
+        // its own): resolve only once the first sync is complete.
+        wait_ready(&mut agent, metrics_port, Duration::from_secs(15)).unwrap();
         Setup {
             cluster,
             cg,
             bpffs,
             manifests,
             agent,
+            metrics_port,
             _servers: servers,
             _dns: dns,
             _zone_dir: zone_dir,
@@ -212,11 +222,17 @@ impl Setup {
         }
     }
 
-    /// Rewrites the manifests and waits until `ready` holds.
-    /// Writes `manifest` and waits for the status it leads to.
+    /// Rewrites the manifests (whole) and waits until `ready` holds, then
+    /// until the agent has written the change to the end: the status shows
+    /// it (`services`, `svc_endpoints`) before `svc_steering` and the DNS
+    /// index, which connect() decides by. Returns the status that held.
     fn apply(&mut self, manifest: &Manifest, ready: impl Fn(&Value) -> bool) -> Value {
-        fs::write(self.manifests.path().join("web.yaml"), manifest.yaml()).unwrap();
-        wait_for_status(&self.bpffs, &mut self.agent, Duration::from_secs(15), ready).unwrap()
+        write_whole(&self.manifests.path().join("web.yaml"), &manifest.yaml()).unwrap();
+        let timeout = Duration::from_secs(15);
+        let status = wait_for_status(&self.bpffs, &mut self.agent, timeout, ready).unwrap();
+        let dir = self.manifests.path();
+        wait_synced(&mut self.agent, self.metrics_port, dir, timeout).unwrap();
+        status
     }
 
     /// Resolves the service name in `client` (glibc); the first IPv4 and
@@ -524,13 +540,12 @@ fn least_connections_moves_new_connections_to_less_loaded_pods() {
     let held = release_held(holder, &release);
     assert_eq!(held, BTreeMap::from([("p0".into(), 8), ("p1".into(), 8)]));
     // Closed: the counts go back to zero, and the choice is even again.
-    let mut active = BTreeMap::new();
-    for _ in 0..100 {
-        active = s.pod_counter("active_tcp");
-        if active.values().all(|n| *n == 0) {
-            break;
-        }
+    // (A close reaches TCP_CLOSE asynchronously: FIN and ACKs.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut active = s.pod_counter("active_tcp");
+    while !active.values().all(|n| *n == 0) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
+        active = s.pod_counter("active_tcp");
     }
     assert!(active.values().all(|n| *n == 0), "{active:?}");
     let r = s.connect("client", a4, PORT, 1000, false);
