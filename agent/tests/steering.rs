@@ -596,7 +596,8 @@ fn no_eligible_pod_fails_open() {
             .filter(|l| l.contains("no eligible pod") && l.contains("10.77.0.12"))
             .count()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // The kernel's log reaches the agent's asynchronously.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while fail_open_lines() == 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }

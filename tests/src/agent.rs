@@ -399,17 +399,6 @@ pub fn index_caught_up(bpffs: &Bpffs) -> Result<bool> {
     }))
 }
 
-/// The id of pod `name` in the pinned `pods` map, if it is there.
-pub fn pod_id_of(bpffs: &Bpffs, name: &str) -> Result<Option<u32>> {
-    let maps = headway::pinned::Maps::open_pinned(bpffs.path())?;
-    let contents = maps.read_contents()?;
-    Ok(contents
-        .pods
-        .iter()
-        .find(|(_, meta)| headway::map_plan::decode_name(&meta.name) == name)
-        .map(|(id, _)| *id))
-}
-
 /// The counters of pod `pod` under service `ns/service` in a status JSON.
 pub fn pod_counters(status: &Value, ns: &str, service: &str, pod: &str) -> Option<Value> {
     status["services"]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 /// How long a server may take to print `ready`.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running process. Dropping it kills (SIGKILL) and reaps it, so a failing
 /// test never leaves servers or clients behind.
@@ -63,7 +63,7 @@ impl Child {
         // The pipe closes when the process exits; the short grace period
         // only matters if it left a grandchild holding it open.
         let text = output
-            .recv_timeout(Duration::from_secs(2))
+            .recv_timeout(Duration::from_secs(10))
             .map_err(|_| anyhow!("{}: stdout still open after exit", self.label))??;
         Ok((status, text))
     }
