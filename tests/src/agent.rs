@@ -99,8 +99,14 @@ impl Source {
     }
 }
 
-fn agent_command(source: &Source, cgroup: &Path, bpffs: &Bpffs, extra: &[&str]) -> Result<Command> {
-    let mut cmd = Command::new(headway_bin()?);
+fn agent_command(
+    bin: &Path,
+    source: &Source,
+    cgroup: &Path,
+    bpffs: &Bpffs,
+    extra: &[&str],
+) -> Result<Command> {
+    let mut cmd = Command::new(bin);
     cmd.arg("agent")
         .args(source.args())
         .arg("--cgroup-path")
@@ -124,6 +130,8 @@ fn agent_command(source: &Source, cgroup: &Path, bpffs: &Bpffs, extra: &[&str]) 
 /// it the way an operator would (SIGTERM) and checks it exited cleanly.
 pub struct Agent {
     child: Child,
+    /// The binary it runs (its `headway status` reads the pins its way).
+    bin: PathBuf,
 }
 
 impl Agent {
@@ -140,10 +148,23 @@ impl Agent {
         bpffs: &Bpffs,
         extra: &[&str],
     ) -> Result<Agent> {
-        let mut cmd = agent_command(source, cgroup, bpffs, extra)?;
+        Agent::start_bin(&headway_bin()?, source, cgroup, bpffs, extra)
+    }
+
+    /// Like [`Agent::start_with`], running the `headway` binary `bin`
+    /// (another build, for comparisons).
+    pub fn start_bin(
+        bin: &Path,
+        source: &Source,
+        cgroup: &Path,
+        bpffs: &Bpffs,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut cmd = agent_command(bin, source, cgroup, bpffs, extra)?;
         let child = cmd.spawn().context("starting headway agent")?;
         Ok(Agent {
-            child: Child::new(child, "headway agent".into()),
+            child: Child::new(child, format!("headway agent ({})", bin.display())),
+            bin: bin.to_path_buf(),
         })
     }
 
@@ -156,13 +177,15 @@ impl Agent {
         extra: &[&str],
         log: &Path,
     ) -> Result<Agent> {
-        let mut cmd = agent_command(&Source::Dir(manifests.into()), cgroup, bpffs, extra)?;
+        let bin = headway_bin()?;
+        let mut cmd = agent_command(&bin, &Source::Dir(manifests.into()), cgroup, bpffs, extra)?;
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         cmd.stderr(file);
         let child = cmd.spawn().context("starting headway agent")?;
         Ok(Agent {
             child: Child::new(child, "headway agent".into()),
+            bin,
         })
     }
 
@@ -192,7 +215,8 @@ impl Agent {
     ) -> Result<Agent> {
         let netns = std::fs::File::open(Path::new("/run/netns").join(ns.name()))
             .with_context(|| format!("opening netns {}", ns.name()))?;
-        let mut cmd = agent_command(source, cgroup, bpffs, extra)?;
+        let bin = headway_bin()?;
+        let mut cmd = agent_command(&bin, source, cgroup, bpffs, extra)?;
         let fd = netns.as_raw_fd();
         // SAFETY: setns is async-signal-safe; `netns` outlives the spawn.
         unsafe {
@@ -207,11 +231,17 @@ impl Agent {
         drop(netns);
         Ok(Agent {
             child: Child::new(child, format!("headway agent in {}", ns.name())),
+            bin,
         })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The `headway` binary it runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit.
@@ -236,7 +266,13 @@ impl Agent {
 
 /// `headway status --json --bpffs <bpffs>`, parsed.
 pub fn status_json(bpffs: &Bpffs) -> Result<Value> {
-    let out = Command::new(headway_bin()?)
+    status_json_of(&headway_bin()?, bpffs)
+}
+
+/// [`status_json`] as the `headway` binary `bin` reads the pins (the
+/// build of the agent that wrote them, when builds are compared).
+pub fn status_json_of(bin: &Path, bpffs: &Bpffs) -> Result<Value> {
+    let out = Command::new(bin)
         .args(["status", "--json", "--bpffs"])
         .arg(bpffs.path())
         .output()
@@ -263,7 +299,7 @@ pub fn wait_for_status(
     let mut last = None;
     while Instant::now() < deadline {
         agent.check_running()?;
-        if let Ok(status) = status_json(bpffs) {
+        if let Ok(status) = status_json_of(agent.bin(), bpffs) {
             if ready(&status) {
                 return Ok(status);
             }

@@ -18,21 +18,28 @@
 //! in rotated order, and the report gives medians. Run it on a quiet
 //! machine: a program run can be preempted, and the time it
 //! spends preempted counts too, so load inflates every figure.
+//!
+//! Figures drift by up to 2x between sittings on a VM, so two builds only
+//! compare when measured together: `--against BIN` runs another `headway`
+//! binary's programs on the same cluster, cgroup and pins, alternating
+//! the two builds pass by pass (AB, BA, ...; the agent restarts over the
+//! pins between them), and reports each hook's ratio of this build's net
+//! figure to the other's, per pass pair.
 use std::{
     collections::BTreeMap,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context, bail};
 use headway_testbed::{
     Cgroup, Cluster, ResolvConf, Zone,
-    agent::{Agent, Bpffs, status_json, wait_for_status},
+    agent::{Agent, Bpffs, Source, headway_bin, status_json_of, wait_for_status},
     manifests::{HeadlessService, PodEndpoint},
     resolve_in, run_client, start_dns_server, start_pod_servers,
 };
-use serde_json::Value;
 
 use crate::{
     bench::stats::Spread,
@@ -65,6 +72,11 @@ pub struct Options {
     /// one port, as real services do: connect() then checks the port).
     #[arg(long)]
     pub undeclared_port: bool,
+    /// Another `headway` binary to compare with in the same run (e.g. the
+    /// previous commit's `target/debug/headway`, copied aside): the two
+    /// builds alternate pass by pass and the report adds their ratios.
+    #[arg(long)]
+    pub against: Option<PathBuf>,
 }
 
 fn v4(last: u8) -> Ipv4Addr {
@@ -130,13 +142,22 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         )
     };
     write_policy("failover")?;
-    let mut agent = Agent::start(manifests.path(), cg.path(), &bpffs, &[])?;
-    let synced = |s: &Value| {
-        s["services"][0]["pods"]
-            .as_array()
-            .is_some_and(|p| p.len() == 4)
+    // The builds measured: this one, and the one to compare with.
+    let mut builds = vec![headway_bin()?];
+    builds.extend(opts.against.clone());
+    let source = Source::Dir(manifests.path().to_path_buf());
+    let start = |bin: &Path, policy: &str| -> anyhow::Result<Agent> {
+        let mut agent = Agent::start_bin(bin, &source, cg.path(), &bpffs, &[])?;
+        wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), |s| {
+            s["services"][0]["policy"] == policy
+                && s["services"][0]["pods"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 4)
+        })?;
+        Ok(agent)
     };
-    wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), synced)?;
+    let mut agent = start(&builds[0], "failover")?;
+    let mut running = 0;
 
     // The client learns the service name's addresses; its first one is
     // what it connects to in the DNS cases.
@@ -153,8 +174,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // Beside each hook, the cheapest program it can run: the floor that
     // every figure below contains.
     let floors = Floors::attach(cg.path())?;
-    let programs = || -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-        let mut stats = bpf_stats::program_stats(&bpffs)?;
+    let programs = |bin: &Path| -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        let mut stats = bpf_stats::program_stats_of(bin, &bpffs)?;
         for (name, s) in floors.stats()? {
             stats.insert(name.to_string(), s);
         }
@@ -206,30 +227,33 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bail!("no case matches --cases {:?}", opts.cases);
     }
     let mut policy_now = "failover".to_string();
-    let mut measure = |case: &'static str,
-                       client: &str,
-                       addr: IpAddr,
-                       policy: Option<&str>|
+    let measure = |agent: &mut Agent,
+                   policy_now: &mut String,
+                   case: &'static str,
+                   client: &str,
+                   addr: IpAddr,
+                   policy: Option<&str>|
      -> anyhow::Result<CaseResult> {
         if let Some(policy) = policy
-            && policy != policy_now
+            && policy != policy_now.as_str()
         {
             write_policy(policy)?;
             let want = policy.to_owned();
-            wait_for_status(&bpffs, &mut agent, Duration::from_secs(20), |s| {
+            wait_for_status(&bpffs, agent, Duration::from_secs(20), |s| {
                 s["services"][0]["policy"] == want.as_str()
             })?;
-            policy_now = want;
+            *policy_now = want;
         }
-        let before = programs()?;
-        let decisions_before = decisions(&bpffs)?;
+        let bin = agent.bin().to_path_buf();
+        let before = programs(&bin)?;
+        let decisions_before = decisions(&bin, &bpffs)?;
         let r = run_client(&cluster, client, Some(&cg), addr, PORT, n, false)?;
         if r.failures > 0 {
             bail!("{case}: {} of {n} connects failed: {r:?}", r.failures);
         }
-        let after = programs()?;
+        let after = programs(&bin)?;
         let per_run = bpf_stats::per_run(&before, &after);
-        let decisions = decisions(&bpffs)?
+        let decisions = decisions(&bin, &bpffs)?
             .into_iter()
             .map(|(k, v)| {
                 (
@@ -246,13 +270,33 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         })
     };
     // Every pass runs every case, starting one case later than the pass
-    // before, so a slow stretch of the machine falls on different cases.
-    let mut passes: Vec<Vec<CaseResult>> = (0..cases.len()).map(|_| Vec::new()).collect();
+    // before, so a slow stretch of the machine falls on different cases;
+    // with two builds, each pass runs both, in alternating order.
+    // passes[build][case]: one result per pass.
+    let mut passes: Vec<Vec<Vec<CaseResult>>> = builds
+        .iter()
+        .map(|_| (0..cases.len()).map(|_| Vec::new()).collect())
+        .collect();
     for pass in 0..opts.repeat {
-        for k in 0..cases.len() {
-            let i = (pass + k) % cases.len();
-            let (case, client, addr, policy) = cases[i];
-            passes[i].push(measure(case, client, addr, policy)?);
+        for j in 0..builds.len() {
+            let b = (pass + j) % builds.len();
+            if b != running {
+                agent.stop()?;
+                agent = start(&builds[b], &policy_now)?;
+                running = b;
+            }
+            for k in 0..cases.len() {
+                let i = (pass + k) % cases.len();
+                let (case, client, addr, policy) = cases[i];
+                passes[b][i].push(measure(
+                    &mut agent,
+                    &mut policy_now,
+                    case,
+                    client,
+                    addr,
+                    policy,
+                )?);
+            }
         }
     }
     agent.check_running()?;
@@ -270,11 +314,82 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     println!(
         "| case | hook | runs per pass | ns/run | floor ns/run | net of floor | decisions (all passes) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---|");
-    for results in &passes {
-        print_case(results);
+    for (bin, results) in builds.iter().zip(&passes) {
+        if builds.len() > 1 {
+            println!("\n   build: {}\n", bin.display());
+        }
+        println!(
+            "| case | hook | runs per pass | ns/run | floor ns/run | net of floor | decisions (all passes) |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---|");
+        for case in results {
+            print_case(case);
+        }
+    }
+    if let [this, other] = passes.as_slice() {
+        println!(
+            "\n== This build against {}: net of floor, medians over passes; \
+             ratio this/other per pass pair, median [min–max]\n",
+            builds[1].display()
+        );
+        println!("| case | hook | this | other | ratio |");
+        println!("|---|---|---:|---:|---:|");
+        for (a, b) in this.iter().zip(other) {
+            print_comparison(a, b);
+        }
     }
     Ok(())
+}
+
+/// Each hook's net figure per pass: hook -> nets in pass order.
+fn nets_by_hook(results: &[CaseResult]) -> BTreeMap<&str, Vec<f64>> {
+    let mut nets: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for r in results {
+        for (hook, (_, ns)) in &r.per_run {
+            if hook.starts_with("floor_") {
+                continue;
+            }
+            let floor = r
+                .per_run
+                .iter()
+                .find(|(name, _)| name.starts_with("floor_") && floor::beside(name) == hook)
+                .map(|(_, (_, ns))| *ns);
+            if let Some(f) = floor {
+                nets.entry(hook.as_str()).or_default().push(ns - f);
+            }
+        }
+    }
+    nets
+}
+
+/// One case's rows of the comparison: per hook, both builds' median net
+/// figures and the spread of their ratio over the pass pairs.
+fn print_comparison(this: &[CaseResult], other: &[CaseResult]) {
+    let Some(first) = this.first() else {
+        return;
+    };
+    let (a, b) = (nets_by_hook(this), nets_by_hook(other));
+    for (i, (hook, a)) in a.iter().enumerate() {
+        let Some(b) = b.get(hook) else {
+            continue;
+        };
+        let ratios: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .filter(|(_, b)| **b > 0.0)
+            .map(|(a, b)| a / b)
+            .collect();
+        let median = |v: &[f64]| Spread::of(v).map_or(0.0, |s| s.median);
+        let ratio = Spread::of(&ratios).map_or("–".to_string(), |r| {
+            format!("×{:.3} [{:.3}–{:.3}]", r.median, r.min, r.max)
+        });
+        let case = if i == 0 { first.case } else { "" };
+        println!(
+            "| {case} | {hook} | {:.0} | {:.0} | {ratio} |",
+            median(a),
+            median(b)
+        );
+    }
 }
 
 /// One case's rows: per hook, the medians over passes of its raw and
@@ -333,8 +448,8 @@ fn print_case(results: &[CaseResult]) {
     }
 }
 
-/// Connect decisions so far, by reason.
-fn decisions(bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, u64>> {
-    let status = status_json(bpffs)?;
+/// Connect decisions so far, by reason (as build `bin` reads the pins).
+fn decisions(bin: &Path, bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, u64>> {
+    let status = status_json_of(bin, bpffs)?;
     Ok(serde_json::from_value(status["steering"].clone())?)
 }

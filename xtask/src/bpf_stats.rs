@@ -2,10 +2,10 @@
 //! `kernel.bpf_stats_enabled=1` makes it time every run of every program
 //! (`run_time_ns`, `run_cnt`). The numbers include the two clock reads
 //! around each run.
-use std::{collections::BTreeMap, fs};
+use std::{collections::BTreeMap, fs, path::Path};
 
 use anyhow::Context;
-use headway_testbed::agent::{Bpffs, status_json};
+use headway_testbed::agent::{Bpffs, headway_bin, status_json_of};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -34,7 +34,13 @@ impl Drop for BpfStats {
 
 /// (runs, run time in ns) per headway program, from `headway status --json`.
 pub fn program_stats(bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-    let status = status_json(bpffs)?;
+    program_stats_of(&headway_bin()?, bpffs)
+}
+
+/// [`program_stats`] as the `headway` binary `bin` reads the pins (the
+/// build of the running agent, when builds are compared).
+pub fn program_stats_of(bin: &Path, bpffs: &Bpffs) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let status = status_json_of(bin, bpffs)?;
     let programs = status["programs"]
         .as_array()
         .context("status has no programs")?;
