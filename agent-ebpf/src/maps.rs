@@ -79,8 +79,16 @@ pub static DNS_COUNTERS: PerCpuArray<u64, { dns_counter::COUNT as usize }> = Per
 pub static SVC_BACKENDS: HashMap<BackendKey, Backend, { capacity::SVC_BACKENDS as usize }> =
     HashMap::new();
 
+// Mappable only so that its values start on a page: each 128-byte entry is
+// then two whole cache lines. A plain array's values start where the
+// kernel's `struct bpf_array` ends (312 bytes on 6.18: 56 bytes into a
+// line), so a 64-byte value spans two lines.
 #[btf_map(name = "svc_steering")]
-pub static SVC_STEERING: Array<ServiceSteering, { capacity::SERVICES as usize }> = Array::new();
+pub static SVC_STEERING: Array<
+    ServiceSteering,
+    { capacity::SERVICES as usize },
+    { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 #[btf_map(name = "svc_ports")]
 pub static SVC_PORTS: HashMap<ServicePortKey, u32, { capacity::SVC_PORTS as usize }> =

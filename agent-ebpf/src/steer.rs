@@ -10,9 +10,10 @@ use core::cell::Cell;
 use aya_ebpf::{EbpfContext, helpers::bpf_get_netns_cookie};
 use aya_log_ebpf::warn;
 use headway_common::{
-    AddrKey, Backend, BackendKey, ServiceEndpointKey, ServicePortKey, ServiceSteering, addr_filter,
-    addr_slot_flags, config_flags, draw, endpoint_flags, name_kind, policy, port_word,
-    service_flags, steer_counter, topology,
+    AddrKey, Backend, BackendKey, STEERING_BACKENDS, STEERING_PORTS, ServiceEndpointKey,
+    ServicePortKey, ServiceSteering, addr_filter, addr_slot_flags, config_flags, draw,
+    endpoint_flags, name_kind, policy, port_word, service_flags, steer_counter, steering_backends,
+    topology,
 };
 
 use crate::{
@@ -194,10 +195,7 @@ fn decide<C: EbpfContext>(
         kept(Some(service_id), steer_counter::KEPT_HOST_NETNS);
         return None;
     }
-    let service = SVC_STEERING
-        .get(service_id)
-        .copied()
-        .filter(|s| s.live != 0)?;
+    let service = Service::of(service_id)?;
     if service.policy == policy::OBSERVE {
         kept(Some(service_id), steer_counter::KEPT_OBSERVE);
         return None;
@@ -290,17 +288,88 @@ fn endpoint_state(service_id: u32, addr: &AddrKey, slot_flags: u16) -> (bool, bo
     }
 }
 
+/// A service as connect() reads it from its `svc_steering` entry: the
+/// fields of the first line copied once, the ports and the inline
+/// choice-table slots read through the pointer when needed (a copy of the
+/// whole 128-byte entry would cost stack the hooks do not have).
+struct Service {
+    entry: *const ServiceSteering,
+    policy: u32,
+    topology: u32,
+    backends_v4: u32,
+    backends_v6: u32,
+    preferred_v4: u32,
+    preferred_v6: u32,
+    flags: u32,
+}
+
+impl Service {
+    /// Service `service_id`'s entry, if a service has the id.
+    #[inline(always)]
+    fn of(service_id: u32) -> Option<Service> {
+        let entry = SVC_STEERING.get_ptr(service_id)?;
+        // SAFETY: aligned u32 fields of a live array value (rewritten in
+        // place by the agent: each read once, see `service_steering`).
+        let read = |field: *const u32| unsafe { core::ptr::read_volatile(field) };
+        // SAFETY: field pointers into the same value.
+        unsafe {
+            if read(&raw const (*entry).live) == 0 {
+                return None;
+            }
+            Some(Service {
+                entry,
+                policy: read(&raw const (*entry).policy),
+                topology: read(&raw const (*entry).topology),
+                backends_v4: read(&raw const (*entry).backends_v4),
+                backends_v6: read(&raw const (*entry).backends_v6),
+                preferred_v4: read(&raw const (*entry).preferred_v4),
+                preferred_v6: read(&raw const (*entry).preferred_v6),
+                flags: read(&raw const (*entry).flags),
+            })
+        }
+    }
+
+    /// Declared port word `i` (0 past the last).
+    #[inline(always)]
+    fn port(&self, i: usize) -> u32 {
+        // SAFETY: an aligned u32 of the live value; `i` is in bounds.
+        unsafe { core::ptr::read_volatile(&raw const (*self.entry).ports[i]) }
+    }
+
+    /// IPv4 choice-table slot `slot` from the entry's second line, if it
+    /// carries that slot and the line's check agrees with the table sizes
+    /// read from the first (a half-written entry: `None`, and the caller
+    /// reads `svc_backends`).
+    #[inline(always)]
+    fn inline_v4(&self, slot: u32) -> Option<Backend> {
+        let mut sum = steering_backends::sizes_mix(self.backends_v4, self.preferred_v4);
+        let mut chosen = 0;
+        for i in 0..STEERING_BACKENDS {
+            // SAFETY: aligned words of the live value; `i` is in bounds.
+            let word = unsafe { core::ptr::read_volatile(&raw const (*self.entry).backends[i]) };
+            sum = sum.wrapping_add(steering_backends::mix(i, word));
+            if i as u32 == slot {
+                chosen = word;
+            }
+        }
+        // SAFETY: as above.
+        let check = unsafe { core::ptr::read_volatile(&raw const (*self.entry).backends_check) };
+        (chosen != 0 && check == steering_backends::finish(sum))
+            .then(|| steering_backends::backend(chosen))
+    }
+}
+
 /// Whether `req` goes to a port the service declares (always, when it
 /// declares none): from the ports its `svc_steering` entry carries, or
 /// from `svc_ports` when they did not fit there.
 #[inline(always)]
-fn port_declared(service_id: u32, service: &ServiceSteering, req: &Request) -> bool {
+fn port_declared(service_id: u32, service: &Service, req: &Request) -> bool {
     if service.flags & service_flags::PORTS_DECLARED == 0 {
         return true;
     }
-    if service.ports[0] != 0 {
+    if service.port(0) != 0 {
         let word = port_word(req.port, req.protocol as u8);
-        return service.ports.contains(&word);
+        return (0..STEERING_PORTS).any(|i| service.port(i) == word);
     }
     let key = ServicePortKey {
         service_id,
@@ -335,7 +404,7 @@ impl Draw {
 /// in proportion to its weight). `least-connections` draws two distinct
 /// slots and keeps the pod with fewer active connections on this node.
 #[inline(always)]
-fn choose(service_id: u32, service: &ServiceSteering, v4: bool, draw: Draw) -> Option<Backend> {
+fn choose(service_id: u32, service: &Service, v4: bool, draw: Draw) -> Option<Backend> {
     let (family, all, preferred) = if v4 {
         (4, service.backends_v4, service.preferred_v4)
     } else {
@@ -350,12 +419,17 @@ fn choose(service_id: u32, service: &ServiceSteering, v4: bool, draw: Draw) -> O
         return None;
     }
     let first_slot = draw.below(n, true);
-    let first = backend(service_id, family, base + first_slot)?;
+    let first = backend(service_id, service, family, base + first_slot)?;
     if service.policy != policy::LEAST_CONNECTIONS || n < 2 {
         return Some(first);
     }
     let offset = 1 + draw.below(n - 1, false);
-    let second = backend(service_id, family, base + (first_slot + offset) % n)?;
+    let second = backend(
+        service_id,
+        service,
+        family,
+        base + (first_slot + offset) % n,
+    )?;
     if active_connections(second.pod_id) < active_connections(first.pod_id) {
         Some(second)
     } else {
@@ -363,9 +437,17 @@ fn choose(service_id: u32, service: &ServiceSteering, v4: bool, draw: Draw) -> O
     }
 }
 
-/// A slot of a choice table. A slot past the table (mid-update) fails open.
+/// A slot of a choice table: from the service's entry when it carries it
+/// (the first IPv4 slots), else from `svc_backends`. A slot past the table
+/// (mid-update) fails open.
 #[inline(always)]
-fn backend(service_id: u32, family: u32, slot: u32) -> Option<Backend> {
+fn backend(service_id: u32, service: &Service, family: u32, slot: u32) -> Option<Backend> {
+    if family == 4
+        && (slot as usize) < STEERING_BACKENDS
+        && let Some(backend) = service.inline_v4(slot)
+    {
+        return Some(backend);
+    }
     let key = BackendKey {
         service_id,
         family,

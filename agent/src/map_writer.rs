@@ -25,8 +25,8 @@ use std::os::fd::AsFd;
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError};
 use headway_common::{
     AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering,
-    endpoint_flags, map_names,
+    STEERING_BACKENDS, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
+    ServiceSteering, endpoint_flags, map_names,
 };
 
 use crate::{
@@ -942,6 +942,21 @@ fn ports_of(
         .take_while(move |k| k.service_id == service_id)
 }
 
+/// Slots 0, 1, ... of service `id`'s IPv4 choice tables as `backend` has
+/// them, as many as `svc_steering` carries (up to the first missing one).
+fn steering_slots(
+    id: u32,
+    backend: impl Fn(&BackendKey) -> Option<Backend>,
+) -> impl Iterator<Item = Backend> {
+    (0..STEERING_BACKENDS as u32).map_while(move |slot| {
+        backend(&BackendKey {
+            service_id: id,
+            family: 4,
+            slot,
+        })
+    })
+}
+
 /// Writes services' `svc_steering` entries (see `service_steering`).
 fn write_steering(m: &Maps, entries: &[(u32, ServiceSteering)], errors: &mut Vec<WriteError>) {
     if let Err(e) = service_steering::write(&m.svc_steering, entries) {
@@ -1060,6 +1075,25 @@ fn write_keys(
             })
         },
     );
+    // What each touched service's `svc_steering` entry says now (its
+    // ports and inline slots as the maps had them), to be compared with
+    // what it must say once its tables are written.
+    let ports_had: BTreeSet<ServicePortKey> = own.svc_ports.keys().copied().collect();
+    let steering_had: BTreeMap<u32, ServiceSteering> = keys
+        .services
+        .iter()
+        .filter_map(|id| {
+            let meta = own.services.get(id)?;
+            let ports = ports_of(&ports_had, *id);
+            let slots = steering_slots(*id, |k| own.svc_backends.get(k).copied());
+            Some((
+                *id,
+                ServiceSteering::of(meta)
+                    .with_ports(ports)
+                    .with_backends(slots),
+            ))
+        })
+        .collect();
     // Backend slots and ports before the service entry whose counts and
     // flags reach them; what the kernel looks up last, once everything it
     // points to exists.
@@ -1073,7 +1107,6 @@ fn write_keys(
         sum,
         errors,
     );
-    let ports_had: BTreeSet<ServicePortKey> = own.svc_ports.keys().copied().collect();
     upsert(
         &mut m.svc_ports,
         map_names::SVC_PORTS,
@@ -1085,21 +1118,19 @@ fn write_keys(
         errors,
     );
     // connect() reads a service from `svc_steering`: it follows the
-    // service's entry in, and goes out before it. It carries the ports
-    // wanted (those going are removed from `svc_ports` after it), compared
-    // with the ones the maps had (`ports_had`, taken before the write).
+    // service's entry in, and goes out before it. It carries the ports and
+    // the first IPv4 slots wanted (ports and slots going are removed after
+    // it), compared with what it had.
     let steering_in: Vec<(u32, ServiceSteering)> = keys
         .services
         .iter()
         .filter_map(|id| {
             let wanted_ports =
                 ports_of(&keys.svc_ports, *id).filter(|k| svc_ports_wanted(k).is_some());
-            let want = ServiceSteering::of(&services_wanted(id)?).with_ports(wanted_ports);
-            let had = own
-                .services
-                .get(id)
-                .map(|meta| ServiceSteering::of(meta).with_ports(ports_of(&ports_had, *id)));
-            (had != Some(want)).then_some((*id, want))
+            let want = ServiceSteering::of(&services_wanted(id)?)
+                .with_ports(wanted_ports)
+                .with_backends(steering_slots(*id, svc_backends_wanted));
+            (steering_had.get(id) != Some(&want)).then_some((*id, want))
         })
         .collect();
     upsert(

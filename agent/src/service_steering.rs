@@ -1,8 +1,9 @@
 //! The agent's side of `svc_steering`: for each service id, the fields of
 //! its `services` entry that connect() needs and, when they fit, the ports
-//! it declares ([`ServiceSteering`]), in an array the verifier reads inline
-//! (a hash lookup in `services` cost 30-100 ns per steered connect here,
-//! one in `svc_ports` ~60 ns).
+//! it declares and the first slots of its IPv4 choice tables
+//! ([`ServiceSteering`]), in an array the verifier reads inline (a hash
+//! lookup in `services` cost 30-100 ns per steered connect here, one in
+//! `svc_ports` ~60 ns, one in `svc_backends` up to ~100 ns).
 //!
 //! `services` stays the record of a service (names for `status`); this
 //! array follows it: an entry is written right after the service's, and
@@ -17,7 +18,12 @@
 //! entry and removed after it, or past them (the hook then fails open). A
 //! mix of old and new ports decides one connection's port check either
 //! way during a change of the service's ports: it goes to the address
-//! asked for or to a pod of the service, both live.
+//! asked for or to a pod of the service, both live. The inline slots are
+//! the exception, as an address mixed from two slots could be nobody's:
+//! they carry a check over themselves and the IPv4 table sizes, and a
+//! reader that finds it wrong reads `svc_backends` instead. They are
+//! written with the tables they copy (after the slots, before the slots
+//! past the new sizes go), so they are never newer than `svc_backends`.
 //!
 //! The array is derived whole from other maps, so a new agent whose
 //! layout of it differs replaces the pinned one (`pinned::DERIVED`).
@@ -27,7 +33,9 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, IterableMap, MapData, MapError},
 };
-use headway_common::{ServiceMeta, ServicePortKey, ServiceSteering, map_names};
+use headway_common::{
+    Backend, BackendKey, STEERING_BACKENDS, ServiceMeta, ServicePortKey, ServiceSteering, map_names,
+};
 
 use crate::bpf_sys::{self, BatchError};
 
@@ -43,8 +51,9 @@ pub fn write<T: Borrow<MapData>>(
 }
 
 /// Writes every entry of a freshly loaded object's `svc_steering` from
-/// the `services` and `svc_ports` it took over from pins (an id without a
-/// service gets an empty entry), before any program is attached.
+/// the `services`, `svc_ports` and `svc_backends` it took over from pins
+/// (an id without a service gets an empty entry), before any program is
+/// attached.
 pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
     let services: Vec<(u32, ServiceMeta)> = match ebpf.map(map_names::SERVICES) {
         Some(map) => HashMap::<_, u32, ServiceMeta>::try_from(map)?
@@ -62,6 +71,15 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
             ports.entry(key.service_id).or_default().push(key);
         }
     }
+    let mut slots: BTreeMap<BackendKey, Backend> = BTreeMap::new();
+    if let Some(map) = ebpf.map(map_names::SVC_BACKENDS) {
+        slots.extend(
+            HashMap::<_, BackendKey, Backend>::try_from(map)?
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| k.family == 4 && (k.slot as usize) < STEERING_BACKENDS),
+        );
+    }
     let map = ebpf
         .map_mut(map_names::SVC_STEERING)
         .ok_or(FillError::NoMap)?;
@@ -73,7 +91,17 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
         if let Some(entry) = entries.get_mut(id as usize) {
             let mut declared = ports.remove(&id).unwrap_or_default();
             declared.sort();
-            entry.1 = ServiceSteering::of(&meta).with_ports(declared);
+            let first = (0..STEERING_BACKENDS as u32).map_while(|slot| {
+                let key = BackendKey {
+                    service_id: id,
+                    family: 4,
+                    slot,
+                };
+                slots.get(&key).copied()
+            });
+            entry.1 = ServiceSteering::of(&meta)
+                .with_ports(declared)
+                .with_backends(first);
         }
     }
     write(&array, &entries).map_err(|e| FillError::Write { source: e.error })

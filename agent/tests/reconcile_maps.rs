@@ -423,18 +423,37 @@ fn slot_flags_and_steering_match(bpffs: &Bpffs) {
     let mut ports: Vec<headway_common::ServicePortKey> =
         maps.svc_ports.keys().map(Result::unwrap).collect();
     ports.sort();
+    let backends: std::collections::BTreeMap<_, _> =
+        maps.svc_backends.iter().map(Result::unwrap).collect();
+    let mut inline = 0;
     for id in 0..maps.svc_steering.len() {
         let declared = ports.iter().filter(|k| k.service_id == id).copied();
+        let slots = (0..headway_common::STEERING_BACKENDS as u32).map_while(|slot| {
+            let key = headway_common::BackendKey {
+                service_id: id,
+                family: 4,
+                slot,
+            };
+            backends.get(&key).copied()
+        });
         let want = maps
             .services
             .get(&id, 0)
-            .map(|meta| ServiceSteering::of(&meta).with_ports(declared))
+            .map(|meta| {
+                ServiceSteering::of(&meta)
+                    .with_ports(declared)
+                    .with_backends(slots)
+            })
             .unwrap_or_default();
+        inline += want.backends.iter().filter(|w| **w != 0).count();
         assert_eq!(
             maps.svc_steering.get(&id, 0).unwrap(),
             want,
             "service id {id}"
         );
+    }
+    if maps.services.keys().next().is_some() {
+        assert!(inline > 0, "some IPv4 slots are inline");
     }
 }
 
@@ -564,12 +583,21 @@ fn addr_table_matches_dns_addrs_through_syncs_and_restarts() {
     {
         let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
         let id = maps.services.keys().next().unwrap().unwrap();
+        // Its inline slot names a pod that is none of the service's, with
+        // a check that holds: only the rewrite before attaching undoes it.
+        let nobody = headway_common::Backend {
+            addr: headway::map_plan::addr_key("10.99.0.1".parse().unwrap()),
+            pod_id: 4242,
+            _pad: 0,
+        };
         let stale = headway_common::ServiceSteering {
             policy: 99,
             live: 1,
+            backends_v4: 1,
             ports: [headway_common::port_word(1, 6); headway_common::STEERING_PORTS],
             ..Default::default()
-        };
+        }
+        .with_backends([nobody]);
         maps.svc_steering.set(id, stale, 0).unwrap();
         maps.svc_steering.set(id + 100, stale, 0).unwrap();
     }

@@ -11,8 +11,8 @@ use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
 use aya::maps::{Array, Map, MapData};
 use headway::{map_plan::addr_key, pinned::Maps};
 use headway_common::{
-    AddrIndex, AddrSlot, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, SockBucket, addr_slot_flags,
-    map_names, name_kind,
+    AddrIndex, AddrSlot, Backend, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, ServiceSteering,
+    SockBucket, addr_slot_flags, map_names, name_kind, steering_backends,
 };
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
@@ -749,4 +749,65 @@ fn slot_flags_decide_eligibility_and_slots_without_them_ask_svc_endpoints() {
     let s = decisions(bpffs);
     assert_eq!(s["kept_eligible"], 10, "{s:?}");
     assert_eq!(s["steered_not_eligible"] + s["kept_balanced"], 20, "{s:?}");
+}
+
+/// connect() draws a pod from the first IPv4 slots its `svc_steering`
+/// entry carries when their check holds, and from `svc_backends` when it
+/// does not (an entry caught half written).
+#[test]
+fn inline_slots_are_used_when_their_check_holds_and_svc_backends_otherwise() {
+    if !require_root("inline_slots_are_used_when_their_check_holds_and_svc_backends_otherwise") {
+        return;
+    }
+    let bed = Bed::start("inline-slots");
+    let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    // web-2 is not ready: its address, resolved from web's name, is
+    // steered to web-0 or web-1.
+    plant(&mut maps, client, "10.77.0.12", "web", name_kind::SERVICE);
+    let web = maps
+        .read_contents()
+        .unwrap()
+        .services
+        .iter()
+        .find(|(_, m)| headway::map_plan::decode_name(&m.name) == "web")
+        .map(|(id, _)| *id)
+        .unwrap();
+    let entry = maps.svc_steering.get(&web, 0).unwrap();
+    assert_eq!(entry.backends_v4, 2, "{entry:?}");
+    let pods: Vec<Backend> = entry.backends[..2]
+        .iter()
+        .map(|w| steering_backends::backend(*w))
+        .collect();
+    let web0 = addr_key("10.77.0.10".parse().unwrap());
+    let web0_word = entry.backends[pods.iter().position(|b| b.addr == web0).unwrap()];
+    let both = connect(cluster, "client", cg, "10.77.0.12", 20);
+    assert!(answered_only_by(&both, &["web-0", "web-1"]), "{both:?}");
+    assert_eq!(both.answers.len(), 2, "a draw over both: {both:?}");
+
+    // Inline slots that name web-0 twice, with a good check: every draw
+    // is web-0 (were `svc_backends` read, web-1 would get about half).
+    let mut only_web0 = entry;
+    only_web0.backends[..2].copy_from_slice(&[web0_word, web0_word]);
+    only_web0.backends_check =
+        steering_backends::check(entry.backends_v4, entry.preferred_v4, &only_web0.backends);
+    maps.svc_steering.set(web, only_web0, 0).unwrap();
+    let inline = connect(cluster, "client", cg, "10.77.0.12", 20);
+    assert_eq!(inline.answers.get("web-0"), Some(&20), "{inline:?}");
+
+    // The same slots with a check that does not hold: `svc_backends`.
+    let torn = ServiceSteering {
+        backends_check: only_web0.backends_check ^ 2,
+        ..only_web0
+    };
+    maps.svc_steering.set(web, torn, 0).unwrap();
+    let fallback = connect(cluster, "client", cg, "10.77.0.12", 20);
+    assert!(
+        answered_only_by(&fallback, &["web-0", "web-1"]),
+        "{fallback:?}"
+    );
+    assert_eq!(fallback.answers.len(), 2, "a draw over both: {fallback:?}");
+    let s = steering(&status_json(bpffs).unwrap());
+    assert_eq!(s["steered_not_eligible"], 60, "{s:?}");
 }

@@ -734,10 +734,18 @@ pub const fn port_word(port: u16, protocol: u8) -> u32 {
     port as u32 | (protocol as u32) << 16
 }
 
+/// How many slots of a service's IPv4 choice tables [`ServiceSteering`]
+/// carries itself (the first ones: enough for a service of up to 7 pods,
+/// or fewer with a topology preference). connect() reads further slots,
+/// and IPv6 ones, from `svc_backends`.
+pub const STEERING_BACKENDS: usize = 7;
+
 /// What the connect hooks need of a service (value of
 /// `map_names::SVC_STEERING`, indexed by service id): [`ServiceMeta`]'s
-/// steering fields and the ports it declares, in an array the verifier
-/// reads inline instead of hash lookups (64 bytes). An id with no service
+/// steering fields and the ports it declares (the first cache line), and
+/// the first slots of its IPv4 choice tables (the second), in an array the
+/// verifier reads inline instead of hash lookups (128 bytes, aligned: the
+/// map is mappable, so its values start on a page). An id with no service
 /// has `live` 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -756,6 +764,14 @@ pub struct ServiceSteering {
     /// service declares at most [`STEERING_PORTS`]; all 0 when it declares
     /// none or more (connect() then looks in `svc_ports`).
     pub ports: [u32; STEERING_PORTS],
+    /// Slots `0..` of the IPv4 choice tables (as `svc_backends` has them
+    /// under family 4), each as [`steering_backends::word`]; 0 past the
+    /// last.
+    pub backends: [u64; STEERING_BACKENDS],
+    /// [`steering_backends::check`] of `backends` and the IPv4 table
+    /// sizes. The entry is rewritten in place, so a reader may see it half
+    /// written: one that finds the check wrong reads `svc_backends`.
+    pub backends_check: u64,
 }
 
 impl ServiceSteering {
@@ -771,7 +787,27 @@ impl ServiceSteering {
             flags: meta.flags,
             live: 1,
             ports: [0; STEERING_PORTS],
+            backends: [0; STEERING_BACKENDS],
+            backends_check: 0,
         }
+    }
+
+    /// `self` with the first slots of its IPv4 choice tables inline:
+    /// `slots` yields slot 0, 1, ... of family 4 (as many as there are,
+    /// up to [`STEERING_BACKENDS`]; an address that is not IPv4 ends the
+    /// inline part). Call after the table sizes are set.
+    pub fn with_backends(mut self, slots: impl IntoIterator<Item = Backend>) -> Self {
+        let total = self.backends_v4.saturating_add(self.preferred_v4) as usize;
+        let mut words = [0; STEERING_BACKENDS];
+        for (word, backend) in words.iter_mut().zip(slots).take(total) {
+            match steering_backends::word(&backend) {
+                Some(w) => *word = w,
+                None => break,
+            }
+        }
+        self.backends = words;
+        self.backends_check = steering_backends::check(self.backends_v4, self.preferred_v4, &words);
+        self
     }
 
     /// `self` with the declared `ports` inline, if they fit.
@@ -788,6 +824,75 @@ impl ServiceSteering {
         }
         self.ports = inline;
         self
+    }
+}
+
+/// The IPv4 choice-table slots [`ServiceSteering`] carries inline.
+pub mod steering_backends {
+    use crate::{AddrKey, Backend, STEERING_BACKENDS};
+
+    /// A slot as one word: the IPv4 address (network byte order) in the
+    /// low half, the pod id in the high half. Never 0 for a pod (no pod has
+    /// address 0.0.0.0); `None` for an address that is not IPv4.
+    pub fn word(backend: &Backend) -> Option<u64> {
+        let a = &backend.addr.addr;
+        (a[0] == 0 && a[1] == 0 && a[2] == AddrKey::V4_MAPPED_WORD && a[3] != 0)
+            .then(|| u64::from(a[3]) | u64::from(backend.pod_id) << 32)
+    }
+
+    /// The slot a word holds.
+    #[inline(always)]
+    pub fn backend(word: u64) -> Backend {
+        Backend {
+            addr: AddrKey::from_v4_be(word as u32),
+            pod_id: (word >> 32) as u32,
+            _pad: 0,
+        }
+    }
+
+    const K: [u64; STEERING_BACKENDS + 1] = [
+        0x9E37_79B9_7F4A_7C15,
+        0xC2B2_AE3D_27D4_EB4F,
+        0x1656_67B1_9E37_79F9,
+        0xD6E8_FEB8_6659_FD93,
+        0xFF51_AFD7_ED55_8CCD,
+        0xC4CE_B9FE_1A85_EC53,
+        0x8CB9_2BA7_2F3D_8DD7,
+        0xA076_1D64_78BD_642F,
+    ];
+
+    /// Word `i`'s share of the check (`i == STEERING_BACKENDS`: the table
+    /// sizes'), so a reader can sum it as it reads the words.
+    #[inline(always)]
+    pub fn mix(i: usize, word: u64) -> u64 {
+        let m = word.wrapping_mul(K[i]);
+        m ^ (m >> 29)
+    }
+
+    /// The first share of the check: the IPv4 table sizes.
+    #[inline(always)]
+    pub fn sizes_mix(backends_v4: u32, preferred_v4: u32) -> u64 {
+        mix(
+            STEERING_BACKENDS,
+            u64::from(backends_v4) | u64::from(preferred_v4) << 32,
+        )
+    }
+
+    /// The check from the summed shares. Never 0.
+    #[inline(always)]
+    pub fn finish(sum: u64) -> u64 {
+        (sum ^ (sum >> 32)) | 1
+    }
+
+    /// The check of `words` with the table sizes they were written for:
+    /// a reader that took the sizes from one version of the entry and the
+    /// words from another fails it.
+    pub fn check(backends_v4: u32, preferred_v4: u32, words: &[u64; STEERING_BACKENDS]) -> u64 {
+        let mut sum = sizes_mix(backends_v4, preferred_v4);
+        for (i, w) in words.iter().enumerate() {
+            sum = sum.wrapping_add(mix(i, *w));
+        }
+        finish(sum)
     }
 }
 
@@ -1298,6 +1403,54 @@ mod tests {
         assert_eq!(too_many.flags, service_flags::PORTS_DECLARED);
     }
 
+    /// The first IPv4 slots go inline with a check over them and the
+    /// table sizes; a mix of two versions fails the check.
+    #[test]
+    fn first_ipv4_slots_go_inline_with_a_check() {
+        let backend = |last: u8, pod_id| Backend {
+            addr: AddrKey::from_v4_be(u32::from_be_bytes([10, 0, 0, last]).to_be()),
+            pod_id,
+            _pad: 0,
+        };
+        let service = ServiceSteering {
+            backends_v4: 2,
+            preferred_v4: 1,
+            live: 1,
+            ..ServiceSteering::default()
+        };
+        let three =
+            service.with_backends([backend(1, 7), backend(2, 8), backend(1, 7), backend(9, 9)]);
+        assert_eq!(steering_backends::backend(three.backends[1]), backend(2, 8));
+        assert_eq!(three.backends[3], 0, "past the tables: empty");
+        assert_eq!(
+            three.backends_check,
+            steering_backends::check(2, 1, &three.backends)
+        );
+        assert_ne!(
+            three.backends_check,
+            steering_backends::check(3, 1, &three.backends)
+        );
+        let other = service.with_backends([backend(2, 8), backend(1, 7), backend(1, 7)]);
+        let mut mixed = three.backends;
+        mixed[0] = other.backends[0];
+        assert_ne!(three.backends_check, steering_backends::check(2, 1, &mixed));
+        // An IPv6 address ends the inline part.
+        let v6 = Backend {
+            addr: AddrKey { addr: [1, 2, 3, 4] },
+            pod_id: 1,
+            _pad: 0,
+        };
+        let cut = service.with_backends([backend(1, 7), v6, backend(1, 7)]);
+        assert_eq!(cut.backends[..2], [three.backends[0], 0]);
+        // More slots than fit: the first seven.
+        let big = ServiceSteering {
+            backends_v4: 10,
+            ..service
+        }
+        .with_backends((1..=10).map(|i| backend(i, u32::from(i))));
+        assert_eq!(steering_backends::backend(big.backends[6]), backend(7, 7));
+    }
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
@@ -1311,7 +1464,7 @@ mod tests {
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);
         assert_eq!(size_of::<ServicePortKey>(), 8);
         assert_eq!(size_of::<Backend>(), 24);
-        assert_eq!(size_of::<ServiceSteering>(), 64);
+        assert_eq!(size_of::<ServiceSteering>(), 128);
         assert_eq!(size_of::<BackendKey>(), 12);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<ServiceCounters>(), 12 * 8 + 16);

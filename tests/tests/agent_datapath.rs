@@ -326,15 +326,21 @@ fn counts_connections_per_pod_exactly_across_agent_restart() {
         "no second attachment"
     );
     assert!(!retired.exists(), "a retired map pin is removed");
-    let value_size = |path: &Path| {
+    let shown = |path: &Path| {
         let out = std::process::Command::new("bpftool")
             .args(["-j", "map", "show", "pinned"])
             .arg(path)
             .output()
             .unwrap();
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()["bytes_value"].as_u64()
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
-    assert_eq!(value_size(&steering), Some(64), "svc_steering replaced");
+    let steering_map = shown(&steering);
+    assert_eq!(steering_map["bytes_value"], 128, "svc_steering replaced");
+    // Mappable, so that its 128-byte values start on a page (two whole
+    // cache lines each).
+    const BPF_F_MMAPABLE: u64 = 1 << 10;
+    let flags = steering_map["flags"].as_u64().unwrap_or(0);
+    assert_ne!(flags & BPF_F_MMAPABLE, 0, "{steering_map}");
     let live: Vec<Value> = bpftool_dump(&steering)
         .unwrap()
         .into_iter()
