@@ -105,8 +105,16 @@ pub static SVC_STATS: Array<ServiceCounters, { capacity::SERVICES as usize }> = 
 
 // What headway keeps for each client socket while it lives (see
 // `sock_table`).
+// Mappable only so that its values start on a page: a bucket is then one
+// cache line, not the end of one and most of the next (see
+// `SVC_STEERING`). A table pinned by an older agent keeps working
+// unaligned until `headway reset`.
 #[btf_map(name = "sock_cookies")]
-pub static SOCK_COOKIES: Array<SockBucket, { sock_table::BUCKETS as usize }> = Array::new();
+pub static SOCK_COOKIES: Array<
+    SockBucket,
+    { sock_table::BUCKETS as usize },
+    { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 #[btf_map(name = "sock_records")]
 pub static SOCK_RECORDS: Array<SocketState, { capacity::SOCKETS as usize }> = Array::new();

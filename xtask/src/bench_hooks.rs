@@ -22,9 +22,10 @@
 //! Figures drift by up to 2x between sittings on a VM, so two builds only
 //! compare when measured together: `--against BIN` runs another `headway`
 //! binary's programs on the same cluster, cgroup and pins, alternating
-//! the two builds pass by pass (AB, BA, ...; the agent restarts over the
-//! pins between them), and reports each hook's ratio of this build's net
-//! figure to the other's, per pass pair.
+//! the two builds pass by pass (AB, BA, ...; between them the agent stops
+//! and `headway reset` removes its pins, so each build runs on maps it
+//! created), and reports each hook's ratio of this build's net figure to
+//! the other's, per pass pair, and the ratio of their fastest passes.
 use std::{
     collections::BTreeMap,
     fs,
@@ -74,7 +75,8 @@ pub struct Options {
     pub undeclared_port: bool,
     /// Another `headway` binary to compare with in the same run (e.g. the
     /// previous commit's `target/debug/headway`, copied aside): the two
-    /// builds alternate pass by pass and the report adds their ratios.
+    /// builds alternate pass by pass, each on maps it creates (pins are
+    /// reset between them), and the report adds their ratios.
     #[arg(long)]
     pub against: Option<PathBuf>,
 }
@@ -161,15 +163,19 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
     // The client learns the service name's addresses; its first one is
     // what it connects to in the DNS cases.
-    let report = resolve_in(
-        cluster.client_ns("client"),
-        Some(&cg),
-        &format!("web.{DOMAIN}"),
-    )?;
-    let cached = *report
-        .addrs
-        .first()
-        .with_context(|| format!("resolving web: {report:?}"))?;
+    let resolve = || -> anyhow::Result<IpAddr> {
+        let report = resolve_in(
+            cluster.client_ns("client"),
+            Some(&cg),
+            &format!("web.{DOMAIN}"),
+        )?;
+        report
+            .addrs
+            .first()
+            .copied()
+            .with_context(|| format!("resolving web: {report:?}"))
+    };
+    let cached = resolve()?;
 
     // Beside each hook, the cheapest program it can run: the floor that
     // every figure below contains.
@@ -253,7 +259,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         }
         let after = programs(&bin)?;
         let per_run = bpf_stats::per_run(&before, &after);
-        let decisions = decisions(&bin, &bpffs)?
+        let decisions: BTreeMap<String, u64> = decisions(&bin, &bpffs)?
             .into_iter()
             .map(|(k, v)| {
                 (
@@ -263,6 +269,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             })
             .filter(|(_, v)| *v > 0)
             .collect();
+        // A case on the service name must have been decided on what the
+        // client learned from DNS.
+        if policy.is_some()
+            && let Some(n) = decisions.get("kept_no_dns")
+        {
+            bail!("{case}: {n} connects without a DNS observation: {decisions:?}");
+        }
         Ok(CaseResult {
             case,
             per_run,
@@ -281,8 +294,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         for j in 0..builds.len() {
             let b = (pass + j) % builds.len();
             if b != running {
+                // Each build on maps it created itself (their flags and
+                // layouts may differ): the pins go with the agent.
+                let stopped = agent.bin().to_path_buf();
                 agent.stop()?;
+                reset(&stopped, &bpffs)?;
                 agent = start(&builds[b], &policy_now)?;
+                // What the client learned went with the pins: it resolves
+                // the name again, and must get the same first address.
+                let again = resolve()?;
+                if again != cached {
+                    bail!("web resolved to {again} first, earlier to {cached}");
+                }
                 running = b;
             }
             for k in 0..cases.len() {
@@ -328,15 +351,29 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     if let [this, other] = passes.as_slice() {
         println!(
-            "\n== This build against {}: net of floor, medians over passes; \
-             ratio this/other per pass pair, median [min–max]\n",
+            "\n== This build against {}: net of floor, median / fastest pass; \
+             ratio this/other per pass pair, median [min–max]; ratio of the fastest passes\n",
             builds[1].display()
         );
-        println!("| case | hook | this | other | ratio |");
-        println!("|---|---|---:|---:|---:|");
+        println!("| case | hook | this | other | ratio per pair | fastest/fastest |");
+        println!("|---|---|---:|---:|---:|---:|");
         for (a, b) in this.iter().zip(other) {
             print_comparison(a, b);
         }
+    }
+    Ok(())
+}
+
+/// `headway reset` as build `bin` does it: programs detached, pins gone.
+fn reset(bin: &Path, bpffs: &Bpffs) -> anyhow::Result<()> {
+    let status = std::process::Command::new(bin)
+        .arg("reset")
+        .arg("--bpffs")
+        .arg(bpffs.path())
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("{} reset: {status}", bin.display());
     }
     Ok(())
 }
@@ -379,15 +416,28 @@ fn print_comparison(this: &[CaseResult], other: &[CaseResult]) {
             .filter(|(_, b)| **b > 0.0)
             .map(|(a, b)| a / b)
             .collect();
-        let median = |v: &[f64]| Spread::of(v).map_or(0.0, |s| s.median);
+        let (sa, sb) = (Spread::of(a), Spread::of(b));
         let ratio = Spread::of(&ratios).map_or("–".to_string(), |r| {
             format!("×{:.3} [{:.3}–{:.3}]", r.median, r.min, r.max)
         });
+        // Interference only adds time to a pass: the fastest pass of each
+        // build is the steadiest estimate of what its programs cost.
+        let (median_of, min_of) = (
+            |s: &Option<Spread>| s.as_ref().map_or(0.0, |s| s.median),
+            |s: &Option<Spread>| s.as_ref().map_or(0.0, |s| s.min),
+        );
+        let min_ratio = if min_of(&sb) > 0.0 {
+            format!("×{:.3}", min_of(&sa) / min_of(&sb))
+        } else {
+            "–".to_string()
+        };
         let case = if i == 0 { first.case } else { "" };
         println!(
-            "| {case} | {hook} | {:.0} | {:.0} | {ratio} |",
-            median(a),
-            median(b)
+            "| {case} | {hook} | {:.0} / {:.0} | {:.0} / {:.0} | {ratio} | {min_ratio} |",
+            median_of(&sa),
+            min_of(&sa),
+            median_of(&sb),
+            min_of(&sb),
         );
     }
 }
