@@ -378,6 +378,15 @@ fn reset(bin: &Path, bpffs: &Bpffs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ns per run of the floor program beside `hook` in one case's result.
+fn floor_of(result: &CaseResult, hook: &str) -> Option<f64> {
+    result
+        .per_run
+        .iter()
+        .find(|(name, _)| name.starts_with("floor_") && floor::beside(name) == hook)
+        .map(|(_, (_, ns))| *ns)
+}
+
 /// Each hook's net figure per pass: hook -> nets in pass order.
 fn nets_by_hook(results: &[CaseResult]) -> BTreeMap<&str, Vec<f64>> {
     let mut nets: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -386,12 +395,7 @@ fn nets_by_hook(results: &[CaseResult]) -> BTreeMap<&str, Vec<f64>> {
             if hook.starts_with("floor_") {
                 continue;
             }
-            let floor = r
-                .per_run
-                .iter()
-                .find(|(name, _)| name.starts_with("floor_") && floor::beside(name) == hook)
-                .map(|(_, (_, ns))| *ns);
-            if let Some(f) = floor {
+            if let Some(f) = floor_of(r, hook) {
                 nets.entry(hook.as_str()).or_default().push(ns - f);
             }
         }
@@ -470,12 +474,7 @@ fn print_case(results: &[CaseResult]) {
             };
             raw.push(*ns);
             runs.push(*count as f64);
-            let floor = r
-                .per_run
-                .iter()
-                .find(|(name, _)| name.starts_with("floor_") && floor::beside(name) == hook)
-                .map(|(_, (_, ns))| *ns);
-            if let Some(f) = floor {
+            if let Some(f) = floor_of(r, hook) {
                 floors.push(f);
                 nets.push(ns - f);
             }
