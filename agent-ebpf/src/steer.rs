@@ -11,7 +11,7 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_netns_cookie};
 use aya_log_ebpf::warn;
 use headway_common::{
     AddrKey, Backend, BackendKey, STEERING_BACKENDS, STEERING_PORTS, ServiceEndpointKey,
-    ServicePortKey, ServiceSteering, addr_filter, addr_slot_flags, config_flags, draw,
+    ServicePortKey, ServiceSteering, addr_filter, addr_slot_flags, check_word, config_flags, draw,
     endpoint_flags, name_kind, policy, port_word, service_flags, steer_counter, steering_backends,
     topology,
 };
@@ -354,7 +354,7 @@ impl Service {
         }
         // SAFETY: as above.
         let check = unsafe { core::ptr::read_volatile(&raw const (*self.entry).backends_check) };
-        (chosen != 0 && check == steering_backends::finish(sum))
+        (chosen != 0 && check == check_word::finish(sum))
             .then(|| steering_backends::backend(chosen))
     }
 }

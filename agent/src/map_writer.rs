@@ -25,8 +25,8 @@ use std::os::fd::AsFd;
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError};
 use headway_common::{
     AddrKey, Backend, BackendKey, Config, EndpointState, NameEntry, PodCounters, PodMeta, PodRef,
-    STEERING_BACKENDS, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
-    ServiceSteering, endpoint_flags, map_names,
+    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering,
+    endpoint_flags, map_names,
 };
 
 use crate::{
@@ -927,36 +927,6 @@ fn unclaimed<'a, K: Ord + Copy + 'a>(
     current.filter(|k| is_unclaimed(k)).copied().collect()
 }
 
-/// The ports of service `service_id` among the `svc_ports` keys `ports`.
-fn ports_of(
-    ports: &BTreeSet<ServicePortKey>,
-    service_id: u32,
-) -> impl Iterator<Item = ServicePortKey> + '_ {
-    let from = ServicePortKey {
-        service_id,
-        ..ServicePortKey::default()
-    };
-    ports
-        .range(from..)
-        .copied()
-        .take_while(move |k| k.service_id == service_id)
-}
-
-/// Slots 0, 1, ... of service `id`'s IPv4 choice tables as `backend` has
-/// them, as many as `svc_steering` carries (up to the first missing one).
-fn steering_slots(
-    id: u32,
-    backend: impl Fn(&BackendKey) -> Option<Backend>,
-) -> impl Iterator<Item = Backend> {
-    (0..STEERING_BACKENDS as u32).map_while(move |slot| {
-        backend(&BackendKey {
-            service_id: id,
-            family: 4,
-            slot,
-        })
-    })
-}
-
 /// Writes services' `svc_steering` entries (see `service_steering`).
 fn write_steering(m: &Maps, entries: &[(u32, ServiceSteering)], errors: &mut Vec<WriteError>) {
     if let Err(e) = service_steering::write(&m.svc_steering, entries) {
@@ -1084,8 +1054,8 @@ fn write_keys(
         .iter()
         .filter_map(|id| {
             let meta = own.services.get(id)?;
-            let ports = ports_of(&ports_had, *id);
-            let slots = steering_slots(*id, |k| own.svc_backends.get(k).copied());
+            let ports = service_steering::ports_of(&ports_had, *id);
+            let slots = service_steering::first_v4_slots(*id, |k| own.svc_backends.get(k).copied());
             Some((
                 *id,
                 ServiceSteering::of(meta)
@@ -1125,11 +1095,11 @@ fn write_keys(
         .services
         .iter()
         .filter_map(|id| {
-            let wanted_ports =
-                ports_of(&keys.svc_ports, *id).filter(|k| svc_ports_wanted(k).is_some());
+            let wanted_ports = service_steering::ports_of(&keys.svc_ports, *id)
+                .filter(|k| svc_ports_wanted(k).is_some());
             let want = ServiceSteering::of(&services_wanted(id)?)
                 .with_ports(wanted_ports)
-                .with_backends(steering_slots(*id, svc_backends_wanted));
+                .with_backends(service_steering::first_v4_slots(*id, svc_backends_wanted));
             (steering_had.get(id) != Some(&want)).then_some((*id, want))
         })
         .collect();

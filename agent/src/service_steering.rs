@@ -27,7 +27,11 @@
 //!
 //! The array is derived whole from other maps, so a new agent whose
 //! layout of it differs replaces the pinned one (`pinned::DERIVED`).
-use std::{borrow::Borrow, collections::BTreeMap, os::fd::AsFd};
+use std::{
+    borrow::Borrow,
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd,
+};
 
 use aya::{
     Ebpf,
@@ -50,6 +54,36 @@ pub fn write<T: Borrow<MapData>>(
     bpf_sys::map_update_batch(map.map().fd().as_fd(), &ids, &values)
 }
 
+/// The ports of service `service_id` among the `svc_ports` keys `ports`.
+pub fn ports_of(
+    ports: &BTreeSet<ServicePortKey>,
+    service_id: u32,
+) -> impl Iterator<Item = ServicePortKey> + '_ {
+    let from = ServicePortKey {
+        service_id,
+        ..ServicePortKey::default()
+    };
+    ports
+        .range(from..)
+        .copied()
+        .take_while(move |k| k.service_id == service_id)
+}
+
+/// Slots 0, 1, ... of service `id`'s IPv4 choice tables as `backend` has
+/// them, as many as `svc_steering` carries (up to the first missing one).
+pub fn first_v4_slots(
+    id: u32,
+    backend: impl Fn(&BackendKey) -> Option<Backend>,
+) -> impl Iterator<Item = Backend> {
+    (0..STEERING_BACKENDS as u32).map_while(move |slot| {
+        backend(&BackendKey {
+            service_id: id,
+            family: 4,
+            slot,
+        })
+    })
+}
+
 /// Writes every entry of a freshly loaded object's `svc_steering` from
 /// the `services`, `svc_ports` and `svc_backends` it took over from pins
 /// (an id without a service gets an empty entry), before any program is
@@ -62,24 +96,21 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
             .collect(),
         None => Vec::new(),
     };
-    let mut ports: BTreeMap<u32, Vec<ServicePortKey>> = BTreeMap::new();
-    if let Some(map) = ebpf.map(map_names::SVC_PORTS) {
-        for (key, _) in HashMap::<_, ServicePortKey, u32>::try_from(map)?
+    let ports: BTreeSet<ServicePortKey> = match ebpf.map(map_names::SVC_PORTS) {
+        Some(map) => HashMap::<_, ServicePortKey, u32>::try_from(map)?
+            .keys()
+            .filter_map(Result::ok)
+            .collect(),
+        None => BTreeSet::new(),
+    };
+    let slots: BTreeMap<BackendKey, Backend> = match ebpf.map(map_names::SVC_BACKENDS) {
+        Some(map) => HashMap::<_, BackendKey, Backend>::try_from(map)?
             .iter()
             .filter_map(Result::ok)
-        {
-            ports.entry(key.service_id).or_default().push(key);
-        }
-    }
-    let mut slots: BTreeMap<BackendKey, Backend> = BTreeMap::new();
-    if let Some(map) = ebpf.map(map_names::SVC_BACKENDS) {
-        slots.extend(
-            HashMap::<_, BackendKey, Backend>::try_from(map)?
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(k, _)| k.family == 4 && (k.slot as usize) < STEERING_BACKENDS),
-        );
-    }
+            .filter(|(k, _)| k.family == 4 && (k.slot as usize) < STEERING_BACKENDS)
+            .collect(),
+        None => BTreeMap::new(),
+    };
     let map = ebpf
         .map_mut(map_names::SVC_STEERING)
         .ok_or(FillError::NoMap)?;
@@ -89,19 +120,9 @@ pub fn fill_before_attach(ebpf: &mut Ebpf) -> Result<(), FillError> {
         .collect();
     for (id, meta) in services {
         if let Some(entry) = entries.get_mut(id as usize) {
-            let mut declared = ports.remove(&id).unwrap_or_default();
-            declared.sort();
-            let first = (0..STEERING_BACKENDS as u32).map_while(|slot| {
-                let key = BackendKey {
-                    service_id: id,
-                    family: 4,
-                    slot,
-                };
-                slots.get(&key).copied()
-            });
             entry.1 = ServiceSteering::of(&meta)
-                .with_ports(declared)
-                .with_backends(first);
+                .with_ports(ports_of(&ports, id))
+                .with_backends(first_v4_slots(id, |k| slots.get(k).copied()));
         }
     }
     write(&array, &entries).map_err(|e| FillError::Write { source: e.error })

@@ -406,10 +406,7 @@ pub mod addr_table {
             0xC4CE_B9FE_1A85_EC53,
             0x8CB9_2BA7_2F3D_8DD7,
         ];
-        let mix = |i: usize| {
-            let m = words[i].wrapping_mul(K[i]);
-            m ^ (m >> 29)
-        };
+        let mix = |i: usize| crate::check_word::mix(words[i], K[i]);
         let h = mix(0)
             .wrapping_add(mix(1))
             .wrapping_add(mix(3))
@@ -417,7 +414,7 @@ pub mod addr_table {
             .wrapping_add(mix(5))
             .wrapping_add(mix(6))
             .wrapping_add(mix(7));
-        (h ^ (h >> 32)) | 1
+        crate::check_word::finish(h)
     }
 
     /// The check of the second line: its `since_ns` words and the first
@@ -433,10 +430,9 @@ pub mod addr_table {
         let mut h = line_check.wrapping_mul(0x1D8E_4E27_C47D_124F);
         h ^= h >> 31;
         for (word, k) in since.iter().zip(K) {
-            let m = word.wrapping_mul(k);
-            h = h.wrapping_add(m ^ (m >> 29));
+            h = h.wrapping_add(crate::check_word::mix(*word, k));
         }
-        (h ^ (h >> 32)) | 1
+        crate::check_word::finish(h)
     }
 
     /// An address's slot in a service, as one word of an entry: service
@@ -827,6 +823,26 @@ impl ServiceSteering {
     }
 }
 
+/// The check words of entries the agent rewrites in place while the
+/// kernel reads them (`addr_table`, [`steering_backends`]): each word goes
+/// through its own bijection (a multiply by an odd constant, then an
+/// xor-shift) and the results are summed, so a read that mixes two
+/// versions checks alike with odds of about 2^-63.
+pub mod check_word {
+    /// Word `word`'s share of a check, under the constant `k`.
+    #[inline(always)]
+    pub fn mix(word: u64, k: u64) -> u64 {
+        let m = word.wrapping_mul(k);
+        m ^ (m >> 29)
+    }
+
+    /// The check from the summed shares. Never 0 (0 marks an empty entry).
+    #[inline(always)]
+    pub fn finish(sum: u64) -> u64 {
+        (sum ^ (sum >> 32)) | 1
+    }
+}
+
 /// The IPv4 choice-table slots [`ServiceSteering`] carries inline.
 pub mod steering_backends {
     use crate::{AddrKey, Backend, STEERING_BACKENDS};
@@ -865,8 +881,7 @@ pub mod steering_backends {
     /// sizes'), so a reader can sum it as it reads the words.
     #[inline(always)]
     pub fn mix(i: usize, word: u64) -> u64 {
-        let m = word.wrapping_mul(K[i]);
-        m ^ (m >> 29)
+        crate::check_word::mix(word, K[i])
     }
 
     /// The first share of the check: the IPv4 table sizes.
@@ -878,12 +893,6 @@ pub mod steering_backends {
         )
     }
 
-    /// The check from the summed shares. Never 0.
-    #[inline(always)]
-    pub fn finish(sum: u64) -> u64 {
-        (sum ^ (sum >> 32)) | 1
-    }
-
     /// The check of `words` with the table sizes they were written for:
     /// a reader that took the sizes from one version of the entry and the
     /// words from another fails it.
@@ -892,7 +901,7 @@ pub mod steering_backends {
         for (i, w) in words.iter().enumerate() {
             sum = sum.wrapping_add(mix(i, *w));
         }
-        finish(sum)
+        crate::check_word::finish(sum)
     }
 }
 
