@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use headway_common::{
     AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
-    ObservationKey, ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodMeta, PodRef,
-    ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering, SockBucket,
-    SocketState, addr_filter, addr_table, capacity, dns_counter, sock_counter, sock_table,
-    steer_counter,
+    ObservationCacheEntry, ObservationKey, ObservationPage, PendingQuery, PendingQueryKey,
+    PodCounters, PodMeta, PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
+    ServiceSteering, SockBucket, SocketState, addr_filter, addr_table, capacity, dns_counter,
+    obs_cache, sock_counter, sock_table, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -54,6 +54,18 @@ pub static DNS_PENDING: LruHashMap<
 #[btf_map(name = "dns_obs")]
 pub static DNS_OBS: LruHashMap<ObservationKey, ObservationPage, { capacity::DNS_OBS as usize }> =
     LruHashMap::new();
+
+// Not pinned: a cache in front of `dns_obs` (see
+// `headway_common::obs_cache`), created empty with each load of the
+// programs, which is always correct (a miss reads `dns_obs`). Mappable
+// only so that its entries start on a page: each 32-byte entry then lies
+// within one cache line.
+#[btf_map(name = "dns_obs_cache")]
+pub static DNS_OBS_CACHE: Array<
+    ObservationCacheEntry,
+    { obs_cache::ENTRIES as usize },
+    { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 #[btf_map(name = "dns_addrs")]
 pub static DNS_ADDRS: HashMap<AddrKey, AddrIndex, { capacity::DNS_ADDRS as usize }> =

@@ -20,9 +20,10 @@ use aya::{
     programs::{CgroupSkb, TestRun, TestRunOptions},
 };
 use headway_common::{
-    AddrIndex, AddrKey, AddrSlot, AddrTableEntry, NO_POD, NameEntry, Observation, ObservationKey,
-    ObservationPage, PendingQuery, PendingQueryKey, PodCounters, PodRef, addr_slot_flags,
-    addr_table, dns_counter, dns_name_hash, map_names, name_kind, program_names,
+    AddrIndex, AddrKey, AddrSlot, AddrTableEntry, NO_POD, NameEntry, OBS_PAGE_SLOTS, Observation,
+    ObservationCacheEntry, ObservationKey, ObservationPage, PendingQuery, PendingQueryKey,
+    PodCounters, PodRef, addr_slot_flags, addr_table, dns_counter, dns_name_hash, map_names,
+    name_kind, obs_cache, program_names,
 };
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
@@ -49,6 +50,9 @@ const TYPE_AAAA: u16 = 28;
 /// programs verified and ready for test runs.
 struct Interceptor {
     ebpf: Ebpf,
+    /// The test removed `dns_obs` pages: the cache may hold stamps whose
+    /// page is gone.
+    evicted: bool,
 }
 
 impl Interceptor {
@@ -71,7 +75,10 @@ impl Interceptor {
                 .load()
                 .unwrap_or_else(|e| panic!("the verifier rejected {name}: {e:?}"));
         }
-        Interceptor { ebpf }
+        Interceptor {
+            ebpf,
+            evicted: false,
+        }
     }
 
     fn program(&self, name: &str) -> &CgroupSkb {
@@ -265,8 +272,67 @@ impl Interceptor {
         pages
     }
 
+    /// The observation cache's entries that are not empty, by index.
+    fn cache_entries(&self) -> Vec<(u32, ObservationCacheEntry)> {
+        let map = self
+            .ebpf
+            .map(obs_cache::MAP_NAME)
+            .expect("no observation cache");
+        let cache: Array<&MapData, ObservationCacheEntry> =
+            Array::try_from(map).expect("observation cache array");
+        (0..obs_cache::ENTRIES)
+            .map(|i| (i, cache.get(&i, 0).expect("read the observation cache")))
+            .filter(|(_, e)| e.check != 0)
+            .collect()
+    }
+
+    /// Checks the observation cache against the pages, the way connect()
+    /// relies on it: every entry is whole, at its key's index, this
+    /// netns's, and holds the stamp its page holds (while the page is
+    /// there); every stamp in a page is in the cache, unless another
+    /// stamped key took its entry since.
+    fn check_cache(&self) {
+        let cookie = netns_cookie();
+        let pages: std::collections::BTreeMap<_, _> = self.pages().into_iter().collect();
+        let page_stamp = |tag: u64| {
+            let (service_id, family, slot) = (tag as u32, (tag >> 32) as u16, tag >> 48);
+            let key = ObservationKey {
+                netns_cookie: cookie,
+                service_id,
+                family,
+                page: (slot / OBS_PAGE_SLOTS as u64) as u16,
+            };
+            pages
+                .get(&key)
+                .map(|p| p.stamps[slot as usize % OBS_PAGE_SLOTS])
+        };
+        let cache: std::collections::BTreeMap<_, _> = self.cache_entries().into_iter().collect();
+        for (i, e) in &cache {
+            let whole = obs_cache::check(e.netns_cookie, e.tag, e.stamp);
+            assert_eq!(e.check, whole, "cache entry {i} fails its check: {e:?}");
+            assert_eq!(*i, obs_cache::index(e.netns_cookie, e.tag), "{e:?}");
+            assert_eq!(e.netns_cookie, cookie, "a cache entry for another netns");
+            match page_stamp(e.tag) {
+                Some(stamp) => assert_eq!(stamp, e.stamp, "cache and page disagree: {e:?}"),
+                None => assert!(self.evicted, "a cache entry with no page: {e:?}"),
+            }
+        }
+        for (key, page) in &pages {
+            for (i, stamp) in page.stamps.iter().enumerate() {
+                if *stamp == 0 {
+                    continue;
+                }
+                let slot = key.page * OBS_PAGE_SLOTS as u16 + i as u16;
+                let tag = obs_cache::tag(key.service_id, key.family, slot);
+                let entry = cache.get(&obs_cache::index(cookie, tag));
+                assert!(entry.is_some(), "stamp {key:?} slot {slot} is not cached");
+            }
+        }
+    }
+
     /// Removes every page of the client, the way LRU pressure would.
     fn evict_pages(&mut self) {
+        self.evicted = true;
         let keys: Vec<_> = self.pages().into_iter().map(|(k, _)| k).collect();
         let mut map = self.hash_map_mut::<ObservationKey, ObservationPage>(map_names::DNS_OBS);
         for key in keys {
@@ -319,6 +385,7 @@ impl Interceptor {
     /// The addresses learned, with the service and kind they were learned
     /// for; checks every observation is for this process's netns.
     fn learned(&self) -> Vec<(IpAddr, u32, u32)> {
+        self.check_cache();
         let cookie = netns_cookie();
         for (key, _) in self.pages() {
             assert_eq!(key.netns_cookie, cookie, "a page for another netns");
@@ -1428,6 +1495,9 @@ fn evicted_page_is_rebuilt_from_the_next_answer() {
     exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
     ix.evict_pages();
     assert_eq!(ix.learned(), vec![]);
+    // The cache in front of the pages keeps both stamps until other keys
+    // take their entries (connect() still finds them there).
+    assert_eq!(ix.cache_entries().len(), 2, "{:?}", ix.cache_entries());
     exchange(&ix, &flow, SERVICE_NAME, RecordType::A, &response);
     assert_eq!(ix.learned(), service_obs((0..2).map(pod_v4)));
     assert_eq!(ix.pod_counters(100).map(|c| c.dns_answers), Some(2));

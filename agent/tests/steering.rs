@@ -11,8 +11,9 @@ use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, time::Duration};
 use aya::maps::{Array, Map, MapData};
 use headway::{map_plan::addr_key, pinned::Maps};
 use headway_common::{
-    AddrIndex, AddrSlot, Backend, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, ServiceSteering,
-    SockBucket, addr_slot_flags, map_names, name_kind, steering_backends,
+    AddrIndex, AddrSlot, Backend, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, ObservationCacheEntry,
+    ServiceSteering, SockBucket, addr_slot_flags, map_names, name_kind, obs_cache, obs_stamp,
+    program_names, steering_backends,
 };
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
@@ -810,4 +811,98 @@ fn inline_slots_are_used_when_their_check_holds_and_svc_backends_otherwise() {
     assert_eq!(fallback.answers.len(), 2, "a draw over both: {fallback:?}");
     let s = steering(&status_json(bpffs).unwrap());
     assert_eq!(s["steered_not_eligible"], 60, "{s:?}");
+}
+
+/// The observation cache of the programs attached under `bpffs` (it is
+/// not pinned: found through the connect4 link's program).
+fn obs_cache_of(bpffs: &Bpffs) -> Array<MapData, ObservationCacheEntry> {
+    let link = headway::pinned::link_attachment(bpffs.path(), program_names::CONNECT4)
+        .expect("connect4's link is pinned and attached");
+    let program = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == link.prog_id)
+        .expect("connect4's program is loaded");
+    let id = program
+        .map_ids()
+        .expect("connect4's maps")
+        .unwrap_or_default()
+        .into_iter()
+        .find(|id| {
+            aya::maps::MapInfo::from_id(*id)
+                .is_ok_and(|m| m.name_as_str() == Some(obs_cache::MAP_NAME))
+        })
+        .expect("connect4 uses the observation cache");
+    let data = MapData::from_id(id).expect("open the observation cache");
+    Array::try_from(Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// connect() takes what a client learned from the observation cache when
+/// the entry for its key is whole and about that key, and from `dns_obs`
+/// otherwise: a cache entry alone steers, one with a bad check or about
+/// another netns says nothing, and a whole one wins over the page.
+#[test]
+fn observations_are_read_from_the_cache_first_and_dns_obs_when_it_misses() {
+    if !require_root("observations_are_read_from_the_cache_first_and_dns_obs_when_it_misses") {
+        return;
+    }
+    let bed = Bed::start("obs-cache");
+    let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let maps = Maps::open_pinned(bpffs.path()).unwrap();
+    let mut cache = obs_cache_of(bpffs);
+    // web-2 (10.77.0.12) is not ready: resolved from web's name, a
+    // connect to it goes to web-0 or web-1.
+    let web2 = addr_key("10.77.0.12".parse().unwrap());
+    let index = maps.dns_addrs.get(&web2, 0).expect("web-2 has slots");
+    let slot = index.slots[..index.n as usize][0];
+    let tag = obs_cache::tag(slot.service_id, 4, slot.slot);
+    let at = obs_cache::index(client, tag);
+    let entry = |cookie: u64, kind: u32| {
+        let stamp = obs_stamp(headway::dns_index::monotonic_ns(), kind);
+        ObservationCacheEntry {
+            netns_cookie: cookie,
+            tag,
+            stamp,
+            check: obs_cache::check(cookie, tag, stamp),
+        }
+    };
+    let live = ["web-0", "web-1"];
+
+    // Only the cache knows: steered.
+    cache.set(at, entry(client, name_kind::SERVICE), 0).unwrap();
+    let cached = connect(cluster, "client", cg, "10.77.0.12", 10);
+    assert!(answered_only_by(&cached, &live), "{cached:?}");
+
+    // The same entry with a check that does not hold (caught mid-write):
+    // not trusted, and `dns_obs` has nothing.
+    let mut torn = entry(client, name_kind::SERVICE);
+    torn.check ^= 2;
+    cache.set(at, torn, 0).unwrap();
+    let unknown = connect(cluster, "client", cg, "10.77.0.12", 10);
+    assert_eq!(unknown.answers.get("web-2"), Some(&10), "{unknown:?}");
+
+    // The page says the service's name; a newer, whole cache entry says
+    // the pod's own name: the cache is read first.
+    let mut maps = maps;
+    plant(&mut maps, client, "10.77.0.12", "web", name_kind::SERVICE);
+    cache.set(at, entry(client, name_kind::POD), 0).unwrap();
+    let by_pod_name = connect(cluster, "client", cg, "10.77.0.12", 10);
+    assert_eq!(
+        by_pod_name.answers.get("web-2"),
+        Some(&10),
+        "{by_pod_name:?}"
+    );
+
+    // The entry at the client's index is another netns's (a collision):
+    // the page decides.
+    cache
+        .set(at, entry(client + 1_000_000, name_kind::POD), 0)
+        .unwrap();
+    let from_page = connect(cluster, "client", cg, "10.77.0.12", 10);
+    assert!(answered_only_by(&from_page, &live), "{from_page:?}");
+
+    let s = steering(&status_json(bpffs).unwrap());
+    assert_eq!(s["steered_not_eligible"], 20, "{s:?}");
+    assert_eq!(s["kept_no_dns"], 10, "{s:?}");
+    assert_eq!(s["kept_pod_name"], 10, "{s:?}");
 }

@@ -1174,6 +1174,78 @@ pub const fn obs_kind(stamp: u64) -> u32 {
     (stamp & 3) as u32
 }
 
+/// One entry of the observation cache (`obs_cache`): the newest stamp the
+/// DNS interceptor wrote for one slot of one service and family in one
+/// client network namespace, and a check over the three.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObservationCacheEntry {
+    pub netns_cookie: u64,
+    /// [`obs_cache::tag`] of the service, family and slot.
+    pub tag: u64,
+    /// An [`obs_stamp`], as stamped into the slot's `dns_obs` page.
+    pub stamp: u64,
+    /// [`obs_cache::check`] of the three words above; 0: empty.
+    pub check: u64,
+}
+
+/// A direct-mapped cache in front of `dns_obs` (kernel-only, not pinned).
+///
+/// `dns_obs` is an LRU hash: its lookup hashes a 16-byte key and touches a
+/// bucket, an element and the page's stamp, three cold cache lines that
+/// made up about a third of a steered connect(). The interceptor writes
+/// every stamp it puts in a page to this array too, at an index hashed from
+/// the same key; connect() reads that one 32-byte entry first and goes to
+/// `dns_obs` only when the entry is about something else (a collision) or
+/// its check fails (caught mid-write). An entry only ever holds a stamp
+/// the interceptor wrote, and the newest one for its key, so a hit says
+/// what `dns_obs` would say, or what it said before LRU pressure evicted
+/// the page.
+pub mod obs_cache {
+    use crate::check_word::{finish, mix};
+
+    /// The map's name (not pinned: tests find it through the programs).
+    pub const MAP_NAME: &str = "dns_obs_cache";
+    /// Entries: 2 MiB of 32-byte entries, two per cache line.
+    pub const ENTRIES: u32 = 1 << 16;
+
+    const K_COOKIE: u64 = 0x9E37_79B9_7F4A_7C15;
+    const K_TAG: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    const K_STAMP: u64 = 0x1656_67B1_9E37_79F9;
+
+    /// Service, family (4 or 6) and slot in one word.
+    #[inline(always)]
+    pub fn tag(service_id: u32, family: u16, slot: u16) -> u64 {
+        u64::from(service_id) | u64::from(family) << 32 | u64::from(slot) << 48
+    }
+
+    /// The entry a key lives in: every bit of the key stirred into the low
+    /// bits (MurmurHash3's 64-bit finalizer). Cookies, service ids and
+    /// slots are small counters, and the slot sits in the tag's top bits.
+    #[inline(always)]
+    pub fn index(netns_cookie: u64, tag: u64) -> u32 {
+        let mut h = netns_cookie.wrapping_mul(K_COOKIE) ^ tag;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+        h ^= h >> 33;
+        (h as u32) & (ENTRIES - 1)
+    }
+
+    /// The check an entry holding `stamp` for the key carries: a reader
+    /// that sees words of two writes (two CPUs, or a write in progress)
+    /// finds it does not hold. Never 0.
+    #[inline(always)]
+    pub fn check(netns_cookie: u64, tag: u64, stamp: u64) -> u64 {
+        finish(
+            mix(netns_cookie, K_COOKIE)
+                .wrapping_add(mix(tag, K_TAG))
+                .wrapping_add(mix(stamp, K_STAMP)),
+        )
+    }
+}
+
 /// An address's slot in one service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1326,6 +1398,7 @@ mod user {
     unsafe impl aya::Pod for super::ObservationKey {}
     unsafe impl aya::Pod for super::Observation {}
     unsafe impl aya::Pod for super::ObservationPage {}
+    unsafe impl aya::Pod for super::ObservationCacheEntry {}
     unsafe impl aya::Pod for super::AddrSlot {}
     unsafe impl aya::Pod for super::AddrIndex {}
     unsafe impl aya::Pod for super::AddrTableEntry {}
@@ -1487,6 +1560,44 @@ mod tests {
         assert_eq!(size_of::<AddrIndex>(), 8 + 16 * ADDR_MAX_SERVICES);
         assert_eq!(size_of::<AddrTableEntry>(), 128);
         assert_eq!(size_of::<Observation>(), 16);
+        assert_eq!(size_of::<ObservationCacheEntry>(), 32);
+    }
+
+    #[test]
+    fn observation_cache_keys_spread_and_checks_tell_writes_apart() {
+        // Sequential netns cookies (as the kernel hands them out), a few
+        // services, a StatefulSet's worth of slots each: 51,200 keys.
+        let mut used = [0u64; (obs_cache::ENTRIES / 64) as usize];
+        let mut keys = 0u32;
+        for cookie in 4096..5120u64 {
+            for service_id in 1..=5u32 {
+                for slot in 0..10u16 {
+                    let tag = obs_cache::tag(service_id, 4, slot);
+                    let i = obs_cache::index(cookie, tag) as usize;
+                    used[i / 64] |= 1 << (i % 64);
+                    keys += 1;
+                }
+            }
+        }
+        // Thrown at random into 65,536 entries, 51,200 keys fill
+        // 65,536 * (1 - e^(-51200/65536)) ~ 35,500 of them.
+        let filled: u32 = used.iter().map(|w| w.count_ones()).sum();
+        assert!(filled > 35_000, "{filled} entries for {keys} keys");
+
+        let (cookie, tag, stamp) = (4097, obs_cache::tag(3, 4, 7), obs_stamp(123_456_789, 1));
+        let check = obs_cache::check(cookie, tag, stamp);
+        assert_ne!(check, 0);
+        for (c, t, s) in [
+            (cookie + 1, tag, stamp),
+            (cookie, obs_cache::tag(3, 4, 8), stamp),
+            (cookie, obs_cache::tag(3, 6, 7), stamp),
+            (cookie, obs_cache::tag(4, 4, 7), stamp),
+            (cookie, tag, obs_stamp(123_456_789, 2)),
+            (cookie, tag, stamp + 4),
+        ] {
+            assert_ne!(obs_cache::check(c, t, s), check, "{c} {t:#x} {s}");
+        }
+        assert_ne!(obs_cache::check(0, 0, 0), 0, "an empty entry never checks");
     }
 
     #[test]

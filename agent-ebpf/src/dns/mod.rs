@@ -140,6 +140,7 @@ macro_rules! store {
 
 // After the macros, which the parsers use too.
 pub mod addr_table;
+pub mod obs_cache;
 pub mod query;
 pub mod response;
 
@@ -461,7 +462,8 @@ pub struct Learned {
 /// What the client network namespace `netns_cookie` learned about `addr`
 /// (whose index is `known`) from DNS, if anything (read by the
 /// connect-time decision): the newest stamp among the services `dns_addrs`
-/// gives the address a slot in. A stamp older than the slot's `since_ns`
+/// gives the address a slot in, each from the observation cache or, when
+/// it misses, from `dns_obs`. A stamp older than the slot's `since_ns`
 /// was about the slot's previous address and says nothing about this one.
 #[inline(always)]
 pub fn observation(netns_cookie: u64, addr: &AddrKey, known: &KnownAddress) -> Option<Learned> {
@@ -479,19 +481,22 @@ pub fn observation(netns_cookie: u64, addr: &AddrKey, known: &KnownAddress) -> O
             break;
         }
         let entry = index.slots[i];
-        let key = ObservationKey {
-            netns_cookie,
-            service_id: entry.service_id,
-            family,
-            page: (entry.slot as usize / OBS_PAGE_SLOTS) as u16,
-        };
-        let Some(page) = DNS_OBS.get_ptr(&key) else {
+        let tag = headway_common::obs_cache::tag(entry.service_id, family, entry.slot);
+        let Some(stamp) = obs_cache::get(netns_cookie, tag).or_else(|| {
+            let key = ObservationKey {
+                netns_cookie,
+                service_id: entry.service_id,
+                family,
+                page: (entry.slot as usize / OBS_PAGE_SLOTS) as u16,
+            };
+            let page = DNS_OBS.get_ptr(&key)?;
+            // One aligned u64: time and kind always belong together.
+            let slot = entry.slot as usize % OBS_PAGE_SLOTS;
+            // SAFETY: a field of a live map value; `slot` is in bounds.
+            Some(unsafe { core::ptr::read_volatile(&raw const (*page).stamps[slot]) })
+        }) else {
             continue;
         };
-        // One aligned u64: time and kind always belong together.
-        let slot = entry.slot as usize % OBS_PAGE_SLOTS;
-        // SAFETY: a field of a live map value; `slot` is in bounds.
-        let stamp = unsafe { core::ptr::read_volatile(&raw const (*page).stamps[slot]) };
         let learned_ns = obs_time(stamp);
         if stamp == 0 || learned_ns < obs_time(entry.since_ns) || learned_ns <= best.learned_ns {
             continue;

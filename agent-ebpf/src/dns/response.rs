@@ -11,7 +11,8 @@
 //! What a response teaches is stamped into the client's `dns_obs` page of
 //! the service's address slots (the agent gives every address of a
 //! headless service a slot, in `dns_addrs`): one map write per response,
-//! whatever the number of answers; see `learn`.
+//! whatever the number of answers; see `learn`. Each stamp also goes to
+//! the observation cache connect() reads first (`obs_cache`).
 use core::intrinsics::{AtomicOrdering, atomic_xchg};
 
 use aya_ebpf::{
@@ -30,7 +31,7 @@ use headway_common::{
 use super::{
     ANSWERED, CLASS_IN, Direction, Fault, HEADER_LEN, MAX_ANSWERS, MAX_LABEL_LEN, MAX_NAME_LEN,
     MAX_PAYLOAD, POINTER_BITS, Scratch, TYPE_A, TYPE_AAAA, add, addr_table::known, bump,
-    copy_payload, dns_datagram, query_id, question,
+    copy_payload, dns_datagram, obs_cache, query_id, question,
 };
 use crate::{
     accounting::count_dns_answer,
@@ -376,7 +377,15 @@ fn stamp_pages(
             break;
         }
         count_dns_answer(load!((*c).pod_ids[i]));
-        if load!((*c).slots[i]) != NO_SLOT {
+        let slot = load!((*c).slots[i]);
+        // The cache gets every stamp a page may get, first: the page
+        // writes below may stop early (a full map), and a cache entry
+        // older than its page would hide the page's newer stamp.
+        if slot < (OBS_MAX_PAGES * OBS_PAGE_SLOTS) as u32 {
+            let tag = headway_common::obs_cache::tag(entry.service_id, family, slot as u16);
+            obs_cache::put(netns_cookie, tag, stamp);
+        }
+        if slot != NO_SLOT {
             let todo = load!(s.todo);
             store!(s.todo, todo | 1 << i);
         }

@@ -1,0 +1,41 @@
+//! The observation cache in front of `dns_obs` (see
+//! `headway_common::obs_cache`): `put` beside every stamp the interceptor
+//! writes, `get` first in connect().
+//!
+//! An entry is four words written one by one, so a reader on another CPU
+//! may see part of a write; the check over the other three tells it, and
+//! the reader then asks `dns_obs`. The writer clears the check first, so a
+//! reader that sees the old check with new words fails too.
+use headway_common::obs_cache;
+
+use crate::maps::DNS_OBS_CACHE;
+
+/// Records `stamp` as the newest the client network namespace
+/// `netns_cookie` has for `tag`.
+#[inline(always)]
+pub fn put(netns_cookie: u64, tag: u64, stamp: u64) {
+    let Some(e) = DNS_OBS_CACHE.get_ptr_mut(obs_cache::index(netns_cookie, tag)) else {
+        return;
+    };
+    store!((*e).check, 0);
+    store!((*e).netns_cookie, netns_cookie);
+    store!((*e).tag, tag);
+    store!((*e).stamp, stamp);
+    store!((*e).check, obs_cache::check(netns_cookie, tag, stamp));
+}
+
+/// The newest stamp the interceptor wrote for `tag` in the client network
+/// namespace `netns_cookie`, if the cache still holds it whole.
+#[inline(always)]
+pub fn get(netns_cookie: u64, tag: u64) -> Option<u64> {
+    let e = DNS_OBS_CACHE.get_ptr(obs_cache::index(netns_cookie, tag))?;
+    // Each word read once, in the order `put` writes them.
+    let cookie = load!((*e).netns_cookie);
+    let entry_tag = load!((*e).tag);
+    let stamp = load!((*e).stamp);
+    let check = load!((*e).check);
+    (cookie == netns_cookie
+        && entry_tag == tag
+        && check == obs_cache::check(netns_cookie, tag, stamp))
+    .then_some(stamp)
+}
