@@ -3,9 +3,9 @@
 //! writes, `get` first in connect().
 //!
 //! An entry is four words written one by one, so a reader on another CPU
-//! may see part of a write; the check over the other three tells it, and
-//! the reader then asks `dns_obs`. The writer clears the check first, so a
-//! reader that sees the old check with new words fails too.
+//! (or two writers of keys that share the entry) may leave words of two
+//! writes side by side; the check covers the other three, so such an
+//! entry fails it, and the reader then asks `dns_obs`.
 use headway_common::obs_cache;
 
 use crate::maps::DNS_OBS_CACHE;
@@ -17,7 +17,6 @@ pub fn put(netns_cookie: u64, tag: u64, stamp: u64) {
     let Some(e) = DNS_OBS_CACHE.get_ptr_mut(obs_cache::index(netns_cookie, tag)) else {
         return;
     };
-    store!((*e).check, 0);
     store!((*e).netns_cookie, netns_cookie);
     store!((*e).tag, tag);
     store!((*e).stamp, stamp);
