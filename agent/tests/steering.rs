@@ -839,7 +839,8 @@ fn obs_cache_of(bpffs: &Bpffs) -> Array<MapData, ObservationCacheEntry> {
 /// connect() takes what a client learned from the observation cache when
 /// the entry for its key is whole and about that key, and from `dns_obs`
 /// otherwise: a cache entry alone steers, one with a bad check or about
-/// another netns says nothing, and a whole one wins over the page.
+/// another netns says nothing, and a whole one wins over the page; the
+/// same for IPv6 (connect6).
 #[test]
 fn observations_are_read_from_the_cache_first_and_dns_obs_when_it_misses() {
     if !require_root("observations_are_read_from_the_cache_first_and_dns_obs_when_it_misses") {
@@ -857,7 +858,7 @@ fn observations_are_read_from_the_cache_first_and_dns_obs_when_it_misses() {
     let slot = index.slots[..index.n as usize][0];
     let tag = obs_cache::tag(slot.service_id, 4, slot.slot);
     let at = obs_cache::index(client, tag);
-    let entry = |cookie: u64, kind: u32| {
+    let entry_for = |tag: u64, cookie: u64, kind: u32| {
         let stamp = obs_stamp(headway::dns_index::monotonic_ns(), kind);
         ObservationCacheEntry {
             netns_cookie: cookie,
@@ -866,6 +867,7 @@ fn observations_are_read_from_the_cache_first_and_dns_obs_when_it_misses() {
             check: obs_cache::check(cookie, tag, stamp),
         }
     };
+    let entry = |cookie: u64, kind: u32| entry_for(tag, cookie, kind);
     let live = ["web-0", "web-1"];
 
     // Only the cache knows: steered.
@@ -901,8 +903,20 @@ fn observations_are_read_from_the_cache_first_and_dns_obs_when_it_misses() {
     let from_page = connect(cluster, "client", cg, "10.77.0.12", 10);
     assert!(answered_only_by(&from_page, &live), "{from_page:?}");
 
+    // connect6 reads the cache too: an entry for web-2's IPv6 slot only.
+    let web2_v6 = addr_key("fd77::12".parse().unwrap());
+    let index_v6 = maps.dns_addrs.get(&web2_v6, 0).expect("web-2's IPv6 slots");
+    let slot_v6 = index_v6.slots[..index_v6.n as usize][0];
+    let tag_v6 = obs_cache::tag(slot_v6.service_id, 6, slot_v6.slot);
+    let entry_v6 = entry_for(tag_v6, client, name_kind::SERVICE);
+    cache
+        .set(obs_cache::index(client, tag_v6), entry_v6, 0)
+        .unwrap();
+    let cached_v6 = connect(cluster, "client", cg, "fd77::12", 10);
+    assert!(answered_only_by(&cached_v6, &live), "{cached_v6:?}");
+
     let s = steering(&status_json(bpffs).unwrap());
-    assert_eq!(s["steered_not_eligible"], 20, "{s:?}");
+    assert_eq!(s["steered_not_eligible"], 30, "{s:?}");
     assert_eq!(s["kept_no_dns"], 10, "{s:?}");
     assert_eq!(s["kept_pod_name"], 10, "{s:?}");
 }
