@@ -396,16 +396,9 @@ pub mod addr_table {
     /// multiplies costs each answer address its latency).
     #[inline(always)]
     pub fn check(words: &[u64; LINE_WORDS]) -> u64 {
-        const K: [u64; LINE_WORDS] = [
-            0x9E37_79B9_7F4A_7C15,
-            0xC2B2_AE3D_27D4_EB4F,
-            0,
-            0x1656_67B1_9E37_79F9,
-            0xD6E8_FEB8_6659_FD93,
-            0xFF51_AFD7_ED55_8CCD,
-            0xC4CE_B9FE_1A85_EC53,
-            0x8CB9_2BA7_2F3D_8DD7,
-        ];
+        // The check word itself (index 2) takes no share.
+        const M: [u64; 8] = crate::check_word::K;
+        const K: [u64; LINE_WORDS] = [M[0], M[1], 0, M[2], M[3], M[4], M[5], M[6]];
         let mix = |i: usize| crate::check_word::mix(words[i], K[i]);
         let h = mix(0)
             .wrapping_add(mix(1))
@@ -829,6 +822,20 @@ impl ServiceSteering {
 /// xor-shift) and the results are summed, so a read that mixes two
 /// versions checks alike with odds of about 2^-63.
 pub mod check_word {
+    /// The odd multipliers the checks (and the observation cache's index)
+    /// use, one per word position: constants of well-known 64-bit hashes
+    /// (golden ratio, xxHash, MurmurHash3's finalizer, wyhash).
+    pub const K: [u64; 8] = [
+        0x9E37_79B9_7F4A_7C15,
+        0xC2B2_AE3D_27D4_EB4F,
+        0x1656_67B1_9E37_79F9,
+        0xD6E8_FEB8_6659_FD93,
+        0xFF51_AFD7_ED55_8CCD,
+        0xC4CE_B9FE_1A85_EC53,
+        0x8CB9_2BA7_2F3D_8DD7,
+        0xA076_1D64_78BD_642F,
+    ];
+
     /// Word `word`'s share of a check, under the constant `k`.
     #[inline(always)]
     pub fn mix(word: u64, k: u64) -> u64 {
@@ -866,16 +873,7 @@ pub mod steering_backends {
         }
     }
 
-    const K: [u64; STEERING_BACKENDS + 1] = [
-        0x9E37_79B9_7F4A_7C15,
-        0xC2B2_AE3D_27D4_EB4F,
-        0x1656_67B1_9E37_79F9,
-        0xD6E8_FEB8_6659_FD93,
-        0xFF51_AFD7_ED55_8CCD,
-        0xC4CE_B9FE_1A85_EC53,
-        0x8CB9_2BA7_2F3D_8DD7,
-        0xA076_1D64_78BD_642F,
-    ];
+    const K: [u64; STEERING_BACKENDS + 1] = crate::check_word::K;
 
     /// Word `i`'s share of the check (`i == STEERING_BACKENDS`: the table
     /// sizes'), so a reader can sum it as it reads the words.
@@ -1202,16 +1200,16 @@ pub struct ObservationCacheEntry {
 /// what `dns_obs` would say, or what it said before LRU pressure evicted
 /// the page.
 pub mod obs_cache {
-    use crate::check_word::{finish, mix};
+    use crate::check_word::{K, finish, mix};
 
     /// The map's name (not pinned: tests find it through the programs).
     pub const MAP_NAME: &str = "dns_obs_cache";
     /// Entries: 2 MiB of 32-byte entries, two per cache line.
     pub const ENTRIES: u32 = 1 << 16;
 
-    const K_COOKIE: u64 = 0x9E37_79B9_7F4A_7C15;
-    const K_TAG: u64 = 0xC2B2_AE3D_27D4_EB4F;
-    const K_STAMP: u64 = 0x1656_67B1_9E37_79F9;
+    const K_COOKIE: u64 = K[0];
+    const K_TAG: u64 = K[1];
+    const K_STAMP: u64 = K[2];
 
     /// Service, family (4 or 6) and slot in one word.
     #[inline(always)]
@@ -1220,15 +1218,16 @@ pub mod obs_cache {
     }
 
     /// The entry a key lives in: every bit of the key stirred into the low
-    /// bits (MurmurHash3's 64-bit finalizer). Cookies, service ids and
+    /// bits (MurmurHash3's 64-bit finalizer, whose multipliers are `K[4]`
+    /// and `K[5]`). Cookies, service ids and
     /// slots are small counters, and the slot sits in the tag's top bits.
     #[inline(always)]
     pub fn index(netns_cookie: u64, tag: u64) -> u32 {
         let mut h = netns_cookie.wrapping_mul(K_COOKIE) ^ tag;
         h ^= h >> 33;
-        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        h = h.wrapping_mul(K[4]);
         h ^= h >> 33;
-        h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+        h = h.wrapping_mul(K[5]);
         h ^= h >> 33;
         (h as u32) & (ENTRIES - 1)
     }

@@ -481,8 +481,8 @@ pub fn observation(netns_cookie: u64, addr: &AddrKey, known: &KnownAddress) -> O
             break;
         }
         let entry = index.slots[i];
-        let tag = headway_common::obs_cache::tag(entry.service_id, family, entry.slot);
-        let Some(stamp) = obs_cache::get(netns_cookie, tag).or_else(|| {
+        let cached = obs_cache::get(netns_cookie, entry.service_id, family, entry.slot);
+        let Some(stamp) = cached.or_else(|| {
             let key = ObservationKey {
                 netns_cookie,
                 service_id: entry.service_id,

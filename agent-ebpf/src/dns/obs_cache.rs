@@ -11,9 +11,11 @@ use headway_common::obs_cache;
 use crate::maps::DNS_OBS_CACHE;
 
 /// Records `stamp` as the newest the client network namespace
-/// `netns_cookie` has for `tag`.
+/// `netns_cookie` has for `slot` of service `service_id`'s `family` (4 or
+/// 6) addresses.
 #[inline(always)]
-pub fn put(netns_cookie: u64, tag: u64, stamp: u64) {
+pub fn put(netns_cookie: u64, service_id: u32, family: u16, slot: u16, stamp: u64) {
+    let tag = obs_cache::tag(service_id, family, slot);
     let Some(e) = DNS_OBS_CACHE.get_ptr_mut(obs_cache::index(netns_cookie, tag)) else {
         return;
     };
@@ -23,10 +25,11 @@ pub fn put(netns_cookie: u64, tag: u64, stamp: u64) {
     store!((*e).check, obs_cache::check(netns_cookie, tag, stamp));
 }
 
-/// The newest stamp the interceptor wrote for `tag` in the client network
-/// namespace `netns_cookie`, if the cache still holds it whole.
+/// The newest stamp the interceptor wrote for that slot in the client
+/// network namespace `netns_cookie`, if the cache still holds it whole.
 #[inline(always)]
-pub fn get(netns_cookie: u64, tag: u64) -> Option<u64> {
+pub fn get(netns_cookie: u64, service_id: u32, family: u16, slot: u16) -> Option<u64> {
+    let tag = obs_cache::tag(service_id, family, slot);
     let e = DNS_OBS_CACHE.get_ptr(obs_cache::index(netns_cookie, tag))?;
     // Each word read once, in the order `put` writes them.
     let cookie = load!((*e).netns_cookie);

@@ -382,8 +382,7 @@ fn stamp_pages(
         // writes below may stop early (a full map), and a cache entry
         // older than its page would hide the page's newer stamp.
         if slot < (OBS_MAX_PAGES * OBS_PAGE_SLOTS) as u32 {
-            let tag = headway_common::obs_cache::tag(entry.service_id, family, slot as u16);
-            obs_cache::put(netns_cookie, tag, stamp);
+            obs_cache::put(netns_cookie, entry.service_id, family, slot as u16, stamp);
         }
         if slot != NO_SLOT {
             let todo = load!(s.todo);
