@@ -10,7 +10,8 @@
 //! read from the paired workloads instead (`paired.rs`): one client holds
 //! a direct, an A/A control and a headway connection to the same pod and
 //! alternates its requests over them, so the machine's noise hits all
-//! three alike. Then, on the last round's bed, extra
+//! three alike; the new-connection target likewise, from the same client
+//! making a new connection per side and cycle. Then, on the last round's bed, extra
 //! headway runs with BPF stats on give the kernel cost per hook, and the
 //! DNS interceptor is measured with BPF_PROG_TEST_RUN (`bench-dns`).
 //!
@@ -801,7 +802,11 @@ mod tests {
         // no program ran for the A/A-only client, the headway side ran the
         // cgroup_skb programs.
         for c in [Contender::HeadwayRandom, Contender::HeadwayObserve] {
-            for w in [Workload::PairedOne, Workload::PairedLoad] {
+            for w in [
+                Workload::PairedOne,
+                Workload::PairedLoad,
+                Workload::PairedNew,
+            ] {
                 let p = results
                     .paired
                     .iter()

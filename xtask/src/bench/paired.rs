@@ -18,6 +18,13 @@
 //! same cycle. Every request's latency goes into a histogram per side and
 //! per 1-second block; `paired_stats` compares the sides.
 //!
+//! The same client measures new connections (`--new-connections`): per
+//! cycle every side makes one connection, each from a socket it made in
+//! its cgroup before the clock started (a socket's cgroup is fixed when it
+//! is made, and moving the process every cycle would cost more than the
+//! connection). Under `random` the plain sides pick a random pod per
+//! cycle, so all three sides spread alike.
+//!
 //! The client is this binary again (`cargo xtask paired-client`, hidden),
 //! spawned inside the bench's client namespace, never in the host's.
 use std::{
@@ -34,6 +41,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{
     bed::Bed,
@@ -78,6 +86,17 @@ pub struct ClientOptions {
     pub millis: u64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// New connections instead of keep-alive ones: per cycle, each side
+    /// makes one (see [`new_connection`]), from pools of sockets made
+    /// beforehand in the side's cgroup, this many per side and thread at a
+    /// time (fewer if the open-file limit says so).
+    #[arg(long)]
+    pub new_connections: Option<usize>,
+    /// With `--new-connections`: the direct and control sides go to a
+    /// random pod of `--pods` each cycle (as `random` spreads the headway
+    /// side's), not to the thread's pod.
+    #[arg(long, requires = "new_connections")]
+    pub spread: bool,
 }
 
 /// One thread's connections, as the client set them up.
@@ -248,6 +267,7 @@ pub fn client(opts: &ClientOptions) -> anyhow::Result<()> {
     let root = cgroup_root()?;
     let mut setups = vec![ThreadSetup::default(); threads];
     let mut conns: Vec<BTreeMap<Side, Conn>> = (0..threads).map(|_| BTreeMap::new()).collect();
+
     let whoami = |conn: &mut Conn| -> anyhow::Result<String> {
         let start = conn.exchange(&request(WHOAMI_PATH, "whoami", port))?;
         Ok(String::from_utf8_lossy(&conn.buf[start..])
@@ -309,11 +329,38 @@ pub fn client(opts: &ClientOptions) -> anyhow::Result<()> {
     let barrier = Arc::new(Barrier::new(threads + 1));
     let start = Arc::new(std::sync::OnceLock::<Instant>::new());
     let mut handles = Vec::new();
+    let refill = match (opts.new_connections, &opts.headway_cgroup) {
+        (Some(n), Some(headway)) => Some(Arc::new(Refill {
+            root: root.clone(),
+            headway: headway.clone(),
+            plain: opts.plain_cgroup.clone(),
+            per_side: n.min(fd_budget()? / (3 * threads)).max(1),
+            lock: std::sync::Mutex::new(()),
+        })),
+        (Some(_), None) => bail!("--new-connections needs the headway side"),
+        _ => None,
+    };
     for (i, (mut sides, setup)) in conns.into_iter().zip(&setups).enumerate() {
         let barrier = Arc::clone(&barrier);
         let start = Arc::clone(&start);
         let req = request("/", &setup.pod, port);
         let seed = opts.seed.wrapping_mul(1000).wrapping_add(i as u64);
+        if let Some(refill) = &refill {
+            let targets = NewTargets::of(setup, port, opts.spread.then_some(&opts.pods))?;
+            let refill = Arc::clone(refill);
+            // The keep-alive connections were only for the checks.
+            drop(sides);
+            let clock = Clock {
+                barrier,
+                start,
+                duration,
+                n_blocks,
+            };
+            handles.push(thread::spawn(move || {
+                new_connection_cycles(&refill, &targets, &clock, Rng::new(seed))
+            }));
+            continue;
+        }
         handles.push(thread::spawn(move || -> anyhow::Result<Vec<Block>> {
             let mut rng = Rng::new(seed);
             let mut order: Vec<Side> = sides.keys().copied().collect();
@@ -332,9 +379,7 @@ pub fn client(opts: &ClientOptions) -> anyhow::Result<()> {
                 if cycle >= end {
                     break;
                 }
-                let b = usize::try_from((cycle - t0).as_nanos() / BLOCK.as_nanos())
-                    .unwrap_or(usize::MAX)
-                    .min(n_blocks - 1);
+                let b = block_of(cycle - t0, n_blocks);
                 rng.shuffle(&mut order);
                 for &side in &order {
                     let conn = conns[side.index()]
@@ -370,6 +415,207 @@ pub fn client(opts: &ClientOptions) -> anyhow::Result<()> {
             .collect(),
     };
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// The block a cycle that starts `since_start` into the run records into
+/// (the last one for a cycle started at the very end).
+fn block_of(since_start: Duration, n_blocks: usize) -> usize {
+    usize::try_from(since_start.as_nanos() / BLOCK.as_nanos())
+        .unwrap_or(usize::MAX)
+        .min(n_blocks - 1)
+}
+
+/// Unrecorded cycles per thread before the clock starts, with new
+/// connections (each costs a pooled socket per side).
+const NEW_WARM_UP_CYCLES: usize = 50;
+
+/// Makes the pooled sockets of the new-connection mode, each in its
+/// side's cgroup: a socket's cgroup is the one its maker is in when it is
+/// made, so this moves the whole process (under a lock: one thread at a
+/// time), between cycles, off the clock. Sockets only connect later, so a
+/// thread measuring meanwhile is not affected.
+struct Refill {
+    root: PathBuf,
+    headway: PathBuf,
+    plain: PathBuf,
+    per_side: usize,
+    lock: std::sync::Mutex<()>,
+}
+
+impl Refill {
+    /// Fills every side's pool with `per_side` new sockets.
+    fn fill(&self, pools: &mut BTreeMap<Side, Vec<Socket>>) -> anyhow::Result<()> {
+        let _one_at_a_time = self
+            .lock
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a thread panicked while refilling"))?;
+        let make = |n: usize| -> anyhow::Result<Vec<Socket>> {
+            (0..n)
+                .map(|_| {
+                    Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                        .context("making a pooled socket")
+                })
+                .collect()
+        };
+        join(&self.root, &self.headway)?;
+        let headway = make(self.per_side);
+        // Back to the plain cgroup whatever happened.
+        join(&self.root, &self.plain)?;
+        pools.entry(Side::Headway).or_default().extend(headway?);
+        for side in [Side::Direct, Side::Control] {
+            pools.entry(side).or_default().extend(make(self.per_side)?);
+        }
+        Ok(())
+    }
+}
+
+/// File descriptors the pools may hold: the open-file limit, less room
+/// for everything else.
+fn fd_budget() -> anyhow::Result<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a plain syscall filling a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    let limit = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    limit
+        .checked_sub(1024)
+        .filter(|n| *n >= 300)
+        .with_context(|| format!("an open-file limit of {limit} leaves no room for socket pools"))
+}
+
+/// Where each side's new connections go: the headway side to the address
+/// the name gave it (headway's policy then decides), the plain sides to
+/// the thread's pod, or to a random one of `spread`.
+struct NewTargets {
+    headway: Option<SocketAddr>,
+    pod: SocketAddr,
+    spread: Vec<SocketAddr>,
+}
+
+impl NewTargets {
+    fn of(setup: &ThreadSetup, port: u16, spread: Option<&Vec<Ipv4Addr>>) -> anyhow::Result<Self> {
+        let addr = |text: &str| -> anyhow::Result<SocketAddr> {
+            let ip: IpAddr = text.parse().with_context(|| format!("address {text:?}"))?;
+            Ok(SocketAddr::new(ip, port))
+        };
+        let spread: Vec<SocketAddr> = spread
+            .into_iter()
+            .flatten()
+            .map(|ip| SocketAddr::new(IpAddr::V4(*ip), port))
+            .collect();
+        Ok(NewTargets {
+            headway: setup.asked.as_deref().map(addr).transpose()?,
+            pod: addr(&setup.pod)?,
+            spread,
+        })
+    }
+
+    fn of_side(&self, side: Side, plain: SocketAddr) -> anyhow::Result<SocketAddr> {
+        match side {
+            Side::Headway => self.headway.context("no headway address"),
+            _ => Ok(plain),
+        }
+    }
+
+    /// This cycle's pod for the plain sides.
+    fn plain(&self, rng: &mut Rng) -> SocketAddr {
+        if self.spread.is_empty() {
+            self.pod
+        } else {
+            self.spread[rng.below(self.spread.len())]
+        }
+    }
+}
+
+/// When a measuring thread starts and how its time is cut into blocks.
+struct Clock {
+    barrier: Arc<Barrier>,
+    start: Arc<std::sync::OnceLock<Instant>>,
+    duration: Duration,
+    n_blocks: usize,
+}
+
+/// A thread's measurement with new connections: per cycle, each side in
+/// a random order takes a socket from its pool and makes one connection
+/// (timed from connect() to close). Empty pools (all at once: they are
+/// the same size) are refilled between cycles.
+fn new_connection_cycles(
+    refill: &Refill,
+    targets: &NewTargets,
+    clock: &Clock,
+    mut rng: Rng,
+) -> anyhow::Result<Vec<Block>> {
+    let mut pools = BTreeMap::new();
+    refill.fill(&mut pools)?;
+    let mut order: Vec<Side> = pools.keys().copied().collect();
+    let mut cycle = |rng: &mut Rng, record: &mut dyn FnMut(Side, u64)| -> anyhow::Result<()> {
+        if pools.values().any(Vec::is_empty) {
+            refill.fill(&mut pools)?;
+        }
+        rng.shuffle(&mut order);
+        let plain = targets.plain(rng);
+        for &side in &order {
+            let socket = pools
+                .get_mut(&side)
+                .and_then(Vec::pop)
+                .context("side without a pool")?;
+            let to = targets.of_side(side, plain)?;
+            let began = Instant::now();
+            new_connection(socket, to)?;
+            record(
+                side,
+                u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            );
+        }
+        Ok(())
+    };
+    for _ in 0..NEW_WARM_UP_CYCLES {
+        cycle(&mut rng, &mut |_, _| {})?;
+    }
+    clock.barrier.wait();
+    let t0 = *clock.start.wait();
+    let end = t0 + clock.duration;
+    let mut blocks = vec![Block::default(); clock.n_blocks];
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let b = block_of(now - t0, clock.n_blocks);
+        cycle(&mut rng, &mut |side, ns| {
+            blocks[b].sides[side.index()].record(ns)
+        })?;
+    }
+    Ok(blocks)
+}
+
+/// One new connection on `socket` to `to`: connect, one request with
+/// `Connection: close`, its whole response, then the pod's close (so the
+/// pod, not this client, holds the TIME_WAIT, as with wrk's new
+/// connections).
+fn new_connection(socket: Socket, to: SocketAddr) -> anyhow::Result<()> {
+    socket
+        .connect_timeout(&to.into(), IO_TIMEOUT)
+        .with_context(|| format!("connecting to {to}"))?;
+    let stream = TcpStream::from(socket);
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut conn = Conn {
+        stream,
+        buf: Vec::with_capacity(1024),
+    };
+    let req = format!("GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+    conn.exchange(req.as_bytes())?;
+    let mut rest = [0u8; 64];
+    if conn.stream.read(&mut rest)? != 0 {
+        bail!("{to} sent more than one response");
+    }
     Ok(())
 }
 
@@ -416,6 +662,9 @@ fn parse_ss(text: &str) -> BTreeMap<u16, (String, String)> {
 pub fn threads(w: Workload, pods: usize) -> usize {
     match w {
         Workload::PairedLoad => pods.max(2),
+        // One per CPU of the machines this runs on: each thread is busy
+        // (no think time), and new connections cost the pods' CPU too.
+        Workload::PairedNew => 2,
         _ => 1,
     }
 }
@@ -467,6 +716,13 @@ pub fn run(
         .args(["--threads", &threads(w, bed.pods.len()).to_string()])
         .args(["--millis", &duration.as_millis().to_string()])
         .args(["--seed", &(round as u64 * 7 + 1).to_string()]);
+    if w == Workload::PairedNew {
+        cmd.args(["--new-connections", "2000"]);
+        if c == Contender::HeadwayRandom {
+            let pods: Vec<String> = bed.pods.iter().map(Ipv4Addr::to_string).collect();
+            cmd.arg("--spread").args(["--pods", &pods.join(",")]);
+        }
+    }
     let expected = BTreeMap::from([
         (Side::Direct, relative(plain.path())?),
         (Side::Control, relative(plain.path())?),

@@ -352,7 +352,16 @@ pub struct PairedTarget {
     pub replaces: (Workload, Metric),
 }
 
-pub const PAIRED_TARGETS: [PairedTarget; 3] = [
+pub const PAIRED_TARGETS: [PairedTarget; 4] = [
+    PairedTarget {
+        workload: Workload::PairedNew,
+        pick: |c| c.rate,
+        threshold: 0.97,
+        better: Better::Higher,
+        name: "new-connection rate ≥ 0.97 × direct (paired)",
+        short: "paired new conn",
+        replaces: (Workload::Connect, Metric::RequestsPerSec),
+    },
     PairedTarget {
         workload: Workload::PairedLoad,
         pick: |c| c.rate,
@@ -583,7 +592,7 @@ pub fn paired_section(results: &Results) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "\n## Persistent connections, paired\n\n\
+        "\n## Paired measurements\n\n\
          One client process (this bench's own, in the headway contender's client namespace) \
          holds, per thread, three keep-alive connections to the same pod: `direct` and \
          `control` made in a cgroup with no programs, `headway` made after the process moved \
@@ -597,6 +606,14 @@ pub fn paired_section(results: &Results) -> String {
          on that side's requests. Ratios are pooled over all blocks of all rounds, \
          [95% block-bootstrap interval]; `control / direct` is the A/A noise floor of the \
          method. For latencies a ratio below 1 is better.\n\n\
+         `paired-new` is the same client making new connections instead: per cycle each \
+         side takes a socket it made beforehand in its cgroup (so its cgroup is fixed; \
+         moving the process every cycle would cost more than the connection), connects, \
+         sends one request with `Connection: close` and reads until the pod closes; the \
+         time from connect() to close is that connection's latency, and the rate is \
+         connections per second of that time. Under `random` the direct and control sides \
+         go to a random pod each cycle, as headway spreads its side, so all three pay the \
+         same spreading; under `observe` all three go to the headway side's pod.\n\n\
          | workload | contender | blocks | rate | p50 | p99 | p99.9 | A/A rate | A/A p50 | A/A p99 | A/A p99.9 |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
@@ -830,7 +847,8 @@ pub fn markdown(results: &Results) -> String {
     if !results.paired.is_empty() {
         out.push_str(
             "Targets marked *(paired)* read the paired measurement below (headway and direct \
-             sockets in one client, requests alternated, all blocks pooled) instead of wrk's \
+             sockets in one client, requests or new connections alternated, all blocks \
+             pooled) instead of wrk's \
              separate runs, which cannot resolve a 1% difference on this machine. [interval] = \
              the 95% block-bootstrap interval, widened on each side by how far the A/A \
              control's same figure is from 1 (none below 10 one-second blocks); *resolved* \

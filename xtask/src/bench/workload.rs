@@ -35,16 +35,24 @@ pub enum Workload {
     PairedOne,
     /// Paired under load: one such thread per pod, all at once.
     PairedLoad,
+    /// Paired new connections: per cycle, each thread makes one new
+    /// connection on each side (connect, one request with `Connection:
+    /// close`, read until the pod closes), from sockets made beforehand in
+    /// each side's cgroup.
+    #[value(name = "paired-new")]
+    #[serde(rename = "paired-new")]
+    PairedNew,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Connect,
         Workload::KeepAlive,
         Workload::Latency,
         Workload::Bulk,
         Workload::PairedOne,
         Workload::PairedLoad,
+        Workload::PairedNew,
     ];
     /// The workloads wrk runs, once per contender.
     pub const WRK: [Workload; 4] = [
@@ -56,7 +64,10 @@ impl Workload {
 
     /// Measured by the paired client, once per headway contender.
     pub fn is_paired(self) -> bool {
-        matches!(self, Workload::PairedOne | Workload::PairedLoad)
+        matches!(
+            self,
+            Workload::PairedOne | Workload::PairedLoad | Workload::PairedNew
+        )
     }
 
     pub fn id(self) -> &'static str {
@@ -67,6 +78,7 @@ impl Workload {
             Workload::Bulk => "bulk",
             Workload::PairedOne => "paired-1conn",
             Workload::PairedLoad => "paired-load",
+            Workload::PairedNew => "paired-new",
         }
     }
 
@@ -76,7 +88,7 @@ impl Workload {
         match self {
             Workload::Connect | Workload::KeepAlive => (pods, pods * 4),
             Workload::Latency | Workload::Bulk => (1, 1),
-            Workload::PairedOne | Workload::PairedLoad => {
+            Workload::PairedOne | Workload::PairedLoad | Workload::PairedNew => {
                 let t = super::paired::threads(self, pods);
                 (t, 3 * t)
             }
@@ -97,6 +109,16 @@ impl Workload {
                 "wrk -t1 -c1 GET {BULK_PATH} ({} MiB, nginx sendfile), one persistent connection",
                 BULK_BYTES >> 20
             ),
+            Workload::PairedNew => {
+                let t = super::paired::threads(self, pods);
+                format!(
+                    "paired client, {t} threads: per cycle and thread a new connection on each \
+                     side (direct, A/A control, headway), in a random order; connect, one \
+                     request with `Connection: close`, read until the pod closes; the direct \
+                     and control sides go to a random pod per cycle under `random`, to the \
+                     headway side's pod otherwise; sockets made beforehand; 1-s blocks"
+                )
+            }
             Workload::PairedOne | Workload::PairedLoad => {
                 let (t, c) = self.shape(pods);
                 format!(
