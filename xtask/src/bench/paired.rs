@@ -470,22 +470,28 @@ impl Refill {
     }
 }
 
-/// File descriptors the pools may hold: the open-file limit, less room
-/// for everything else.
+/// File descriptors the pools may hold: half the open-file limit (raised
+/// to the hard limit first, which needs no privilege), the other half
+/// left for everything else.
 fn fd_budget() -> anyhow::Result<usize> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: a plain syscall filling a local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                bail!("setrlimit: {}", std::io::Error::last_os_error());
+            }
+        }
     }
     let limit = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
-    limit
-        .checked_sub(1024)
-        .filter(|n| *n >= 300)
-        .with_context(|| format!("an open-file limit of {limit} leaves no room for socket pools"))
+    Ok(limit / 2)
 }
 
 /// Where each side's new connections go: the headway side to the address
@@ -933,6 +939,41 @@ mod tests {
             s[&40114],
             ("10.77.0.12".to_owned(), "/hw1a-bench-headway".to_owned())
         );
+    }
+
+    #[test]
+    fn new_connections_go_where_their_side_says() {
+        let setup = ThreadSetup {
+            pod: "10.77.0.11".into(),
+            asked: Some("10.77.0.10".into()),
+            ..ThreadSetup::default()
+        };
+        let pods: Vec<Ipv4Addr> = ["10.77.0.10", "10.77.0.11", "10.77.0.12"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let mut rng = Rng::new(7);
+        // Without spreading, the plain sides follow the headway side's pod.
+        let fixed = NewTargets::of(&setup, 80, None).unwrap();
+        let at = |t: &NewTargets, side, plain| t.of_side(side, plain).unwrap().to_string();
+        let plain = fixed.plain(&mut rng);
+        assert_eq!(plain.to_string(), "10.77.0.11:80");
+        assert_eq!(at(&fixed, Side::Headway, plain), "10.77.0.10:80");
+        assert_eq!(at(&fixed, Side::Control, plain), "10.77.0.11:80");
+        // Spreading: every pod comes up, the headway side still asks for
+        // the address it resolved.
+        let spread = NewTargets::of(&setup, 80, Some(&pods)).unwrap();
+        let seen: std::collections::BTreeSet<String> = (0..200)
+            .map(|_| spread.plain(&mut rng).ip().to_string())
+            .collect();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(at(&spread, Side::Headway, plain), "10.77.0.10:80");
+        let no_headway = ThreadSetup {
+            asked: None,
+            ..setup
+        };
+        let t = NewTargets::of(&no_headway, 80, None).unwrap();
+        assert!(t.of_side(Side::Headway, plain).is_err());
     }
 
     #[test]
