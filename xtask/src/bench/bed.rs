@@ -20,6 +20,7 @@ use headway_testbed::{
 };
 
 use super::{
+    super::floor::Floors,
     contenders::Contender,
     headway::{self, HeadwayRig},
     kube_proxy, servers,
@@ -61,6 +62,8 @@ pub struct Bed {
     lb_cgroup: Cgroup,
     _dns: Child,
     _resolvers: Vec<ResolvConf>,
+    /// The floor contender's programs (detached before its cgroup goes).
+    _floors: Option<Floors>,
     cgroups: BTreeMap<Contender, Cgroup>,
     cluster: Cluster,
     pub pods: Vec<Ipv4Addr>,
@@ -120,6 +123,7 @@ impl Bed {
         let mut cgroups = BTreeMap::new();
         let mut headway = None;
         let mut haproxy = None;
+        let mut floors = None;
         let mut facts = RoundFacts::default();
         for &c in contenders {
             match c {
@@ -144,6 +148,12 @@ impl Bed {
                         ns, &lb_cgroup, &lb_dir, LB_ADDR, &pod_addrs,
                     )?);
                 }
+                Contender::Floor => {
+                    let cgroup = Cgroup::new(&format!("bench-{}", c.id()))?;
+                    floors = Some(Floors::attach(cgroup.path())?);
+                    cgroups.insert(c, cgroup);
+                    continue;
+                }
                 Contender::Direct | Contender::DirectRandom => {}
             }
             cgroups.insert(c, Cgroup::new(&format!("bench-{}", c.id()))?);
@@ -157,6 +167,7 @@ impl Bed {
             lb_cgroup,
             _dns: dns,
             _resolvers: resolvers,
+            _floors: floors,
             cgroups,
             cluster,
             pods: pod_addrs,
@@ -191,7 +202,7 @@ impl Bed {
     /// Where contender `c`'s client sends its load.
     pub fn target(&self, c: Contender) -> Target {
         match c {
-            Contender::Direct | Contender::DirectRandom => Target {
+            Contender::Direct | Contender::DirectRandom | Contender::Floor => Target {
                 host: self.pods[0].to_string(),
                 spread_over: self.pods.iter().map(Ipv4Addr::to_string).collect(),
                 pick_per_connection: c == Contender::DirectRandom,

@@ -35,10 +35,14 @@ pub enum Contender {
     Ipvs,
     /// HAProxy in TCP mode in a namespace of its own.
     Haproxy,
+    /// `direct`'s traffic from a cgroup with a do-nothing program
+    /// (`r0 = 1; exit`, `floor.rs`) on each hook headway uses for IPv4
+    /// TCP: what running cgroup programs costs before they do anything.
+    Floor,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 7] = [
+    pub const ALL: [Contender; 8] = [
         Contender::Direct,
         Contender::DirectRandom,
         Contender::HeadwayRandom,
@@ -46,6 +50,7 @@ impl Contender {
         Contender::Iptables,
         Contender::Ipvs,
         Contender::Haproxy,
+        Contender::Floor,
     ];
 
     pub fn id(self) -> &'static str {
@@ -57,6 +62,7 @@ impl Contender {
             Contender::Iptables => "iptables",
             Contender::Ipvs => "ipvs",
             Contender::Haproxy => "haproxy",
+            Contender::Floor => "floor",
         }
     }
 
@@ -69,6 +75,7 @@ impl Contender {
             Contender::Iptables => "kube-proxy iptables (10k services)",
             Contender::Ipvs => "kube-proxy IPVS (10k services)",
             Contender::Haproxy => "HAProxy 2.6, TCP mode",
+            Contender::Floor => "direct + do-nothing cgroup programs (floor)",
         }
     }
 
@@ -82,6 +89,12 @@ impl Contender {
     }
 
     /// The logical name of this contender's client namespace.
+    /// Measured by the paired client beside `direct`: headway's policies,
+    /// and the floor.
+    pub fn is_paired(self) -> bool {
+        self.headway_policy().is_some() || self == Contender::Floor
+    }
+
     pub fn client(self) -> String {
         format!("c-{}", self.id())
     }

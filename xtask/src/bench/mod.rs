@@ -210,6 +210,11 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
         .copied()
         .filter(|c| c.headway_policy().is_some())
         .collect();
+    let paired_contenders: Vec<Contender> = contenders
+        .iter()
+        .copied()
+        .filter(|c| c.is_paired())
+        .collect();
     let mut hook_costs = Vec::new();
     let mut iptables_rules = None;
     for round in 0..rounds {
@@ -219,7 +224,7 @@ pub fn measure(opts: &Options) -> anyhow::Result<Results> {
         warm_up(&mut bed, &script, &contenders)?;
         for &w in &workloads {
             if w.is_paired() {
-                for c in contenders::order(&headway_contenders, round) {
+                for c in contenders::order(&paired_contenders, round) {
                     let p = paired::run(&mut bed, round, w, c, duration)
                         .with_context(|| format!("{} / {}", w.id(), c.id()))?;
                     eprintln!("bench: round {} {}", round + 1, paired_line(&p));
@@ -823,6 +828,13 @@ mod tests {
             assert_eq!(runs.control_only_total_runs(), 0, "{runs:?}");
             assert!(runs.skb_runs_per_headway_request() >= 1.0, "{runs:?}");
         }
+        // The floor is measured paired too, beside direct.
+        let floor = results
+            .paired
+            .iter()
+            .find(|p| p.contender == Contender::Floor && p.workload == Workload::PairedNew)
+            .expect("a paired-new summary of the floor");
+        assert!(floor.headway.requests > 0, "{floor:?}");
         let decided = |c: Contender, key: &str| -> u64 {
             results
                 .paired_samples

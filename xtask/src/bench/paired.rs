@@ -703,11 +703,13 @@ pub fn run(
     c: Contender,
     duration: Duration,
 ) -> anyhow::Result<PairedSample> {
-    let policy = c
-        .headway_policy()
-        .context("the paired workloads compare headway with direct")?;
+    if !c.is_paired() {
+        bail!("the paired workloads compare headway (or the floor) with direct");
+    }
     let rig = bed.headway.as_mut().context("no headway agent")?;
-    rig.set_policy(policy)?;
+    if let Some(policy) = c.headway_policy() {
+        rig.set_policy(policy)?;
+    }
     let before = rig.counters()?;
     let (ns, headway_cgroup) = bed.client(c)?;
     let (_, plain) = bed.client(Contender::Direct)?;

@@ -613,7 +613,9 @@ pub fn paired_section(results: &Results) -> String {
          time from connect() to close is that connection's latency, and the rate is \
          connections per second of that time. Under `random` the direct and control sides \
          go to a random pod each cycle, as headway spreads its side, so all three pay the \
-         same spreading; under `observe` all three go to the headway side's pod.\n\n\
+         same spreading; under `observe` all three go to the headway side's pod. For the \
+         `floor` contender the `headway` side is a socket made in the floor's cgroup (a \
+         do-nothing program on each hook), which connects to the resolved address.\n\n\
          | workload | contender | blocks | rate | p50 | p99 | p99.9 | A/A rate | A/A p50 | A/A p99 | A/A p99.9 |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
