@@ -150,6 +150,11 @@ impl Conn {
     fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
             .with_context(|| format!("connecting to {addr}"))?;
+        Conn::of(stream)
+    }
+
+    /// A connected stream, set up as every side's is.
+    fn of(stream: TcpStream) -> anyhow::Result<Conn> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -221,6 +226,11 @@ fn request(path: &str, host: &str, port: u16) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").into_bytes()
 }
 
+/// `request` asking the server to close the connection after answering.
+fn closing_request(path: &str, host: &str, port: u16) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
 /// Moves this whole process into `cgroup` (relative to the cgroup2 root
 /// `root`): sockets made from now on belong to it; existing ones keep
 /// theirs.
@@ -267,7 +277,6 @@ pub fn client(opts: &ClientOptions) -> anyhow::Result<()> {
     let root = cgroup_root()?;
     let mut setups = vec![ThreadSetup::default(); threads];
     let mut conns: Vec<BTreeMap<Side, Conn>> = (0..threads).map(|_| BTreeMap::new()).collect();
-
     let whoami = |conn: &mut Conn| -> anyhow::Result<String> {
         let start = conn.exchange(&request(WHOAMI_PATH, "whoami", port))?;
         Ok(String::from_utf8_lossy(&conn.buf[start..])
@@ -341,57 +350,35 @@ pub fn client(opts: &ClientOptions) -> anyhow::Result<()> {
         _ => None,
     };
     for (i, (mut sides, setup)) in conns.into_iter().zip(&setups).enumerate() {
-        let barrier = Arc::clone(&barrier);
-        let start = Arc::clone(&start);
-        let req = request("/", &setup.pod, port);
-        let seed = opts.seed.wrapping_mul(1000).wrapping_add(i as u64);
+        let clock = Clock {
+            barrier: Arc::clone(&barrier),
+            start: Arc::clone(&start),
+            duration,
+            n_blocks,
+        };
+        let rng = Rng::new(opts.seed.wrapping_mul(1000).wrapping_add(i as u64));
         if let Some(refill) = &refill {
             let targets = NewTargets::of(setup, port, opts.spread.then_some(&opts.pods))?;
+            let req = closing_request("/", &setup.pod, port);
             let refill = Arc::clone(refill);
             // The keep-alive connections were only for the checks.
             drop(sides);
-            let clock = Clock {
-                barrier,
-                start,
-                duration,
-                n_blocks,
-            };
             handles.push(thread::spawn(move || {
-                new_connection_cycles(&refill, &targets, &clock, Rng::new(seed))
+                new_connection_cycles(&refill, &targets, &req, &clock, rng)
             }));
             continue;
         }
+        let req = request("/", &setup.pod, port);
         handles.push(thread::spawn(move || -> anyhow::Result<Vec<Block>> {
-            let mut rng = Rng::new(seed);
             let mut order: Vec<Side> = sides.keys().copied().collect();
-            for _ in 0..WARM_UP_CYCLES {
-                for conn in sides.values_mut() {
-                    conn.exchange(&req)?;
-                }
-            }
-            barrier.wait();
-            let t0 = *start.wait();
-            let end = t0 + duration;
-            let mut blocks = vec![Block::default(); n_blocks];
-            let mut conns: Vec<Option<Conn>> = Side::ALL.iter().map(|s| sides.remove(s)).collect();
-            loop {
-                let cycle = Instant::now();
-                if cycle >= end {
-                    break;
-                }
-                let b = block_of(cycle - t0, n_blocks);
+            run_cycles(&clock, WARM_UP_CYCLES, rng, |rng, record| {
                 rng.shuffle(&mut order);
                 for &side in &order {
-                    let conn = conns[side.index()]
-                        .as_mut()
-                        .context("side without socket")?;
-                    let began = Instant::now();
-                    conn.exchange(&req)?;
-                    let ns = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    blocks[b].sides[side.index()].record(ns);
+                    let conn = sides.get_mut(&side).context("side without socket")?;
+                    record(side, timed(|| conn.exchange(&req).map(drop))?);
                 }
-            }
-            Ok(blocks)
+                Ok(())
+            })
         }));
     }
     barrier.wait();
@@ -546,41 +533,16 @@ struct Clock {
     n_blocks: usize,
 }
 
-/// A thread's measurement with new connections: per cycle, each side in
-/// a random order takes a socket from its pool and makes one connection
-/// (timed from connect() to close). Empty pools (all at once: they are
-/// the same size) are refilled between cycles.
-fn new_connection_cycles(
-    refill: &Refill,
-    targets: &NewTargets,
+/// Runs `cycle` (each side's timed work in the cycle's order, reported
+/// through `record`): `warm_up` times unrecorded, then from the clock's
+/// start until its end, each cycle recording into the block of its start.
+fn run_cycles(
     clock: &Clock,
+    warm_up: usize,
     mut rng: Rng,
+    mut cycle: impl FnMut(&mut Rng, &mut dyn FnMut(Side, u64)) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<Block>> {
-    let mut pools = BTreeMap::new();
-    refill.fill(&mut pools)?;
-    let mut order: Vec<Side> = pools.keys().copied().collect();
-    let mut cycle = |rng: &mut Rng, record: &mut dyn FnMut(Side, u64)| -> anyhow::Result<()> {
-        if pools.values().any(Vec::is_empty) {
-            refill.fill(&mut pools)?;
-        }
-        rng.shuffle(&mut order);
-        let plain = targets.plain(rng);
-        for &side in &order {
-            let socket = pools
-                .get_mut(&side)
-                .and_then(Vec::pop)
-                .context("side without a pool")?;
-            let to = targets.of_side(side, plain)?;
-            let began = Instant::now();
-            new_connection(socket, to)?;
-            record(
-                side,
-                u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX),
-            );
-        }
-        Ok(())
-    };
-    for _ in 0..NEW_WARM_UP_CYCLES {
+    for _ in 0..warm_up {
         cycle(&mut rng, &mut |_, _| {})?;
     }
     clock.barrier.wait();
@@ -600,24 +562,55 @@ fn new_connection_cycles(
     Ok(blocks)
 }
 
-/// One new connection on `socket` to `to`: connect, one request with
-/// `Connection: close`, its whole response, then the pod's close (so the
+/// How long `work` took, in ns.
+fn timed(work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<u64> {
+    let began = Instant::now();
+    work()?;
+    Ok(u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// A thread's measurement with new connections: per cycle, each side in
+/// a random order takes a socket from its pool and makes one connection
+/// (timed from connect() to close). Empty pools (all at once: they are
+/// the same size) are refilled between cycles, off the clock.
+fn new_connection_cycles(
+    refill: &Refill,
+    targets: &NewTargets,
+    req: &[u8],
+    clock: &Clock,
+    rng: Rng,
+) -> anyhow::Result<Vec<Block>> {
+    let mut pools = BTreeMap::new();
+    refill.fill(&mut pools)?;
+    let mut order: Vec<Side> = pools.keys().copied().collect();
+    run_cycles(clock, NEW_WARM_UP_CYCLES, rng, |rng, record| {
+        if pools.values().any(Vec::is_empty) {
+            refill.fill(&mut pools)?;
+        }
+        rng.shuffle(&mut order);
+        let plain = targets.plain(rng);
+        for &side in &order {
+            let socket = pools
+                .get_mut(&side)
+                .and_then(Vec::pop)
+                .context("side without a pool")?;
+            let to = targets.of_side(side, plain)?;
+            record(side, timed(|| new_connection(socket, to, req))?);
+        }
+        Ok(())
+    })
+}
+
+/// One new connection on `socket` to `to`: connect, `req` (a
+/// [`closing_request`]), its whole response, then the pod's close (so the
 /// pod, not this client, holds the TIME_WAIT, as with wrk's new
 /// connections).
-fn new_connection(socket: Socket, to: SocketAddr) -> anyhow::Result<()> {
+fn new_connection(socket: Socket, to: SocketAddr, req: &[u8]) -> anyhow::Result<()> {
     socket
         .connect_timeout(&to.into(), IO_TIMEOUT)
         .with_context(|| format!("connecting to {to}"))?;
-    let stream = TcpStream::from(socket);
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut conn = Conn {
-        stream,
-        buf: Vec::with_capacity(1024),
-    };
-    let req = format!("GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
-    conn.exchange(req.as_bytes())?;
+    let mut conn = Conn::of(TcpStream::from(socket))?;
+    conn.exchange(req)?;
     let mut rest = [0u8; 64];
     if conn.stream.read(&mut rest)? != 0 {
         bail!("{to} sent more than one response");
