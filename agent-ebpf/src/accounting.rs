@@ -4,7 +4,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use headway_common::{AddrKey, PodCounters, steer_counter};
 
-use crate::maps::{POD_ADDRS, POD_STATS, STEER_COUNTERS, SVC_STATS};
+use crate::maps::{POD_ADDRS, POD_DNS_ANSWERS, POD_STATS, STEER_COUNTERS, SVC_STATS};
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -123,9 +123,8 @@ pub fn bump_steer_counter(index: u32) {
 /// Counts a DNS answer that handed out an address of pod `pod_id`.
 #[inline(always)]
 pub fn count_dns_answer(pod_id: u32) {
-    if let Some(stats) = counters(pod_id) {
-        // SAFETY: as above.
-        unsafe { add(&raw mut (*stats).dns_answers, 1) };
+    if let Some(answers) = POD_DNS_ANSWERS.get_ptr_mut(pod_id) {
+        add(answers, 1);
     }
 }
 

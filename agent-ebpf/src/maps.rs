@@ -19,8 +19,22 @@ pub static POD_ADDRS: HashMap<AddrKey, PodRef, { capacity::POD_ADDRS as usize }>
 #[btf_map(name = "addr_bits")]
 pub static ADDR_FILTER: Array<u64, { addr_filter::WORDS as usize }> = Array::new();
 
+// Mappable only so that the array starts on a page: each 64-byte entry is
+// then one cache line. The agent also maps it, to add counts atomically
+// when it carries an older layout's over (`pod_stats_upgrade`).
 #[btf_map(name = "pod_stats")]
-pub static POD_STATS: Array<PodCounters, { capacity::PODS as usize }> = Array::new();
+pub static POD_STATS: Array<
+    PodCounters,
+    { capacity::PODS as usize },
+    { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+#[btf_map(name = "pod_dns_answers")]
+pub static POD_DNS_ANSWERS: Array<
+    u64,
+    { capacity::PODS as usize },
+    { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 // The maps below are written by the agent and read by `headway status`; the
 // kernel does not read them yet, but they are declared here so the one BPF

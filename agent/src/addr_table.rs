@@ -23,8 +23,7 @@
 use std::{
     borrow::{Borrow, BorrowMut},
     collections::HashMap,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
-    ptr::NonNull,
+    os::fd::{AsFd, BorrowedFd},
     sync::atomic::{Ordering, fence},
 };
 
@@ -38,7 +37,7 @@ use headway_common::{
     map_names,
 };
 
-use crate::bpf_sys;
+use crate::{bpf_sys, shared_mapping::SharedMapping};
 
 /// The entry that says what `index` says of `addr`.
 pub fn entry(addr: &AddrKey, index: &AddrIndex) -> AddrTableEntry {
@@ -197,49 +196,26 @@ impl<T: Borrow<MapData> + BorrowMut<MapData>> AddrTable<T> {
 /// while mapped (the whole table at once raised the peak by 8 MiB).
 const REWRITE_WINDOW: u32 = 4096;
 
-/// Positions `first..` of a `BPF_F_MMAPABLE` table map, mapped shared.
+/// Positions `first..end` of the table, mapped shared.
 struct Mapped {
-    base: NonNull<u64>,
-    len: usize,
+    words: SharedMapping,
     first: u32,
     end: u32,
 }
-
-// SAFETY: the mapping is memory owned by this value; the kernel is the
-// only other party, and its reads tolerate any interleaving (`store`).
-unsafe impl Send for Mapped {}
-unsafe impl Sync for Mapped {}
 
 impl Mapped {
     fn new(fd: BorrowedFd<'_>, positions: std::ops::Range<u32>) -> Result<Mapped, MapError> {
         let entry_size = size_of::<AddrTableEntry>();
         let len = positions.len() * entry_size;
         let offset = positions.start as usize * entry_size;
-        // SAFETY: a new shared mapping of the map's fd, checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset as libc::off_t,
-            )
-        };
-        let mmap_error = |io_error| {
+        let words = SharedMapping::new(fd, offset, len).map_err(|io_error| {
             MapError::SyscallError(aya::sys::SyscallError {
                 call: "mmap",
                 io_error,
             })
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(mmap_error(std::io::Error::last_os_error()));
-        }
-        let base = NonNull::new(ptr.cast::<u64>())
-            .ok_or_else(|| mmap_error(std::io::Error::other("null mapping")))?;
+        })?;
         Ok(Mapped {
-            base,
-            len,
+            words,
             first: positions.start,
             end: positions.end,
         })
@@ -256,27 +232,15 @@ impl Mapped {
         );
         let words = value.words();
         let at = (position - self.first) as usize * words.len();
-        // SAFETY: words `at..at + WORDS` lie within the mapping (checked
-        // above); each store is an aligned u64.
-        unsafe {
-            let w = self.base.as_ptr().add(at);
-            std::ptr::write_volatile(w.add(CHECK_WORD), 0);
-            fence(Ordering::Release);
-            for (i, word) in words.iter().enumerate() {
-                if i != CHECK_WORD {
-                    std::ptr::write_volatile(w.add(i), *word);
-                }
+        self.words.store(at + CHECK_WORD, 0);
+        fence(Ordering::Release);
+        for (i, word) in words.iter().enumerate() {
+            if i != CHECK_WORD {
+                self.words.store(at + i, *word);
             }
-            fence(Ordering::Release);
-            std::ptr::write_volatile(w.add(CHECK_WORD), words[CHECK_WORD]);
         }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        fence(Ordering::Release);
+        self.words.store(at + CHECK_WORD, words[CHECK_WORD]);
     }
 }
 

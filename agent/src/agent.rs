@@ -221,6 +221,21 @@ impl Attaching {
         for pin in &datapath.replaced {
             info!(pin = %pin.display(), "replaced a pinned map whose layout changed (written anew)");
         }
+        if let Some(carried) = &datapath.carried {
+            if carried.resumed_live {
+                warn!(
+                    slots = carried.slots,
+                    "finished carrying pod counts over to the new pod_stats after an interrupted \
+                     upgrade: what the old programs counted while it was interrupted is lost"
+                );
+            } else {
+                info!(
+                    slots = carried.slots,
+                    counted_during_swap = carried.counted_during_swap,
+                    "carried every pod's counts over to the new layout of pod_stats"
+                );
+            }
+        }
         for pin in &datapath.retired {
             info!(pin = %pin.display(), "removed a pin an older headway left");
         }

@@ -25,6 +25,7 @@ use headway_common::{map_names, program_names};
 use crate::{
     addr_filter, addr_table, bpf_sys, cgroup,
     pinned::{self, MapSizes, Maps, PinnedError},
+    pod_stats_upgrade::{self, Carried, Upgrade, UpgradeError},
     service_steering,
 };
 
@@ -67,6 +68,8 @@ pub enum DatapathError {
     },
     #[error(transparent)]
     Pinned(#[from] PinnedError),
+    #[error("cannot carry the pods' counts over to this version's pod_stats: {0}")]
+    PodStatsUpgrade(#[from] UpgradeError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error("cannot load the kernel object: {0}")]
@@ -127,6 +130,11 @@ pub struct Datapath {
     /// Pins of derived maps whose layout changed, removed before loading
     /// so that this agent writes them anew (`pinned::DERIVED`).
     pub replaced: Vec<PathBuf>,
+    /// An older `pod_stats` whose counts are being carried over (finished
+    /// once the programs are attached).
+    pod_stats_upgrade: Option<Upgrade>,
+    /// What carrying them over did, once done.
+    pub carried: Option<Carried>,
 }
 
 /// Mounts bpffs at `path` unless one is already there.
@@ -187,6 +195,7 @@ impl Datapath {
         // Refuse first: a refused start must leave every pin as it was.
         pinned::check_existing_layout(bpffs, Some(sizes))?;
         let replaced = pinned::unpin_changed_derived(bpffs, sizes)?;
+        let mut upgrade = pod_stats_upgrade::begin(bpffs, sizes)?;
 
         let pin_paths: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
@@ -202,7 +211,19 @@ impl Datapath {
                 loader.map_max_entries(name, n);
             }
         }
-        let mut ebpf = loader.load(OBJECT)?;
+        let mut ebpf = match loader.load(OBJECT) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                // Leave the old map where the old agent's `status` looks.
+                if let Some(upgrade) = upgrade {
+                    upgrade.abandon(bpffs);
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some(upgrade) = &mut upgrade {
+            upgrade.copy(&ebpf)?;
+        }
         // The fast path's filter must hold the pinned addresses before the
         // programs that read it are attached (an upgrade may bring it new).
         addr_filter::fill_before_attach(&mut ebpf).map_err(DatapathError::AddrFilter)?;
@@ -216,6 +237,8 @@ impl Datapath {
             attachments: Vec::new(),
             retired: Vec::new(),
             replaced,
+            pod_stats_upgrade: upgrade,
+            carried: None,
         })
     }
 
@@ -234,6 +257,9 @@ impl Datapath {
         for name in program_names::ALL {
             let how = attach(&mut self.ebpf, name, &cgroup_dir, cgroup_id, bpffs)?;
             self.attachments.push((name, how));
+        }
+        if let Some(upgrade) = self.pod_stats_upgrade.take() {
+            self.carried = Some(upgrade.finish(bpffs)?);
         }
         self.retired = remove_retired_pins(bpffs)?;
         Ok(())

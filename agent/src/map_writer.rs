@@ -20,7 +20,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError};
 use headway_common::{
@@ -991,19 +991,25 @@ fn write_keys(
         .collect();
     let mut no_counters = BTreeSet::new();
     let stats = m.pod_stats.map().fd().as_fd();
-    for_each_batch(
+    zero_fresh(
+        stats,
+        map_names::POD_STATS,
         &fresh,
-        |from| bpf_sys::map_update_batch(stats, &fresh[from..], &counters[from..]),
-        |_| {},
-        |i, source| {
-            no_counters.insert(fresh[i]);
-            errors.push(WriteError {
-                object: None,
-                op: "zero",
-                map: map_names::POD_STATS,
-                source: Box::new(source),
-            });
-        },
+        &counters,
+        &mut no_counters,
+        errors,
+    );
+    // Its DNS answers start at zero too (the interceptor's count of the
+    // slot's previous pod would otherwise carry over).
+    let answers = m.pod_dns_answers.map().fd().as_fd();
+    let zeros = vec![0u64; fresh.len()];
+    zero_fresh(
+        answers,
+        map_names::POD_DNS_ANSWERS,
+        &fresh,
+        &zeros,
+        &mut no_counters,
+        errors,
     );
     let pods_to_write: BTreeSet<u32> = keys.pods.difference(&no_counters).copied().collect();
     upsert(
@@ -1269,6 +1275,33 @@ pub(crate) fn bump_generation(generation: &Generation, errors: &mut Vec<WriteErr
             source: Box::new(source),
         });
     }
+}
+
+/// Writes the slots of the pod ids `fresh` (`values`, one each) in
+/// batches; an id whose slot could not be written joins `failed`, with
+/// its error.
+fn zero_fresh<V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    name: &'static str,
+    fresh: &[u32],
+    values: &[V],
+    failed: &mut BTreeSet<u32>,
+    errors: &mut Vec<WriteError>,
+) {
+    for_each_batch(
+        fresh,
+        |from| bpf_sys::map_update_batch(map, &fresh[from..], &values[from..]),
+        |_| {},
+        |i, source| {
+            failed.insert(fresh[i]);
+            errors.push(WriteError {
+                object: None,
+                op: "zero",
+                map: name,
+                source: Box::new(source),
+            });
+        },
+    );
 }
 
 /// Runs `batch(from)` over `items[from..]` until every item has been

@@ -102,7 +102,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 23] = {
+pub const MAP_SHAPES: [MapShape; 24] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -115,6 +115,7 @@ pub const MAP_SHAPES: [MapShape; 23] = {
     [
         shape::<AddrKey, PodRef>(map_names::POD_ADDRS, MapType::Hash, capacity::POD_ADDRS),
         shape::<u32, PodCounters>(map_names::POD_STATS, MapType::Array, capacity::PODS),
+        shape::<u32, u64>(map_names::POD_DNS_ANSWERS, MapType::Array, capacity::PODS),
         shape::<u32, PodMeta>(map_names::PODS, MapType::Hash, capacity::PODS),
         shape::<u32, ServiceMeta>(map_names::SERVICES, MapType::Hash, capacity::SERVICES),
         shape::<ServiceEndpointKey, EndpointState>(
@@ -202,7 +203,10 @@ impl MapSizes {
     pub fn max_entries(&self, name: &str) -> Option<u32> {
         let e = self.max_endpoints;
         Some(match name {
-            map_names::POD_ADDRS | map_names::PODS | map_names::POD_STATS => e,
+            map_names::POD_ADDRS
+            | map_names::PODS
+            | map_names::POD_STATS
+            | map_names::POD_DNS_ANSWERS => e,
             // `dns_addrs` keeps gone addresses too, until their slots are
             // needed.
             map_names::SVC_ENDPOINTS | map_names::SVC_BACKENDS | map_names::DNS_ADDRS => {
@@ -292,6 +296,17 @@ pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(
             continue;
         }
         if let Some((found, expected)) = layout_differs(shape, &path, sizes)? {
+            // An older layout of `pod_stats` the agent carries over.
+            if shape.name == map_names::POD_STATS && carried_over(&path, sizes)? {
+                if sizes.is_some() {
+                    continue;
+                }
+                return Err(PinnedError::DerivedFromOtherVersion {
+                    path,
+                    found,
+                    expected,
+                });
+            }
             if derived {
                 return Err(PinnedError::DerivedFromOtherVersion {
                     path,
@@ -307,6 +322,17 @@ pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Whether the map pinned at `path` has the older `pod_stats` layout that
+/// `pod_stats_upgrade` carries over (see [`check_existing_layout`] for
+/// `sizes`).
+fn carried_over(path: &Path, sizes: Option<&MapSizes>) -> Result<bool, PinnedError> {
+    let info = open_map(path)?.info().map_err(|source| PinnedError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(crate::pod_stats_upgrade::is_v1_layout(&info, sizes))
 }
 
 /// How the map pinned at `path` differs from `shape` (found, expected),
@@ -355,6 +381,8 @@ fn layout_differs(
 pub struct Maps {
     pub pod_addrs: HashMap<MapData, AddrKey, PodRef>,
     pub pod_stats: Array<MapData, PodCounters>,
+    /// Kernel-written: DNS answers per pod id.
+    pub pod_dns_answers: Array<MapData, u64>,
     pub pods: HashMap<MapData, u32, PodMeta>,
     pub services: HashMap<MapData, u32, ServiceMeta>,
     pub svc_endpoints: HashMap<MapData, ServiceEndpointKey, EndpointState>,
@@ -417,6 +445,10 @@ impl Maps {
         Ok(Maps {
             pod_addrs: typed(map_names::POD_ADDRS, take(map_names::POD_ADDRS)?)?,
             pod_stats: typed(map_names::POD_STATS, take(map_names::POD_STATS)?)?,
+            pod_dns_answers: typed(
+                map_names::POD_DNS_ANSWERS,
+                take(map_names::POD_DNS_ANSWERS)?,
+            )?,
             pods: typed(map_names::PODS, take(map_names::PODS)?)?,
             services: typed(map_names::SERVICES, take(map_names::SERVICES)?)?,
             svc_endpoints: typed(map_names::SVC_ENDPOINTS, take(map_names::SVC_ENDPOINTS)?)?,
@@ -493,23 +525,45 @@ impl Maps {
             .collect()
     }
 
-    /// The counters of each of `pod_ids`.
+    /// What the kernel counted for each of `pod_ids`.
     pub fn read_stats(
         &self,
         pod_ids: impl Iterator<Item = u32>,
-    ) -> Result<std::collections::BTreeMap<u32, PodCounters>, PinnedError> {
+    ) -> Result<std::collections::BTreeMap<u32, PodTally>, PinnedError> {
         pod_ids
             .map(|id| {
-                self.pod_stats
+                let counters = self
+                    .pod_stats
                     .get(&id, 0)
-                    .map(|c| (id, c))
                     .map_err(|source| PinnedError::Read {
                         name: map_names::POD_STATS,
                         source,
-                    })
+                    })?;
+                let dns_answers =
+                    self.pod_dns_answers
+                        .get(&id, 0)
+                        .map_err(|source| PinnedError::Read {
+                            name: map_names::POD_DNS_ANSWERS,
+                            source,
+                        })?;
+                Ok((
+                    id,
+                    PodTally {
+                        counters,
+                        dns_answers,
+                    },
+                ))
             })
             .collect()
     }
+}
+
+/// What the kernel counted for one pod: its `pod_stats` slot and its
+/// `pod_dns_answers` slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodTally {
+    pub counters: PodCounters,
+    pub dns_answers: u64,
 }
 
 fn collect<K: Ord, V>(

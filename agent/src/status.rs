@@ -3,14 +3,14 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 
 use headway_common::{
-    PodCounters, ServiceCounters, ServicePortKey, capacity, dns_counter, endpoint_flags, map_names,
+    ServiceCounters, ServicePortKey, capacity, dns_counter, endpoint_flags, map_names,
     program_names, sock_counter, steer_counter,
 };
 use serde::Serialize;
 
 use crate::{
     map_plan::{decode_name, key_addr, policy_from_value, topology_from_value},
-    pinned::{self, Maps, PinnedError, pinned_max_entries},
+    pinned::{self, Maps, PinnedError, PodTally, pinned_max_entries},
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -155,8 +155,13 @@ pub fn fill_shares(svc: &mut ServiceStatus) {
     svc.totals = totals;
 }
 
-impl From<PodCounters> for Counters {
-    fn from(c: PodCounters) -> Self {
+impl From<PodTally> for Counters {
+    fn from(
+        PodTally {
+            counters: c,
+            dns_answers,
+        }: PodTally,
+    ) -> Self {
         Counters {
             tcp_connects: c.tcp_connects,
             udp_connects: c.udp_connects,
@@ -165,7 +170,7 @@ impl From<PodCounters> for Counters {
             bytes_received: c.bytes_received,
             steered_in: c.steered_in,
             steered_away: c.steered_away,
-            dns_answers: c.dns_answers,
+            dns_answers,
         }
     }
 }

@@ -209,6 +209,7 @@ fn a_full_map_refuses_new_entries_and_existing_ones_keep_working() {
         ("dns_names", 4096),
         ("services", 64),
         ("pod_stats", 1024),
+        ("pod_dns_answers", 1024),
     ] {
         assert_eq!(pinned_max_entries(bpffs.path(), map), Some(n), "{map}");
     }

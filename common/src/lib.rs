@@ -17,7 +17,14 @@ pub mod map_names {
     /// a headless service. The connect hooks' fast path is one lookup here.
     pub const POD_ADDRS: &str = "pod_addrs";
     /// pod id (array index) → [`crate::PodCounters`], updated by the kernel.
+    /// Mappable, so that it starts on a page and each pod's counters are
+    /// one cache line. (72-byte entries with `dns_answers` inside before;
+    /// an agent carries such a map's counts over: `pod_stats_upgrade`.)
     pub const POD_STATS: &str = "pod_stats";
+    /// pod id (array index) → u64: DNS answers that handed the pod's
+    /// address out (the interceptor's count, kept off the line the
+    /// datapath's counters share). Mappable, like `pod_stats`.
+    pub const POD_DNS_ANSWERS: &str = "pod_dns_answers";
     /// pod id → [`crate::PodMeta`], written by the agent for `status`.
     pub const PODS: &str = "pods";
     /// service id → [`crate::ServiceMeta`], written by the agent.
@@ -101,9 +108,10 @@ pub mod map_names {
     pub const SVC_STEERING: &str = "svc_steering";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         POD_ADDRS,
         POD_STATS,
+        POD_DNS_ANSWERS,
         PODS,
         SERVICES,
         SVC_ENDPOINTS,
@@ -580,10 +588,16 @@ pub struct PodRef {
 
 /// Per-pod counters, a slot per pod id in an array. The kernel adds to them
 /// atomically; the agent only zeroes a slot when it hands its id to a new
-/// pod, so the counts survive agent restarts.
+/// pod, so the counts survive agent restarts. 64 bytes: in the page-aligned
+/// array each pod is one cache line, so a counted packet or connect reads
+/// the generation and bumps its counter on the same line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodCounters {
+    /// Set by the agent (never zero) each time it hands the slot to a new
+    /// pod. A socket remembers it, so a connection to a pod that is gone
+    /// never touches the counters of the next pod given the same id.
+    pub generation: u64,
     /// connect() calls on TCP sockets towards this pod.
     pub tcp_connects: u64,
     /// connect() calls on UDP sockets towards this pod.
@@ -596,12 +610,6 @@ pub struct PodCounters {
     pub steered_in: u64,
     /// Connections steered away from this pod.
     pub steered_away: u64,
-    /// DNS answers that handed this pod's address out.
-    pub dns_answers: u64,
-    /// Set by the agent (never zero) each time it hands the slot to a new
-    /// pod. A socket remembers it, so a connection to a pod that is gone
-    /// never touches the counters of the next pod given the same id.
-    pub generation: u64,
 }
 
 /// State bits of a pod as an endpoint of one service.
@@ -1537,7 +1545,7 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<AddrKey>(), 16);
         assert_eq!(size_of::<PodRef>(), 8);
-        assert_eq!(size_of::<PodCounters>(), 72);
+        assert_eq!(size_of::<PodCounters>(), 64);
         assert_eq!(size_of::<SocketState>(), 72);
         assert_eq!(size_of::<SockBucket>(), 64);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);

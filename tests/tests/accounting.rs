@@ -507,6 +507,16 @@ fn a_server_pods_own_traffic_is_not_counted() {
     assert_eq!(bed.counter("web-0", "active_tcp"), 0);
 }
 
+/// One connection moving 300 KiB up and 900 KiB down (the restart and
+/// upgrade tests).
+const ONE_TRANSFER: Bulk = Bulk {
+    up: 300 * KB,
+    down: 900 * KB,
+    count: 1,
+    udp: false,
+    server_closes: false,
+};
+
 #[test]
 fn counts_survive_an_agent_restart() {
     if !require_root("counts_survive_an_agent_restart") {
@@ -514,13 +524,7 @@ fn counts_survive_an_agent_restart() {
     }
     let mut bed = Bed::new("acct-restart", 1, &["web-0"]);
     let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
-    let transfer = Bulk {
-        up: 300 * KB,
-        down: 900 * KB,
-        count: 1,
-        udp: false,
-        server_closes: false,
-    };
+    let transfer = ONE_TRANSFER;
     let holder = bed.hold("web-0", false, 3);
     let first = bed.bulk("web-0", false, transfer);
     let programs_before = program_ids(&bed.status());
@@ -580,6 +584,157 @@ fn counts_survive_an_agent_restart() {
         received + third.received,
     );
     assert_eq!(counter(&status, "web-0", "tcp_connects"), 8, "{status:#}");
+}
+
+/// An upgrade from the build before `pod_stats` became one cache line per
+/// pod: the agent finds the older 72-byte layout (DNS answers inside) and
+/// carries every count over, generation included, so connections opened
+/// before the upgrade are still counted and closed after it.
+#[test]
+fn counts_survive_an_upgrade_from_the_older_pod_stats_layout() {
+    if !require_root("counts_survive_an_upgrade_from_the_older_pod_stats_layout") {
+        return;
+    }
+    let mut bed = Bed::new("acct-upgrade", 1, &["web-0"]);
+    let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
+    let transfer = ONE_TRANSFER;
+    let holder = bed.hold("web-0", false, 3);
+    let first = bed.bulk("web-0", false, transfer);
+    bed.agent
+        .take()
+        .unwrap()
+        .stop()
+        .expect("agent stops cleanly");
+    let before = pod_counters(&bed.status(), "demo", "web", "web-0").unwrap();
+    assert_eq!(before["active_tcp"], 3, "{before}");
+
+    // What an older build left pinned. (Its programs are this build's,
+    // counting into the map just unpinned: nothing may connect now.)
+    let id = pod_id(&bed.bpffs, "web-0");
+    pin_older_pod_stats_layout(&bed.bpffs, id, 7);
+    let err = status_json(&bed.bpffs).unwrap_err().to_string();
+    assert!(err.contains("agent replaces it when it starts"), "{err}");
+
+    bed.start_agent();
+    let status = bed.status();
+    let after = pod_counters(&status, "demo", "web", "web-0").unwrap();
+    for field in [
+        "tcp_connects",
+        "udp_connects",
+        "active_tcp",
+        "bytes_sent",
+        "bytes_received",
+        "steered_in",
+        "steered_away",
+    ] {
+        assert_eq!(after[field], before[field], "{field}: {status:#}");
+    }
+    assert_eq!(after["dns_answers"], 7, "{status:#}");
+    assert!(
+        !bed.bpffs.pin("pod_stats_v1").exists(),
+        "the old map's pin is removed"
+    );
+    let shown = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(bed.bpffs.pin("pod_stats"))
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["bytes_value"], 64, "{shown}");
+    const BPF_F_MMAPABLE: u64 = 1 << 10;
+    assert_ne!(
+        shown["flags"].as_u64().unwrap_or(0) & BPF_F_MMAPABLE,
+        0,
+        "{shown}"
+    );
+
+    // The generation came along: the new programs close what was opened
+    // before the upgrade, and keep counting the pod's bytes.
+    kill(holder);
+    bed.wait_counter("web-0", "active_tcp", 0);
+    let second = bed.bulk("web-0", false, transfer);
+    let status = bed.status();
+    assert_within_1pct(
+        "bytes_sent after the upgrade",
+        counter(&status, "web-0", "bytes_sent"),
+        HEADER_LEN * 3 + first.sent + second.sent,
+    );
+    assert_within_1pct(
+        "bytes_received after the upgrade",
+        counter(&status, "web-0", "bytes_received"),
+        first.received + second.received,
+    );
+    assert_eq!(counter(&status, "web-0", "tcp_connects"), 5, "{status:#}");
+}
+
+/// Replaces the pinned `pod_stats` with one of the layout headway pinned
+/// before (72-byte entries: tcp and udp connects, active, bytes sent and
+/// received, steered in and away, DNS answers, generation; not mappable)
+/// holding pod `id`'s counters with `dns_answers`, and removes
+/// `pod_dns_answers`, which that layout did not have.
+fn pin_older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) {
+    let stats = bpffs.pin("pod_stats");
+    let key: Vec<String> = (id as u32)
+        .to_le_bytes()
+        .iter()
+        .map(u8::to_string)
+        .collect();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(&stats)
+        .arg("key")
+        .args(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool map lookup: {out:?}");
+    let slot: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let value = &slot["formatted"]["value"];
+    let entries = headway::pinned::pinned_max_entries(bpffs.path(), "pod_stats").unwrap();
+    std::fs::remove_file(&stats).unwrap();
+    std::fs::remove_file(bpffs.pin("pod_dns_answers")).unwrap();
+    let run = |args: &[String]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+    };
+    let path = stats.display().to_string();
+    run(&[
+        "map",
+        "create",
+        &path,
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "72",
+        "entries",
+        &entries.to_string(),
+        "name",
+        "pod_stats",
+    ]
+    .map(String::from));
+    let words = [
+        "tcp_connects",
+        "udp_connects",
+        "active_tcp",
+        "bytes_sent",
+        "bytes_received",
+        "steered_in",
+        "steered_away",
+    ]
+    .map(|f| value[f].as_u64().unwrap_or_else(|| panic!("{f} in {slot}")))
+    .into_iter()
+    .chain([dns_answers, value["generation"].as_u64().unwrap()]);
+    let mut args: Vec<String> = ["map", "update", "pinned", &path, "key"]
+        .map(String::from)
+        .to_vec();
+    args.extend(key.iter().cloned());
+    args.push("value".into());
+    args.extend(words.flat_map(u64::to_le_bytes).map(|b| b.to_string()));
+    run(&args);
 }
 
 #[test]
