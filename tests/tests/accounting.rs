@@ -586,15 +586,42 @@ fn counts_survive_an_agent_restart() {
     assert_eq!(counter(&status, "web-0", "tcp_connects"), 8, "{status:#}");
 }
 
-/// An upgrade from the build before `pod_stats` became one cache line per
-/// pod: the agent finds the older 72-byte layout (DNS answers inside) and
-/// carries every count over, generation included, so connections opened
-/// before the upgrade are still counted and closed after it.
+/// What an upgrade from the build before `pod_stats` became one cache
+/// line per pod finds, and how far a previous attempt got.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum UpgradeFrom {
+    /// The older 72-byte layout pinned as `pod_stats`.
+    OlderLayout,
+    /// An agent died right after setting it aside as `pod_stats_v1`.
+    SetAside,
+    /// An agent died after its new `pod_stats` was pinned and before any
+    /// link ran a program that uses it.
+    NewMapNotLive,
+    /// An agent died after its programs (and the new `pod_stats`) went
+    /// live, before removing `pod_stats_v1`.
+    NewMapLive,
+}
+
+/// The agent finds the older 72-byte layout (DNS answers inside), or what
+/// an interrupted upgrade left, and carries every count over, generation
+/// included, so connections opened before the upgrade are still counted
+/// and closed after it.
 #[test]
 fn counts_survive_an_upgrade_from_the_older_pod_stats_layout() {
     if !require_root("counts_survive_an_upgrade_from_the_older_pod_stats_layout") {
         return;
     }
+    for from in [
+        UpgradeFrom::OlderLayout,
+        UpgradeFrom::SetAside,
+        UpgradeFrom::NewMapNotLive,
+        UpgradeFrom::NewMapLive,
+    ] {
+        upgrade_keeps_every_count(from);
+    }
+}
+
+fn upgrade_keeps_every_count(from: UpgradeFrom) {
     let mut bed = Bed::new("acct-upgrade", 1, &["web-0"]);
     let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
     let transfer = ONE_TRANSFER;
@@ -606,14 +633,53 @@ fn counts_survive_an_upgrade_from_the_older_pod_stats_layout() {
         .stop()
         .expect("agent stops cleanly");
     let before = pod_counters(&bed.status(), "demo", "web", "web-0").unwrap();
-    assert_eq!(before["active_tcp"], 3, "{before}");
+    assert_eq!(before["active_tcp"], 3, "{from:?}: {before}");
 
-    // What an older build left pinned. (Its programs are this build's,
-    // counting into the map just unpinned: nothing may connect now.)
+    // What an older build (or an interrupted upgrade) left pinned. The
+    // attached programs are this build's: except for `NewMapLive`, they
+    // count into a map no longer pinned, so nothing may connect now.
     let id = pod_id(&bed.bpffs, "web-0");
-    pin_older_pod_stats_layout(&bed.bpffs, id, 7);
-    let err = status_json(&bed.bpffs).unwrap_err().to_string();
-    assert!(err.contains("agent replaces it when it starts"), "{err}");
+    let older = older_pod_stats_layout(&bed.bpffs, id, 7);
+    let stats = bed.bpffs.pin("pod_stats");
+    let aside = bed.bpffs.pin("pod_stats_v1");
+    let entries = headway::pinned::pinned_max_entries(bed.bpffs.path(), "pod_stats").unwrap();
+    match from {
+        UpgradeFrom::OlderLayout => {
+            std::fs::remove_file(&stats).unwrap();
+            std::fs::remove_file(bed.bpffs.pin("pod_dns_answers")).unwrap();
+            older.pin(&stats, entries);
+            let err = status_json(&bed.bpffs).unwrap_err().to_string();
+            assert!(err.contains("agent replaces it when it starts"), "{err}");
+        }
+        UpgradeFrom::SetAside => {
+            std::fs::remove_file(&stats).unwrap();
+            std::fs::remove_file(bed.bpffs.pin("pod_dns_answers")).unwrap();
+            older.pin(&aside, entries);
+        }
+        UpgradeFrom::NewMapNotLive => {
+            std::fs::remove_file(&stats).unwrap();
+            older.pin(&aside, entries);
+            // The dead agent's new map, with nothing copied in yet.
+            bpftool(&[
+                "map",
+                "create",
+                &stats.display().to_string(),
+                "type",
+                "array",
+                "key",
+                "4",
+                "value",
+                "64",
+                "entries",
+                &entries.to_string(),
+                "name",
+                "pod_stats",
+                "flags",
+                "1024",
+            ]);
+        }
+        UpgradeFrom::NewMapLive => older.pin(&aside, entries),
+    }
 
     bed.start_agent();
     let status = bed.status();
@@ -627,16 +693,20 @@ fn counts_survive_an_upgrade_from_the_older_pod_stats_layout() {
         "steered_in",
         "steered_away",
     ] {
-        assert_eq!(after[field], before[field], "{field}: {status:#}");
+        assert_eq!(after[field], before[field], "{from:?} {field}: {status:#}");
     }
-    assert_eq!(after["dns_answers"], 7, "{status:#}");
-    assert!(
-        !bed.bpffs.pin("pod_stats_v1").exists(),
-        "the old map's pin is removed"
-    );
+    // A live new map already held the truth; the old one's answers are
+    // not added again.
+    let answers = if from == UpgradeFrom::NewMapLive {
+        0
+    } else {
+        7
+    };
+    assert_eq!(after["dns_answers"], answers, "{from:?}: {status:#}");
+    assert!(!aside.exists(), "{from:?}: the old map's pin is removed");
     let shown = std::process::Command::new("bpftool")
         .args(["-j", "map", "show", "pinned"])
-        .arg(bed.bpffs.pin("pod_stats"))
+        .arg(&stats)
         .output()
         .unwrap();
     let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
@@ -664,16 +734,61 @@ fn counts_survive_an_upgrade_from_the_older_pod_stats_layout() {
         counter(&status, "web-0", "bytes_received"),
         first.received + second.received,
     );
-    assert_eq!(counter(&status, "web-0", "tcp_connects"), 5, "{status:#}");
+    assert_eq!(
+        counter(&status, "web-0", "tcp_connects"),
+        5,
+        "{from:?}: {status:#}"
+    );
 }
 
-/// Replaces the pinned `pod_stats` with one of the layout headway pinned
-/// before (72-byte entries: tcp and udp connects, active, bytes sent and
-/// received, steered in and away, DNS answers, generation; not mappable)
-/// holding pod `id`'s counters with `dns_answers`, and removes
-/// `pod_dns_answers`, which that layout did not have.
-fn pin_older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) {
-    let stats = bpffs.pin("pod_stats");
+fn bpftool(args: &[&str]) {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+}
+
+/// One pod's slot in the layout headway pinned before `pod_stats` became
+/// one line per pod (72 bytes: tcp and udp connects, active, bytes sent
+/// and received, steered in and away, DNS answers, generation; the array
+/// not mappable).
+struct OlderSlot {
+    key: Vec<String>,
+    value: Vec<String>,
+}
+
+impl OlderSlot {
+    /// Pins at `path` an array of the older layout holding this slot.
+    fn pin(&self, path: &Path, entries: u32) {
+        let path = path.display().to_string();
+        let entries = entries.to_string();
+        bpftool(&[
+            "map",
+            "create",
+            &path,
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "72",
+            "entries",
+            &entries,
+            "name",
+            "pod_stats",
+        ]);
+        let mut args = vec!["map", "update", "pinned", &path, "key"];
+        args.extend(self.key.iter().map(String::as_str));
+        args.push("value");
+        args.extend(self.value.iter().map(String::as_str));
+        bpftool(&args);
+    }
+}
+
+/// Pod `id`'s slot of the pinned `pod_stats`, in the older layout, with
+/// `dns_answers`.
+fn older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) -> OlderSlot {
     let key: Vec<String> = (id as u32)
         .to_le_bytes()
         .iter()
@@ -681,7 +796,7 @@ fn pin_older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) {
         .collect();
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "lookup", "pinned"])
-        .arg(&stats)
+        .arg(bpffs.pin("pod_stats"))
         .arg("key")
         .args(&key)
         .output()
@@ -689,33 +804,6 @@ fn pin_older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) {
     assert!(out.status.success(), "bpftool map lookup: {out:?}");
     let slot: Value = serde_json::from_slice(&out.stdout).unwrap();
     let value = &slot["formatted"]["value"];
-    let entries = headway::pinned::pinned_max_entries(bpffs.path(), "pod_stats").unwrap();
-    std::fs::remove_file(&stats).unwrap();
-    std::fs::remove_file(bpffs.pin("pod_dns_answers")).unwrap();
-    let run = |args: &[String]| {
-        let out = std::process::Command::new("bpftool")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
-    };
-    let path = stats.display().to_string();
-    run(&[
-        "map",
-        "create",
-        &path,
-        "type",
-        "array",
-        "key",
-        "4",
-        "value",
-        "72",
-        "entries",
-        &entries.to_string(),
-        "name",
-        "pod_stats",
-    ]
-    .map(String::from));
     let words = [
         "tcp_connects",
         "udp_connects",
@@ -728,13 +816,13 @@ fn pin_older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) {
     .map(|f| value[f].as_u64().unwrap_or_else(|| panic!("{f} in {slot}")))
     .into_iter()
     .chain([dns_answers, value["generation"].as_u64().unwrap()]);
-    let mut args: Vec<String> = ["map", "update", "pinned", &path, "key"]
-        .map(String::from)
-        .to_vec();
-    args.extend(key.iter().cloned());
-    args.push("value".into());
-    args.extend(words.flat_map(u64::to_le_bytes).map(|b| b.to_string()));
-    run(&args);
+    OlderSlot {
+        key,
+        value: words
+            .flat_map(u64::to_le_bytes)
+            .map(|b| b.to_string())
+            .collect(),
+    }
 }
 
 #[test]
