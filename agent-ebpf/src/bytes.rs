@@ -241,6 +241,27 @@ fn payload_len(skb: &SkBuff, protocol: u8) -> (u32, u32) {
     (len.saturating_sub(ip_len + l4_len), ip_len)
 }
 
+/// Offset of the flags byte in the TCP header, and its SYN bit.
+const TCP_FLAGS_BYTE: usize = 13;
+const TCP_SYN: u8 = 0x02;
+
+/// Whether a TCP packet is a SYN (or SYN-ACK). False when its header is
+/// not where the fixed offsets look (IPv4 with options): then it is
+/// counted as any other packet.
+#[inline(always)]
+pub fn is_syn(skb: &SkBuff) -> bool {
+    /// IPv4, a 20-byte header.
+    const IPV4_NO_OPTIONS: u8 = 0x45;
+    let flags = match byte_at::<0>(skb) {
+        Some(IPV4_NO_OPTIONS) => byte_at::<{ IPV4_HDR_MIN + TCP_FLAGS_BYTE }>(skb),
+        Some(first) if first >> 4 == 6 => {
+            byte_at::<{ IPV6_HDR_LEN as usize + TCP_FLAGS_BYTE }>(skb)
+        }
+        _ => None,
+    };
+    flags.is_some_and(|f| f & TCP_SYN != 0)
+}
+
 /// The byte at `OFFSET` from the IP header: straight from the linear data
 /// when it is there (it always is for headers the stack built or pulled),
 /// through `bpf_skb_load_bytes` otherwise.

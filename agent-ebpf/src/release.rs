@@ -1,8 +1,9 @@
 //! cgroup/sock_release: a socket's owner closed it. Its record in the
-//! socket table goes back, unless the socket is counted as an established
-//! TCP connection: TCP goes on after close() (FIN, the last ACKs), and
-//! `sock_ops` gives that record back on the move to TCP_CLOSE, after the
-//! last bytes.
+//! socket table goes back, unless the socket is a TCP connection that was
+//! established: TCP goes on after close() (FIN, the last ACKs), and
+//! `sock_ops` gives every such record back on the move to TCP_CLOSE,
+//! after the last bytes. Those are told by their state alone, without a
+//! lookup (most sockets that close are such connections).
 //!
 //! Runs for every socket of the cgroup, so a socket connected to an
 //! address outside the address filter costs one filter read: it cannot
@@ -10,7 +11,14 @@
 //! back at that connect()). Sockets without a peer look their cookie up:
 //! an unconnected UDP socket that sent to a pod has a record, and so may a
 //! TCP socket whose connect() failed.
-use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sock, programs::SockContext};
+use aya_ebpf::{
+    bindings::{
+        BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1,
+        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, BPF_TCP_TIME_WAIT, bpf_sock,
+    },
+    macros::cgroup_sock,
+    programs::SockContext,
+};
 use headway_common::AddrKey;
 
 use crate::{
@@ -27,7 +35,7 @@ const AF_INET6: u32 = 10;
 #[cgroup_sock(sock_release)]
 pub fn hw_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the socket the kernel handed the hook.
-    if unsafe { talks_to_no_pod(ctx.sock) } {
+    if unsafe { was_established(ctx.sock) || talks_to_no_pod(ctx.sock) } {
         return OK;
     }
     let cookie = cookie_of(&ctx);
@@ -45,6 +53,30 @@ pub fn hw_sock_release(ctx: SockContext) -> i32 {
         free(&entry);
     }
     OK
+}
+
+const IPPROTO_TCP: u32 = 6;
+
+/// A TCP socket in a state only an established connection reaches: its
+/// record, if it has one, is `sock_ops`' to give back at TCP_CLOSE.
+///
+/// # Safety
+/// `sk` is the hook's socket.
+#[inline(always)]
+unsafe fn was_established(sk: *mut bpf_sock) -> bool {
+    // SAFETY: reads of the context.
+    let (protocol, state) = unsafe { ((*sk).protocol, (*sk).state) };
+    protocol == IPPROTO_TCP
+        && matches!(
+            state,
+            BPF_TCP_ESTABLISHED
+                | BPF_TCP_FIN_WAIT1
+                | BPF_TCP_FIN_WAIT2
+                | BPF_TCP_TIME_WAIT
+                | BPF_TCP_CLOSE_WAIT
+                | BPF_TCP_LAST_ACK
+                | BPF_TCP_CLOSING
+        )
 }
 
 /// A socket connected to an address the filter does not hold.

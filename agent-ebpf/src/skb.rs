@@ -23,8 +23,14 @@ const IPV6_NEXT_HEADER: usize = 6;
 
 #[cgroup_skb(egress)]
 pub fn hw_skb_egress(ctx: SkBuffContext) -> i32 {
-    if transport(&ctx.skb).is_none_or(|p| p == IPPROTO_UDP) {
+    let protocol = transport(&ctx.skb);
+    if protocol.is_none_or(|p| p == IPPROTO_UDP) {
         dns::query::record_query(&ctx);
+    }
+    // A SYN carries no payload, and what its socket delivered is set when
+    // it is established (`sock_ops`): nothing to count, no lookup.
+    if protocol == Some(IPPROTO_TCP) && bytes::is_syn(&ctx.skb) {
+        return ALLOW;
     }
     bytes::count(&ctx.skb, true);
     ALLOW

@@ -8,7 +8,8 @@
 //! filter's one read. The callback for the move to TCP_CLOSE takes it
 //! back, once (the record's `active` flag is cleared on the way), counts
 //! the bytes delivered since the socket's last packet, and gives the
-//! record back. Every end of a connection goes through TCP_CLOSE (FIN
+//! record back (any record an established socket has: `release` leaves
+//! them all to this program). Every end of a connection goes through TCP_CLOSE (FIN
 //! either way, reset, timeout, the owner exiting); a refused or timed-out
 //! connect never reached ESTABLISHED and was never counted (its record, if
 //! connect() took one, goes back when its owner closes it: `release`). The
@@ -28,7 +29,7 @@ use headway_common::{AddrKey, sock_flags};
 use crate::{
     accounting::{close_active, open_active, pod_of},
     bytes::count_delivered,
-    sock_table::{Entry, IPPROTO_TCP, cookie_of, find, find_or_take, free, mark},
+    sock_table::{Entry, IPPROTO_TCP, cookie_of, find, free, mark, take},
     steer::never_known,
 };
 
@@ -76,15 +77,21 @@ fn established(ctx: &SockOpsContext) {
     let Some(remote) = remote(ctx).filter(|a| !never_known(a)) else {
         return;
     };
-    let Some(entry) = marked_or_mark(cookie_of(ctx), &remote) else {
+    let cookie = cookie_of(ctx);
+    let marked = marked_or_mark(cookie, &remote);
+    // Every record of an established socket is given back at its close
+    // (`release` leaves connected TCP sockets to this program), so the
+    // close must be seen even when the socket is not counted (a steered
+    // socket whose pod's counters could not be marked).
+    let Some(entry) = marked.or_else(|| find(cookie)) else {
         return;
     };
-    // Without the state callback the close would go unseen: then the
-    // connection is not counted as active at all (its bytes still are,
-    // and its record goes back when its owner closes it).
+    // Cannot fail for an established (full) socket with a known flag; if
+    // it did, the record would stay taken until `headway reset`.
     if ctx
         .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
         .is_err()
+        || marked.is_none()
     {
         return;
     }
@@ -107,14 +114,16 @@ fn established(ctx: &SockOpsContext) {
 /// for the pod that has `remote` (None if none, or no record).
 #[inline(always)]
 fn marked_or_mark(cookie: u64, remote: &AddrKey) -> Option<Entry> {
-    if let Some(entry) = find(cookie) {
+    let found = find(cookie);
+    if let Some(entry) = found {
         // SAFETY: this socket's record.
         if unsafe { (*entry.record).flags } & sock_flags::ACCOUNTED != 0 {
             return Some(entry);
         }
     }
     let pod_id = pod_of(remote)?;
-    let entry = find_or_take(cookie)?;
+    // The lookup above already missed: take a slot without a second one.
+    let entry = found.or_else(|| take(cookie))?;
     // SAFETY: this socket's record.
     if unsafe { mark(entry.record, pod_id, IPPROTO_TCP) } {
         Some(entry)

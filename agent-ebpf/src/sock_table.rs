@@ -145,6 +145,19 @@ pub fn find_or_take(cookie: u64) -> Option<Entry> {
     if let Some(entry) = find(cookie) {
         return Some(entry);
     }
+    take(cookie)
+}
+
+/// A new record for `cookie`, which the caller just failed to [`find`]
+/// (a socket has one record at most: only its own hooks take one, and
+/// they run one at a time for it, except unconnected UDP sends; see
+/// `release`). None when the table is full (counted and logged) or for
+/// cookie 0.
+#[inline(always)]
+pub fn take(cookie: u64) -> Option<Entry> {
+    if cookie == 0 {
+        return None;
+    }
     // The home bucket while it has room: it is the one the socket's
     // neighbours in time use too (see `headway_common::sock_table`).
     let (home, spill) = sock_table::buckets(cookie, bucket_mask());
