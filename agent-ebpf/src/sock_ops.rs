@@ -9,13 +9,13 @@
 //! back, once (the record's `active` flag is cleared on the way), counts
 //! the bytes delivered since the socket's last packet, and gives the
 //! record back (any record an established socket has: `release` leaves
-//! them all to this program). Every end of a connection goes through TCP_CLOSE (FIN
-//! either way, reset, timeout, the owner exiting); a refused or timed-out
-//! connect never reached ESTABLISHED and was never counted (its record, if
-//! connect() took one, goes back when its owner closes it: `release`). The
-//! record and the callback flag outlive the agent, so a program swapped
-//! into the pinned link by a restarted agent closes what the previous one
-//! opened.
+//! them all to this program). Every end of a connection goes through
+//! TCP_CLOSE (FIN either way, reset, timeout, the owner exiting); a
+//! refused or timed-out connect never reached ESTABLISHED and was never
+//! counted (its record, if connect() took one, goes back when its owner
+//! closes it: `release`). The record and the callback flag outlive the
+//! agent, so a program swapped into the pinned link by a restarted agent
+//! closes what the previous one opened.
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
@@ -77,13 +77,11 @@ fn established(ctx: &SockOpsContext) {
     let Some(remote) = remote(ctx).filter(|a| !never_known(a)) else {
         return;
     };
-    let cookie = cookie_of(ctx);
-    let marked = marked_or_mark(cookie, &remote);
     // Every record of an established socket is given back at its close
     // (`release` leaves connected TCP sockets to this program), so the
     // close must be seen even when the socket is not counted (a steered
     // socket whose pod's counters could not be marked).
-    let Some(entry) = marked.or_else(|| find(cookie)) else {
+    let Some((entry, accounted)) = record_marked(cookie_of(ctx), &remote) else {
         return;
     };
     // Cannot fail for an established (full) socket with a known flag; if
@@ -91,7 +89,7 @@ fn established(ctx: &SockOpsContext) {
     if ctx
         .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
         .is_err()
-        || marked.is_none()
+        || !accounted
     {
         return;
     }
@@ -109,31 +107,35 @@ fn established(ctx: &SockOpsContext) {
     }
 }
 
-/// The socket's record, marked for the pod it talks to: as connect() left
-/// it for a steered socket (marked for the pod chosen), else marked now
-/// for the pod that has `remote` (None if none, or no record).
+/// The socket's record, if it has one, and whether it is marked for the
+/// pod it talks to: as connect() left it for a steered socket (marked for
+/// the pod chosen), else marked now for the pod that has `remote` (a
+/// record taken for it if it had none). None when the socket has no
+/// record and gets none.
 #[inline(always)]
-fn marked_or_mark(cookie: u64, remote: &AddrKey) -> Option<Entry> {
+fn record_marked(cookie: u64, remote: &AddrKey) -> Option<(Entry, bool)> {
     let found = find(cookie);
     if let Some(entry) = found {
         // SAFETY: this socket's record.
         if unsafe { (*entry.record).flags } & sock_flags::ACCOUNTED != 0 {
-            return Some(entry);
+            return Some((entry, true));
         }
     }
-    let pod_id = pod_of(remote)?;
+    let Some(pod_id) = pod_of(remote) else {
+        return found.map(|entry| (entry, false));
+    };
     // The lookup above already missed: take a slot without a second one.
     let entry = found.or_else(|| take(cookie))?;
     // SAFETY: this socket's record.
     if unsafe { mark(entry.record, pod_id, IPPROTO_TCP) } {
-        Some(entry)
-    } else {
-        // SAFETY: as above.
-        if unsafe { (*entry.record).flags } == 0 {
-            free(&entry);
-        }
-        None
+        return Some((entry, true));
     }
+    // SAFETY: as above.
+    if unsafe { (*entry.record).flags } == 0 {
+        free(&entry);
+        return None;
+    }
+    Some((entry, false))
 }
 
 #[inline(always)]
