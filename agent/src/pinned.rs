@@ -267,7 +267,9 @@ pub fn unpin_changed_derived(bpffs: &Path, sizes: &MapSizes) -> Result<Vec<PathB
     let mut removed = Vec::new();
     for shape in MAP_SHAPES.iter().filter(|s| DERIVED.contains(&s.name)) {
         let path = map_pin(bpffs, shape.name);
-        if path.exists() && layout_differs(shape, &path, Some(sizes))?.is_some() {
+        if path.exists()
+            && layout_differs(shape, &path, &pinned_info(&path)?, Some(sizes))?.is_some()
+        {
             std::fs::remove_file(&path).map_err(|source| PinnedError::Unpin {
                 path: path.clone(),
                 source,
@@ -295,9 +297,12 @@ pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(
         if derived && sizes.is_some() {
             continue;
         }
-        if let Some((found, expected)) = layout_differs(shape, &path, sizes)? {
+        let info = pinned_info(&path)?;
+        if let Some((found, expected)) = layout_differs(shape, &path, &info, sizes)? {
             // An older layout of `pod_stats` the agent carries over.
-            if shape.name == map_names::POD_STATS && carried_over(&path, sizes)? {
+            if shape.name == map_names::POD_STATS
+                && crate::pod_stats_upgrade::is_v1_layout(&info, sizes)
+            {
                 if sizes.is_some() {
                     continue;
                 }
@@ -324,15 +329,12 @@ pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(
     Ok(())
 }
 
-/// Whether the map pinned at `path` has the older `pod_stats` layout that
-/// `pod_stats_upgrade` carries over (see [`check_existing_layout`] for
-/// `sizes`).
-fn carried_over(path: &Path, sizes: Option<&MapSizes>) -> Result<bool, PinnedError> {
-    let info = open_map(path)?.info().map_err(|source| PinnedError::Open {
+/// What the kernel says of the map pinned at `path`.
+fn pinned_info(path: &Path) -> Result<aya::maps::MapInfo, PinnedError> {
+    open_map(path)?.info().map_err(|source| PinnedError::Open {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(crate::pod_stats_upgrade::is_v1_layout(&info, sizes))
+    })
 }
 
 /// How the map pinned at `path` differs from `shape` (found, expected),
@@ -340,12 +342,9 @@ fn carried_over(path: &Path, sizes: Option<&MapSizes>) -> Result<bool, PinnedErr
 fn layout_differs(
     shape: &MapShape,
     path: &Path,
+    info: &aya::maps::MapInfo,
     sizes: Option<&MapSizes>,
 ) -> Result<Option<(String, String)>, PinnedError> {
-    let info = open_map(path)?.info().map_err(|source| PinnedError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
     let map_type = info.map_type().map_err(|source| PinnedError::Open {
         path: path.to_path_buf(),
         source,

@@ -586,6 +586,19 @@ fn counts_survive_an_agent_restart() {
     assert_eq!(counter(&status, "web-0", "tcp_connects"), 8, "{status:#}");
 }
 
+/// The counters `pod_stats` keeps per pod besides its generation, in the
+/// order of the older layout (which then has the DNS answers and the
+/// generation).
+const COUNTERS: [&str; 7] = [
+    "tcp_connects",
+    "udp_connects",
+    "active_tcp",
+    "bytes_sent",
+    "bytes_received",
+    "steered_in",
+    "steered_away",
+];
+
 /// What an upgrade from the build before `pod_stats` became one cache
 /// line per pod finds, and how far a previous attempt got.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -684,15 +697,7 @@ fn upgrade_keeps_every_count(from: UpgradeFrom) {
     bed.start_agent();
     let status = bed.status();
     let after = pod_counters(&status, "demo", "web", "web-0").unwrap();
-    for field in [
-        "tcp_connects",
-        "udp_connects",
-        "active_tcp",
-        "bytes_sent",
-        "bytes_received",
-        "steered_in",
-        "steered_away",
-    ] {
+    for field in COUNTERS {
         assert_eq!(after[field], before[field], "{from:?} {field}: {status:#}");
     }
     // A live new map already held the truth; the old one's answers are
@@ -804,18 +809,10 @@ fn older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) -> OlderSlot
     assert!(out.status.success(), "bpftool map lookup: {out:?}");
     let slot: Value = serde_json::from_slice(&out.stdout).unwrap();
     let value = &slot["formatted"]["value"];
-    let words = [
-        "tcp_connects",
-        "udp_connects",
-        "active_tcp",
-        "bytes_sent",
-        "bytes_received",
-        "steered_in",
-        "steered_away",
-    ]
-    .map(|f| value[f].as_u64().unwrap_or_else(|| panic!("{f} in {slot}")))
-    .into_iter()
-    .chain([dns_answers, value["generation"].as_u64().unwrap()]);
+    let words = COUNTERS
+        .map(|f| value[f].as_u64().unwrap_or_else(|| panic!("{f} in {slot}")))
+        .into_iter()
+        .chain([dns_answers, value["generation"].as_u64().unwrap()]);
     OlderSlot {
         key,
         value: words
