@@ -31,26 +31,28 @@ pub fn pod_of(addr: &AddrKey) -> Option<u32> {
     unsafe { POD_ADDRS.get(addr) }.map(|p| p.pod_id)
 }
 
-/// The generation of pod `pod_id`'s slot (see `PodCounters::generation`).
+/// The generation of pod `pod_id`'s slot (see `PodCounters::generation`),
+/// its low 32 bits as a socket's record keeps it (a slot would have to be
+/// given to 2^32 pods while one socket lives for two to be confused).
 #[inline(always)]
-pub fn generation(pod_id: u32) -> Option<u64> {
+pub fn generation(pod_id: u32) -> Option<u32> {
     // SAFETY: a plain read of a live array slot.
-    counters(pod_id).map(|stats| unsafe { (*stats).generation })
+    counters(pod_id).map(|stats| unsafe { (*stats).generation } as u32)
 }
 
 /// The counters of pod `pod_id`, if its slot still belongs to the pod a
 /// socket was marked for (`generation` unchanged): a connection to a pod
 /// that is gone never counts towards the next pod given the same id.
 #[inline(always)]
-fn counters_of(pod_id: u32, generation: u64) -> Option<*mut PodCounters> {
+fn counters_of(pod_id: u32, generation: u32) -> Option<*mut PodCounters> {
     let stats = counters(pod_id)?;
     // SAFETY: a plain read of a live array slot.
-    (unsafe { (*stats).generation } == generation).then_some(stats)
+    (unsafe { (*stats).generation } as u32 == generation).then_some(stats)
 }
 
 /// One more established TCP connection to the pod.
 #[inline(always)]
-pub fn open_active(pod_id: u32, generation: u64) {
+pub fn open_active(pod_id: u32, generation: u32) {
     if let Some(stats) = counters_of(pod_id, generation) {
         // SAFETY: raw field pointer into the map value.
         unsafe { add(&raw mut (*stats).active_tcp, 1) };
@@ -59,7 +61,7 @@ pub fn open_active(pod_id: u32, generation: u64) {
 
 /// One established TCP connection to the pod fewer (wrapping add of -1).
 #[inline(always)]
-pub fn close_active(pod_id: u32, generation: u64) {
+pub fn close_active(pod_id: u32, generation: u32) {
     if let Some(stats) = counters_of(pod_id, generation) {
         // SAFETY: as above.
         unsafe { add(&raw mut (*stats).active_tcp, u64::MAX) };
@@ -68,7 +70,7 @@ pub fn close_active(pod_id: u32, generation: u64) {
 
 /// Adds `n` bytes sent to (`sent`) or received from the pod.
 #[inline(always)]
-pub fn count_bytes(pod_id: u32, generation: u64, sent: bool, n: u64) {
+pub fn count_bytes(pod_id: u32, generation: u32, sent: bool, n: u64) {
     if let Some(stats) = counters_of(pod_id, generation) {
         // SAFETY: as above.
         unsafe {

@@ -20,10 +20,11 @@
 use core::{
     ffi::c_void,
     intrinsics::{AtomicOrdering, atomic_cxchg},
+    mem::offset_of,
 };
 
 use aya_ebpf::{helpers::bpf_get_socket_cookie, helpers::bpf_tcp_sock, programs::sk_buff::SkBuff};
-use headway_common::{AddrKey, SocketState, sock_flags};
+use headway_common::{AddrKey, SockSlot, SocketRecord, sock_flags};
 
 use crate::{
     accounting::count_bytes,
@@ -67,19 +68,13 @@ pub fn count(skb: &SkBuff, sent: bool) {
     };
     let record = entry.record;
     // SAFETY: the socket's record; the fields needed, read at once.
-    let (flags, protocol, pod_id, generation) = unsafe {
-        (
-            (*record).flags,
-            (*record).protocol,
-            (*record).pod_id,
-            (*record).generation,
-        )
-    };
+    let (flags, pod_id, generation) =
+        unsafe { ((*record).flags, (*record).pod_id, (*record).generation) };
     // A record read while its socket closed may already be another's.
     if flags & sock_flags::ACCOUNTED == 0 || !entry.still_held() {
         return;
     }
-    if protocol == IPPROTO_TCP {
+    if flags & sock_flags::UDP == 0 {
         // SAFETY: `sk` is the packet's socket; the helper checks it is TCP.
         let tp = unsafe { bpf_tcp_sock(sk) };
         if tp.is_null() {
@@ -89,7 +84,7 @@ pub fn count(skb: &SkBuff, sent: bool) {
         unsafe { count_delivered(record, (*tp).bytes_acked, (*tp).bytes_received) };
         return;
     }
-    let payload = payload_len(skb, protocol).0;
+    let payload = payload_len(skb, IPPROTO_UDP).0;
     if payload > 0 {
         count_bytes(pod_id, generation, sent, u64::from(payload));
     }
@@ -143,66 +138,102 @@ unsafe fn word_at(at: usize) -> u32 {
 /// acknowledged; `bytes_received`: received in order; passed in by the
 /// caller, read from the socket). A retransmission or a reordered segment
 /// does not move them twice. The packet that makes them grow is counted
-/// on the socket's next packet out or at its close. Until the
-/// socket is established (`sock_ops` then sets where they stand: the
-/// SYN's sequence number is not a byte) packets only record them.
+/// on the socket's next packet out or at its close. `sock_ops` sets where
+/// they stand when the socket is established (the SYN's sequence number
+/// is not a byte); before that, only SYNs leave, and egress skips them.
 ///
 /// # Safety
 /// `record` is the record of a TCP socket marked for accounting.
 #[inline(always)]
-pub unsafe fn count_delivered(record: *mut SocketState, acked: u64, received: u64) {
+pub unsafe fn count_delivered(record: *mut SocketRecord, acked: u64, received: u64) {
     // SAFETY: caller's contract; raw field access only.
     unsafe {
-        let fresh = (*record).seen_known == 0;
         // Packets leave from the socket's owner and from softirq (ACKs,
         // timers) on another CPU, and the close counts from `sock_ops`:
         // each claims its growth with a compare-and-swap, so none is
         // counted twice (a plain read-then-write, when ingress counted
-        // too, counted ~64 KiB twice now and then).
-        let sent = advance(&raw mut (*record).sent_seen, acked);
-        let got = advance(&raw mut (*record).received_seen, received);
-        if fresh {
-            // Written once: a write on every packet would bounce the
-            // record's cache line between the CPUs of the two directions.
-            (*record).seen_known = 1;
-            return;
-        }
+        // too, counted ~64 KiB twice now and then). Both counters in one
+        // swap: they are neighbours in an aligned word.
+        let (sent, got) = advance(seen_pair(record), acked as u32, received as u32);
         let (pod_id, generation) = ((*record).pod_id, (*record).generation);
         if sent > 0 {
-            count_bytes(pod_id, generation, true, sent);
+            count_bytes(pod_id, generation, true, u64::from(sent));
         }
         if got > 0 {
-            count_bytes(pod_id, generation, false, got);
+            count_bytes(pod_id, generation, false, u64::from(got));
         }
     }
 }
 
-/// Moves `*seen` up to `now` and returns by how much, unless another CPU
-/// moved it first (then that CPU counts its part). Never moves it back.
+/// `sent_seen` (low half) and `received_seen` (high half) of a record as
+/// one word.
 ///
 /// # Safety
-/// `seen` points into a live map value.
+/// `record` is the record of a slot of the socket table.
 #[inline(always)]
-unsafe fn advance(seen: *mut u64, now: u64) -> u64 {
+unsafe fn seen_pair(record: *mut SocketRecord) -> *mut u64 {
+    const _: () = assert!(
+        (offset_of!(SockSlot, record) + offset_of!(SocketRecord, sent_seen)) % 8 == 0
+            && offset_of!(SocketRecord, received_seen) == offset_of!(SocketRecord, sent_seen) + 4
+    );
+    // SAFETY: caller's contract: slots are 64-byte aligned, so the pair is
+    // an aligned u64 (checked above).
+    unsafe { (&raw mut (*record).sent_seen).cast::<u64>() }
+}
+
+/// Sets where the socket's counters stand (`sock_ops`, when it is
+/// established), both halves in one write.
+///
+/// # Safety
+/// As for [`count_delivered`].
+#[inline(always)]
+pub unsafe fn set_seen(record: *mut SocketRecord, acked: u64, received: u64) {
+    let pair = u64::from(acked as u32) | u64::from(received as u32) << 32;
+    // SAFETY: caller's contract.
+    unsafe { core::ptr::write_volatile(seen_pair(record), pair) };
+}
+
+/// How far a counter grew from `seen` to `now` (its low 32 bits), or 0 if
+/// `now` is behind (read before another CPU advanced it: at most a little
+/// behind, where real growth between two counted packets is below 2 GiB,
+/// so the wrapped difference tells them apart).
+#[inline(always)]
+fn growth(seen: u32, now: u32) -> u32 {
+    let grown = now.wrapping_sub(seen);
+    if grown > i32::MAX as u32 { 0 } else { grown }
+}
+
+/// Moves the pair at `seen` up to `(sent, received)` and returns by how
+/// much each moved, unless another CPU moved it first (then that CPU
+/// counts its part). Never moves either back.
+///
+/// # Safety
+/// `seen` is an aligned word of a live map value.
+#[inline(always)]
+unsafe fn advance(seen: *mut u64, sent: u32, received: u32) -> (u32, u32) {
     // SAFETY: caller's contract.
     let mut old = unsafe { core::ptr::read_volatile(seen) };
     // A few tries: each failure means another CPU just advanced it.
     for _ in 0..4 {
-        if now <= old {
-            return 0;
+        let grown_sent = growth(old as u32, sent);
+        let grown_received = growth((old >> 32) as u32, received);
+        if grown_sent == 0 && grown_received == 0 {
+            return (0, 0);
         }
+        let new = u64::from((old as u32).wrapping_add(grown_sent))
+            | u64::from(((old >> 32) as u32).wrapping_add(grown_received)) << 32;
         // SAFETY: as above; an atomic compare-and-swap of an aligned u64.
         let (prev, swapped) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
-                seen, old, now,
+                seen, old, new,
             )
         };
         if swapped {
-            return now - old;
+            return (grown_sent, grown_received);
         }
         old = prev;
     }
-    0
+    (0, 0)
 }
 
 /// Transport payload bytes of the packet (see the module docs; 0 when the

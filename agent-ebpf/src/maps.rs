@@ -9,8 +9,8 @@ use headway_common::{
     AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
     ObservationCacheEntry, ObservationKey, ObservationPage, PendingQuery, PendingQueryKey,
     PodCounters, PodMeta, PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
-    ServiceSteering, SockBucket, SocketState, addr_filter, addr_table, capacity, dns_counter,
-    obs_cache, sock_counter, sock_table, steer_counter,
+    ServiceSteering, SockSlot, addr_filter, addr_table, capacity, dns_counter, obs_cache,
+    sock_counter, sock_table, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -130,25 +130,13 @@ pub static STEER_COUNTERS: PerCpuArray<u64, { steer_counter::COUNT as usize }> =
 pub static SVC_STATS: Array<ServiceCounters, { capacity::SERVICES as usize }> = Array::new();
 
 // What headway keeps for each client socket while it lives (see
-// `sock_table`).
-// Mappable only so that its values start on a page: a bucket is then one
-// cache line, not the end of one and most of the next (see
-// `SVC_STEERING`). A table pinned by an older agent keeps working
-// unaligned until `headway reset`.
-#[btf_map(name = "sock_cookies")]
-pub static SOCK_COOKIES: Array<
-    SockBucket,
-    { sock_table::BUCKETS as usize },
+// `sock_table`). Mappable so that its values start on a page: each slot
+// is then exactly one cache line.
+#[btf_map(name = "sock_table")]
+pub static SOCK_TABLE: Array<
+    SockSlot,
+    { sock_table::positions_for(capacity::SOCKETS) as usize },
     { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
-> = Array::new();
-
-#[btf_map(name = "sock_records")]
-pub static SOCK_RECORDS: Array<SocketState, { capacity::SOCKETS as usize }> = Array::new();
-
-#[btf_map(name = "sock_spills")]
-pub static SOCK_SPILLS: Array<
-    u32,
-    { (sock_table::BUCKETS / sock_table::HOMES_PER_SPILL_COUNT) as usize },
 > = Array::new();
 
 #[btf_map(name = "sock_counters")]

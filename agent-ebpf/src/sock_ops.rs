@@ -28,7 +28,7 @@ use headway_common::{AddrKey, sock_flags};
 
 use crate::{
     accounting::{close_active, open_active, pod_of},
-    bytes::count_delivered,
+    bytes::{count_delivered, set_seen},
     sock_table::{Entry, IPPROTO_TCP, cookie_of, find, free, mark, take},
     steer::never_known,
 };
@@ -99,9 +99,7 @@ fn established(ctx: &SockOpsContext) {
     // either way (the SYN counts in `bytes_acked`, and is no byte): from
     // here on, what the counters grow by is payload.
     unsafe {
-        (*record).sent_seen = (*ctx.ops).bytes_acked;
-        (*record).received_seen = (*ctx.ops).bytes_received;
-        (*record).seen_known = 1;
+        set_seen(record, (*ctx.ops).bytes_acked, (*ctx.ops).bytes_received);
         (*record).active = 1;
         open_active((*record).pod_id, (*record).generation);
     }
@@ -151,7 +149,8 @@ fn closed(ctx: &SockOpsContext) {
             (*record).active = 0;
             close_active((*record).pod_id, (*record).generation);
         }
-        if (*record).flags & sock_flags::ACCOUNTED != 0 && (*record).protocol == IPPROTO_TCP {
+        let flags = (*record).flags;
+        if flags & sock_flags::ACCOUNTED != 0 && flags & sock_flags::UDP == 0 {
             count_delivered(record, (*ctx.ops).bytes_acked, (*ctx.ops).bytes_received);
         }
     }

@@ -1,5 +1,5 @@
 //! The record headway keeps for a client socket, in the socket table
-//! (`sock_cookies` + `sock_records`; layout and claim protocol in
+//! (`sock_table`: one cache line per socket; layout and claim protocol in
 //! `headway_common::sock_table`). Preallocated: a hook that needs a record
 //! takes a free slot with one compare-and-swap instead of allocating socket
 //! storage, which cost more than the rest of a steered connect() together.
@@ -25,30 +25,28 @@ use core::{
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie};
 use aya_log_ebpf::warn;
-use headway_common::{AddrKey, SocketState, sock_counter, sock_flags, sock_table};
+use headway_common::{AddrKey, SockSlot, SocketRecord, sock_counter, sock_flags, sock_table};
 
 use crate::{
     accounting::generation,
     kernel_log::{self, event},
-    maps::{SOCK_COOKIES, SOCK_COUNTERS, SOCK_RECORDS, SOCK_SPILLS},
+    maps::{SOCK_COUNTERS, SOCK_TABLE},
 };
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-const SLOTS: u32 = sock_table::BUCKET_SLOTS;
-
-/// The table's bucket count minus one, as the agent sized the maps
+/// The table's position count minus one, as the agent sized the map
 /// (`--max-sockets`): set before the programs load, so the verifier sees
 /// a constant.
 #[unsafe(no_mangle)]
-static SOCK_BUCKET_MASK: u32 = sock_table::BUCKETS - 1;
+static SOCK_TABLE_MASK: u32 = sock_table::positions_for(headway_common::capacity::SOCKETS) - 1;
 
 #[inline(always)]
-fn bucket_mask() -> u32 {
+fn mask() -> u32 {
     // SAFETY: a read of a read-only global (the volatile read keeps the
     // compiler from folding in the default).
-    unsafe { ptr::read_volatile(&raw const SOCK_BUCKET_MASK) }
+    unsafe { ptr::read_volatile(&raw const SOCK_TABLE_MASK) }
 }
 
 /// The cookie of the socket of a hook's context (the helper takes any
@@ -59,16 +57,14 @@ pub fn cookie_of<C: EbpfContext>(ctx: &C) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// A socket's place in the table: the slot holding its cookie, and its
-/// record.
+/// A socket's place in the table, and its record.
 #[derive(Clone, Copy)]
 pub struct Entry {
     cookie: u64,
-    slot: *mut u64,
-    pub record: *mut SocketState,
-    /// The home bucket's spill count, when the entry sits in its spill
-    /// bucket.
-    spilled_from: Option<u32>,
+    slot: *mut SockSlot,
+    pub record: *mut SocketRecord,
+    /// The home position, when the entry sits at a spill position.
+    displaced_from: Option<u32>,
 }
 
 impl Entry {
@@ -76,30 +72,28 @@ impl Entry {
     /// the socket's close re-checks before trusting what it read).
     #[inline(always)]
     pub fn still_held(&self) -> bool {
-        // SAFETY: the slot is an element of a live array map value.
-        unsafe { ptr::read_volatile(self.slot) == self.cookie }
+        // SAFETY: the slot is a live array map value.
+        unsafe { ptr::read_volatile(&raw const (*self.slot).cookie) == self.cookie }
     }
 }
 
-/// Where `cookie` sits in `bucket`, if it does.
+/// The slot at `position`, if it holds `cookie`.
 #[inline(always)]
-fn scan(bucket: u32, cookie: u64) -> Option<Entry> {
-    let cookies = SOCK_COOKIES.get_ptr_mut(bucket)?;
-    for i in 0..SLOTS {
-        // SAFETY: an element of a live array map value.
-        let slot = unsafe { &raw mut (*cookies).cookies[i as usize] };
-        // SAFETY: as above.
-        if unsafe { ptr::read_volatile(slot) } == cookie {
-            let record = SOCK_RECORDS.get_ptr_mut(bucket * SLOTS + i)?;
-            return Some(Entry {
-                cookie,
-                slot,
-                record,
-                spilled_from: None,
-            });
-        }
+fn holding(position: u32, cookie: u64) -> Option<*mut SockSlot> {
+    let slot = SOCK_TABLE.get_ptr_mut(position)?;
+    // SAFETY: a field of a live array map value.
+    (unsafe { ptr::read_volatile(&raw const (*slot).cookie) } == cookie).then_some(slot)
+}
+
+#[inline(always)]
+fn entry(cookie: u64, slot: *mut SockSlot, displaced_from: Option<u32>) -> Entry {
+    Entry {
+        cookie,
+        slot,
+        // SAFETY: a field of the same live value.
+        record: unsafe { &raw mut (*slot).record },
+        displaced_from,
     }
-    None
 }
 
 /// The record of the socket with `cookie`, if it has one.
@@ -108,34 +102,31 @@ pub fn find(cookie: u64) -> Option<Entry> {
     if cookie == 0 {
         return None;
     }
-    let (home, spill) = sock_table::buckets(cookie, bucket_mask());
-    if let Some(entry) = scan(home, cookie) {
-        return Some(entry);
+    let mask = mask();
+    let home = sock_table::home(cookie, mask);
+    let home_slot = SOCK_TABLE.get_ptr_mut(home)?;
+    // SAFETY: fields of a live array map value.
+    unsafe {
+        if ptr::read_volatile(&raw const (*home_slot).cookie) == cookie {
+            return Some(entry(cookie, home_slot, None));
+        }
+        // Most lookups that miss at home stop here, on the same line:
+        // only a socket whose home was taken sits elsewhere.
+        if ptr::read_volatile(&raw const (*home_slot).displaced) == 0 {
+            return None;
+        }
     }
-    // Only when some socket of these home buckets spilled (most lookups
-    // miss: a socket that has no record), so a miss usually costs one
-    // cache line, and the spill buckets' lines (random ones) are not read.
-    // SAFETY: an aligned u32 of a live map value.
-    if spill_count(home).is_none_or(|n| unsafe { ptr::read_volatile(n) } == 0) {
-        return None;
+    let walk = sock_table::spill_walk(cookie);
+    for i in 1..=sock_table::SPILL_PROBES {
+        if let Some(slot) = holding(sock_table::spill_position(walk, i, mask), cookie) {
+            return Some(entry(cookie, slot, Some(home)));
+        }
     }
-    let spilled = |entry: Entry| Entry {
-        spilled_from: Some(home),
-        ..entry
-    };
-    scan(spill[0], cookie)
-        .or_else(|| scan(spill[1], cookie))
-        .map(spilled)
-}
-
-/// The count of spilled sockets `home` shares with its neighbours.
-#[inline(always)]
-fn spill_count(home: u32) -> Option<*mut u32> {
-    SOCK_SPILLS.get_ptr_mut(home / sock_table::HOMES_PER_SPILL_COUNT)
+    None
 }
 
 /// The record of the socket with `cookie`, taken (zeroed) when it has
-/// none. None when both its buckets are full (counted, logged): the caller
+/// none. None when the table is full for it (counted, logged): the caller
 /// then fails open.
 #[inline(always)]
 pub fn find_or_take(cookie: u64) -> Option<Entry> {
@@ -158,70 +149,73 @@ pub fn take(cookie: u64) -> Option<Entry> {
     if cookie == 0 {
         return None;
     }
-    // The home bucket while it has room: it is the one the socket's
-    // neighbours in time use too (see `headway_common::sock_table`).
-    let (home, spill) = sock_table::buckets(cookie, bucket_mask());
-    let taken = take_in(home, cookie, None)
-        .or_else(|| take_in(spill[0], cookie, Some(home)))
-        .or_else(|| take_in(spill[1], cookie, Some(home)));
-    if taken.is_none() {
-        bump(sock_counter::FULL);
-        if kernel_log::due(event::SOCKET_TABLE_FULL) {
-            log_table_full();
+    let mask = mask();
+    let home = sock_table::home(cookie, mask);
+    if let Some(entry) = take_at(home, cookie, None) {
+        return Some(entry);
+    }
+    let walk = sock_table::spill_walk(cookie);
+    for i in 1..=sock_table::SPILL_PROBES {
+        let position = sock_table::spill_position(walk, i, mask);
+        if let Some(entry) = take_at(position, cookie, Some(home)) {
+            return Some(entry);
         }
     }
-    taken
-}
-
-/// Claims a free slot of `bucket` for `cookie`: reserve it, zero its
-/// record, then publish the cookie, so that no reader matches a record
-/// still being written.
-#[inline(always)]
-fn take_in(bucket: u32, cookie: u64, spilled_from: Option<u32>) -> Option<Entry> {
-    let cookies = SOCK_COOKIES.get_ptr_mut(bucket)?;
-    for i in 0..SLOTS {
-        // SAFETY: an element of a live array map value.
-        let slot = unsafe { &raw mut (*cookies).cookies[i as usize] };
-        // SAFETY: as above.
-        if unsafe { ptr::read_volatile(slot) } != 0 {
-            continue;
-        }
-        // SAFETY: an aligned u64 of a live map value.
-        let (_, won) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                slot,
-                0,
-                sock_table::RESERVED,
-            )
-        };
-        if !won {
-            continue;
-        }
-        let Some(record) = SOCK_RECORDS.get_ptr_mut(bucket * SLOTS + i) else {
-            // SAFETY: as above; the slot is ours to give back.
-            unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(slot, 0) };
-            return None;
-        };
-        // Counted as spilled before it can be found there.
-        if let Some(count) = spilled_from.and_then(spill_count) {
-            // SAFETY: an aligned u32 of a live map value.
-            unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(count, 1) };
-        }
-        // SAFETY: the record of a slot we hold reserved: nobody else
-        // writes it, and no reader matches it yet.
-        unsafe {
-            ptr::write_volatile(record, SocketState::default());
-            atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(slot, cookie);
-        }
-        bump(sock_counter::TAKEN);
-        return Some(Entry {
-            cookie,
-            slot,
-            record,
-            spilled_from,
-        });
+    bump(sock_counter::FULL);
+    if kernel_log::due(event::SOCKET_TABLE_FULL) {
+        log_table_full();
     }
     None
+}
+
+/// Claims the slot at `position` for `cookie` if it is free: reserve it,
+/// write its record, then publish the cookie, so that no reader matches a
+/// record still being written.
+#[inline(always)]
+fn take_at(position: u32, cookie: u64, displaced_from: Option<u32>) -> Option<Entry> {
+    let slot = SOCK_TABLE.get_ptr_mut(position)?;
+    // SAFETY: a field of a live array map value.
+    let cookie_field = unsafe { &raw mut (*slot).cookie };
+    // SAFETY: as above.
+    if unsafe { ptr::read_volatile(cookie_field) } != 0 {
+        return None;
+    }
+    // SAFETY: an aligned u64 of a live map value.
+    let (_, won) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            cookie_field,
+            0,
+            sock_table::RESERVED,
+        )
+    };
+    if !won {
+        return None;
+    }
+    // Counted at home before it can be found here.
+    if let Some(home) = displaced_from {
+        add_displaced(home, 1);
+    }
+    // SAFETY: the record of a slot we hold reserved: nobody else writes
+    // it, and no reader matches it yet. `displaced` belongs to the
+    // position, not the record, and is left alone.
+    unsafe {
+        ptr::write_volatile(&raw mut (*slot).record, SocketRecord::default());
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(cookie_field, cookie);
+    }
+    bump(sock_counter::TAKEN);
+    Some(entry(cookie, slot, displaced_from))
+}
+
+/// Adds `n` (wrapping: `u32::MAX` takes one away) to the count of
+/// sockets displaced from `home`.
+#[inline(always)]
+fn add_displaced(home: u32, n: u32) {
+    if let Some(home_slot) = SOCK_TABLE.get_ptr_mut(home) {
+        // SAFETY: an aligned u32 of a live map value.
+        unsafe {
+            atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*home_slot).displaced, n)
+        };
+    }
 }
 
 /// Gives the record back (if the socket still holds it).
@@ -230,16 +224,15 @@ pub fn free(entry: &Entry) {
     // SAFETY: an aligned u64 of a live map value.
     let (_, won) = unsafe {
         atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            entry.slot,
+            &raw mut (*entry.slot).cookie,
             entry.cookie,
             0,
         )
     };
     if won {
         bump(sock_counter::FREED);
-        if let Some(count) = entry.spilled_from.and_then(spill_count) {
-            // SAFETY: an aligned u32 of a live map value (wrapping add of -1).
-            unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(count, u32::MAX) };
+        if let Some(home) = entry.displaced_from {
+            add_displaced(home, u32::MAX);
         }
     }
 }
@@ -263,24 +256,29 @@ fn log_table_full() {
 }
 
 /// Marks the record as its socket talking to pod `pod_id` over
-/// `protocol`, keeping any steering it holds. False if the pod has no
-/// slot (the socket is then simply not counted: fail open).
+/// `protocol` (TCP or UDP), keeping any steering it holds. False if the
+/// pod has no slot (the socket is then simply not counted: fail open).
 ///
 /// # Safety
 /// `record` is the record of an entry the caller's socket holds.
 #[inline(always)]
-pub unsafe fn mark(record: *mut SocketState, pod_id: u32, protocol: u8) -> bool {
+pub unsafe fn mark(record: *mut SocketRecord, pod_id: u32, protocol: u8) -> bool {
     let Some(generation) = generation(pod_id) else {
         return false;
+    };
+    let udp = if protocol == IPPROTO_UDP {
+        sock_flags::UDP
+    } else {
+        0
     };
     // SAFETY: caller's contract.
     unsafe {
         (*record).generation = generation;
         (*record).pod_id = pod_id;
-        (*record).protocol = protocol;
         (*record).active = 0;
-        (*record).seen_known = 0;
-        (*record).flags |= sock_flags::ACCOUNTED;
+        (*record).sent_seen = 0;
+        (*record).received_seen = 0;
+        (*record).flags = ((*record).flags & sock_flags::STEERED) | sock_flags::ACCOUNTED | udp;
     }
     true
 }
@@ -301,12 +299,13 @@ pub struct Steering {
 /// # Safety
 /// As for [`mark`].
 #[inline(always)]
-pub unsafe fn record_steering(record: *mut SocketState, steering: &Steering) {
+pub unsafe fn record_steering(record: *mut SocketRecord, steering: &Steering) {
     // SAFETY: caller's contract.
     unsafe {
         (*record).asked = steering.asked;
         (*record).chosen = steering.chosen;
-        (*record).service_id = steering.service_id;
+        // Service ids are below `MAX_SERVICES` (the agent's limit).
+        (*record).service_id = steering.service_id as u16;
         (*record).flags |= sock_flags::STEERED;
     }
 }
@@ -321,7 +320,7 @@ pub fn steering(cookie: u64) -> Option<Steering> {
         ((*record).flags & sock_flags::STEERED != 0).then(|| Steering {
             asked: (*record).asked,
             chosen: (*record).chosen,
-            service_id: (*record).service_id,
+            service_id: u32::from((*record).service_id),
         })
     }
 }

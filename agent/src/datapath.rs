@@ -203,8 +203,8 @@ impl Datapath {
             .collect();
         let mut loader = EbpfLoader::new();
         // The socket table's size, as the programs hash into it.
-        let bucket_mask = sizes.socket_buckets() - 1;
-        loader.override_global("SOCK_BUCKET_MASK", &bucket_mask, true);
+        let table_mask = sizes.socket_positions() - 1;
+        loader.override_global("SOCK_TABLE_MASK", &table_mask, true);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
             if let Some(n) = sizes.max_entries(name) {

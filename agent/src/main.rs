@@ -105,9 +105,9 @@ struct AgentArgs {
     #[arg(long, env = "HEADWAY_MAX_ENDPOINTS", default_value_t = MapSizes::default().max_endpoints,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_endpoints: u32,
-    /// Room for this many headless services.
+    /// Room for this many headless services (at most 65,536).
     #[arg(long, env = "HEADWAY_MAX_SERVICES", default_value_t = MapSizes::default().max_services,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(headway_common::MAX_SERVICES)))]
     max_services: u32,
     /// Room for this many client sockets talking to pods from this node at
     /// once (the socket table; rounded up to a power of two). A socket

@@ -417,7 +417,7 @@ fn register_maps(
     counts.insert(map_names::SVC_STATS, status.services.len());
     // The socket table: records in use.
     let sockets_in_use = status.sockets.get("in_use").copied().unwrap_or(0);
-    counts.insert(map_names::SOCK_RECORDS, sockets_in_use as usize);
+    counts.insert(map_names::SOCK_TABLE, sockets_in_use as usize);
     for shape in &MAP_SHAPES {
         let labels = MapLabels { map: shape.name };
         if shape.max_entries > 0 {

@@ -12,8 +12,8 @@ use headway_common::{
     AddrIndex, AddrKey, AddrTableEntry, Backend, BackendKey, Config, EndpointState, NameEntry,
     ObservationKey, ObservationPage, PIN_DIR, PendingQuery, PendingQueryKey, PodCounters, PodMeta,
     PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey, ServiceSteering,
-    SockBucket, SocketState, addr_filter, addr_table, capacity, dns_counter, map_names,
-    sock_counter, sock_table, steer_counter,
+    SockSlot, addr_filter, addr_table, capacity, dns_counter, map_names, sock_counter, sock_table,
+    steer_counter,
 };
 
 use crate::{
@@ -102,7 +102,7 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
-pub const MAP_SHAPES: [MapShape; 24] = {
+pub const MAP_SHAPES: [MapShape; 22] = {
     const fn shape<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapShape {
         MapShape {
             name,
@@ -155,12 +155,10 @@ pub const MAP_SHAPES: [MapShape; 24] = {
         shape::<u32, u64>(map_names::ADDR_FILTER, MapType::Array, addr_filter::WORDS),
         shape::<AddrKey, AddrIndex>(map_names::DNS_ADDRS, MapType::Hash, capacity::DNS_ADDRS),
         shape::<u32, u64>(map_names::POD_ADDRS_GEN, MapType::Array, 1),
-        shape::<u32, SockBucket>(map_names::SOCK_COOKIES, MapType::Array, sock_table::BUCKETS),
-        shape::<u32, SocketState>(map_names::SOCK_RECORDS, MapType::Array, capacity::SOCKETS),
-        shape::<u32, u32>(
-            map_names::SOCK_SPILLS,
+        shape::<u32, SockSlot>(
+            map_names::SOCK_TABLE,
             MapType::Array,
-            sock_table::BUCKETS / sock_table::HOMES_PER_SPILL_COUNT,
+            sock_table::positions_for(capacity::SOCKETS),
         ),
         shape::<u32, u64>(
             map_names::SOCK_COUNTERS,
@@ -216,16 +214,14 @@ impl MapSizes {
             map_names::SERVICES | map_names::SVC_STATS | map_names::SVC_STEERING => {
                 self.max_services
             }
-            map_names::SOCK_COOKIES => self.socket_buckets(),
-            map_names::SOCK_RECORDS => self.socket_buckets() * sock_table::BUCKET_SLOTS,
-            map_names::SOCK_SPILLS => self.socket_buckets() / sock_table::HOMES_PER_SPILL_COUNT,
+            map_names::SOCK_TABLE => self.socket_positions(),
             _ => return None,
         })
     }
 
-    /// Buckets of the socket table (the kernel programs get the mask).
-    pub fn socket_buckets(&self) -> u32 {
-        sock_table::buckets_for(self.max_sockets)
+    /// Positions of the socket table (the kernel programs get the mask).
+    pub fn socket_positions(&self) -> u32 {
+        sock_table::positions_for(self.max_sockets)
     }
 }
 

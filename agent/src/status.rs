@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
 
 use headway_common::{
     ServiceCounters, ServicePortKey, capacity, dns_counter, endpoint_flags, map_names,
-    program_names, sock_counter, steer_counter,
+    program_names, sock_counter, sock_table, steer_counter,
 };
 use serde::Serialize;
 
@@ -332,7 +332,10 @@ pub fn read(bpffs: &Path) -> Result<Status, PinnedError> {
     sockets.insert("in_use", in_use);
     sockets.insert(
         "capacity",
-        u64::from(pinned_max_entries(bpffs, map_names::SOCK_RECORDS).unwrap_or(capacity::SOCKETS)),
+        u64::from(
+            pinned_max_entries(bpffs, map_names::SOCK_TABLE)
+                .map_or(capacity::SOCKETS, sock_table::capacity_of),
+        ),
     );
     Ok(Status {
         programs: read_programs(bpffs),

@@ -12,7 +12,7 @@ use aya::maps::{Array, Map, MapData};
 use headway::{map_plan::addr_key, pinned::Maps};
 use headway_common::{
     AddrIndex, AddrSlot, Backend, NO_POD, OBS_MAX_PAGES, OBS_PAGE_SLOTS, ObservationCacheEntry,
-    ServiceSteering, SockBucket, addr_slot_flags, map_names, name_kind, obs_cache, obs_stamp,
+    ServiceSteering, SockSlot, addr_slot_flags, map_names, name_kind, obs_cache, obs_stamp,
     program_names, steering_backends,
 };
 use headway_testbed::{
@@ -617,13 +617,13 @@ fn no_eligible_pod_fails_open() {
     agent.stop().unwrap();
 }
 
-/// The socket table full (every bucket filled with cookies no socket has):
-/// a steered connect still reaches a live pod, only without transparency
-/// (fail open), and the full table is counted; once there is room again,
-/// steered sockets are transparent again. The table is sized with
-/// `--max-sockets` (1,000 → 1,024 records in 128 buckets): were the
-/// programs hashing over the default 8,192 buckets, most sockets would
-/// find no bucket even with the table empty.
+/// The socket table full (every position filled with cookies no socket
+/// has): a steered connect still reaches a live pod, only without
+/// transparency (fail open), and the full table is counted; once there is
+/// room again, steered sockets are transparent again. The table is sized
+/// with `--max-sockets` (1,000 → room for 1,024 in 2,048 positions): were
+/// the programs placing sockets over the default 131,072 positions, most
+/// would find theirs free even with these 2,048 taken.
 #[test]
 fn a_full_socket_table_fails_open() {
     if !require_root("a_full_socket_table_fails_open") {
@@ -631,21 +631,23 @@ fn a_full_socket_table_fails_open() {
     }
     let bed = Bed::start_with("socktable-full", &["--max-sockets=1000"]);
     let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
-    let buckets = 128;
+    let positions = 2048;
     let client = netns_cookie(cluster.client_ns("client")).unwrap();
     let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
     plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
 
-    let pin = headway::pinned::map_pin(bpffs.path(), map_names::SOCK_COOKIES);
-    let data = MapData::from_pin(&pin).expect("open the socket table's index");
-    let mut cookies: Array<MapData, SockBucket> =
+    let pin = headway::pinned::map_pin(bpffs.path(), map_names::SOCK_TABLE);
+    let data = MapData::from_pin(&pin).expect("open the socket table");
+    let mut table: Array<MapData, SockSlot> =
         Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    assert_eq!(table.len(), positions);
     // Cookies far above any the kernel has handed out.
-    let fake = |b: u32| SockBucket {
-        cookies: std::array::from_fn(|i| (1u64 << 62) + u64::from(b) * 8 + i as u64),
+    let fake = |p: u32| SockSlot {
+        cookie: (1u64 << 62) + u64::from(p),
+        ..SockSlot::default()
     };
-    for b in 0..buckets {
-        cookies.set(b, fake(b), 0).unwrap();
+    for p in 0..positions {
+        table.set(p, fake(p), 0).unwrap();
     }
     let live = ["web-0", "web-1"];
     let full = connect(cluster, "client", cg, "10.77.0.99", 5);
@@ -668,8 +670,8 @@ fn a_full_socket_table_fails_open() {
     assert_eq!(steering(&status)["steered_gone"], 5);
 
     // Room again.
-    for b in 0..buckets {
-        cookies.set(b, SockBucket::default(), 0).unwrap();
+    for p in 0..positions {
+        table.set(p, SockSlot::default(), 0).unwrap();
     }
     let again = connect(cluster, "client", cg, "10.77.0.99", 5);
     assert!(answered_only_by(&again, &live), "{again:?}");

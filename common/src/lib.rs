@@ -76,21 +76,15 @@ pub mod map_names {
     /// service's, and no headless name can have handed it out, so nothing
     /// more is looked up.
     pub const ADDR_FILTER: &str = "addr_bits";
-    /// u32 bucket → [`crate::SockBucket`]: the socket table's index, eight
-    /// socket cookies per bucket (see [`crate::sock_table`]). A cookie in
-    /// slot `i` of bucket `b` owns record `b * 8 + i` of `sock_records`.
-    pub const SOCK_COOKIES: &str = "sock_cookies";
-    /// u32 → [`crate::SocketState`]: what headway keeps for a client
-    /// socket while it lives. A steered socket's address asked for and pod
+    /// u32 position → [`crate::SockSlot`]: what headway keeps for a
+    /// client socket while it lives, at a position its cookie picks (see
+    /// [`crate::sock_table`]). A steered socket's address asked for and pod
     /// chosen (getpeername/recvmsg report the former); the pod a socket
     /// talks to, so its bytes and its close are counted to that pod.
     /// Preallocated (no allocation per socket), freed when the socket
     /// closes. Pinned so a restarted agent's programs find what the old
     /// ones set.
-    pub const SOCK_RECORDS: &str = "sock_records";
-    /// u32 → u32: how many sockets of each group of home buckets sit in
-    /// spill buckets ([`crate::sock_table::HOMES_PER_SPILL_COUNT`]).
-    pub const SOCK_SPILLS: &str = "sock_spills";
+    pub const SOCK_TABLE: &str = "sock_table";
     /// u32 → u64, per CPU: the socket table's counters ([`crate::sock_counter`]).
     pub const SOCK_COUNTERS: &str = "sock_counters";
 
@@ -108,7 +102,7 @@ pub mod map_names {
     pub const SVC_STEERING: &str = "svc_steering";
 
     /// Every map the agent pins, in the order `status` reads them.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 22] = [
         POD_ADDRS,
         POD_STATS,
         POD_DNS_ANSWERS,
@@ -127,9 +121,7 @@ pub mod map_names {
         ADDR_FILTER,
         DNS_ADDRS,
         POD_ADDRS_GEN,
-        SOCK_COOKIES,
-        SOCK_RECORDS,
-        SOCK_SPILLS,
+        SOCK_TABLE,
         SOCK_COUNTERS,
         ADDR_TABLE,
         SVC_STEERING,
@@ -200,85 +192,140 @@ pub mod capacity {
     pub const SVC_PORTS: u32 = 65_536;
     /// Client sockets talking to pods from this node at once (records of
     /// the socket table; see [`crate::sock_table`]).
-    pub const SOCKETS: u32 = crate::sock_table::BUCKETS * crate::sock_table::BUCKET_SLOTS;
+    pub const SOCKETS: u32 = 65_536;
 }
 
-/// The socket table: what headway keeps per client socket, in two
-/// preallocated arrays indexed by socket cookie, so that no hook allocates
-/// per socket (socket storage cost ~0.7 µs to create and ~0.4 µs to free
-/// here, more than everything else a connect() does together).
+/// The socket table (`map_names::SOCK_TABLE`): what headway keeps per
+/// client socket, one cache line per socket ([`SockSlot`]: the cookie and
+/// the record together), in a preallocated array, so that no hook
+/// allocates per socket (socket storage cost ~0.7 µs to create and ~0.4 µs
+/// to free here, more than everything else a connect() does together) and
+/// a lookup that hits reads one line.
 ///
-/// A cookie sits in one of the eight slots of its home bucket or, when
-/// that is full, of one of two spill buckets its hash picks; each bucket is
-/// one cache line of cookies. The home bucket is the cookie divided by
-/// four: the kernel hands out cookies in runs (per CPU), so sockets opened
-/// one after another share cache lines and pages, where hashed positions
-/// cost a cache and TLB miss per access (measured: ~0.5 µs more per
-/// steered connect). Four, not eight: half of each bucket stays for the
-/// sockets of other runs that live long. A slot is claimed with a
-/// compare-and-swap from 0 to [`RESERVED`], its record written, and then
-/// the cookie published; it is freed by swapping the cookie back to 0.
-/// Readers match whole cookies only, so they never see a record being
-/// written. The table is full for a socket when its three buckets are:
-/// that socket is then neither accounted nor transparent (counted in
-/// `sock_counters`).
+/// A socket's home position is its cookie modulo the table size: the
+/// kernel hands out cookies in runs (per CPU), so sockets opened one after
+/// another sit on neighbouring lines of the same pages, where hashed
+/// positions cost a cache and TLB miss per access (measured: ~0.5 µs more
+/// per steered connect). When its home is taken (a socket that lives
+/// long, one table length of cookies earlier), it goes to the first free
+/// one of [`SPILL_PROBES`] positions its hash picks, and its home counts
+/// it (`displaced`), so a lookup that misses at home reads further only
+/// when some socket of that home sits elsewhere. A position is claimed
+/// with a compare-and-swap from 0 to [`RESERVED`], its record written,
+/// and then the cookie published; it is freed by swapping the cookie back
+/// to 0. Readers match whole cookies only, so they never see a record
+/// being written. The table is full for a socket when its home and every
+/// probe are taken: that socket is then neither accounted nor transparent
+/// (counted in `sock_counters`). It has twice as many positions as the
+/// sockets it is sized for, so that at that many the probes rarely all
+/// find a socket.
 pub mod sock_table {
-    /// Slots per bucket: one 64-byte cache line of cookies.
-    pub const BUCKET_SLOTS: u32 = 8;
-    /// Buckets by default (a power of two; the agent may choose another,
-    /// `--max-sockets`, and tells the programs its mask before loading
-    /// them).
-    pub const BUCKETS: u32 = 1 << 13;
-    /// The most buckets the hash spreads over (2^24 buckets: 134 million
-    /// sockets).
-    pub const MAX_BUCKETS: u32 = 1 << 24;
-    /// Consecutive cookies that share a home bucket (log2).
-    const RUN_BITS: u32 = 2;
-    /// Home buckets that share a count of their sockets in spill buckets
-    /// (`sock_spills`): a lookup that misses in the home bucket reads the
-    /// spill buckets only when the count is not zero. At the default size
-    /// the counts (2,048 u32) fit one small allocation.
-    pub const HOMES_PER_SPILL_COUNT: u32 = 4;
-    /// A slot claimed by a hook that is writing its record. No socket has
-    /// this cookie (cookies count up from 1).
+    /// Positions probed after the home one, for a socket whose home is
+    /// taken.
+    pub const SPILL_PROBES: u32 = 15;
+    /// The most positions the table may have (2^24: 1 GiB of slots).
+    pub const MAX_POSITIONS: u32 = 1 << 24;
+    /// The fewest.
+    pub const MIN_POSITIONS: u32 = 64;
+    /// A position claimed by a hook that is writing its record. No socket
+    /// has this cookie (cookies count up from 1).
     pub const RESERVED: u64 = u64::MAX;
 
-    /// Buckets for room for `sockets` records: a power of two between
-    /// [`HOMES_PER_SPILL_COUNT`] and [`MAX_BUCKETS`].
-    pub const fn buckets_for(sockets: u32) -> u32 {
-        let wanted = sockets.div_ceil(BUCKET_SLOTS);
-        let rounded = match wanted.checked_next_power_of_two() {
-            Some(n) => n,
-            None => MAX_BUCKETS,
+    /// Positions for room for `sockets` records: twice their count
+    /// rounded up to a power of two, between [`MIN_POSITIONS`] and
+    /// [`MAX_POSITIONS`].
+    pub const fn positions_for(sockets: u32) -> u32 {
+        let rounded = match sockets.checked_next_power_of_two() {
+            Some(n) if n <= MAX_POSITIONS / 2 => n * 2,
+            _ => return MAX_POSITIONS,
         };
-        if rounded < HOMES_PER_SPILL_COUNT {
-            HOMES_PER_SPILL_COUNT
-        } else if rounded > MAX_BUCKETS {
-            MAX_BUCKETS
+        if rounded < MIN_POSITIONS {
+            MIN_POSITIONS
         } else {
             rounded
         }
     }
 
-    /// The socket's home bucket, and the two it goes to when that is full,
-    /// in a table of `mask + 1` buckets.
+    /// The sockets a table of `positions` is sized for (what status calls
+    /// its capacity).
+    pub const fn capacity_of(positions: u32) -> u32 {
+        positions / 2
+    }
+
+    /// The socket's home position in a table of `mask + 1` positions.
     #[inline(always)]
-    pub fn buckets(cookie: u64, mask: u32) -> (u32, [u32; 2]) {
-        let home = (cookie >> RUN_BITS) as u32 & mask;
+    pub fn home(cookie: u64, mask: u32) -> u32 {
+        cookie as u32 & mask
+    }
+
+    /// The hashed positions a socket whose home is taken probes, as a
+    /// start and an odd stride (every probe lands elsewhere).
+    #[inline(always)]
+    pub fn spill_walk(cookie: u64) -> (u32, u32) {
         let h = cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let first = (h >> 40) as u32 & mask;
-        let second = (h >> 16) as u32 & mask;
-        (home, [first, second])
+        ((h >> 32) as u32, (h >> 8) as u32 | 1)
+    }
+
+    /// Spill probe `i` (from 1) of a walk, in a table of `mask + 1`
+    /// positions.
+    #[inline(always)]
+    pub fn spill_position(walk: (u32, u32), i: u32, mask: u32) -> u32 {
+        walk.0.wrapping_add(walk.1.wrapping_mul(i)) & mask
     }
 }
 
-/// A bucket of the socket table (`sock_cookies`): cookies of the sockets
-/// whose records are in its slots, 0 for a free slot.
+/// What headway keeps for a client socket (see [`SockSlot`]). Two
+/// concerns share the record so that a socket takes one; [`sock_flags`]
+/// says which parts are set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockBucket {
-    pub cookies: [u64; sock_table::BUCKET_SLOTS as usize],
+pub struct SocketRecord {
+    /// Steering: the address the client connected (or sent) to.
+    pub asked: AddrKey,
+    /// Steering: the pod it goes to instead.
+    pub chosen: AddrKey,
+    /// Accounting: the pod (its `pod_stats` slot).
+    pub pod_id: u32,
+    /// Accounting: the low 32 bits of [`PodCounters::generation`] of the
+    /// pod's slot when the socket was marked.
+    pub generation: u32,
+    /// TCP: the low 32 bits of the kernel's `bytes_acked` /
+    /// `bytes_received` of the socket when last counted: each packet adds
+    /// what they grew by since (wrapping; a connection cannot deliver 2 GiB
+    /// between two of its packets out), so every byte counts once,
+    /// retransmitted or reordered.
+    pub sent_seen: u32,
+    pub received_seen: u32,
+    /// Steering: the service whose name the client resolved `asked` from
+    /// (an unconnected UDP socket checks `chosen` is still eligible in it
+    /// before each datagram). Service ids are below [`MAX_SERVICES`].
+    pub service_id: u16,
+    /// [`sock_flags`] bits: written by the socket's own connect/sendmsg
+    /// and sock_ops, which never run at once for a socket.
+    pub flags: u8,
+    /// 1 while the socket is counted in `active_tcp` (established, not yet
+    /// closed): the close takes it back exactly once.
+    pub active: u8,
 }
+
+/// A position of the socket table: one cache line (the table is created
+/// mappable, so its values start on a page).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockSlot {
+    /// The socket whose record this is; 0 when free,
+    /// [`sock_table::RESERVED`] while a hook writes the record.
+    pub cookie: u64,
+    pub record: SocketRecord,
+    /// Sockets whose home is this position that sit at a spill position
+    /// (a property of the position, not of the socket in it: taking and
+    /// freeing the slot leave it alone).
+    pub displaced: u32,
+}
+
+/// The most services the agent can index: a socket's record keeps the id
+/// in 16 bits.
+pub const MAX_SERVICES: u32 = 1 << 16;
 
 /// Indexes of `sock_counters`.
 pub mod sock_counter {
@@ -286,8 +333,8 @@ pub mod sock_counter {
     pub const TAKEN: u32 = 0;
     /// Records given back (a socket closed, or stopped talking to a pod).
     pub const FREED: u32 = 1;
-    /// A socket found both its buckets full: not accounted, and steered
-    /// without transparency.
+    /// A socket found its home and every probe taken: not accounted, and
+    /// steered without transparency.
     pub const FULL: u32 = 2;
 
     pub const COUNT: u32 = 3;
@@ -947,49 +994,14 @@ pub struct ServiceCounters {
     pub lookups_pod: u64,
 }
 
-/// What headway keeps for a client socket (a record of the socket table,
-/// `sock_records`, freed when the socket closes). Two concerns share the
-/// record so that a socket takes one; [`sock_flags`] says which parts are
-/// set.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SocketState {
-    /// Steering: the address the client connected (or sent) to.
-    pub asked: AddrKey,
-    /// Steering: the pod it goes to instead.
-    pub chosen: AddrKey,
-    /// Steering: the service whose name the client resolved `asked` from
-    /// (an unconnected UDP socket checks `chosen` is still eligible in it
-    /// before each datagram).
-    pub service_id: u32,
-    pub _pad: u32,
-    /// Accounting: [`PodCounters::generation`] of the pod's slot when the
-    /// socket was marked.
-    pub generation: u64,
-    /// Accounting: the pod (its `pod_stats` slot).
-    pub pod_id: u32,
-    /// Accounting: 6 (TCP) or 17 (UDP).
-    pub protocol: u8,
-    /// 1 while the socket is counted in `active_tcp` (established, not yet
-    /// closed): the close takes it back exactly once.
-    pub active: u8,
-    /// TCP: 1 once `sent_seen`/`received_seen` hold the socket's counters.
-    pub seen_known: u8,
-    /// [`sock_flags`] bits.
-    pub flags: u8,
-    /// TCP: the kernel's `bytes_acked` / `bytes_received` of the socket
-    /// when last counted: each packet adds what they grew by since, so
-    /// every byte counts once, retransmitted or reordered.
-    pub sent_seen: u64,
-    pub received_seen: u64,
-}
-
-/// Bits of [`SocketState::flags`].
+/// Bits of [`SocketRecord::flags`].
 pub mod sock_flags {
-    /// `asked`/`chosen` hold a steering.
+    /// `asked`/`chosen`/`service_id` hold a steering.
     pub const STEERED: u8 = 1 << 0;
-    /// `pod_id`/`generation`/`protocol` name the pod the socket talks to.
+    /// `pod_id`/`generation` name the pod the socket talks to.
     pub const ACCOUNTED: u8 = 1 << 1;
+    /// The socket is UDP (else TCP).
+    pub const UDP: u8 = 1 << 2;
 }
 
 /// Key of `svc_backends`.
@@ -1414,8 +1426,8 @@ mod user {
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::ServicePortKey {}
     unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::SocketState {}
-    unsafe impl aya::Pod for super::SockBucket {}
+    unsafe impl aya::Pod for super::SocketRecord {}
+    unsafe impl aya::Pod for super::SockSlot {}
 }
 
 #[cfg(test)]
@@ -1546,8 +1558,8 @@ mod tests {
         assert_eq!(size_of::<AddrKey>(), 16);
         assert_eq!(size_of::<PodRef>(), 8);
         assert_eq!(size_of::<PodCounters>(), 64);
-        assert_eq!(size_of::<SocketState>(), 72);
-        assert_eq!(size_of::<SockBucket>(), 64);
+        assert_eq!(size_of::<SocketRecord>(), 52);
+        assert_eq!(size_of::<SockSlot>(), 64);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);
@@ -1608,53 +1620,64 @@ mod tests {
     }
 
     #[test]
-    fn socket_cookies_rarely_find_their_buckets_full() {
-        // As the kernel places them: the home bucket while it has room,
-        // then the spill buckets in turn.
-        let mut load = [0u32; sock_table::BUCKETS as usize];
+    fn socket_cookies_rarely_find_the_table_full() {
+        // As the kernel places them: home while free, then the probes.
+        let positions = sock_table::positions_for(capacity::SOCKETS);
+        let mask = positions - 1;
+        let mut taken = [false; sock_table::positions_for(capacity::SOCKETS) as usize];
         let mut place = |cookie: u64| -> bool {
-            let (home, spill) = sock_table::buckets(cookie, sock_table::BUCKETS - 1);
-            for b in [home, spill[0], spill[1]] {
-                if load[b as usize] < sock_table::BUCKET_SLOTS {
-                    load[b as usize] += 1;
+            let home = sock_table::home(cookie, mask);
+            if !taken[home as usize] {
+                taken[home as usize] = true;
+                return true;
+            }
+            let walk = sock_table::spill_walk(cookie);
+            for i in 1..=sock_table::SPILL_PROBES {
+                let p = sock_table::spill_position(walk, i, mask);
+                if !taken[p as usize] {
+                    taken[p as usize] = true;
                     return true;
                 }
             }
             false
         };
-        // Half the table in use: a quarter held by long-lived sockets
-        // opened at random moments (cookies far apart), then a quarter in
-        // runs of consecutive cookies (as one CPU hands them out).
+        // As many sockets as the table is sized for: half held by
+        // long-lived sockets opened at random moments (cookies far apart),
+        // then half in one run of consecutive cookies (as one CPU hands
+        // them out) that wraps around the table onto them.
         let mut full = 0;
-        for i in 0..u64::from(capacity::SOCKETS / 4) {
+        for i in 0..u64::from(capacity::SOCKETS / 2) {
             full += u32::from(!place(i.wrapping_mul(0x5851_F42D_4C95_7F2D) >> 20));
         }
-        for cookie in 1u64 << 50..(1u64 << 50) + u64::from(capacity::SOCKETS / 4) {
+        for cookie in 1u64 << 50..(1u64 << 50) + u64::from(capacity::SOCKETS / 2) {
             full += u32::from(!place(cookie));
         }
+        // At the capacity, a few in 10,000 fail open (18 here).
         assert!(
-            full * 10_000 < capacity::SOCKETS / 2,
-            "{full} sockets found no slot"
+            full * 2_000 < capacity::SOCKETS,
+            "{full} sockets found no position"
         );
-        let mask = sock_table::BUCKETS - 1;
-        let (home, spill) = sock_table::buckets(12345, mask);
-        assert!(home < sock_table::BUCKETS && spill.iter().all(|b| *b < sock_table::BUCKETS));
-        // Consecutive cookies share a home bucket, four at a time.
+        // Consecutive cookies take neighbouring positions.
+        assert_eq!(sock_table::home(81, mask), sock_table::home(80, mask) + 1);
+        // Every probe of a walk lands elsewhere.
+        let walk = sock_table::spill_walk(12345);
+        let mut probes = [0u32; sock_table::SPILL_PROBES as usize];
+        for (i, p) in (1..).zip(probes.iter_mut()) {
+            *p = sock_table::spill_position(walk, i, mask);
+        }
+        probes.sort_unstable();
+        assert!(probes.windows(2).all(|w| w[0] != w[1]), "{probes:?}");
+        assert_eq!(sock_table::positions_for(65_536), 131_072);
+        assert_eq!(sock_table::positions_for(65_537), 262_144);
+        assert_eq!(sock_table::positions_for(1), sock_table::MIN_POSITIONS);
         assert_eq!(
-            sock_table::buckets(80, mask).0,
-            sock_table::buckets(83, mask).0
+            sock_table::positions_for(u32::MAX),
+            sock_table::MAX_POSITIONS
         );
-        assert_ne!(
-            sock_table::buckets(80, mask).0,
-            sock_table::buckets(84, mask).0
-        );
-        assert_eq!(sock_table::buckets_for(65_536), 8_192);
-        assert_eq!(sock_table::buckets_for(65_537), 16_384);
         assert_eq!(
-            sock_table::buckets_for(1),
-            sock_table::HOMES_PER_SPILL_COUNT
+            sock_table::capacity_of(sock_table::positions_for(1000)),
+            1024
         );
-        assert_eq!(sock_table::buckets_for(u32::MAX), sock_table::MAX_BUCKETS);
     }
 
     #[test]
