@@ -17,6 +17,7 @@ mod skb;
 mod sock_addr;
 mod sock_ops;
 mod sock_table;
+mod sock_table_v1;
 mod steer;
 mod transparency;
 

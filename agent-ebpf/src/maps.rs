@@ -10,7 +10,7 @@ use headway_common::{
     ObservationCacheEntry, ObservationKey, ObservationPage, PendingQuery, PendingQueryKey,
     PodCounters, PodMeta, PodRef, ServiceCounters, ServiceEndpointKey, ServiceMeta, ServicePortKey,
     ServiceSteering, SockSlot, addr_filter, addr_table, capacity, dns_counter, obs_cache,
-    sock_counter, sock_table, steer_counter,
+    sock_counter, sock_table, sock_table_v1, steer_counter,
 };
 
 #[btf_map(name = "pod_addrs")]
@@ -138,6 +138,17 @@ pub static SOCK_TABLE: Array<
     { sock_table::positions_for(capacity::SOCKETS) as usize },
     { aya_ebpf::bindings::BPF_F_MMAPABLE as usize },
 > = Array::new();
+
+// The socket table as older agents kept it (`sock_table_v1`): their pins
+// when the agent found them, else one-entry stand-ins never read.
+#[btf_map(name = "sock_cookies")]
+pub static SOCK_COOKIES_V1: Array<sock_table_v1::SockBucket, 1> = Array::new();
+
+#[btf_map(name = "sock_records")]
+pub static SOCK_RECORDS_V1: Array<sock_table_v1::SocketState, 1> = Array::new();
+
+#[btf_map(name = "sock_spills")]
+pub static SOCK_SPILLS_V1: Array<u32, 1> = Array::new();
 
 #[btf_map(name = "sock_counters")]
 pub static SOCK_COUNTERS: PerCpuArray<u64, { sock_counter::COUNT as usize }> = PerCpuArray::new();

@@ -31,6 +31,7 @@ use crate::{
     accounting::generation,
     kernel_log::{self, event},
     maps::{SOCK_COUNTERS, SOCK_TABLE},
+    sock_table_v1,
 };
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -96,12 +97,25 @@ fn entry(cookie: u64, slot: *mut SockSlot, displaced_from: Option<u32>) -> Entry
     }
 }
 
-/// The record of the socket with `cookie`, if it has one.
+/// The record of the socket with `cookie`, if it has one: in this table,
+/// or adopted from the one older agents kept (`sock_table_v1`).
 #[inline(always)]
 pub fn find(cookie: u64) -> Option<Entry> {
     if cookie == 0 {
         return None;
     }
+    find_here(cookie).or_else(|| {
+        if sock_table_v1::adopt(cookie) {
+            find_here(cookie)
+        } else {
+            None
+        }
+    })
+}
+
+/// The record of the socket with `cookie` in this table, if it has one.
+#[inline(always)]
+pub fn find_here(cookie: u64) -> Option<Entry> {
     let mask = mask();
     let home = sock_table::home(cookie, mask);
     let home_slot = SOCK_TABLE.get_ptr_mut(home)?;
@@ -146,18 +160,25 @@ pub fn find_or_take(cookie: u64) -> Option<Entry> {
 /// cookie 0.
 #[inline(always)]
 pub fn take(cookie: u64) -> Option<Entry> {
+    take_with(cookie, &SocketRecord::default())
+}
+
+/// As [`take`], with the record written as `record` before the socket can
+/// be found there.
+#[inline(always)]
+pub fn take_with(cookie: u64, record: &SocketRecord) -> Option<Entry> {
     if cookie == 0 {
         return None;
     }
     let mask = mask();
     let home = sock_table::home(cookie, mask);
-    if let Some(entry) = take_at(home, cookie, None) {
+    if let Some(entry) = take_at(home, cookie, None, record) {
         return Some(entry);
     }
     let walk = sock_table::spill_walk(cookie);
     for i in 1..=sock_table::SPILL_PROBES {
         let position = sock_table::spill_position(walk, i, mask);
-        if let Some(entry) = take_at(position, cookie, Some(home)) {
+        if let Some(entry) = take_at(position, cookie, Some(home), record) {
             return Some(entry);
         }
     }
@@ -172,7 +193,12 @@ pub fn take(cookie: u64) -> Option<Entry> {
 /// write its record, then publish the cookie, so that no reader matches a
 /// record still being written.
 #[inline(always)]
-fn take_at(position: u32, cookie: u64, displaced_from: Option<u32>) -> Option<Entry> {
+fn take_at(
+    position: u32,
+    cookie: u64,
+    displaced_from: Option<u32>,
+    record: &SocketRecord,
+) -> Option<Entry> {
     let slot = SOCK_TABLE.get_ptr_mut(position)?;
     // SAFETY: a field of a live array map value.
     let cookie_field = unsafe { &raw mut (*slot).cookie };
@@ -199,7 +225,7 @@ fn take_at(position: u32, cookie: u64, displaced_from: Option<u32>) -> Option<En
     // it, and no reader matches it yet. `displaced` belongs to the
     // position, not the record, and is left alone.
     unsafe {
-        ptr::write_volatile(&raw mut (*slot).record, SocketRecord::default());
+        ptr::write_volatile(&raw mut (*slot).record, *record);
         atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(cookie_field, cookie);
     }
     bump(sock_counter::TAKEN);
@@ -239,7 +265,7 @@ pub fn free(entry: &Entry) {
 
 /// Adds one to `sock_counters[index]` (per CPU: no atomics needed).
 #[inline(always)]
-fn bump(index: u32) {
+pub fn bump(index: u32) {
     if let Some(counter) = SOCK_COUNTERS.get_ptr_mut(index) {
         // SAFETY: this CPU's slot; BPF programs do not migrate mid-run.
         unsafe { *counter += 1 };

@@ -236,6 +236,15 @@ impl Attaching {
                 );
             }
         }
+        match datapath.older_sockets_left {
+            Some(0) => info!("the socket table an older headway kept is empty: its pins go"),
+            Some(left) => info!(
+                records = left,
+                "sockets with records in the socket table an older headway kept: each record \
+                 moves to sock_table when its socket is next seen; those pins stay until empty"
+            ),
+            None => {}
+        }
         for pin in &datapath.retired {
             info!(pin = %pin.display(), "removed a pin an older headway left");
         }

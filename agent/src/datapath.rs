@@ -20,13 +20,14 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
-use headway_common::{map_names, program_names};
+use headway_common::{map_names, map_names::legacy, program_names};
 
 use crate::{
     addr_filter, addr_table, bpf_sys, cgroup,
     pinned::{self, MapSizes, Maps, PinnedError},
     pod_stats_upgrade::{self, Carried, Upgrade, UpgradeError},
     service_steering,
+    sock_table_v1::{self, OlderTable},
 };
 
 /// The kernel object, embedded at build time (see build.rs).
@@ -135,6 +136,12 @@ pub struct Datapath {
     pod_stats_upgrade: Option<Upgrade>,
     /// What carrying them over did, once done.
     pub carried: Option<Carried>,
+    /// The socket table as an older agent kept it, handed to the programs
+    /// (see `sock_table_v1`).
+    older_sockets: Option<OlderTable>,
+    /// Records left in it once the programs were attached (its pins are
+    /// kept while there are any).
+    pub older_sockets_left: Option<u64>,
 }
 
 /// Mounts bpffs at `path` unless one is already there.
@@ -205,6 +212,17 @@ impl Datapath {
         // The socket table's size, as the programs hash into it.
         let table_mask = sizes.socket_positions() - 1;
         loader.override_global("SOCK_TABLE_MASK", &table_mask, true);
+        // An older agent's socket table: its records move into this one as
+        // their sockets are seen.
+        let older_sockets = sock_table_v1::find_pinned(bpffs)?;
+        let older_live = u32::from(older_sockets.is_some());
+        let older_mask = older_sockets.map_or(0, |t| t.buckets - 1);
+        loader.override_global("SOCK_V1_LIVE", &older_live, true);
+        loader.override_global("SOCK_V1_BUCKET_MASK", &older_mask, true);
+        for (name, entries) in older_sockets.iter().flat_map(OlderTable::maps) {
+            loader.map_pin_path(name, pinned::map_pin(bpffs, name));
+            loader.map_max_entries(name, entries);
+        }
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
             if let Some(n) = sizes.max_entries(name) {
@@ -239,6 +257,8 @@ impl Datapath {
             replaced,
             pod_stats_upgrade: upgrade,
             carried: None,
+            older_sockets,
+            older_sockets_left: None,
         })
     }
 
@@ -261,7 +281,18 @@ impl Datapath {
         if let Some(upgrade) = self.pod_stats_upgrade.take() {
             self.carried = Some(upgrade.finish(bpffs)?);
         }
-        self.retired = remove_retired_pins(bpffs)?;
+        // The older socket table's pins stay while it holds records (the
+        // next agent hands it on); empty, they go with the other retired
+        // pins. Read after the swap: until then its programs could add some.
+        let mut keep = Vec::new();
+        if self.older_sockets.is_some() {
+            let left = sock_table_v1::records_left(bpffs)?;
+            if left > 0 {
+                keep.extend(legacy::ALL.iter().map(|name| pinned::map_pin(bpffs, name)));
+            }
+            self.older_sockets_left = Some(left);
+        }
+        self.retired = remove_retired_pins(bpffs, &keep)?;
         Ok(())
     }
 
@@ -411,12 +442,13 @@ fn attach(
 /// upgrade they would keep running next to their replacements), then maps
 /// only those programs used. Runs after this build's programs are
 /// attached, so the upgrade leaves no gap. Returns the paths removed.
-fn remove_retired_pins(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+fn remove_retired_pins(bpffs: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>, DatapathError> {
     let dir = pinned::pin_dir(bpffs);
     let known: Vec<PathBuf> = program_names::ALL
         .iter()
         .map(|p| pinned::link_pin(bpffs, p))
         .chain(map_names::ALL.iter().map(|m| pinned::map_pin(bpffs, m)))
+        .chain(keep.iter().cloned())
         .collect();
     let mut retired: Vec<PathBuf> = fs::read_dir(&dir)
         .map_err(io_err(&dir))?

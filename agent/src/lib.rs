@@ -26,6 +26,7 @@ pub mod reconcile;
 pub mod retained;
 pub mod service_steering;
 pub mod shared_mapping;
+pub mod sock_table_v1;
 pub mod source;
 pub mod status;
 pub mod top;

@@ -231,7 +231,7 @@ pub fn pinned_max_entries(bpffs: &Path, name: &str) -> Option<u32> {
     Some(info.max_entries())
 }
 
-fn open_map(path: &Path) -> Result<MapData, PinnedError> {
+pub(crate) fn open_map(path: &Path) -> Result<MapData, PinnedError> {
     MapData::from_pin(path).map_err(|source| {
         let io_kind = match &source {
             MapError::SyscallError(e) => Some(e.io_error.kind()),
@@ -326,7 +326,7 @@ pub fn check_existing_layout(bpffs: &Path, sizes: Option<&MapSizes>) -> Result<(
 }
 
 /// What the kernel says of the map pinned at `path`.
-fn pinned_info(path: &Path) -> Result<aya::maps::MapInfo, PinnedError> {
+pub(crate) fn pinned_info(path: &Path) -> Result<aya::maps::MapInfo, PinnedError> {
     open_map(path)?.info().map_err(|source| PinnedError::Open {
         path: path.to_path_buf(),
         source,

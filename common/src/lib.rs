@@ -85,6 +85,19 @@ pub mod map_names {
     /// closes. Pinned so a restarted agent's programs find what the old
     /// ones set.
     pub const SOCK_TABLE: &str = "sock_table";
+    /// The socket table's maps before `sock_table` (see
+    /// [`crate::sock_table_v1`]): kept pinned while records of live sockets
+    /// remain in them, removed by the agent that finds them empty.
+    pub mod legacy {
+        /// u32 bucket → [`crate::sock_table_v1::SockBucket`].
+        pub const SOCK_COOKIES: &str = "sock_cookies";
+        /// u32 → [`crate::sock_table_v1::SocketState`].
+        pub const SOCK_RECORDS: &str = "sock_records";
+        /// u32 → u32: sockets in spill buckets per group of home buckets.
+        pub const SOCK_SPILLS: &str = "sock_spills";
+
+        pub const ALL: [&str; 3] = [SOCK_COOKIES, SOCK_RECORDS, SOCK_SPILLS];
+    }
     /// u32 → u64, per CPU: the socket table's counters ([`crate::sock_counter`]).
     pub const SOCK_COUNTERS: &str = "sock_counters";
 
@@ -321,6 +334,62 @@ pub struct SockSlot {
     /// (a property of the position, not of the socket in it: taking and
     /// freeing the slot leave it alone).
     pub displaced: u32,
+}
+
+/// The socket table as agents before it kept it (`sock_cookies` +
+/// `sock_records` + `sock_spills`): an agent that finds those pinned lets
+/// its programs adopt each record into [`SockSlot`]s when its socket is
+/// next seen (`map_names::legacy`), so no live socket loses its record.
+pub mod sock_table_v1 {
+    use crate::AddrKey;
+
+    /// Slots per bucket of `sock_cookies`: one 64-byte line of cookies.
+    pub const BUCKET_SLOTS: u32 = 8;
+    /// Consecutive cookies that share a home bucket (log2).
+    const RUN_BITS: u32 = 2;
+    /// Home buckets that share a count in `sock_spills`.
+    pub const HOMES_PER_SPILL_COUNT: u32 = 4;
+
+    /// A bucket of `sock_cookies`: cookies of the sockets whose records
+    /// are in its slots (slot `i` of bucket `b` owns record `b * 8 + i`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SockBucket {
+        pub cookies: [u64; BUCKET_SLOTS as usize],
+    }
+
+    /// A record of `sock_records`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SocketState {
+        pub asked: AddrKey,
+        pub chosen: AddrKey,
+        pub service_id: u32,
+        pub _pad: u32,
+        /// All 64 bits of the pod slot's generation.
+        pub generation: u64,
+        pub pod_id: u32,
+        /// 6 (TCP) or 17 (UDP).
+        pub protocol: u8,
+        pub active: u8,
+        /// TCP: 1 once `sent_seen`/`received_seen` hold the counters.
+        pub seen_known: u8,
+        /// [`crate::sock_flags`] STEERED and ACCOUNTED (no UDP bit).
+        pub flags: u8,
+        pub sent_seen: u64,
+        pub received_seen: u64,
+    }
+
+    /// The socket's home bucket, and the two it went to when that was
+    /// full, in a table of `mask + 1` buckets.
+    #[inline(always)]
+    pub fn buckets(cookie: u64, mask: u32) -> (u32, [u32; 2]) {
+        let home = (cookie >> RUN_BITS) as u32 & mask;
+        let h = cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let first = (h >> 40) as u32 & mask;
+        let second = (h >> 16) as u32 & mask;
+        (home, [first, second])
+    }
 }
 
 /// The most services the agent can index: a socket's record keeps the id
@@ -1427,6 +1496,8 @@ mod user {
     unsafe impl aya::Pod for super::ServicePortKey {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::SocketRecord {}
+    unsafe impl aya::Pod for super::sock_table_v1::SocketState {}
+    unsafe impl aya::Pod for super::sock_table_v1::SockBucket {}
     unsafe impl aya::Pod for super::SockSlot {}
 }
 
@@ -1560,6 +1631,8 @@ mod tests {
         assert_eq!(size_of::<PodCounters>(), 64);
         assert_eq!(size_of::<SocketRecord>(), 52);
         assert_eq!(size_of::<SockSlot>(), 64);
+        assert_eq!(size_of::<sock_table_v1::SocketState>(), 72);
+        assert_eq!(size_of::<sock_table_v1::SockBucket>(), 64);
         assert_eq!(size_of::<ServiceEndpointKey>(), 24);
         assert_eq!(size_of::<EndpointState>(), 8);
         assert_eq!(size_of::<ServiceMeta>(), 64 + 64 + 32);

@@ -822,6 +822,176 @@ fn older_pod_stats_layout(bpffs: &Bpffs, id: u64, dns_answers: u64) -> OlderSlot
     }
 }
 
+/// An upgrade from the socket table older agents kept (`sock_cookies`,
+/// `sock_records`, `sock_spills`): the records of sockets open across it
+/// move to `sock_table` when their sockets are next seen, so their closes
+/// still take `active_tcp` back to exactly zero; the older maps stay
+/// pinned while they hold records and go with the first agent that finds
+/// them empty.
+#[test]
+fn open_sockets_keep_their_records_across_an_upgrade_from_the_older_socket_table() {
+    if !require_root(
+        "open_sockets_keep_their_records_across_an_upgrade_from_the_older_socket_table",
+    ) {
+        return;
+    }
+    let mut bed = Bed::new("acct-socktable", 1, &["web-0"]);
+    let _sinks = start_sinks(&bed.cluster, PORT, None).expect("start sinks");
+    let holder = bed.hold("web-0", false, 3);
+    bed.wait_counter("web-0", "active_tcp", 3);
+    bed.agent
+        .take()
+        .unwrap()
+        .stop()
+        .expect("agent stops cleanly");
+
+    // What an older agent would have left: the three sockets' records in
+    // the older layout, and no `sock_table`. The attached programs (this
+    // build's) keep the table no longer pinned, emptied: the held sockets
+    // are idle meanwhile.
+    let generation = pod_generation(&bed.bpffs, "web-0");
+    let moved = move_records_to_the_older_table(&bed.bpffs, generation);
+    assert_eq!(moved, 3, "the held sockets' records");
+    let older = ["sock_cookies", "sock_records", "sock_spills"].map(|m| bed.bpffs.pin(m));
+
+    bed.start_agent();
+    let agent = bed.agent.as_mut().unwrap();
+    wait_for_status(&bed.bpffs, agent, SYNC_TIMEOUT, |s| web_pods(s) == 1)
+        .expect("the agent syncs the manifests");
+    assert!(bed.bpffs.pin("sock_table").exists());
+    assert!(
+        older.iter().all(|p| p.exists()),
+        "the older table's pins stay while it holds records"
+    );
+    assert_eq!(bed.counter("web-0", "active_tcp"), 3);
+
+    // The closes find the records in the older table, move them, and take
+    // the count back, once each.
+    kill(holder);
+    bed.wait_counter("web-0", "active_tcp", 0);
+    let sockets = &bed.status()["sockets"];
+    assert_eq!(sockets["in_use"], 0, "{sockets}");
+
+    // Empty now: the next agent removes its pins.
+    bed.agent
+        .take()
+        .unwrap()
+        .stop()
+        .expect("agent stops cleanly");
+    bed.start_agent();
+    assert!(
+        older.iter().all(|p| !p.exists()),
+        "an empty older table's pins go"
+    );
+    // And connections are counted as before.
+    let holder = bed.hold("web-0", false, 2);
+    bed.wait_counter("web-0", "active_tcp", 2);
+    kill(holder);
+    bed.wait_counter("web-0", "active_tcp", 0);
+    bed.agent
+        .take()
+        .unwrap()
+        .stop()
+        .expect("agent stops cleanly");
+}
+
+/// The generation of `pod`'s `pod_stats` slot, all 64 bits.
+fn pod_generation(bpffs: &Bpffs, pod: &str) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let id = pod_id(bpffs, pod) as u32;
+    let data = MapData::from_pin(bpffs.pin("pod_stats")).unwrap();
+    let stats: Array<MapData, headway_common::PodCounters> =
+        Array::try_from(Map::Array(data)).unwrap();
+    stats.get(&id, 0).unwrap().generation
+}
+
+/// Moves every record of the pinned `sock_table` into new pins of the
+/// older socket table's three maps (32 buckets), as that layout kept them,
+/// empties `sock_table` and removes its pin. Returns the records moved.
+fn move_records_to_the_older_table(bpffs: &Bpffs, generation: u64) -> u32 {
+    use aya::maps::{Array, Map, MapData};
+    use headway_common::{
+        SockSlot, sock_flags,
+        sock_table_v1::{self, SockBucket, SocketState},
+    };
+    const BUCKETS: u32 = 32;
+    let create = |name: &str, value: usize, entries: u32| {
+        let path = bpffs.pin(name);
+        bpftool(&[
+            "map",
+            "create",
+            &path.display().to_string(),
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            &value.to_string(),
+            "entries",
+            &entries.to_string(),
+            "name",
+            name,
+        ]);
+        Map::Array(MapData::from_pin(&path).unwrap())
+    };
+    let mut cookies: Array<MapData, SockBucket> =
+        Array::try_from(create("sock_cookies", size_of::<SockBucket>(), BUCKETS)).unwrap();
+    let mut records: Array<MapData, SocketState> = Array::try_from(create(
+        "sock_records",
+        size_of::<SocketState>(),
+        BUCKETS * sock_table_v1::BUCKET_SLOTS,
+    ))
+    .unwrap();
+    create(
+        "sock_spills",
+        4,
+        BUCKETS / sock_table_v1::HOMES_PER_SPILL_COUNT,
+    );
+
+    let table_pin = bpffs.pin("sock_table");
+    let mut table: Array<MapData, SockSlot> =
+        Array::try_from(Map::Array(MapData::from_pin(&table_pin).unwrap())).unwrap();
+    let mut moved = 0;
+    for position in 0..table.len() {
+        let slot = table.get(&position, 0).unwrap();
+        if slot.cookie == 0 {
+            continue;
+        }
+        let r = slot.record;
+        assert_eq!(r.generation, generation as u32, "{slot:?}");
+        let (home, _) = sock_table_v1::buckets(slot.cookie, BUCKETS - 1);
+        let mut bucket = cookies.get(&home, 0).unwrap();
+        let i = bucket.cookies.iter().position(|c| *c == 0).unwrap();
+        bucket.cookies[i] = slot.cookie;
+        let older = SocketState {
+            asked: r.asked,
+            chosen: r.chosen,
+            service_id: u32::from(r.service_id),
+            _pad: 0,
+            generation,
+            pod_id: r.pod_id,
+            protocol: if r.flags & sock_flags::UDP != 0 {
+                17
+            } else {
+                6
+            },
+            active: r.active,
+            seen_known: 1,
+            flags: r.flags & (sock_flags::STEERED | sock_flags::ACCOUNTED),
+            sent_seen: u64::from(r.sent_seen),
+            received_seen: u64::from(r.received_seen),
+        };
+        records
+            .set(home * sock_table_v1::BUCKET_SLOTS + i as u32, older, 0)
+            .unwrap();
+        cookies.set(home, bucket, 0).unwrap();
+        table.set(position, SockSlot::default(), 0).unwrap();
+        moved += 1;
+    }
+    std::fs::remove_file(&table_pin).unwrap();
+    moved
+}
+
 #[test]
 fn a_pod_id_given_to_a_new_pod_is_not_touched_by_the_old_pods_sockets() {
     if !require_root("a_pod_id_given_to_a_new_pod_is_not_touched_by_the_old_pods_sockets") {
