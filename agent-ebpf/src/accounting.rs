@@ -68,16 +68,18 @@ pub fn close_active(pod_id: u32, generation: u32) {
     }
 }
 
-/// Adds `n` bytes sent to (`sent`) or received from the pod.
+/// Adds `sent` bytes sent to and `received` bytes received from the pod
+/// (one look at its slot for both; a zero is not added).
 #[inline(always)]
-pub fn count_bytes(pod_id: u32, generation: u32, sent: bool, n: u64) {
+pub fn count_bytes(pod_id: u32, generation: u32, sent: u64, received: u64) {
     if let Some(stats) = counters_of(pod_id, generation) {
         // SAFETY: as above.
         unsafe {
-            if sent {
-                add(&raw mut (*stats).bytes_sent, n);
-            } else {
-                add(&raw mut (*stats).bytes_received, n);
+            if sent > 0 {
+                add(&raw mut (*stats).bytes_sent, sent);
+            }
+            if received > 0 {
+                add(&raw mut (*stats).bytes_received, received);
             }
         }
     }

@@ -86,7 +86,12 @@ pub fn count(skb: &SkBuff, sent: bool) {
     }
     let payload = payload_len(skb, IPPROTO_UDP).0;
     if payload > 0 {
-        count_bytes(pod_id, generation, sent, u64::from(payload));
+        let payload = u64::from(payload);
+        if sent {
+            count_bytes(pod_id, generation, payload, 0);
+        } else {
+            count_bytes(pod_id, generation, 0, payload);
+        }
     }
 }
 
@@ -155,12 +160,9 @@ pub unsafe fn count_delivered(record: *mut SocketRecord, acked: u64, received: u
         // too, counted ~64 KiB twice now and then). Both counters in one
         // swap: they are neighbours in an aligned word.
         let (sent, got) = advance(seen_pair(record), acked as u32, received as u32);
-        let (pod_id, generation) = ((*record).pod_id, (*record).generation);
-        if sent > 0 {
-            count_bytes(pod_id, generation, true, u64::from(sent));
-        }
-        if got > 0 {
-            count_bytes(pod_id, generation, false, u64::from(got));
+        if sent > 0 || got > 0 {
+            let (pod_id, generation) = ((*record).pod_id, (*record).generation);
+            count_bytes(pod_id, generation, u64::from(sent), u64::from(got));
         }
     }
 }
