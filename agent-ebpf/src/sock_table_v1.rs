@@ -128,9 +128,9 @@ fn spill_count(home: u32) -> Option<*mut u32> {
 }
 
 /// An older record in this table's layout. The counters' seen values and
-/// the generation keep their low 32 bits, as records here do; a TCP socket
-/// whose counters were never seen starts from where they stand at its
-/// next packet... from 0, which before its first packet out they are.
+/// the generation keep their low 32 bits, as records here do. A TCP
+/// socket whose counters were never seen (not established yet) starts
+/// from 0, where they stand until it is.
 ///
 /// # Safety
 /// `old` points at a live record no other hook writes.

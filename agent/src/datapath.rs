@@ -274,7 +274,7 @@ impl Datapath {
             })
         })?;
         let cgroup_id = cgroup::cgroup_id(cgroup_path)?;
-        for name in program_names::ALL {
+        for name in ATTACH_ORDER {
             let how = attach(&mut self.ebpf, name, &cgroup_dir, cgroup_id, bpffs)?;
             self.attachments.push((name, how));
         }
@@ -313,6 +313,30 @@ impl Datapath {
         })
     }
 }
+
+/// The order the programs are attached (swapped into their links) in:
+/// the two that give records back first. On an upgrade from the older
+/// socket table, a new program moves a record out of it when it sees the
+/// socket (`sock_table_v1`); an old sock_ops or sock_release still
+/// attached would then miss that socket's close, and its record (and
+/// active count) would stay. With those two swapped first, an old program
+/// that misses a moved record can only skip counting one packet (the
+/// socket's counters are cumulative: the next one counts it) or report
+/// the pod's address to one getpeername.
+const ATTACH_ORDER: [&str; 12] = [
+    program_names::SOCK_OPS,
+    program_names::SOCK_RELEASE,
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::SKB_EGRESS,
+    program_names::SKB_INGRESS,
+    program_names::GETPEERNAME4,
+    program_names::GETPEERNAME6,
+    program_names::RECVMSG4,
+    program_names::RECVMSG6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
+];
 
 /// The cgroup program kinds headway uses. All attach through BPF links,
 /// which is all `attach` needs to know.
@@ -492,4 +516,18 @@ pub fn reset(bpffs: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     }
     fs::remove_dir(&dir).map_err(io_err(&dir))?;
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_program_is_attached_once() {
+        let mut order = ATTACH_ORDER.to_vec();
+        let mut all = program_names::ALL.to_vec();
+        order.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(order, all);
+    }
 }
