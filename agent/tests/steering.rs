@@ -18,6 +18,7 @@ use headway_common::{
 use headway_testbed::{
     Cgroup, Child, Cluster, ConnectReport,
     agent::{Agent, Bpffs, index_caught_up, netns_cookie, settle, status_json, wait_for_status},
+    bulk::{start_holder, start_sinks},
     manifests::{HeadlessService, PodEndpoint},
     require_root, run_client, start_pod_servers,
 };
@@ -680,6 +681,104 @@ fn a_full_socket_table_fails_open() {
         BTreeMap::from([("10.77.0.99:8080".to_string(), 5)]),
         "{again:?}"
     );
+    bed.agent.stop().unwrap();
+}
+
+/// Sockets whose home position in the socket table is taken (here: every
+/// other position, by cookies no socket has) go to a spill position,
+/// counted at their home, and every hook still finds them there: steered
+/// connections stay transparent, none finds the table full, and when they
+/// close, their records and their homes' counts go back to zero.
+#[test]
+fn sockets_whose_home_is_taken_spill_and_are_found() {
+    if !require_root("sockets_whose_home_is_taken_spill_and_are_found") {
+        return;
+    }
+    let bed = Bed::start_with("socktable-spill", &["--max-sockets=1000"]);
+    let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
+    let positions: u32 = 2048;
+    let mask = u64::from(positions - 1);
+    let client = netns_cookie(cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
+    plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
+
+    let pin = headway::pinned::map_pin(bpffs.path(), map_names::SOCK_TABLE);
+    let data = MapData::from_pin(&pin).expect("open the socket table");
+    let mut table: Array<MapData, SockSlot> =
+        Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let fake_base = 1u64 << 62;
+    for p in (0..positions).step_by(2) {
+        let fake = SockSlot {
+            cookie: fake_base + u64::from(p),
+            ..SockSlot::default()
+        };
+        table.set(p, fake, 0).unwrap();
+    }
+    // The real sockets' slots: (position, cookie, displaced at it).
+    let real = |table: &Array<MapData, SockSlot>| -> Vec<(u32, u64)> {
+        (0..positions)
+            .filter_map(|p| {
+                let slot = table.get(&p, 0).unwrap();
+                (slot.cookie != 0 && slot.cookie < fake_base).then_some((p, slot.cookie))
+            })
+            .collect()
+    };
+    let displaced_total = |table: &Array<MapData, SockSlot>| -> u64 {
+        (0..positions)
+            .map(|p| u64::from(table.get(&p, 0).unwrap().displaced))
+            .sum()
+    };
+
+    // Connections held open (to sinks, which keep them open; the service
+    // declares no port, so any is steered): consecutive cookies, so about
+    // half of them find their home taken.
+    const SINK_PORT: u16 = 9090;
+    let _sinks = start_sinks(cluster, SINK_PORT, None).expect("start sinks");
+    let holder = start_holder(
+        cluster.client_ns("client"),
+        Some(cg),
+        "10.77.0.99".parse().unwrap(),
+        SINK_PORT,
+        16,
+        false,
+    )
+    .expect("hold connections open");
+    let held = real(&table);
+    assert_eq!(held.len(), 16, "{held:?}");
+    let spilled = held
+        .iter()
+        .filter(|(p, cookie)| u64::from(*p) != cookie & mask)
+        .count() as u64;
+    eprintln!("{spilled} of 16 held sockets sit at a spill position");
+    assert!(spilled > 0, "no socket spilled: {held:?}");
+    assert_eq!(displaced_total(&table), spilled, "{held:?}");
+
+    // Short connections meanwhile: every one transparent.
+    let live = ["web-0", "web-1"];
+    let report = connect(cluster, "client", cg, "10.77.0.99", 20);
+    assert!(answered_only_by(&report, &live), "{report:?}");
+    assert_eq!(
+        report.peer_addrs,
+        BTreeMap::from([("10.77.0.99:8080".to_string(), 20)]),
+        "{report:?}"
+    );
+    let status = status_json(bpffs).unwrap();
+    assert_eq!(status["sockets"]["full"], 0, "{:#}", status["sockets"]);
+
+    // Closed: no record, no count left.
+    drop(holder);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !real(&table).is_empty() || displaced_total(&table) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records left: {:?}, displaced {}",
+            real(&table),
+            displaced_total(&table)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status_json(bpffs).unwrap();
+    assert_eq!(status["sockets"]["in_use"], 0, "{:#}", status["sockets"]);
     bed.agent.stop().unwrap();
 }
 
