@@ -58,6 +58,7 @@ fn adopt_from_older_table(cookie: u64) -> bool {
     let (home, spill) = sock_table_v1::buckets(cookie, mask);
     let found = locate(home, cookie).map(|(slot, index)| (slot, index, false));
     let found = found.or_else(|| {
+        // SAFETY: an aligned u32 of a live map value.
         let spilled = spill_count(home).is_some_and(|n| unsafe { ptr::read_volatile(n) } != 0);
         if !spilled {
             return None;
