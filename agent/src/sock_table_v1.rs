@@ -13,13 +13,12 @@ use headway_common::{map_names::legacy, sock_table_v1};
 
 use crate::pinned::{self, PinnedError};
 
-/// The older table's sizes, as pinned.
+/// The older table's size, as pinned (the other two maps' sizes follow
+/// from it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OlderTable {
     /// Entries of `sock_cookies` (its mask goes to the programs).
     pub buckets: u32,
-    pub records: u32,
-    pub spill_counts: u32,
 }
 
 impl OlderTable {
@@ -27,8 +26,14 @@ impl OlderTable {
     pub fn maps(&self) -> [(&'static str, u32); 3] {
         [
             (legacy::SOCK_COOKIES, self.buckets),
-            (legacy::SOCK_RECORDS, self.records),
-            (legacy::SOCK_SPILLS, self.spill_counts),
+            (
+                legacy::SOCK_RECORDS,
+                self.buckets * sock_table_v1::BUCKET_SLOTS,
+            ),
+            (
+                legacy::SOCK_SPILLS,
+                self.buckets / sock_table_v1::HOMES_PER_SPILL_COUNT,
+            ),
         ]
     }
 }
@@ -77,22 +82,20 @@ pub fn find_pinned(bpffs: &Path) -> Result<Option<OlderTable>, PinnedError> {
         }
         entries[i] = info.max_entries();
     }
-    let [buckets, records, spill_counts] = entries;
-    let consistent = buckets.is_power_of_two()
-        && records == buckets * sock_table_v1::BUCKET_SLOTS
-        && spill_counts == buckets / sock_table_v1::HOMES_PER_SPILL_COUNT;
+    let table = OlderTable {
+        buckets: entries[0],
+    };
+    let consistent =
+        table.buckets.is_power_of_two() && table.maps().iter().map(|(_, n)| *n).eq(entries);
     if !consistent {
+        let [buckets, records, spill_counts] = entries;
         return Err(PinnedError::Incompatible {
             path: pinned::map_pin(bpffs, legacy::SOCK_COOKIES),
             found: format!("{buckets} buckets, {records} records, {spill_counts} spill counts"),
             expected: "a power of two of buckets, 8 records each, a spill count per 4".into(),
         });
     }
-    Ok(Some(OlderTable {
-        buckets,
-        records,
-        spill_counts,
-    }))
+    Ok(Some(table))
 }
 
 /// Sockets that still have a record in the older table pinned under

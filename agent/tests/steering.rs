@@ -618,6 +618,36 @@ fn no_eligible_pod_fails_open() {
     agent.stop().unwrap();
 }
 
+/// Positions of the socket table with `--max-sockets=1000` (room for
+/// 1,024 sockets).
+const SMALL_TABLE_POSITIONS: u32 = 2048;
+/// Cookies from here up are far above any the kernel has handed out.
+const FAKE_COOKIES: u64 = 1 << 62;
+
+/// An agent with the small socket table, the client taught that
+/// 10.77.0.99 came from `web`'s service-wide name (gone: connects to it
+/// are steered), and the pinned table opened.
+fn small_socket_table(name: &str) -> (Bed, Array<MapData, SockSlot>) {
+    let bed = Bed::start_with(name, &["--max-sockets=1000"]);
+    let client = netns_cookie(bed.cluster.client_ns("client")).unwrap();
+    let mut maps = Maps::open_pinned(bed.bpffs.path()).unwrap();
+    plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
+    let pin = headway::pinned::map_pin(bed.bpffs.path(), map_names::SOCK_TABLE);
+    let data = MapData::from_pin(&pin).expect("open the socket table");
+    let table: Array<MapData, SockSlot> =
+        Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    assert_eq!(table.len(), SMALL_TABLE_POSITIONS);
+    (bed, table)
+}
+
+/// A slot holding a cookie no socket has, at position `p`.
+fn fake_slot(p: u32) -> SockSlot {
+    SockSlot {
+        cookie: FAKE_COOKIES + u64::from(p),
+        ..SockSlot::default()
+    }
+}
+
 /// The socket table full (every position filled with cookies no socket
 /// has): a steered connect still reaches a live pod, only without
 /// transparency (fail open), and the full table is counted; once there is
@@ -630,25 +660,11 @@ fn a_full_socket_table_fails_open() {
     if !require_root("a_full_socket_table_fails_open") {
         return;
     }
-    let bed = Bed::start_with("socktable-full", &["--max-sockets=1000"]);
+    let (bed, mut table) = small_socket_table("socktable-full");
     let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
-    let positions = 2048;
-    let client = netns_cookie(cluster.client_ns("client")).unwrap();
-    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
-    plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
-
-    let pin = headway::pinned::map_pin(bpffs.path(), map_names::SOCK_TABLE);
-    let data = MapData::from_pin(&pin).expect("open the socket table");
-    let mut table: Array<MapData, SockSlot> =
-        Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
-    assert_eq!(table.len(), positions);
-    // Cookies far above any the kernel has handed out.
-    let fake = |p: u32| SockSlot {
-        cookie: (1u64 << 62) + u64::from(p),
-        ..SockSlot::default()
-    };
+    let positions = SMALL_TABLE_POSITIONS;
     for p in 0..positions {
-        table.set(p, fake(p), 0).unwrap();
+        table.set(p, fake_slot(p), 0).unwrap();
     }
     let live = ["web-0", "web-1"];
     let full = connect(cluster, "client", cg, "10.77.0.99", 5);
@@ -694,32 +710,19 @@ fn sockets_whose_home_is_taken_spill_and_are_found() {
     if !require_root("sockets_whose_home_is_taken_spill_and_are_found") {
         return;
     }
-    let bed = Bed::start_with("socktable-spill", &["--max-sockets=1000"]);
+    let (bed, mut table) = small_socket_table("socktable-spill");
     let (cluster, cg, bpffs) = (&bed.cluster, &bed.cg, &bed.bpffs);
-    let positions: u32 = 2048;
+    let positions = SMALL_TABLE_POSITIONS;
     let mask = u64::from(positions - 1);
-    let client = netns_cookie(cluster.client_ns("client")).unwrap();
-    let mut maps = Maps::open_pinned(bpffs.path()).unwrap();
-    plant(&mut maps, client, "10.77.0.99", "web", name_kind::SERVICE);
-
-    let pin = headway::pinned::map_pin(bpffs.path(), map_names::SOCK_TABLE);
-    let data = MapData::from_pin(&pin).expect("open the socket table");
-    let mut table: Array<MapData, SockSlot> =
-        Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
-    let fake_base = 1u64 << 62;
     for p in (0..positions).step_by(2) {
-        let fake = SockSlot {
-            cookie: fake_base + u64::from(p),
-            ..SockSlot::default()
-        };
-        table.set(p, fake, 0).unwrap();
+        table.set(p, fake_slot(p), 0).unwrap();
     }
     // The real sockets' slots: (position, cookie, displaced at it).
     let real = |table: &Array<MapData, SockSlot>| -> Vec<(u32, u64)> {
         (0..positions)
             .filter_map(|p| {
                 let slot = table.get(&p, 0).unwrap();
-                (slot.cookie != 0 && slot.cookie < fake_base).then_some((p, slot.cookie))
+                (slot.cookie != 0 && slot.cookie < FAKE_COOKIES).then_some((p, slot.cookie))
             })
             .collect()
     };
